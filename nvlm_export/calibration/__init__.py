@@ -1,0 +1,1 @@
+"""Calibration sets for explicit INT8 / FP8 quantization."""

@@ -1,0 +1,21 @@
+"""Command modules of the CLI. Each exposes plain functions with Typer annotations.
+
+Heavy dependencies (torch, transformers, onnx) are imported inside the command bodies, so `--help`
+and the runtime-side commands work on a runtime-only install.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from nvlm_export.commands import tile
+
+RUNTIME = "Run"
+EXPORT = "Export"
+TOOLS = "Tools"
+
+# (command name, function, help panel) in the order `--help` lists them.
+COMMANDS: list[tuple[str, Callable[..., Any], str]] = [
+    ("tile", tile.tile, RUNTIME),
+]

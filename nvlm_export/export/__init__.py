@@ -1,0 +1,1 @@
+"""Export side: trace the vision encoder and language decoder to ONNX and write bundles."""

@@ -1,0 +1,1 @@
+"""PyTorch reference definitions of the NVLM and InternVL architectures (export side only)."""
