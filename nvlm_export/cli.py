@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from nvlm_export import __version__
 from nvlm_export.errors import NvlmError
@@ -65,7 +66,9 @@ def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
         except NvlmError as error:
             if _state["verbose"]:
                 traceback.print_exc()
-            stderr.print(f"[bold red]error:[/] {error.one_line()}", highlight=False, soft_wrap=True)
+            stderr.print(
+                f"[bold red]error:[/] {escape(error.one_line())}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
             stderr.print("[bold red]interrupted[/]")
@@ -91,7 +94,7 @@ def main() -> None:
         if _state["verbose"] or "--verbose" in sys.argv or "-v" in sys.argv:
             raise
         stderr.print(
-            f"[bold red]internal error:[/] {type(error).__name__}: {error}. "
+            f"[bold red]internal error:[/] {type(error).__name__}: {escape(str(error))}. "
             "Re-run with --verbose for the traceback and please report it.",
             highlight=False,
             soft_wrap=True,
