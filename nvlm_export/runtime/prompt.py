@@ -1,0 +1,502 @@
+"""Prompt assembly: a question and tiled images -> token ids, feature positions, cross masks.
+
+One `PromptFormat` per architecture family says everything the assembly needs as plain JSON data
+(it is stored in the bundle manifest): the chat template, the image token strings, the tile tags,
+tokens per tile and the name of an `ImageLayout`. The four layouts differ only in where an image's
+tiles go — into the decoder's token sequence (NVLM-D, InternVL), into the cross-attention key/value
+sequence (NVLM-X), or the thumbnail into the decoder and the regular tiles into cross-attention
+(NVLM-H) — and each is declared once, as data, in `IMAGE_LAYOUTS`.
+
+The whole prompt string is tokenized in one call, because byte-level BPE merges across tag
+boundaries ("<Image><tile_1>" gives "<Image", "><", "tile", ...); the tokenizer's character offsets
+then map tags to tokens, and visual slots are found by the placeholder token id.
+
+Tile indices follow the tiling order: regular tiles 0..n-2, then the thumbnail n-1 (a single-tile
+image has only tile 0). Torch-free: numpy and tokenizers only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from nvlm_export.errors import BundleError, PromptError
+
+Slot = tuple[int, int]  # (image index, tile index)
+
+
+class TiledImage(Protocol):
+    """What prompt assembly needs to know about one image (the tiler's result has both)."""
+
+    @property
+    def num_tiles(self) -> int: ...
+
+    @property
+    def has_thumbnail(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """An MPT-style chatml conversation: every turn is `turn_prefix` + text + `turn_end`.
+
+    The system turn is always present (with `default_system` unless overridden); the prompt ends
+    with the assistant's turn prefix so the model writes the answer next.
+    """
+
+    default_system: str
+    turn_end: str
+    turn_prefix: str = "<|im_start|>{role}\n"
+
+    def turn(self, role: str, text: str) -> str:
+        return self.turn_prefix.replace("{role}", role) + text + self.turn_end
+
+    def render(self, question: str, system: str | None = None) -> str:
+        system_message = self.default_system if system is None else system
+        return (
+            self.turn("system", system_message)
+            + self.turn("user", question)
+            + self.turn_prefix.replace("{role}", "assistant")
+        )
+
+
+# NVLM-D's `chatml` conversation (MPT separator style): no newline after <|im_end|>.
+NVLM_CHAT = ChatTemplate(default_system="Answer the questions.", turn_end="<|im_end|>")
+# InternVL2.5's `internvl2_5` conversation (InternVL repo, conversation.py): newline separators.
+INTERNVL_CHAT = ChatTemplate(
+    default_system=(
+        "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位"
+        "联合开发的多模态大语言模型。"
+    ),
+    turn_end="<|im_end|>\n",
+)
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Where one image's tiles go. Generic assembly code asks these fields, never the arch name.
+
+    text_tiles:  which tiles are written into the decoder text — "all", or only the "global" one
+                 (the thumbnail, or the only tile of a single-tile image).
+    text_tags:   each tile in the text is preceded by its tag ("<tile_1>", ...).
+    text_pads:   each tile in the text carries `tokens_per_tile` placeholders that its features
+                 overwrite (a decoder feature slot).
+    cross_tiles: which tiles form the cross-attention key/value sequence — "none", "all", or
+                 "regular" (all but the global tile).
+    cross_tags:  each cross tile's visual slots are preceded by its tag's token ids.
+    tag_rows_see_own_tile: a token of a tile tag in the text attends only to that tile's visual
+                 slots; other tokens attend to every image that started at or before them.
+    """
+
+    kind: str
+    text_tiles: Literal["all", "global"]
+    text_tags: bool
+    text_pads: bool
+    cross_tiles: Literal["none", "all", "regular"]
+    cross_tags: bool = False
+    tag_rows_see_own_tile: bool = False
+
+
+IMAGE_LAYOUTS: dict[str, ImageLayout] = {
+    layout.kind: layout
+    for layout in (
+        ImageLayout("tile_tags", "all", text_tags=True, text_pads=True, cross_tiles="none"),
+        ImageLayout("img_context", "all", text_tags=False, text_pads=True, cross_tiles="none"),
+        ImageLayout(
+            "cross_tile_tags",
+            "all",
+            text_tags=True,
+            text_pads=False,
+            cross_tiles="all",
+            tag_rows_see_own_tile=True,
+        ),
+        ImageLayout(
+            "hybrid",
+            "global",
+            text_tags=True,
+            text_pads=True,
+            cross_tiles="regular",
+            cross_tags=True,
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """One architecture family's prompt conventions, as plain JSON data for the bundle manifest."""
+
+    name: str
+    image_layout: str  # a key of IMAGE_LAYOUTS
+    chat: ChatTemplate
+    placeholder_token: str  # visual-slot token: decoder positions and cross key/value slots
+    image_start: str
+    image_end: str
+    tile_tag: str = "<tile_{index}>"  # regular tile k (0-based) is tagged with index k + 1
+    thumbnail_tag: str = "<tile_global_thumbnail>"
+    tokens_per_tile: int = 256
+    image_marker: str = "<image>"
+    eos_token: str = "<|im_end|>"
+
+    @property
+    def layout(self) -> ImageLayout:
+        return IMAGE_LAYOUTS[self.image_layout]
+
+    def tag(self, tile: int, num_tiles: int) -> str:
+        # As in NVLM-D's reference code: the last tile is always the global one.
+        return self.thumbnail_tag if tile == num_tiles - 1 else self.tile_tag.format(index=tile + 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PromptFormat:
+        _require_exact_keys("prompt format", data, {f.name for f in fields(cls)})
+        _require_exact_keys(
+            "prompt format chat", data["chat"], {f.name for f in fields(ChatTemplate)}
+        )
+        fmt = cls(**{**data, "chat": ChatTemplate(**data["chat"])})
+        if fmt.image_layout not in IMAGE_LAYOUTS:
+            raise BundleError(
+                f"Unknown image layout '{fmt.image_layout}' in the prompt format",
+                why=f"this runtime knows {', '.join(IMAGE_LAYOUTS)}",
+                fix="Re-export the bundle with this version of nvlm-export",
+            )
+        return fmt
+
+
+NVLM_D = PromptFormat(
+    name="nvlm-d",
+    image_layout="tile_tags",
+    chat=NVLM_CHAT,
+    placeholder_token="<|vision_pad|>",
+    image_start="<Image>",
+    image_end="</Image>",
+)
+INTERNVL = PromptFormat(
+    name="internvl",
+    image_layout="img_context",
+    chat=INTERNVL_CHAT,
+    placeholder_token="<IMG_CONTEXT>",
+    image_start="<img>",
+    image_end="</img>",
+)
+# NVLM-X/H have no public release; they share NVLM-D's tokenizer, tags and chat template.
+NVLM_X = PromptFormat(
+    name="nvlm-x",
+    image_layout="cross_tile_tags",
+    chat=NVLM_CHAT,
+    placeholder_token="<|vision_pad|>",
+    image_start="<Image>",
+    image_end="</Image>",
+)
+NVLM_H = PromptFormat(
+    name="nvlm-h",
+    image_layout="hybrid",
+    chat=NVLM_CHAT,
+    placeholder_token="<|vision_pad|>",
+    image_start="<Image>",
+    image_end="</Image>",
+)
+PROMPT_FORMATS: dict[str, PromptFormat] = {f.name: f for f in (NVLM_D, INTERNVL, NVLM_X, NVLM_H)}
+
+
+@dataclass(frozen=True, eq=False)
+class PromptTokens:
+    """Everything the decoder needs about one prompt, as token ids and positions (T tokens).
+
+    decoder_feature_slots[k] = (image, tile) whose features overwrite the input embeddings at
+    decoder_feature_positions[k * tokens_per_tile : (k + 1) * tokens_per_tile].
+    The cross-attention key/value sequence has K entries: cross_token_ids holds the placeholder id
+    at visual slots and tag token ids (NVLM-H) elsewhere; cross_feature_slots[k] fills
+    cross_feature_positions[k * tokens_per_tile : ...]. cross_attention_mask[t, k] says whether
+    decoder token t may attend to entry k; fully masked rows are expected (text before any image).
+    """
+
+    text: str
+    input_ids: np.ndarray  # int64 [T]
+    decoder_feature_slots: tuple[Slot, ...]
+    decoder_feature_positions: np.ndarray  # int64 [tokens_per_tile * len(decoder_feature_slots)]
+    cross_token_ids: np.ndarray  # int64 [K]
+    cross_feature_slots: tuple[Slot, ...]
+    cross_feature_positions: np.ndarray  # int64 [tokens_per_tile * len(cross_feature_slots)]
+    cross_attention_mask: np.ndarray  # bool [T, K]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass(frozen=True)
+class _TagSpan:
+    start: int  # character span of a tile tag in the prompt text
+    end: int
+    slot: Slot
+
+
+@dataclass(frozen=True)
+class _PromptText:
+    text: str
+    image_starts: tuple[int, ...]  # character offset of each image block
+    tags: tuple[_TagSpan, ...]
+    decoder_slots: tuple[Slot, ...]
+
+
+def build_prompt(
+    tokenizer: Tokenizer,
+    fmt: PromptFormat,
+    question: str,
+    images: Sequence[TiledImage] = (),
+    *,
+    system: str | None = None,
+    raw: bool = False,
+) -> PromptTokens:
+    """Assemble and tokenize a prompt for `images` (in `<image>` order).
+
+    Chat mode wraps `question` in the format's chat template (`system` overrides the default
+    system message). Each `<image>` in the question is replaced, in order, by its image's block;
+    a question without any `<image>` gets one "<image>\\n" per image prepended. Raw mode takes a
+    fully formed prompt string and only replaces its `<image>` markers, which must match exactly.
+    """
+    assembled = _assemble_text(fmt, question, images, system=system, raw=raw)
+    encoding = tokenizer.encode(assembled.text, add_special_tokens=False)
+    input_ids = np.asarray(encoding.ids, dtype=np.int64)
+    token_ends = np.asarray([end for _, end in encoding.offsets], dtype=np.int64)
+    placeholder_id = _placeholder_id(tokenizer, fmt)
+
+    decoder_positions = np.flatnonzero(input_ids == placeholder_id).astype(np.int64)
+    _check_placeholder_count(fmt, decoder_positions, len(assembled.decoder_slots))
+
+    cross_ids, cross_slots, cross_columns = _cross_sequence(tokenizer, fmt, images, placeholder_id)
+    image_start_tokens = np.searchsorted(token_ends, assembled.image_starts, side="right")
+    mask = _cross_attention_mask(
+        fmt.layout, len(input_ids), image_start_tokens, cross_columns, encoding.offsets, assembled
+    )
+    return PromptTokens(
+        text=assembled.text,
+        input_ids=input_ids,
+        decoder_feature_slots=assembled.decoder_slots,
+        decoder_feature_positions=decoder_positions,
+        cross_token_ids=cross_ids,
+        cross_feature_slots=cross_slots,
+        cross_feature_positions=np.flatnonzero(cross_ids == placeholder_id).astype(np.int64),
+        cross_attention_mask=mask,
+    )
+
+
+def count_prompt_tokens(
+    tokenizer: Tokenizer,
+    fmt: PromptFormat,
+    question: str,
+    images: Sequence[TiledImage] = (),
+    *,
+    system: str | None = None,
+    raw: bool = False,
+) -> int:
+    """The decoder length `build_prompt` would produce, without building masks (for an early
+    "context overflow" check before any image is encoded)."""
+    text = _assemble_text(fmt, question, images, system=system, raw=raw).text
+    return len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def prompt_text(
+    fmt: PromptFormat,
+    question: str,
+    images: Sequence[TiledImage] = (),
+    *,
+    system: str | None = None,
+    raw: bool = False,
+) -> str:
+    """The full prompt string (chat template applied, image blocks expanded), for inspection."""
+    return _assemble_text(fmt, question, images, system=system, raw=raw).text
+
+
+# --- text assembly -------------------------------------------------------------------------------
+
+
+def _assemble_text(
+    fmt: PromptFormat,
+    question: str,
+    images: Sequence[TiledImage],
+    *,
+    system: str | None,
+    raw: bool,
+) -> _PromptText:
+    if not raw and images and fmt.image_marker not in question:
+        # InternVL's and NVLM's own chat() prepend the marker the same way.
+        question = f"{fmt.image_marker}\n" * len(images) + question
+    template_text = question if raw else fmt.chat.render(question, system)
+    pieces = template_text.split(fmt.image_marker)
+    _check_marker_count(fmt, len(pieces) - 1, len(images), raw=raw)
+
+    text, image_starts, tags, decoder_slots = pieces[0], [], [], []
+    for index, (image, after) in enumerate(zip(images, pieces[1:], strict=True)):
+        image_starts.append(len(text))
+        block, block_tags, block_slots = _image_block(fmt, index, image, offset=len(text))
+        text += block + after
+        tags += block_tags
+        decoder_slots += block_slots
+    return _PromptText(text, tuple(image_starts), tuple(tags), tuple(decoder_slots))
+
+
+def _image_block(
+    fmt: PromptFormat, index: int, image: TiledImage, *, offset: int
+) -> tuple[str, list[_TagSpan], list[Slot]]:
+    """One image's text block, the character spans of its tags and its decoder feature slots."""
+    layout, n = fmt.layout, _checked_num_tiles(fmt, index, image)
+    tiles = range(n) if layout.text_tiles == "all" else [n - 1]
+    block, tags, slots = fmt.image_start, [], []
+    for tile in tiles:
+        if layout.text_tags:
+            tag = fmt.tag(tile, n)
+            tags.append(
+                _TagSpan(offset + len(block), offset + len(block) + len(tag), (index, tile))
+            )
+            block += tag
+        if layout.text_pads:
+            block += fmt.placeholder_token * fmt.tokens_per_tile
+            slots.append((index, tile))
+    return block + fmt.image_end, tags, slots
+
+
+def _checked_num_tiles(fmt: PromptFormat, index: int, image: TiledImage) -> int:
+    n = int(image.num_tiles)
+    if n < 1:
+        raise PromptError(
+            f"Image {index + 1} has {n} tiles",
+            why="every image needs at least one tile",
+            fix="Pass the tiler's result for the image",
+        )
+    if fmt.layout.text_tiles == "global" and n > 1 and not image.has_thumbnail:
+        raise PromptError(
+            f"Image {index + 1} has {n} tiles but no thumbnail",
+            why=f"the {fmt.name} layout feeds the thumbnail to the decoder",
+            fix="Tile with use_thumbnail enabled",
+        )
+    return n
+
+
+# --- cross-attention sequence and mask -----------------------------------------------------------
+
+
+def _cross_tiles(layout: ImageLayout, num_tiles: int) -> range:
+    if layout.cross_tiles == "all":
+        return range(num_tiles)
+    if layout.cross_tiles == "regular":
+        return range(num_tiles - 1)  # empty for a single-tile image: it went to the decoder
+    return range(0)
+
+
+@dataclass(frozen=True)
+class _CrossColumns:
+    """One image's columns in the cross key/value sequence."""
+
+    image: range  # everything the image contributes (tags included)
+    tiles: dict[Slot, range]  # each tile's visual slots
+
+
+def _cross_sequence(
+    tokenizer: Tokenizer, fmt: PromptFormat, images: Sequence[TiledImage], placeholder_id: int
+) -> tuple[np.ndarray, tuple[Slot, ...], list[_CrossColumns]]:
+    """Cross key/value token ids, the (image, tile) of each visual block, and per-image columns."""
+    ids: list[int] = []
+    slots: list[Slot] = []
+    columns: list[_CrossColumns] = []
+    for index, image in enumerate(images):
+        n, image_start, tiles = int(image.num_tiles), len(ids), {}
+        for tile in _cross_tiles(fmt.layout, n):
+            if fmt.layout.cross_tags:
+                ids += tokenizer.encode(fmt.tag(tile, n), add_special_tokens=False).ids
+            tiles[(index, tile)] = range(len(ids), len(ids) + fmt.tokens_per_tile)
+            ids += [placeholder_id] * fmt.tokens_per_tile
+            slots.append((index, tile))
+        columns.append(_CrossColumns(range(image_start, len(ids)), tiles))
+    return np.asarray(ids, dtype=np.int64), tuple(slots), columns
+
+
+def _cross_attention_mask(
+    layout: ImageLayout,
+    num_tokens: int,
+    image_start_tokens: np.ndarray,
+    columns: list[_CrossColumns],
+    offsets: list[tuple[int, int]],
+    assembled: _PromptText,
+) -> np.ndarray:
+    num_columns = columns[-1].image.stop if columns else 0
+    mask = np.zeros((num_tokens, num_columns), dtype=bool)  # (T, K)
+    # Every token from an image's first token on sees that image's whole cross range.
+    for start_token, image_columns in zip(image_start_tokens, columns, strict=True):
+        mask[start_token:, image_columns.image.start : image_columns.image.stop] = True
+    if layout.tag_rows_see_own_tile:
+        for token, tag_slots in _tag_tokens(offsets, assembled.tags).items():
+            mask[token] = False
+            for image, tile in tag_slots:
+                own = columns[image].tiles[(image, tile)]
+                mask[token, own.start : own.stop] = True
+    return mask
+
+
+def _tag_tokens(offsets: list[tuple[int, int]], tags: Sequence[_TagSpan]) -> dict[int, list[Slot]]:
+    """Tokens holding any character of a tile tag, with the tiles whose tags they touch.
+
+    BPE may merge the end of one tag with the start of the next ("><"); such a token belongs to
+    both tags and attends to both tiles.
+    """
+    starts = np.asarray([s for s, _ in offsets], dtype=np.int64)
+    ends = np.asarray([e for _, e in offsets], dtype=np.int64)
+    owners: dict[int, list[Slot]] = {}
+    for tag in tags:
+        for token in np.flatnonzero((starts < tag.end) & (ends > tag.start)):
+            owners.setdefault(int(token), []).append(tag.slot)
+    return owners
+
+
+# --- checks --------------------------------------------------------------------------------------
+
+
+def _placeholder_id(tokenizer: Tokenizer, fmt: PromptFormat) -> int:
+    token_id = tokenizer.token_to_id(fmt.placeholder_token)
+    if token_id is None:
+        raise PromptError(
+            f"The tokenizer has no '{fmt.placeholder_token}' token",
+            why=f"the {fmt.name} prompt format marks image features with it",
+            fix="Use the tokenizer exported with the bundle",
+        )
+    return token_id
+
+
+def _check_marker_count(fmt: PromptFormat, markers: int, images: int, *, raw: bool) -> None:
+    if markers == images:
+        return
+    where = "raw prompt" if raw else "prompt"
+    raise PromptError(
+        f"The {where} has {markers} '{fmt.image_marker}' placeholder(s) but {images} image(s) "
+        "were given",
+        why="each image replaces one placeholder, in order",
+        fix=f"Put exactly one '{fmt.image_marker}' per image in the prompt"
+        + ("" if raw else ", or none to have them prepended"),
+    )
+
+
+def _check_placeholder_count(fmt: PromptFormat, positions: np.ndarray, slots: int) -> None:
+    expected = slots * fmt.tokens_per_tile
+    if len(positions) != expected:
+        raise PromptError(
+            f"The prompt has {len(positions)} '{fmt.placeholder_token}' tokens where the images "
+            f"need {expected}",
+            why="the question or system text contains the reserved image token itself",
+            fix=f"Remove '{fmt.placeholder_token}' from the text",
+        )
+
+
+def _require_exact_keys(what: str, data: dict[str, Any], expected: set[str]) -> None:
+    missing, unknown = expected - set(data), set(data) - expected
+    if missing or unknown:
+        raise BundleError(
+            f"The {what} in the manifest does not match this runtime",
+            why=f"missing {sorted(missing)}, unknown {sorted(unknown)}",
+            fix="Re-export the bundle with this version of nvlm-export",
+        )
