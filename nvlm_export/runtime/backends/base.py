@@ -1,0 +1,199 @@
+"""The backend template: a graph's declared interface and a runner base class that does the
+bookkeeping (loading, input validation, timing) so a backend writes only the `*_impl` methods.
+
+`GraphSpec` is a manifest graph entry (`runtime.manifest.GraphSpec`, whose `TensorSpec`s it reuses)
+resolved for loading: a name and a real path. `GraphRunner` follows Polygraphy's
+runner template: `activate()` loads, `infer(feeds)` validates the feeds against the spec, times the
+call and delegates to `_infer_impl`, `deactivate()` releases. Runners are context managers.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+import numpy as np
+
+from nvlm_export.errors import InputError
+from nvlm_export.runtime.manifest import Dim, TensorSpec
+from nvlm_export.runtime.manifest import GraphSpec as ManifestGraph
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """A graph ready to load: its name, resolved file path and declared inputs and outputs."""
+
+    name: str
+    path: Path
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    _inputs_by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "outputs", tuple(self.outputs))
+        object.__setattr__(self, "_inputs_by_name", {t.name: t for t in self.inputs})
+
+    @classmethod
+    def from_manifest(cls, name: str, graph: ManifestGraph, bundle_dir: Path) -> GraphSpec:
+        """The manifest's entry for graph `name`, with its file resolved inside the bundle."""
+        return cls(name, Path(bundle_dir) / graph.file, graph.inputs, graph.outputs)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+    def has_input(self, name: str) -> bool:
+        return name in self._inputs_by_name
+
+
+class GraphRunner(ABC):
+    """Template for running one graph: the base owns the life cycle, validation and timing.
+
+    Subclasses implement `_activate_impl` (load; check the real graph against `spec`),
+    `_infer_impl(feeds) -> {output name: array}` and optionally `_deactivate_impl`.
+    """
+
+    backend_name: str = "base"
+
+    def __init__(self, spec: GraphSpec, *, validate_inputs: bool = True) -> None:
+        self.spec = spec
+        self.validate_inputs = validate_inputs
+        self.call_seconds: list[float] = []
+        self.is_active = False
+        # numpy dtypes resolved once: `array.dtype.name` is slow Python code on the hot path.
+        self._input_dtypes = [_numpy_dtype(t.dtype) for t in spec.inputs]
+
+    # -- life cycle -------------------------------------------------------------------------
+    def activate(self) -> GraphRunner:
+        if not self.is_active:
+            self._activate_impl()
+            self.is_active = True
+        return self
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self._deactivate_impl()
+            self.is_active = False
+
+    def __enter__(self) -> GraphRunner:
+        return self.activate()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.deactivate()
+
+    # -- inference --------------------------------------------------------------------------
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph once; returns every declared output by name."""
+        if not self.is_active:
+            self.activate()
+        if self.validate_inputs:
+            self.check_feeds(feeds)
+        start = time.perf_counter()
+        outputs = self._infer_impl(feeds)
+        self.call_seconds.append(time.perf_counter() - start)
+        return outputs
+
+    __call__ = infer
+
+    def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Names, dtypes, ranks and fixed dimensions of `feeds` against the spec."""
+        expected = self.spec.input_names
+        if len(feeds) != len(expected) or any(name not in feeds for name in expected):
+            missing = [n for n in expected if n not in feeds]
+            unexpected = [n for n in feeds if not self.spec.has_input(n)]
+            raise InputError(
+                f"Graph '{self.spec.name}' got the wrong set of inputs",
+                why=", ".join(
+                    part
+                    for part in (
+                        f"missing {missing}" if missing else "",
+                        f"unexpected {unexpected}" if unexpected else "",
+                    )
+                    if part
+                ),
+                fix=f"Feed exactly {list(expected)}",
+            )
+        for tensor, dtype in zip(self.spec.inputs, self._input_dtypes, strict=True):
+            _check_array(self.spec.name, tensor, dtype, feeds[tensor.name])
+
+    # -- profiling --------------------------------------------------------------------------
+    @property
+    def calls(self) -> int:
+        return len(self.call_seconds)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.call_seconds)
+
+    def reset_timings(self) -> None:
+        self.call_seconds.clear()
+
+    # -- backend hooks ----------------------------------------------------------------------
+    @abstractmethod
+    def _activate_impl(self) -> None: ...
+
+    @abstractmethod
+    def _infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def _deactivate_impl(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        pass
+
+
+def _numpy_dtype(name: str) -> np.dtype | None:
+    """The numpy dtype called `name`; None for types numpy lacks (bfloat16), left unchecked."""
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return None
+
+
+def _check_array(graph: str, tensor: TensorSpec, dtype: np.dtype | None, array: np.ndarray) -> None:
+    if not isinstance(array, np.ndarray):
+        raise InputError(
+            f"Input '{tensor.name}' of graph '{graph}' is a {type(array).__name__}",
+            fix="Pass a numpy array",
+        )
+    if dtype is not None and array.dtype != dtype:
+        raise InputError(
+            f"Input '{tensor.name}' of graph '{graph}' has dtype {array.dtype.name}",
+            why=f"the graph expects {tensor.dtype}",
+            fix=f"Convert it with .astype(np.{tensor.dtype})",
+        )
+    if array.ndim != len(tensor.shape):
+        raise InputError(
+            f"Input '{tensor.name}' of graph '{graph}' has rank {array.ndim} "
+            f"(shape {tuple(array.shape)})",
+            why=f"the graph expects rank {len(tensor.shape)}, shape {_shape_text(tensor.shape)}",
+        )
+    for axis, (size, dim) in enumerate(zip(array.shape, tensor.shape, strict=True)):
+        if isinstance(dim, int) and dim >= 0 and size != dim:
+            raise InputError(
+                f"Input '{tensor.name}' of graph '{graph}' has size {size} on axis {axis}",
+                why=f"the graph expects shape {_shape_text(tensor.shape)}",
+            )
+
+
+def _shape_text(shape: tuple[Dim, ...]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+class Backend(Protocol):
+    """What `get_backend` returns: a runner factory, normally the runner class itself."""
+
+    def __call__(self, spec: GraphSpec, **options: Any) -> GraphRunner: ...

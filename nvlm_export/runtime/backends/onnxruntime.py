@@ -1,0 +1,180 @@
+"""ONNX Runtime runner: session set-up, load-time interface check, plain `run()`.
+
+IOBinding is not used (not measured to help here): on CPU, `run()` reads numpy inputs in place; its
+real gain is a device-resident KV cache on GPU, which belongs with a preallocated cache object.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from nvlm_export.errors import BundleError, InputError
+from nvlm_export.runtime.backends.base import GraphRunner, GraphSpec, TensorSpec
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+# ONNX Runtime's type strings ("tensor(float)") as numpy dtype names.
+ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
+# ORT's pybind exceptions (Fail, InvalidProtobuf, NoSuchFile, ...) derive from Exception directly.
+ORT_ERRORS: tuple[type[Exception], ...] = (
+    *(
+        value
+        for value in vars(ort_state).values()
+        if isinstance(value, type) and issubclass(value, Exception)
+    ),
+    RuntimeError,
+)
+
+
+class OnnxRuntimeRunner(GraphRunner):
+    """Runs one ONNX graph (external-data files beside it are found automatically)."""
+
+    backend_name = "onnxruntime"
+
+    def __init__(
+        self,
+        spec: GraphSpec,
+        *,
+        providers: Sequence[str | tuple[str, dict[str, Any]]] = (CPU,),
+        intra_op_threads: int | None = None,
+        optimization_level: str = "all",
+        optimized_model_path: Path | None = None,
+        validate_inputs: bool = True,
+    ) -> None:
+        super().__init__(spec, validate_inputs=validate_inputs)
+        if optimization_level not in OPTIMIZATION_LEVELS:
+            raise InputError(
+                f"Unknown graph optimisation level '{optimization_level}'",
+                fix=f"Choose one of: {', '.join(OPTIMIZATION_LEVELS)}",
+            )
+        self.requested_providers = tuple(providers)
+        self.intra_op_threads = intra_op_threads
+        self.optimization_level = optimization_level
+        self.optimized_model_path = optimized_model_path
+        self.session: ort.InferenceSession | None = None
+
+    @property
+    def providers(self) -> list[str]:
+        """The providers the live session really uses, in priority order."""
+        return self.session.get_providers() if self.session else []
+
+    def _session_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = OPTIMIZATION_LEVELS[self.optimization_level]
+        if self.intra_op_threads is not None:
+            options.intra_op_num_threads = self.intra_op_threads
+        if self.optimized_model_path is not None:
+            # ORT writes the optimised graph here once; load it later with level "disable".
+            options.optimized_model_filepath = str(self.optimized_model_path)
+        return options
+
+    def _activate_impl(self) -> None:
+        path = self.spec.path
+        if not path.is_file():
+            raise BundleError(
+                f"The {self.spec.name} graph file {path} does not exist",
+                fix="Check the bundle directory or re-export it",
+            )
+        try:
+            self.session = ort.InferenceSession(
+                str(path), sess_options=self._session_options(), providers=self._usable_providers()
+            )
+        except ORT_ERRORS as error:
+            raise BundleError(
+                f"ONNX Runtime cannot load the {self.spec.name} graph {path}",
+                why=_first_line(error),
+                fix="The file is corrupt or incomplete; re-export or re-copy the bundle",
+            ) from None
+        self._check_interface()
+
+    def _usable_providers(self) -> list[str | tuple[str, dict[str, Any]]]:
+        """Requested providers this onnxruntime build has, CPU always last as the fallback."""
+        available = set(ort.get_available_providers())
+        usable = []
+        for provider in self.requested_providers:
+            name = provider if isinstance(provider, str) else provider[0]
+            if name in available:
+                usable.append(provider)
+            else:
+                log.warning("%s is not available in this onnxruntime build; skipping it", name)
+        if not any((p if isinstance(p, str) else p[0]) == CPU for p in usable):
+            usable.append(CPU)
+        return usable
+
+    def _check_interface(self) -> None:
+        """The loaded graph must have exactly the inputs and outputs the manifest declares."""
+        assert self.session is not None
+        _check_tensors(self.spec, "input", self.spec.inputs, self.session.get_inputs())
+        _check_tensors(self.spec, "output", self.spec.outputs, self.session.get_outputs())
+        self._output_names = list(self.spec.output_names)
+
+    def _infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        assert self.session is not None
+        try:
+            values = self.session.run(self._output_names, dict(feeds))
+        except ORT_ERRORS as error:
+            raise InputError(
+                f"ONNX Runtime failed to run the {self.spec.name} graph",
+                why=_first_line(error),
+            ) from None
+        return dict(zip(self._output_names, values, strict=True))
+
+    def _deactivate_impl(self) -> None:
+        self.session = None
+
+
+def _check_tensors(
+    spec: GraphSpec, kind: str, declared: Sequence[TensorSpec], real: Sequence[Any]
+) -> None:
+    real_by_name = {node.name: node for node in real}
+    for tensor in declared:
+        node = real_by_name.get(tensor.name)
+        if node is None:
+            raise BundleError(
+                f"The {spec.name} graph {spec.path} has no {kind} '{tensor.name}'",
+                why=f"its {kind}s are {sorted(real_by_name)}",
+                fix="The manifest and the graph disagree; re-export the bundle",
+            )
+        dtype = ORT_DTYPES.get(node.type, node.type)
+        if dtype != tensor.dtype or len(node.shape) != len(tensor.shape):
+            raise BundleError(
+                f"The {spec.name} graph's {kind} '{tensor.name}' is {dtype} of rank "
+                f"{len(node.shape)}",
+                why=f"the manifest declares {tensor.dtype} of rank {len(tensor.shape)}",
+                fix="The manifest and the graph disagree; re-export the bundle",
+            )
+    extra = sorted(set(real_by_name) - {t.name for t in declared})
+    if extra and kind == "input":
+        raise BundleError(
+            f"The {spec.name} graph {spec.path} has undeclared inputs {extra}",
+            fix="The manifest and the graph disagree; re-export the bundle",
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

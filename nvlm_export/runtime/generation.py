@@ -1,0 +1,403 @@
+"""KV-cached generation on token ids: one decoder step per new token.
+
+The pieces, wired by the pipeline in a few lines:
+
+    cache = KVCache.from_spec(manifest.kv_cache)
+    check_prompt_fits(len(prompt_ids), cache.capacity)
+    first_logits = prefill(decoder.infer, prompt_embeds, cache, extra_feeds=cross)
+    stream = generate(decoder.infer, first_logits, cache=cache, embed=table_lookup,
+                      tokenizer=tokenizer, config=config, prompt_ids=prompt_ids, extra_feeds=cross)
+    for event in stream: print(event.text, end="")
+    result = stream.result
+
+`decoder` is any callable from feeds to outputs (a `GraphRunner.infer`), following the decoder
+graph contract: inputs `inputs_embeds` [B, S, D], `position_ids` [B, S], `past_key_values.{i}.key`
+/ `.value` [B, kv_heads, past, head_dim]; outputs `logits` [B, vocab] for the last position and
+`present.{i}.key` / `.value` [B, kv_heads, past + S, head_dim].
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from nvlm_export.errors import BundleError, InputError, PromptError
+from nvlm_export.runtime.manifest import KVCacheSpec
+from nvlm_export.runtime.sampling import check_sampling_options, sample_next_token
+from nvlm_export.runtime.streaming import TextStream
+
+FinishReason = Literal["eos", "stop", "length"]
+DecoderStep = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+# Token ids [B, S] int64 -> embeddings [B, S, D]; a memory-mapped table's `__getitem__` qualifies.
+EmbedTokens = Callable[[np.ndarray], np.ndarray]
+
+INPUTS_EMBEDS = "inputs_embeds"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to pick new tokens and when to stop. Validated on creation."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise InputError(f"max_new_tokens {self.max_new_tokens!r} is not an integer")
+        if self.max_new_tokens < 1:
+            raise InputError(
+                f"max_new_tokens {self.max_new_tokens} is invalid",
+                why="at least one token must be generated",
+                fix="Use a value >= 1",
+            )
+        check_sampling_options(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        if any(not s for s in self.stop):
+            raise InputError("A stop string is empty", fix="Remove the empty stop string")
+
+    def make_rng(self) -> np.random.Generator:
+        return np.random.default_rng(self.seed)
+
+
+class KVCacheLike(Protocol):
+    """What generation needs from a cache; a preallocated in-place cache can implement it too."""
+
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def capacity(self) -> int: ...
+
+    def feeds(self) -> dict[str, np.ndarray]: ...
+
+    def update(self, outputs: Mapping[str, np.ndarray]) -> None: ...
+
+
+class KVCacheNames(Protocol):
+    """Input/output name templates with a `{layer}` field (the manifest's KVCacheSpec has them)."""
+
+    @property
+    def past_key(self) -> str: ...
+    @property
+    def past_value(self) -> str: ...
+    @property
+    def present_key(self) -> str: ...
+    @property
+    def present_value(self) -> str: ...
+
+
+# The decoder contract's names, from the manifest's defaults.
+DEFAULT_NAMES: KVCacheNames = KVCacheSpec(num_layers=0, num_kv_heads=0, head_dim=0, max_context=0)
+
+
+class KVCache:
+    """Per-layer key and value arrays [B, kv_heads, length, head_dim], replaced by each step's
+    `present.*` outputs (the decoder graph concatenates past and new internally)."""
+
+    def __init__(
+        self,
+        keys: list[np.ndarray],
+        values: list[np.ndarray],
+        capacity: int,
+        *,
+        names: KVCacheNames = DEFAULT_NAMES,
+    ) -> None:
+        self.keys = keys
+        self.values = values
+        self.capacity = capacity
+        layers = range(len(keys))
+        self._past = [
+            (names.past_key.format(layer=i), names.past_value.format(layer=i)) for i in layers
+        ]
+        self._present = [
+            (names.present_key.format(layer=i), names.present_value.format(layer=i)) for i in layers
+        ]
+
+    @classmethod
+    def from_spec(cls, spec: KVCacheSpec, *, batch: int = 1) -> KVCache:
+        """An empty cache laid out as the bundle manifest declares; capacity = max_context."""
+        return cls.empty(
+            spec.num_layers,
+            spec.num_kv_heads,
+            spec.head_dim,
+            capacity=spec.max_context,
+            batch=batch,
+            dtype=np.dtype(spec.dtype),
+            names=spec,
+        )
+
+    @classmethod
+    def empty(
+        cls,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        capacity: int,
+        batch: int = 1,
+        dtype: np.dtype | type = np.float32,
+        names: KVCacheNames = DEFAULT_NAMES,
+    ) -> KVCache:
+        def zero() -> np.ndarray:  # (B, kv_heads, 0, head_dim)
+            return np.zeros((batch, num_kv_heads, 0, head_dim), dtype=dtype)
+
+        keys = [zero() for _ in range(num_layers)]
+        values = [zero() for _ in range(num_layers)]
+        return cls(keys, values, capacity, names=names)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    @property
+    def remaining(self) -> int:
+        return self.capacity - self.length
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        feeds = {}
+        for (key_name, value_name), key, value in zip(
+            self._past, self.keys, self.values, strict=True
+        ):
+            feeds[key_name] = key
+            feeds[value_name] = value
+        return feeds
+
+    def update(self, outputs: Mapping[str, np.ndarray]) -> None:
+        """Take the step's presents; they must extend the cache without passing its capacity."""
+        new_length = outputs[self._present[0][0]].shape[2] if self._present else 0
+        if new_length <= self.length:
+            raise BundleError(
+                f"The decoder returned a key/value cache of length {new_length}",
+                why=f"it must be longer than the {self.length} positions fed to it",
+                fix="The decoder graph breaks the bundle contract; re-export the bundle",
+            )
+        if new_length > self.capacity:
+            raise PromptError(
+                f"The sequence grew to {new_length} tokens",
+                why=f"the model's context holds {self.capacity} tokens",
+                fix="Shorten the prompt or lower max_new_tokens",
+            )
+        self.keys = [outputs[key_name] for key_name, _ in self._present]
+        self.values = [outputs[value_name] for _, value_name in self._present]
+
+
+def check_prompt_fits(prompt_length: int, capacity: int) -> None:
+    """A prompt must leave room for at least one new token. Call before any vision/prefill work."""
+    if prompt_length >= capacity:
+        raise PromptError(
+            f"The prompt is {prompt_length} tokens long",
+            why=f"the model's context holds {capacity} tokens, including the answer",
+            fix="Use fewer or smaller images (fewer tiles) or a shorter question",
+        )
+
+
+def prefill(
+    decoder: DecoderStep,
+    inputs_embeds: np.ndarray,
+    cache: KVCacheLike,
+    *,
+    extra_feeds: Mapping[str, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Run the prompt embeddings [1, T, D] through the decoder; fills `cache`, returns logits [V].
+
+    Positions continue from the cache's length, so a prompt may be prefilled in chunks.
+    """
+    seq = inputs_embeds.shape[1]
+    check_prompt_fits(cache.length + seq, cache.capacity)
+    positions = np.arange(cache.length, cache.length + seq, dtype=np.int64)[None, :]  # (1, T)
+    feeds = {INPUTS_EMBEDS: inputs_embeds, POSITION_IDS: positions, **cache.feeds()}
+    outputs = decoder({**feeds, **(extra_feeds or {})})
+    cache.update(outputs)
+    return outputs[LOGITS][0]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the text it made ready (may be "" while text is held back)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass
+class GenerationTimings:
+    """Seconds. `time_to_first_token` counts from `start_time` given to `generate` (default: the
+    call itself, i.e. prefill excluded); `decode_seconds` has one entry per decoder step."""
+
+    time_to_first_token: float = 0.0
+    decode_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        total = sum(self.decode_seconds)
+        return len(self.decode_seconds) / total if total > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The full answer. `token_ids` includes the final eos or stop-completing token, if any;
+    `text` never contains an eos token's text or a stop string."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    timings: GenerationTimings
+
+
+def generate(
+    decoder: DecoderStep,
+    first_logits: np.ndarray,
+    *,
+    cache: KVCacheLike,
+    embed: EmbedTokens,
+    tokenizer: Tokenizer,
+    config: GenerationConfig,
+    prompt_ids: Sequence[int] = (),
+    extra_feeds: Mapping[str, np.ndarray] | None = None,
+    start_time: float | None = None,
+) -> GenerationStream:
+    """Generate after a prefill: `first_logits` [V] are the prompt's last-position logits and
+    `cache` holds the prompt. Each further token costs exactly one one-token decoder step.
+
+    Stops at an eos token, a stop string, `max_new_tokens`, or when prompt + answer would fill
+    the cache's capacity (the last two give finish_reason "length"). `extra_feeds` (NVLM-X/H
+    cross-attention inputs) are passed unchanged to every step.
+    """
+    check_prompt_fits(cache.length, cache.capacity)
+    return GenerationStream(
+        _DecodeStep(decoder, cache, embed, extra_feeds or {}),
+        first_logits,
+        TextStream(tokenizer, stop=config.stop, prompt_ids=prompt_ids),
+        config,
+        # Prompt + answer never exceed the capacity, as with transformers' max_length.
+        budget=min(config.max_new_tokens, cache.capacity - cache.length),
+        start_time=start_time if start_time is not None else time.perf_counter(),
+    )
+
+
+class GenerationStream:
+    """Iterate for `TokenEvent`s; `result` is set when the last event is yielded.
+
+    The joined event texts equal `result.text`. Stopping the iteration early leaves `result` None.
+    """
+
+    def __init__(
+        self,
+        step: _DecodeStep,
+        first_logits: np.ndarray,
+        text: TextStream,
+        config: GenerationConfig,
+        *,
+        budget: int,
+        start_time: float,
+    ) -> None:
+        self._step = step
+        self._first_logits = first_logits
+        self._text = text
+        self._config = config
+        self._budget = budget
+        self._start_time = start_time
+        self._started = False
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        if self._started:
+            raise RuntimeError("a GenerationStream can be iterated only once (it owns the cache)")
+        self._started = True
+        config, rng = self._config, self._config.make_rng()
+        eos = frozenset(config.eos_token_ids)
+        timings = GenerationTimings()
+        token_ids: list[int] = []
+        pieces: list[str] = []
+
+        def pick(logits: np.ndarray) -> int:
+            return sample_next_token(
+                logits,
+                temperature=config.temperature,
+                top_k=config.top_k,
+                top_p=config.top_p,
+                rng=rng,
+            )
+
+        token = pick(self._first_logits)
+        timings.time_to_first_token = time.perf_counter() - self._start_time
+        while True:
+            token_ids.append(token)
+            piece, finish = _text_and_finish(self._text, token, eos, len(token_ids) >= self._budget)
+            pieces.append(piece)
+            if finish is not None:  # the result is ready before the last event is seen
+                self.result = GenerationResult("".join(pieces), tuple(token_ids), finish, timings)
+                yield TokenEvent(token, piece)
+                return
+            yield TokenEvent(token, piece)
+            start = time.perf_counter()
+            token = pick(self._step(token))
+            timings.decode_seconds.append(time.perf_counter() - start)
+
+    def run(self) -> GenerationResult:
+        """Consume every event and return the result."""
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+def _text_and_finish(
+    stream: TextStream, token: int, eos: frozenset[int], budget_spent: bool
+) -> tuple[str, FinishReason | None]:
+    """The text `token` releases, and why generation ends with it (None: it goes on)."""
+    if token in eos:
+        return stream.flush(), "eos"
+    text = stream.add(token)
+    if stream.stopped:
+        return text, "stop"
+    if budget_spent:
+        return text + stream.flush(), "length"
+    return text, None
+
+
+class _DecodeStep:
+    """Feeds one token at the next position through the decoder; returns its logits [V]."""
+
+    def __init__(
+        self,
+        decoder: DecoderStep,
+        cache: KVCacheLike,
+        embed: EmbedTokens,
+        extra_feeds: Mapping[str, np.ndarray],
+    ) -> None:
+        self.decoder = decoder
+        self.cache = cache
+        self.embed = embed
+        self.extra_feeds = extra_feeds
+
+    def __call__(self, token: int) -> np.ndarray:
+        token_ids = np.array([[token]], dtype=np.int64)  # (1, 1)
+        position_ids = np.array([[self.cache.length]], dtype=np.int64)  # (1, 1)
+        outputs = self.decoder(
+            {
+                INPUTS_EMBEDS: self.embed(token_ids),  # (1, 1, D)
+                POSITION_IDS: position_ids,
+                **self.cache.feeds(),
+                **self.extra_feeds,
+            }
+        )
+        self.cache.update(outputs)
+        return outputs[LOGITS][0]
