@@ -32,6 +32,16 @@ Dim = int | str  # a fixed size, or the name of a dynamic axis ("tiles", "seq", 
 
 T = TypeVar("T")
 
+# --- graph interface names: the exporter writes graphs with these, the runtime feeds them -------
+VISION_GRAPH = "vision"
+DECODER_GRAPH = "decoder"
+CROSS_KV_GRAPH = "cross_kv"  # NVLM-X/H: image tokens -> every cross-attention block's key/value
+PIXEL_VALUES = "pixel_values"  # vision input, float [tiles, 3, S, S]
+IMAGE_FEATURES = "image_features"  # vision output spliced into the decoder sequence [tiles, 256, D]
+CROSS_FEATURES = "cross_features"  # vision output for the cross key/value sequence [tiles, 256, D]
+CROSS_EMBEDS = "cross_embeds"  # cross_kv input [1, K, D]; its outputs are decoder inputs by name
+CROSS_ATTENTION_MASK = "cross_attention_mask"  # decoder input bool [1, seq, K]
+
 
 @dataclass(frozen=True)
 class TensorSpec:

@@ -1,0 +1,107 @@
+"""`nvlm-export run`: answer a question about images with an exported bundle."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+SAMPLING = "Sampling"
+
+
+def run(
+    bundle: Annotated[
+        Path, typer.Argument(help="Bundle directory written by `nvlm-export export`.")
+    ],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question (or raw prompt).")],
+    image: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--image", "-i", help="An image; repeat for several. Each fills one <image> in order."
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", "-n", help="Stop after this many new tokens.")
+    ] = 128,
+    max_tiles: Annotated[
+        int | None,
+        typer.Option(help="Tile budget per image (fewer tiles: faster, less detail)."),
+    ] = None,
+    temperature: Annotated[
+        float, typer.Option(help="0 = greedy; > 0 samples.", rich_help_panel=SAMPLING)
+    ] = 0.0,
+    top_k: Annotated[
+        int, typer.Option(help="Sample among the k likeliest (0 = all).", rich_help_panel=SAMPLING)
+    ] = 0,
+    top_p: Annotated[
+        float, typer.Option(help="Nucleus sampling mass.", rich_help_panel=SAMPLING)
+    ] = 1.0,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for reproducible sampling.", rich_help_panel=SAMPLING)
+    ] = None,
+    stop: Annotated[
+        list[str] | None, typer.Option(help="Stop when this text appears; repeatable.")
+    ] = None,
+    system: Annotated[
+        str | None, typer.Option(help="Replace the chat template's default system message.")
+    ] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="The prompt is fully formed: apply no chat template.")
+    ] = False,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for ONNX Runtime (default: all cores).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print text, token ids and timings as JSON at the end.")
+    ] = False,
+) -> None:
+    """Answer a question about one or more images with an exported bundle, streaming the tokens.
+
+    Examples:
+
+      nvlm-export run bundle/ --image photo.jpg --prompt "What is in the picture?"
+
+      nvlm-export run bundle/ -i a.png -i b.png -p "<image> vs <image>: what changed?" --json
+    """
+    from nvlm_export.runtime.pipeline import Pipeline
+
+    pipeline = Pipeline.load(bundle, intra_op_threads=threads)
+    stream = pipeline.generate(
+        prompt,
+        images=list(image or []),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=tuple(stop or ()),
+        max_tiles=max_tiles,
+        system=system,
+        raw=raw,
+    )
+    for event in stream:
+        if not as_json:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    result = stream.result
+    assert result is not None
+    if not as_json:
+        sys.stdout.write("\n")
+        return
+    timings = result.timings
+    report = {
+        "text": result.text,
+        "token_ids": list(result.token_ids),
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": stream.prepared.prompt.num_tokens,
+        "tiles_per_image": [t.num_tiles for t in stream.prepared.tilings],
+        "timings": {
+            "stages_seconds": stream.stage_seconds,
+            "time_to_first_token_seconds": timings.time_to_first_token,
+            "decode_tokens_per_second": timings.decode_tokens_per_second,
+        },
+    }
+    typer.echo(json.dumps(report, indent=2))

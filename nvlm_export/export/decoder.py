@@ -1,0 +1,506 @@
+"""The language decoder as an export-friendly module, and its ONNX export.
+
+`ExportableDecoder` wraps a transformers `Qwen2ForCausalLM` / `LlamaForCausalLM`, shares its
+weights (no copies) and computes the same function, written out plainly so the traced graph holds
+only standard ONNX ops that TensorRT 10.x and ONNX Runtime both run:
+
+    h⁰      = inputs_embeds                                   (embedding lookup is in the runtime)
+    cos,sin = rope(position_ids · inv_freq)
+    for each layer ℓ:
+        a   = RMSNorm(hˡ);  q, k, v = a·Wq + bq, a·Wk + bk, a·Wv + bv;  rotate q, k
+        K,V = concat(past_K, k), concat(past_V, v)            → present.{ℓ}.key / .value
+        hˡ' = hˡ + softmax(q·Kᵀ/√d + causal_mask) · V · Wo
+        hˡ⁺¹= hˡ' + W_down(silu(W_gate·RMSNorm(hˡ')) ⊙ W_up·RMSNorm(hˡ'))
+    logits  = lm_head(RMSNorm(h_last_position))               [batch, vocab], float32
+
+One graph serves prefill (past length 0, many tokens) and decode (one token). docs/decoder-graph.md
+documents the interface, the opset choice and the fp16 policy.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nvlm_export.errors import ExportError
+from nvlm_export.export.onnx_utils import (
+    GraphIO,
+    TensorIO,
+    check_onnx_file,
+    external_data_name,
+    needs_external_data,
+    require_graph_io,
+    require_standard_graph,
+    stamp_graph_io,
+)
+
+# TensorRT 10.x parses opsets 9-20; torch's dynamo exporter emits opset 18 natively (lower
+# opsets go through the ONNX version converter). 18 is the overlap with no conversion step.
+DEFAULT_OPSET = 18
+SUPPORTED_OPSETS = range(18, 21)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+NUMPY_DTYPE = {torch.float32: "float32", torch.float16: "float16"}
+
+ROPE_TYPES = ("default", "linear", "dynamic")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-model facts: one declared place
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BiasLayout:
+    """Which projections carry a bias; fixed by the transformers modeling class, not the config."""
+
+    qkv: bool
+    output: bool
+    mlp: bool
+
+
+# How each supported transformers class lays out its biases (read from its modeling file).
+BIAS_LAYOUTS: dict[str, Callable[[Any], BiasLayout]] = {
+    # Qwen2: q/k/v always have a bias, o_proj and the MLP never do.
+    "Qwen2ForCausalLM": lambda c: BiasLayout(qkv=True, output=False, mlp=False),
+    # Llama: `attention_bias` covers q/k/v AND o_proj; `mlp_bias` covers the MLP.
+    "LlamaForCausalLM": lambda c: BiasLayout(
+        qkv=bool(c.attention_bias), output=bool(c.attention_bias), mlp=bool(c.mlp_bias)
+    ),
+}
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """Everything the export needs to know about one decoder, read from its transformers config."""
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_type: str
+    rope_factor: float
+    max_position_embeddings: int
+    biases: BiasLayout
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_model(cls, lm: nn.Module) -> DecoderSpec:
+        architecture = type(lm).__name__
+        if architecture not in BIAS_LAYOUTS:
+            raise ExportError(
+                f"Cannot export a {architecture} decoder",
+                why=f"supported language models are {sorted(BIAS_LAYOUTS)}",
+            )
+        config = lm.config
+        _reject_unsupported(config)
+        rope = _rope_parameters(config)
+        return cls(
+            architecture=architecture,
+            num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=getattr(config, "head_dim", None)
+            or config.hidden_size // config.num_attention_heads,
+            vocab_size=config.vocab_size,
+            rms_norm_eps=float(config.rms_norm_eps),
+            rope_theta=float(rope["rope_theta"]),
+            rope_type=rope["rope_type"],
+            rope_factor=float(rope.get("factor", 1.0)),
+            max_position_embeddings=config.max_position_embeddings,
+            biases=BIAS_LAYOUTS[architecture](config),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+    def inv_freq(self) -> torch.Tensor:
+        """RoPE inverse frequencies [head_dim / 2], as transformers computes them at init.
+
+        Linear scaling divides them by the factor. Dynamic NTK equals the default below
+        max_position_embeddings (its base grows only past that), see `check_max_context`.
+        """
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+        inv_freq = 1.0 / (self.rope_theta**exponents)
+        if self.rope_type == "linear":
+            inv_freq = inv_freq / self.rope_factor
+        return inv_freq
+
+    def check_max_context(self, max_context: int) -> None:
+        if max_context < 1:
+            raise ExportError(f"max_context must be positive, got {max_context}")
+        if self.rope_type == "dynamic" and max_context > self.max_position_embeddings:
+            raise ExportError(
+                f"max_context {max_context} is longer than this model supports",
+                why=(
+                    "its rope_scaling is dynamic NTK, which rescales the rotary frequencies for "
+                    f"sequences past max_position_embeddings={self.max_position_embeddings}; the "
+                    "exported graph uses fixed frequencies, exact only up to that length"
+                ),
+                fix=f"Use max_context <= {self.max_position_embeddings}",
+            )
+
+
+def _rope_parameters(config: Any) -> dict[str, Any]:
+    """transformers 5 normalises legacy `rope_scaling` into `rope_parameters`; accept both."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    legacy = getattr(config, "rope_scaling", None) or {}
+    params = {**legacy, **params}
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def _reject_unsupported(config: Any) -> None:
+    """Fail early, naming the config field, on anything the plain module does not compute."""
+    rope = _rope_parameters(config)
+    if rope["rope_type"] not in ROPE_TYPES:
+        _unsupported("rope_scaling.type", rope["rope_type"], f"supported: {', '.join(ROPE_TYPES)}")
+    factor = float(rope.get("factor", 1.0))
+    if rope["rope_type"] != "default" and not (math.isfinite(factor) and factor >= 1.0):
+        _unsupported("rope_scaling.factor", factor, "it must be a finite number >= 1")
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        _unsupported(
+            "partial_rotary_factor", rope["partial_rotary_factor"], "only 1.0 is supported"
+        )
+    if getattr(config, "hidden_act", "silu") != "silu":
+        _unsupported("hidden_act", config.hidden_act, "only silu (SwiGLU) is supported")
+    if getattr(config, "use_sliding_window", False):
+        _unsupported("use_sliding_window", True, "only full attention is supported")
+    if config.num_attention_heads % config.num_key_value_heads:
+        _unsupported(
+            "num_key_value_heads",
+            config.num_key_value_heads,
+            f"it must divide num_attention_heads={config.num_attention_heads}",
+        )
+
+
+def _unsupported(field: str, value: Any, why: str) -> None:
+    raise ExportError(
+        f"Unsupported decoder config: {field}={value!r}",
+        why=why,
+        fix="Export a model whose config uses a supported value",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks (reusable by the NVLM-X/H gated cross-attention blocks)
+# --------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm with the statistics in float32 whatever the activation dtype (fp16-safe)."""
+    x32 = x.float()
+    inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x32 * inv_rms).to(x.dtype)
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B, T, head_dim] from positions, computed in float32 then cast."""
+    angles = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (B, T, D)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by the position angles (cos/sin: (B, T, D), the half-split layout)."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def causal_mask(
+    seq: int | torch.SymInt, past: int | torch.SymInt, device: torch.device
+) -> torch.Tensor:
+    """Boolean (T, past + T): query t (at absolute index past + t) sees keys 0 .. past + t.
+
+    Built from the shapes alone, so the graph needs no mask input and no maximum length.
+    """
+    query_index = torch.arange(seq, device=device)[:, None] + past  # (T, 1)
+    key_index = torch.arange(past + seq, device=device)[None, :]  # (1, S)
+    return key_index <= query_index  # (T, S)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
+) -> torch.Tensor:
+    """Grouped-query attention: q (B, H, T, D), k/v (B, KV, S, D), allowed bool broadcastable to
+    (T, S). Returns (B, H, T, D).
+
+    Query heads are grouped under their KV head (B, KV, G, T, D) so K/V broadcast instead of being
+    repeated in memory. Softmax runs in float32 whatever the activation dtype.
+    """
+    batch, heads, seq, head_dim = q.shape
+    kv_heads = k.shape[1]
+    q = q * head_dim**-0.5  # scale before the product: keeps fp16 scores in range
+    q = q.reshape(batch, kv_heads, heads // kv_heads, seq, head_dim)  # (B, KV, G, T, D)
+    scores = q @ k[:, :, None].transpose(-1, -2)  # (B, KV, G, T, S)
+    scores = torch.where(allowed, scores.float(), torch.finfo(torch.float32).min)
+    weights = scores.softmax(dim=-1).to(v.dtype)
+    out = weights @ v[:, :, None]  # (B, KV, G, T, D)
+    return out.reshape(batch, heads, seq, head_dim)
+
+
+def swiglu(x: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
+    return mlp.down_proj(nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+
+# --------------------------------------------------------------------------------------------
+# The module that gets traced
+# --------------------------------------------------------------------------------------------
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (key, value), each (B, KV, S, D)
+KV = ("key", "value")  # order of the per-layer cache tensors in the graph's inputs and outputs
+
+
+class ExportableDecoder(nn.Module):
+    """A transformers causal LM's decoder as a graph-friendly function of embeddings and a cache.
+
+    forward(inputs_embeds (B, T, hidden), position_ids (B, T) int64,
+            *past: key₀, value₀, key₁, value₁, ... each (B, KV, P, D))
+        -> (logits (B, vocab) float32 for the last position, key₀', value₀', ... (B, KV, P+T, D))
+
+    Subclasses add inputs (e.g. NVLM-X cross K/V) by overriding `run_layers` and `graph_io`.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.spec = DecoderSpec.from_model(lm)
+        _check_weights_match_spec(lm, self.spec)
+        self.layers = lm.model.layers  # shared, not copied
+        self.final_norm = lm.model.norm
+        self.lm_head = lm.lm_head
+        self.register_buffer("inv_freq", self.spec.inv_freq(), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward(
+        self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        cache = list(zip(past[0::2], past[1::2], strict=True))
+        seq, past_len = inputs_embeds.shape[1], cache[0][0].shape[2]
+        cos, sin = rotary_cos_sin(position_ids, self.inv_freq, inputs_embeds.dtype)
+        allowed = causal_mask(seq, past_len, inputs_embeds.device)  # (T, P+T)
+        hidden, presents = self.run_layers(inputs_embeds, cos, sin, allowed, cache)
+        last = rms_norm(hidden[:, -1], self.final_norm.weight, self.spec.rms_norm_eps)  # (B, C)
+        logits = self.lm_head(last).float()  # (B, vocab): never materialise (T, vocab)
+        return (logits, *(t for kv in presents for t in kv))
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        allowed: torch.Tensor,
+        cache: KVCache,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """The layer loop: the extension point for interleaving gated cross-attention blocks."""
+        presents: KVCache = []
+        for layer, (past_k, past_v) in zip(self.layers, cache, strict=True):
+            hidden, present = self.decoder_layer(layer, hidden, cos, sin, allowed, past_k, past_v)
+            presents.append(present)
+        return hidden, presents
+
+    def decoder_layer(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        allowed: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        eps = self.spec.rms_norm_eps
+        x = rms_norm(hidden, layer.input_layernorm.weight, eps)
+        attended, present = self.self_attention(
+            layer.self_attn, x, cos, sin, allowed, past_k, past_v
+        )
+        hidden = hidden + attended
+        hidden = hidden + swiglu(
+            rms_norm(hidden, layer.post_attention_layernorm.weight, eps), layer.mlp
+        )
+        return hidden, present
+
+    def self_attention(
+        self,
+        attn: nn.Module,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        allowed: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        batch, seq, _ = x.shape
+        head_dim = self.spec.head_dim
+
+        def heads(projection: nn.Module) -> torch.Tensor:  # (B, T, n·D) -> (B, n, T, D)
+            return projection(x).reshape(batch, seq, -1, head_dim).transpose(1, 2)
+
+        q = apply_rotary(heads(attn.q_proj), cos, sin)  # (B, H, T, D)
+        k = apply_rotary(heads(attn.k_proj), cos, sin)  # (B, KV, T, D)
+        v = heads(attn.v_proj)  # (B, KV, T, D)
+        k = torch.cat((past_k, k), dim=2)  # (B, KV, P+T, D)
+        v = torch.cat((past_v, v), dim=2)
+        out = attention(q, k, v, allowed)  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(batch, seq, -1)  # (B, T, H·D)
+        return attn.o_proj(out), (k, v)
+
+    # ---- graph interface -------------------------------------------------------------------
+
+    def past_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{kind}" for i in range(self.spec.num_layers) for kind in KV]
+
+    def present_names(self) -> list[str]:
+        return [f"present.{i}.{kind}" for i in range(self.spec.num_layers) for kind in KV]
+
+    def graph_io(self, file: str, external_data: str | None, opset: int) -> GraphIO:
+        spec, dtype = self.spec, NUMPY_DTYPE[self.dtype]
+        kv_shape = ("batch", spec.num_kv_heads, "past", spec.head_dim)
+        present_shape = ("batch", spec.num_kv_heads, "past + seq", spec.head_dim)
+        inputs = (
+            TensorIO("inputs_embeds", dtype, ("batch", "seq", spec.hidden_size)),
+            TensorIO("position_ids", "int64", ("batch", "seq")),
+            *(TensorIO(name, dtype, kv_shape) for name in self.past_names()),
+        )
+        outputs = (
+            TensorIO("logits", "float32", ("batch", spec.vocab_size)),
+            *(TensorIO(name, dtype, present_shape) for name in self.present_names()),
+        )
+        return GraphIO(file, external_data, opset, inputs, outputs)
+
+    def example_inputs(
+        self, batch: int = 2, seq: int = 3, past: int = 4
+    ) -> tuple[torch.Tensor, ...]:
+        """Tracing inputs. Sizes are >= 2 and distinct so the exporter keeps every axis symbolic
+        (torch.export specialises sizes 0 and 1); past length 0 still runs in the graph."""
+        spec, dtype = self.spec, self.dtype
+        embeds = torch.zeros(batch, seq, spec.hidden_size, dtype=dtype)
+        positions = torch.arange(past, past + seq, dtype=torch.int64).expand(batch, seq)
+        # Distinct tensors: the exporter would wire aliased inputs to one graph input.
+        kv_shape = (batch, spec.num_kv_heads, past, spec.head_dim)
+        caches = [torch.zeros(kv_shape, dtype=dtype) for _ in range(2 * spec.num_layers)]
+        return (embeds, positions, *caches)
+
+
+def _check_weights_match_spec(lm: nn.Module, spec: DecoderSpec) -> None:
+    """The module reads biases and shapes from the weights; make sure they agree with the spec."""
+    attn = lm.model.layers[0].self_attn
+    found = BiasLayout(
+        qkv=attn.q_proj.bias is not None,
+        output=attn.o_proj.bias is not None,
+        mlp=lm.model.layers[0].mlp.gate_proj.bias is not None,
+    )
+    if found != spec.biases:
+        raise ExportError(
+            f"The {spec.architecture} weights do not match its config",
+            why=f"config implies biases {spec.biases}, the modules have {found}",
+        )
+    if attn.k_proj.weight.shape[0] != spec.num_kv_heads * spec.head_dim:
+        raise ExportError(
+            f"The {spec.architecture} k_proj has {attn.k_proj.weight.shape[0]} rows",
+            why=f"the config implies {spec.num_kv_heads} KV heads x head_dim {spec.head_dim}",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+
+def export_decoder_onnx(
+    lm: nn.Module,
+    path: str | Path,
+    *,
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    max_context: int | None = None,
+) -> GraphIO:
+    """Trace a transformers Qwen2/Llama causal LM's decoder to `path` (ONNX) and check it.
+
+    `lm` must already hold its weights in `dtype` (load it with torch_dtype=float16 for fp16):
+    the graph shares them, and converting here would double the memory of a 72B model. Weights
+    above 2 GB go to `<path>.data` beside the graph. Returns the graph's I/O for the manifest.
+    """
+    if dtype not in DTYPES:
+        raise ExportError(f"Unknown decoder dtype '{dtype}'", why=f"choose one of {list(DTYPES)}")
+    if opset not in SUPPORTED_OPSETS:
+        raise ExportError(
+            f"Opset {opset} is not supported for the decoder",
+            why=(
+                f"choose {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1}: TensorRT 10.x reads "
+                "up to 20 and the exporter emits 18 natively"
+            ),
+        )
+    decoder = ExportableDecoder(lm).eval()
+    spec = decoder.spec
+    spec.check_max_context(max_context or spec.max_position_embeddings)
+    if decoder.dtype != DTYPES[dtype]:
+        raise ExportError(
+            f"The model's weights are {decoder.dtype}, but a {dtype} graph was requested",
+            why="the graph shares the model's weights instead of converting a copy",
+            fix=f"Load the model with torch_dtype={DTYPES[dtype]}",
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    external = needs_external_data(decoder)
+    io = decoder.graph_io(path.name, external_data_name(path) if external else None, opset)
+    program = _trace(decoder, opset)
+    stamp_graph_io(program, io)
+    program.save(str(path), external_data=external)
+    model = check_onnx_file(path)
+    require_standard_graph(model, path, opset)
+    require_graph_io(model, io, path)
+    return io
+
+
+def _trace(decoder: ExportableDecoder, opset: int) -> Any:
+    """torch.export-based (dynamo) exporter: see docs/decoder-graph.md for why not TorchScript."""
+    from torch.export import Dim
+
+    batch, seq, past = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=0)
+    kv_axes = {0: batch, 2: past}
+    dynamic_shapes = (
+        {0: batch, 1: seq},
+        {0: batch, 1: seq},
+        tuple([kv_axes] * (2 * decoder.spec.num_layers)),  # forward's *past
+    )
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # One Dim object per axis on purpose; the exporter warns that it deduplicates them.
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+            program = torch.onnx.export(
+                decoder,
+                decoder.example_inputs(),
+                dynamo=True,
+                opset_version=opset,
+                input_names=["inputs_embeds", "position_ids", *decoder.past_names()],
+                output_names=["logits", *decoder.present_names()],
+                dynamic_shapes=dynamic_shapes,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as error:  # the exporter raises many unrelated types; keep the cause
+        raise ExportError(
+            "Tracing the language decoder to ONNX failed",
+            why=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+            fix="Re-run with --verbose for the exporter's trace",
+        ) from error
+    return program

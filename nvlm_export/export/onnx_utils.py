@@ -1,0 +1,200 @@
+"""Small ONNX helpers shared by every graph export: I/O description, saving, checking.
+
+Plain data leaves this module (`GraphIO.to_dict()`), so the bundle manifest never needs onnx to
+read it back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from nvlm_export.errors import ExportError
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+# ONNX protobuf files cannot exceed 2 GiB; above this the weights go to a side file.
+PROTOBUF_LIMIT_BYTES = 2**31 - 1
+# Keep a margin for the graph itself (names, shapes, small constants) on top of the weights.
+EXTERNAL_DATA_THRESHOLD_BYTES = PROTOBUF_LIMIT_BYTES - 64 * 2**20
+
+# Domains TensorRT's ONNX parser and every ONNX Runtime execution provider understand.
+STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+
+Dim = int | str  # a fixed size, or the name of a dynamic axis ("batch", "seq", "past")
+
+
+@dataclass(frozen=True)
+class TensorIO:
+    """One graph input or output: name, element type and symbolic shape (manifest-ready)."""
+
+    name: str
+    dtype: str  # numpy-style name: "float32", "float16", "int64"
+    shape: tuple[Dim, ...]
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """What a written graph looks like from outside: files, opset and its inputs/outputs."""
+
+    file: str
+    external_data: str | None
+    opset: int
+    inputs: tuple[TensorIO, ...]
+    outputs: tuple[TensorIO, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def input(self, name: str) -> TensorIO:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorIO:
+        return next(t for t in self.outputs if t.name == name)
+
+
+def stamp_graph_io(program: Any, io: GraphIO) -> None:
+    """Write the declared names and symbolic shapes onto an ONNXProgram's graph inputs/outputs.
+
+    The exporter names derived axes after its own expressions ("seq + past"); stamping makes the
+    file say exactly what the manifest says.
+    """
+    import onnx_ir as ir
+
+    graph = program.model.graph
+    for values, specs in ((graph.inputs, io.inputs), (graph.outputs, io.outputs)):
+        if len(values) != len(specs):
+            raise ExportError(
+                f"The traced graph has {len(values)} inputs/outputs, the declaration {len(specs)}",
+                fix="Report this with the model config",
+            )
+        for value, spec in zip(values, specs, strict=True):
+            value.name = spec.name
+            value.shape = ir.Shape(list(spec.shape))
+
+
+def read_graph_io(model: onnx.ModelProto) -> tuple[tuple[TensorIO, ...], tuple[TensorIO, ...]]:
+    """The inputs and outputs a written graph really has (names, dtypes, symbolic shapes)."""
+    import onnx
+
+    def describe(value: onnx.ValueInfoProto) -> TensorIO:
+        tensor = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        shape = tuple(d.dim_param or d.dim_value for d in tensor.shape.dim)
+        return TensorIO(value.name, dtype, shape)
+
+    return tuple(map(describe, model.graph.input)), tuple(map(describe, model.graph.output))
+
+
+def require_graph_io(model: onnx.ModelProto, io: GraphIO, path: Path) -> None:
+    """Fail if the written graph's interface differs from the declared one."""
+    inputs, outputs = read_graph_io(model)
+    for kind, found, declared in (("inputs", inputs, io.inputs), ("outputs", outputs, io.outputs)):
+        if found != declared:
+            diff = next(
+                (f"{d} vs {f}" for f, d in zip(found, declared, strict=False) if f != d),
+                f"{len(found)} vs {len(declared)} tensors",
+            )
+            raise ExportError(
+                f"The exported graph {path} has different {kind} than declared",
+                why=diff,
+                fix="Report this with the model config",
+            )
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of all parameters and buffers: what the ONNX file will hold as initializers."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def needs_external_data(module: torch.nn.Module) -> bool:
+    return parameter_bytes(module) > EXTERNAL_DATA_THRESHOLD_BYTES
+
+
+def external_data_name(path: Path) -> str:
+    """The side file for weights: `model.onnx` -> `model.onnx.data` (torch's convention)."""
+    return path.name + ".data"
+
+
+def check_onnx_file(path: Path) -> onnx.ModelProto:
+    """Run the ONNX checker on a written file and return the graph structure (no weights)."""
+    import onnx
+
+    try:
+        # By path, so models with external data (> 2 GB) are checked too.
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as error:
+        raise ExportError(
+            f"The exported graph {path} is not valid ONNX",
+            why=str(error).splitlines()[0],
+            fix="Report this with the model config; re-run with --verbose for the full trace",
+        ) from error
+    return onnx.load(str(path), load_external_data=False)
+
+
+def non_standard_ops(model: onnx.ModelProto) -> list[str]:
+    """`domain::op` of every node outside the standard ONNX domain (e.g. com.microsoft)."""
+    found = {
+        f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS
+    }
+    return sorted(found)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS)
+
+
+def require_standard_graph(model: onnx.ModelProto, path: Path, opset: int) -> None:
+    """Fail if the graph uses contrib ops or landed on a different opset than asked for."""
+    extra = non_standard_ops(model)
+    if extra:
+        raise ExportError(
+            f"The exported graph {path} uses non-standard ops {extra}",
+            why="TensorRT and portable ONNX Runtime builds accept only standard ONNX ops",
+            fix="Report this with the model config",
+        )
+    actual = default_opset(model)
+    if actual != opset:
+        raise ExportError(
+            f"The exported graph {path} has opset {actual}, not the requested {opset}",
+            fix="Pick an opset the exporter supports (18 is the default)",
+        )
+
+
+def save_embedding_table(
+    weight: torch.Tensor, path: str | Path, *, dtype: str = "float32"
+) -> tuple[int, int]:
+    """Write the token-embedding table [vocab, hidden] as a .npy the runtime can np.load(mmap_mode).
+
+    Written row block by row block so a 152064 x 8192 table never needs a second full copy in
+    memory. Returns (vocab_size, hidden_size).
+    """
+    import torch
+
+    torch_dtypes = {"float32": torch.float32, "float16": torch.float16}
+    if dtype not in torch_dtypes:
+        raise ExportError(
+            f"Cannot write the embedding table as '{dtype}'",
+            why=f"supported dtypes are {sorted(torch_dtypes)}",
+        )
+    if weight.dim() != 2:
+        raise ExportError(
+            f"The embedding table has shape {tuple(weight.shape)}, not [vocab, hidden]"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(weight.shape))
+    rows_per_block = 4096
+    with torch.no_grad():
+        for start in range(0, weight.shape[0], rows_per_block):
+            block = weight[start : start + rows_per_block].detach().to("cpu", torch_dtypes[dtype])
+            out[start : start + block.shape[0]] = block.numpy()
+    out.flush()
+    del out
+    return int(weight.shape[0]), int(weight.shape[1])

@@ -1,0 +1,334 @@
+"""The pipeline: images and a question in, streamed answer tokens out.
+
+    pipe = Pipeline.load("bundle/")
+    for event in pipe.generate("What is in the picture?", images=["cat.jpg"]):
+        print(event.text, end="", flush=True)
+
+One request goes through these stages, each timed:
+
+1. tiling      — every image is decoded and tiled (DHR) with the bundle's tiling parameters;
+2. prompt      — the prompt is assembled and tokenized; a prompt that does not fit the context is
+                 refused here, before any model runs;
+3. vision      — the vision graph encodes each image's tiles;
+4. splice      — token embeddings are looked up in the memory-mapped table and image features
+                 overwrite the placeholder positions; for cross-attention models (NVLM-X/H) the
+                 cross key/value sequence is assembled the same way and the `cross_kv` graph turns
+                 it into every block's keys and values, once per request;
+5. prefill     — the decoder runs once over the whole prompt and fills the KV cache;
+6. decode      — one decoder step per new token.
+
+Architecture differences are data: which vision outputs exist (`image_features` for the decoder
+sequence, `cross_features` for cross-attention) and whether the bundle has a `cross_kv` graph. The
+prompt format from the manifest places the images; nothing here asks for the architecture's name.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from nvlm_export.errors import BundleError
+from nvlm_export.runtime.backends import GraphRunner, GraphSpec, get_backend
+from nvlm_export.runtime.generation import (
+    GenerationConfig,
+    GenerationResult,
+    GenerationStream,
+    KVCache,
+    TokenEvent,
+    check_prompt_fits,
+    generate,
+    prefill,
+)
+from nvlm_export.runtime.images import ImageSource, load_image
+from nvlm_export.runtime.manifest import (
+    CROSS_ATTENTION_MASK,
+    CROSS_EMBEDS,
+    CROSS_FEATURES,
+    CROSS_KV_GRAPH,
+    DECODER_GRAPH,
+    IMAGE_FEATURES,
+    PIXEL_VALUES,
+    VISION_GRAPH,
+    Manifest,
+    load_manifest,
+)
+from nvlm_export.runtime.prompt import PromptFormat, PromptTokens, Slot, build_prompt
+from nvlm_export.runtime.tiling import Tiling, TilingConfig, tile_image
+
+Features = Mapping[str, np.ndarray]  # one image's vision outputs by name, each [tiles, 256, D]
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedRequest:
+    """A request after tiling and prompt assembly: everything known before a model runs."""
+
+    tilings: tuple[Tiling, ...]
+    prompt: PromptTokens
+
+
+@dataclass(frozen=True, eq=False)
+class DecoderInputs:
+    """What the decoder needs for one request: the prompt's embeddings and the extra feeds of
+    the prefill and of each decode step (cross-attention keys/values and mask rows; none for
+    NVLM-D)."""
+
+    inputs_embeds: np.ndarray  # [1, T, D]
+    prefill_feeds: dict[str, np.ndarray] = field(default_factory=dict)
+    decode_feeds: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class RequestStream:
+    """Iterate for `TokenEvent`s as they are generated; afterwards `result` holds the answer and
+    `stage_seconds` the time of every stage (tiling, prompt, vision, splice, prefill, decode)."""
+
+    def __init__(
+        self, stream: GenerationStream, prepared: PreparedRequest, stage_seconds: dict[str, float]
+    ) -> None:
+        self._stream = stream
+        self.prepared = prepared
+        self.stage_seconds = stage_seconds
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        start = time.perf_counter()
+        yield from self._stream
+        self.stage_seconds["decode"] = time.perf_counter() - start
+
+    @property
+    def result(self) -> GenerationResult | None:
+        return self._stream.result
+
+    def run(self) -> GenerationResult:
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+class Pipeline:
+    """A loaded bundle: its graphs, tokenizer and embedding table, ready for requests."""
+
+    def __init__(
+        self,
+        bundle_dir: Path,
+        manifest: Manifest,
+        runners: dict[str, GraphRunner],
+        tokenizer: Tokenizer,
+        embedding: np.ndarray,
+    ) -> None:
+        self.bundle_dir = bundle_dir
+        self.manifest = manifest
+        self.runners = runners
+        self.tokenizer = tokenizer
+        self.embedding = embedding  # [vocab, D], memory-mapped
+        self.tiling = TilingConfig.from_dict(manifest.tiling)
+        self.prompt_format = PromptFormat.from_dict(manifest.prompt)
+        self._embeds_dtype = np.dtype(manifest.graph(DECODER_GRAPH).input("inputs_embeds").dtype)
+
+    @classmethod
+    def load(
+        cls,
+        bundle: str | Path,
+        *,
+        backend: str = "onnxruntime",
+        **backend_options: object,
+    ) -> Pipeline:
+        """Load a bundle. `backend_options` go to the backend's runner (for ONNX Runtime:
+        `providers`, `intra_op_threads`, `optimization_level`)."""
+        bundle_dir = Path(bundle)
+        manifest = load_manifest(bundle_dir)
+        runner_class = get_backend(backend)
+        runners = {
+            name: runner_class(GraphSpec.from_manifest(name, graph, bundle_dir), **backend_options)
+            for name, graph in manifest.graphs.items()
+        }
+        for runner in runners.values():
+            runner.activate()
+        return cls(
+            bundle_dir,
+            manifest,
+            runners,
+            _load_tokenizer(bundle_dir, manifest),
+            _load_embedding(bundle_dir, manifest),
+        )
+
+    # --- the stages -----------------------------------------------------------------------------
+    def prepare(
+        self,
+        prompt: str,
+        images: Sequence[ImageSource] = (),
+        *,
+        max_tiles: int | None = None,
+        system: str | None = None,
+        raw: bool = False,
+    ) -> PreparedRequest:
+        """Tile the images and assemble the prompt; refuses a prompt that overflows the context."""
+        tilings = tuple(tile_image(load_image(image), self.tiling, max_tiles) for image in images)
+        tokens = build_prompt(
+            self.tokenizer, self.prompt_format, prompt, tilings, system=system, raw=raw
+        )
+        check_prompt_fits(tokens.num_tokens, self.manifest.kv_cache.max_context)
+        return PreparedRequest(tilings, tokens)
+
+    def encode_images(self, tilings: Sequence[Tiling]) -> list[Features]:
+        """Run the vision graph on each image's tiles (one call per image keeps the tile count
+        within the range the graph and its TensorRT profile were built for)."""
+        vision = self.runners[VISION_GRAPH]
+        dtype = np.dtype(vision.spec.inputs[0].dtype)
+        return [
+            vision.infer({PIXEL_VALUES: t.pixel_values.astype(dtype, copy=False)}) for t in tilings
+        ]
+
+    def decoder_inputs(self, prompt: PromptTokens, features: Sequence[Features]) -> DecoderInputs:
+        """Embed the prompt, splice image features in, and prepare cross-attention feeds."""
+        embeds = self.embed(prompt.input_ids[None, :])  # (1, T, D)
+        if prompt.decoder_feature_slots:
+            embeds[0, prompt.decoder_feature_positions] = _gather(
+                features, IMAGE_FEATURES, prompt.decoder_feature_slots
+            )
+        if CROSS_KV_GRAPH not in self.runners:
+            return DecoderInputs(embeds)
+        return self._with_cross_attention(embeds, prompt, features)
+
+    def embed(self, token_ids: np.ndarray) -> np.ndarray:
+        """Token ids [B, S] -> embeddings [B, S, D] in the decoder's input dtype (a fresh array)."""
+        return np.asarray(self.embedding[token_ids], dtype=self._embeds_dtype)
+
+    def _with_cross_attention(
+        self, embeds: np.ndarray, prompt: PromptTokens, features: Sequence[Features]
+    ) -> DecoderInputs:
+        cross_ids, mask = prompt.cross_token_ids, prompt.cross_attention_mask
+        if len(cross_ids) == 0:
+            # A request without cross tokens still feeds one masked slot: zero-length tensors are
+            # not portable to TensorRT, and a fully masked row contributes nothing.
+            cross_ids = np.zeros(1, dtype=np.int64)
+            mask = np.zeros((prompt.num_tokens, 1), dtype=bool)
+        cross_embeds = self.embed(cross_ids[None, :])  # (1, K, D)
+        if prompt.cross_feature_slots:
+            cross_embeds[0, prompt.cross_feature_positions] = _gather(
+                features, CROSS_FEATURES, prompt.cross_feature_slots
+            )
+        cross_kv = self.runners[CROSS_KV_GRAPH].infer({CROSS_EMBEDS: cross_embeds})
+        # Generated tokens come after every image, so they see what the prompt's last token sees.
+        return DecoderInputs(
+            embeds,
+            prefill_feeds={**cross_kv, CROSS_ATTENTION_MASK: mask[None, :, :]},
+            decode_feeds={**cross_kv, CROSS_ATTENTION_MASK: mask[None, -1:, :]},
+        )
+
+    # --- the whole request ------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str,
+        images: Sequence[ImageSource] = (),
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        max_tiles: int | None = None,
+        system: str | None = None,
+        raw: bool = False,
+    ) -> RequestStream:
+        """Answer `prompt` about `images` (paths, bytes, PIL images or HxWx3 uint8 arrays).
+
+        Greedy by default; `temperature` > 0 samples (with `top_k` / `top_p`, reproducibly for a
+        `seed`). Stops at the end-of-turn token, a `stop` string or `max_new_tokens`. Returns a
+        stream of `TokenEvent`s; its `result` holds the full text, token ids and timings.
+        """
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=tuple(stop),
+            eos_token_ids=self.manifest.tokenizer.eos_token_ids,
+        )
+        start = time.perf_counter()
+        stages: dict[str, float] = {}
+        with _timed(stages, "prepare"):
+            prepared = self.prepare(prompt, images, max_tiles=max_tiles, system=system, raw=raw)
+        with _timed(stages, "vision"):
+            features = self.encode_images(prepared.tilings)
+        with _timed(stages, "splice"):
+            inputs = self.decoder_inputs(prepared.prompt, features)
+        cache = KVCache.from_spec(self.manifest.kv_cache)
+        decoder = self.runners[DECODER_GRAPH].infer
+        with _timed(stages, "prefill"):
+            first_logits = prefill(
+                decoder, inputs.inputs_embeds, cache, extra_feeds=inputs.prefill_feeds
+            )
+        stream = generate(
+            decoder,
+            first_logits,
+            cache=cache,
+            embed=self.embed,
+            tokenizer=self.tokenizer,
+            config=config,
+            prompt_ids=prepared.prompt.input_ids.tolist(),
+            extra_feeds=inputs.decode_feeds,
+            start_time=start,
+        )
+        return RequestStream(stream, prepared, stages)
+
+
+class _timed:
+    """Adds the seconds spent in a `with` block to `stages[name]`."""
+
+    def __init__(self, stages: dict[str, float], name: str) -> None:
+        self.stages, self.name = stages, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *_: object) -> None:
+        self.stages[self.name] = self.stages.get(self.name, 0.0) + time.perf_counter() - self.start
+
+
+def _gather(features: Sequence[Features], output: str, slots: Sequence[Slot]) -> np.ndarray:
+    """The features of each (image, tile) slot, in order: [len(slots) * 256, D]."""
+    try:
+        return np.concatenate([features[image][output][tile] for image, tile in slots])
+    except KeyError:
+        raise BundleError(
+            f"The vision graph has no '{output}' output",
+            why="the bundle's prompt format places image features where this graph provides none",
+            fix="Re-export the bundle",
+        ) from None
+
+
+def _load_tokenizer(bundle_dir: Path, manifest: Manifest) -> Tokenizer:
+    path = bundle_dir / manifest.tokenizer.file
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises a bare Exception on malformed files
+        raise BundleError(
+            f"Cannot read the tokenizer {path}",
+            why=str(error).splitlines()[0],
+            fix="Re-export the bundle",
+        ) from None
+
+
+def _load_embedding(bundle_dir: Path, manifest: Manifest) -> np.ndarray:
+    """The token-embedding table, memory-mapped so it costs no resident memory until used."""
+    spec, path = manifest.embedding, bundle_dir / manifest.embedding.file
+    try:
+        table = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as error:
+        raise BundleError(
+            f"Cannot read the embedding table {path}", why=str(error), fix="Re-export the bundle"
+        ) from None
+    if table.shape != (spec.vocab_size, spec.hidden_size):
+        raise BundleError(
+            f"The embedding table {path} has shape {list(table.shape)}",
+            why=f"the manifest declares [{spec.vocab_size}, {spec.hidden_size}]",
+            fix="Re-export the bundle",
+        )
+    return table
