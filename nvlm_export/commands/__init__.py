@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from nvlm_export.commands import tile
+from nvlm_export.commands import make_tiny, run, tile
 
 RUNTIME = "Run"
 EXPORT = "Export"
@@ -18,4 +18,6 @@ TOOLS = "Tools"
 # (command name, function, help panel) in the order `--help` lists them.
 COMMANDS: list[tuple[str, Callable[..., Any], str]] = [
     ("tile", tile.tile, RUNTIME),
+    ("run", run.run, RUNTIME),
+    ("make-tiny", make_tiny.make_tiny, TOOLS),
 ]

@@ -20,7 +20,6 @@ documents the interface, the opset choice and the fp16 policy.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +32,9 @@ from nvlm_export.errors import ExportError
 from nvlm_export.export.onnx_utils import (
     GraphIO,
     TensorIO,
-    check_onnx_file,
     external_data_name,
     needs_external_data,
-    require_graph_io,
-    require_standard_graph,
-    stamp_graph_io,
+    trace_to_onnx,
 )
 
 # TensorRT 10.x parses opsets 9-20; torch's dynamo exporter emits opset 18 natively (lower
@@ -399,6 +395,18 @@ class ExportableDecoder(nn.Module):
         caches = [torch.zeros(kv_shape, dtype=dtype) for _ in range(2 * spec.num_layers)]
         return (embeds, positions, *caches)
 
+    def dynamic_shapes(self) -> tuple[Any, ...]:
+        """torch.export dynamic axes for `example_inputs`: batch, seq and past are symbolic."""
+        from torch.export import Dim
+
+        batch, seq, past = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=0)
+        kv_axes = {0: batch, 2: past}
+        return (
+            {0: batch, 1: seq},
+            {0: batch, 1: seq},
+            tuple([kv_axes] * (2 * self.spec.num_layers)),  # forward's *past
+        )
+
 
 def _check_weights_match_spec(lm: nn.Module, spec: DecoderSpec) -> None:
     """The module reads biases and shapes from the weights; make sure they agree with the spec."""
@@ -459,48 +467,13 @@ def export_decoder_onnx(
             fix=f"Load the model with torch_dtype={DTYPES[dtype]}",
         )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     external = needs_external_data(decoder)
     io = decoder.graph_io(path.name, external_data_name(path) if external else None, opset)
-    program = _trace(decoder, opset)
-    stamp_graph_io(program, io)
-    program.save(str(path), external_data=external)
-    model = check_onnx_file(path)
-    require_standard_graph(model, path, opset)
-    require_graph_io(model, io, path)
-    return io
-
-
-def _trace(decoder: ExportableDecoder, opset: int) -> Any:
-    """torch.export-based (dynamo) exporter: see docs/decoder-graph.md for why not TorchScript."""
-    from torch.export import Dim
-
-    batch, seq, past = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=0)
-    kv_axes = {0: batch, 2: past}
-    dynamic_shapes = (
-        {0: batch, 1: seq},
-        {0: batch, 1: seq},
-        tuple([kv_axes] * (2 * decoder.spec.num_layers)),  # forward's *past
+    return trace_to_onnx(
+        decoder,
+        decoder.example_inputs(),
+        path,
+        io=io,
+        dynamic_shapes=decoder.dynamic_shapes(),
+        what="language decoder",
     )
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # One Dim object per axis on purpose; the exporter warns that it deduplicates them.
-            warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
-            program = torch.onnx.export(
-                decoder,
-                decoder.example_inputs(),
-                dynamo=True,
-                opset_version=opset,
-                input_names=["inputs_embeds", "position_ids", *decoder.past_names()],
-                output_names=["logits", *decoder.present_names()],
-                dynamic_shapes=dynamic_shapes,
-                optimize=True,
-                verbose=False,
-            )
-    except Exception as error:  # the exporter raises many unrelated types; keep the cause
-        raise ExportError(
-            "Tracing the language decoder to ONNX failed",
-            why=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
-            fix="Re-run with --verbose for the exporter's trace",
-        ) from error
-    return program

@@ -198,3 +198,52 @@ def save_embedding_table(
     out.flush()
     del out
     return int(weight.shape[0]), int(weight.shape[1])
+
+
+def trace_to_onnx(
+    module: torch.nn.Module,
+    example_args: tuple[Any, ...],
+    path: Path,
+    *,
+    io: GraphIO,
+    dynamic_shapes: Any,
+    what: str,
+) -> GraphIO:
+    """Trace `module` with the dynamo exporter, stamp the declared interface, save and check.
+
+    The one place every graph (vision, decoder, cross_kv) goes through, so they share the opset,
+    the external-data rule and the checks. `io` is the declared interface; the written file must
+    match it exactly. docs/decoder-graph.md says why the dynamo exporter rather than TorchScript.
+    """
+    import warnings
+
+    import torch
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # One Dim object per axis on purpose; the exporter warns that it deduplicates them.
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+            program = torch.onnx.export(
+                module,
+                example_args,
+                dynamo=True,
+                opset_version=io.opset,
+                input_names=[t.name for t in io.inputs],
+                output_names=[t.name for t in io.outputs],
+                dynamic_shapes=dynamic_shapes,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as error:  # the exporter raises many unrelated types; keep the cause
+        raise ExportError(
+            f"Tracing the {what} to ONNX failed",
+            why=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+            fix="Re-run with --verbose for the exporter's trace",
+        ) from error
+    stamp_graph_io(program, io)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path), external_data=io.external_data is not None)
+    model = check_onnx_file(path)
+    require_standard_graph(model, path, io.opset)
+    require_graph_io(model, io, path)
+    return io

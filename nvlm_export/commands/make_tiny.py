@@ -1,0 +1,125 @@
+"""`nvlm-export make-tiny`: write a small random checkpoint in a real on-disk layout."""
+
+from __future__ import annotations
+
+import enum
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nvlm_export.errors import InputError, require_export_extra
+
+
+class Layout(str, enum.Enum):
+    nvlm_d = "nvlm-d"
+    internvl = "internvl"
+    internvl_hf = "internvl-hf"
+
+
+class Size(str, enum.Enum):
+    tiny = "tiny"
+    bench = "bench"
+
+
+def make_tiny(
+    layout: Annotated[
+        Layout,
+        typer.Option(
+            "--layout",
+            help="On-disk layout: nvlm-d (NVLM_D remote code), internvl (internvl_chat remote "
+            "code) or internvl-hf (transformers' InternVLForConditionalGeneration).",
+            case_sensitive=False,
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="Directory to create.", file_okay=False),
+    ],
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights.")] = 0,
+    size: Annotated[
+        Size,
+        typer.Option(
+            "--size",
+            help="tiny: a few MB, fp32, for tests. bench: InternVL2-1B-shaped (InternViT-300M + "
+            "Qwen2-0.5B), bf16, 1.7 GB, for performance work (internvl layouts only).",
+            case_sensitive=False,
+        ),
+    ] = Size.tiny,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists and is not empty.")
+    ] = False,
+) -> None:
+    """Write a random vision-language checkpoint at real geometry (448 tiles, 256 tokens/tile).
+
+    The checkpoint has config.json, safetensors weights and a tiny byte-level BPE tokenizer, and
+    loads like the real model it imitates. Weights are deterministic for a seed. NVLM-D's vision
+    encoder keeps the 7 padded "dummy" attention heads, with non-zero weights.
+
+    Examples:
+
+        nvlm-export make-tiny --layout nvlm-d -o ckpt/tiny-nvlm-d
+
+        nvlm-export make-tiny --layout internvl-hf -o ckpt/tiny-hf --seed 3
+
+        nvlm-export make-tiny --layout internvl --size bench -o ckpt/bench
+    """
+    require_export_extra()
+    import torch
+
+    from nvlm_export.models.tiny import make_tiny_checkpoint, shape_for
+
+    shape_for(size.value, layout.value)  # reject an unsupported size/layout pair before any work
+    output = Path(output)
+    _check_output(output, overwrite)
+    torch.set_grad_enabled(False)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # Build in a sibling temp directory and rename: a crash never leaves a half-written checkpoint.
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        model, files = make_tiny_checkpoint(staging, layout.value, seed, size.value)
+        _apply_umask(staging)
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    total = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
+    params = sum(p.numel() for p in model.parameters())
+    typer.echo(
+        f"Wrote {size.value} {layout.value} checkpoint to {output}: {len(files)} files, "
+        f"{_human(total)}, {params:,} parameters (seed {seed})."
+    )
+
+
+def _apply_umask(directory: Path) -> None:
+    """mkdtemp makes a private (0700) directory; give the result the usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for file in directory.iterdir():
+        file.chmod(0o666 & ~umask)
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise InputError(f"Output {output} is a file", fix="Pass a directory path")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise InputError(
+            f"Output directory {output} is not empty",
+            why="make-tiny will not mix files with an existing checkpoint",
+            fix="Pass --overwrite to replace it, or choose another directory",
+        )
+
+
+def _human(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{nbytes} B"
+        size /= 1024
+    return f"{nbytes} B"

@@ -1,0 +1,425 @@
+"""Load and save checkpoints in their real on-disk layouts (local directories only).
+
+Our modules have one canonical set of parameter names (`vision.vit.*`, `vision.projector.*`,
+`language_model.*`). Each layout declares one table of `KeyRule`s that maps a canonical name to
+the name(s) stored on disk; a rule with several stored names concatenates them along dim 0
+(transformers' InternVL splits the fused qkv into q_proj/k_proj/v_proj). Loading is strict: every
+canonical parameter must be found with the shape the config implies, and every stored tensor must
+be used, otherwise a `CheckpointError` names the file and the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nvlm_export.errors import CheckpointError
+from nvlm_export.models.config import (
+    CONFIG_FILE,
+    ModelConfig,
+    convert_layout,
+    read_config,
+    render_config,
+)
+from nvlm_export.models.model import VisionLanguageModel, build_model
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+)
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """Canonical name pattern -> stored name template(s); several are concatenated on dim 0."""
+
+    ours: str
+    theirs: tuple[str, ...]
+
+    def stored_names(self, key: str) -> list[str] | None:
+        match = re.fullmatch(self.ours, key)
+        return [match.expand(t) for t in self.theirs] if match else None
+
+
+def _rule(ours: str, *theirs: str) -> KeyRule:
+    return KeyRule(ours, theirs)
+
+
+_LAYER = r"vision\.vit\.layers\.(\d+)\."
+_HF_LAYER = r"model.vision_tower.encoder.layer.\1."
+
+# NVLM-D and InternVL remote code: nn.Sequential projector `mlp1`, ViT under `vision_model`.
+REMOTE_CODE_KEYS: tuple[KeyRule, ...] = (
+    _rule(r"vision\.vit\.embeddings\.(.+)", r"vision_model.embeddings.\1"),
+    _rule(_LAYER + r"(.+)", r"vision_model.encoder.layers.\1.\2"),
+    _rule(r"vision\.projector\.norm\.(.+)", r"mlp1.0.\1"),
+    _rule(r"vision\.projector\.fc1\.(.+)", r"mlp1.1.\1"),
+    _rule(r"vision\.projector\.fc2\.(.+)", r"mlp1.3.\1"),
+    _rule(r"language_model\.(.+)", r"language_model.\1"),
+)
+
+# transformers' InternVLForConditionalGeneration.
+INTERNVL_HF_KEYS: tuple[KeyRule, ...] = (
+    _rule(r"vision\.vit\.embeddings\.class_embedding", "model.vision_tower.embeddings.cls_token"),
+    _rule(
+        r"vision\.vit\.embeddings\.position_embedding",
+        "model.vision_tower.embeddings.position_embeddings",
+    ),
+    _rule(
+        r"vision\.vit\.embeddings\.patch_embedding\.(weight|bias)",
+        r"model.vision_tower.embeddings.patch_embeddings.projection.\1",
+    ),
+    _rule(
+        _LAYER + r"attn\.qkv\.(weight|bias)",
+        _HF_LAYER + r"attention.q_proj.\2",
+        _HF_LAYER + r"attention.k_proj.\2",
+        _HF_LAYER + r"attention.v_proj.\2",
+    ),
+    _rule(_LAYER + r"attn\.(q_norm|k_norm)\.weight", _HF_LAYER + r"attention.\2.weight"),
+    _rule(_LAYER + r"attn\.proj\.(weight|bias)", _HF_LAYER + r"attention.projection_layer.\2"),
+    _rule(_LAYER + r"norm1\.(weight|bias)", _HF_LAYER + r"layernorm_before.\2"),
+    _rule(_LAYER + r"norm2\.(weight|bias)", _HF_LAYER + r"layernorm_after.\2"),
+    _rule(_LAYER + r"ls1", _HF_LAYER + "lambda_1"),
+    _rule(_LAYER + r"ls2", _HF_LAYER + "lambda_2"),
+    _rule(_LAYER + r"mlp\.(fc1|fc2)\.(weight|bias)", _HF_LAYER + r"mlp.\2.\3"),
+    _rule(r"vision\.projector\.norm\.(.+)", r"model.multi_modal_projector.layer_norm.\1"),
+    _rule(r"vision\.projector\.fc1\.(.+)", r"model.multi_modal_projector.linear_1.\1"),
+    _rule(r"vision\.projector\.fc2\.(.+)", r"model.multi_modal_projector.linear_2.\1"),
+    _rule(r"language_model\.model\.(.+)", r"model.language_model.\1"),
+    _rule(r"language_model\.lm_head\.weight", "lm_head.weight"),
+)
+
+KEY_MAPS: dict[str, tuple[KeyRule, ...]] = {
+    "nvlm-d": REMOTE_CODE_KEYS,
+    "internvl": REMOTE_CODE_KEYS,
+    "internvl-hf": INTERNVL_HF_KEYS,
+}
+
+# The canonical tensor whose stored row count reveals the number of padded ViT heads.
+QKV_PROBE = "vision.vit.layers.0.attn.qkv.weight"
+
+
+def stored_names(layout: str, key: str) -> list[str]:
+    """The on-disk name(s) of canonical parameter `key` in `layout`."""
+    for rule in KEY_MAPS[layout]:
+        names = rule.stored_names(key)
+        if names is not None:
+            return names
+    raise CheckpointError(
+        f"No {layout} key mapping for parameter {key!r}",
+        why="the layout's key table does not cover this module",
+    )
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+class StoredTensors:
+    """The tensors of one checkpoint directory: sharded with an index, or a single file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.files = self._weight_map()
+        self._handles: dict[str, Any] = {}
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.directory / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, ValueError, KeyError) as error:
+                raise CheckpointError(f"Cannot read {index}", why=repr(error)) from error
+            for shard in sorted(set(weight_map.values())):
+                if not (self.directory / shard).is_file():
+                    raise CheckpointError(
+                        f"Checkpoint shard not found: {self.directory / shard}",
+                        why=f"{INDEX_FILE} lists it",
+                        fix="Download the missing shard again",
+                    )
+            return dict(weight_map)
+        single = self.directory / SINGLE_FILE
+        if single.is_file():
+            with safe_open(str(single), framework="pt") as handle:
+                return dict.fromkeys(handle.keys(), SINGLE_FILE)
+        raise CheckpointError(
+            f"No weights found in {self.directory}",
+            why=f"neither {INDEX_FILE} nor {SINGLE_FILE} exists",
+            fix="Pass a checkpoint directory with safetensors weights",
+        )
+
+    @property
+    def source(self) -> str:
+        """The file that lists the keys (named in missing-key errors)."""
+        name = INDEX_FILE if (self.directory / INDEX_FILE).is_file() else SINGLE_FILE
+        return str(self.directory / name)
+
+    def path(self, key: str) -> str:
+        return str(self.directory / self.files[key])
+
+    def _handle(self, key: str) -> Any:
+        file = self.files[key]
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(self.directory / file), framework="pt")
+            except Exception as error:  # safetensors raises its own error types
+                raise CheckpointError(f"Cannot open {self.path(key)}", why=str(error)) from error
+        return self._handles[file]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._handle(key).get_tensor(key)
+        except Exception as error:
+            raise CheckpointError(
+                f"{self.path(key)}: cannot read tensor {key!r}", why=str(error)
+            ) from error
+
+
+def count_dummy_heads(config: ModelConfig, stored: StoredTensors) -> int:
+    """Padded ViT heads beyond the configured ones, from the stored qkv rows."""
+    names = stored_names(config.layout, QKV_PROBE)
+    for name in names:
+        if name not in stored.files:
+            raise CheckpointError(f"{stored.source}: missing key {name!r}")
+    rows = sum(stored.shape(name)[0] for name in names)
+    heads, remainder = divmod(rows, 3 * config.vision.head_dim)
+    if remainder or heads < config.vision.num_heads:
+        raise CheckpointError(
+            f"{stored.path(names[0])}: {names[0]!r} has {rows} rows",
+            why=f"expected 3 x heads x head_dim {config.vision.head_dim} with at least "
+            f"{config.vision.num_heads} heads",
+        )
+    return heads - config.vision.num_heads
+
+
+def resolve_image_token_id(directory: Path, config: ModelConfig) -> int:
+    """The id of the layout's image placeholder, read from the checkpoint's tokenizer."""
+    token = config.spec.image_token
+    path = Path(directory) / "tokenizer.json"
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        token_id = Tokenizer.from_file(str(path)).token_to_id(token)
+        if token_id is None:
+            raise CheckpointError(f"{path} has no {token} token", why="image features go there")
+        if config.image_token_id is not None and config.image_token_id != token_id:
+            raise CheckpointError(
+                f"{path} gives {token} id {token_id} but config.json says image_token_id "
+                f"{config.image_token_id}",
+                fix="Use the tokenizer that belongs to this checkpoint",
+            )
+        return token_id
+    if config.image_token_id is not None:
+        return int(config.image_token_id)
+    raise CheckpointError(
+        f"Tokenizer not found: {path}",
+        why=f"the id of the image placeholder {token} comes from the tokenizer",
+        fix="Copy the checkpoint's tokenizer files into the directory",
+    )
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules directly in `dtype` (transformers keeps rotary tables in float32 itself)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def canonical_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers by canonical name; tied weights appear once."""
+    tensors = dict(model.named_parameters())
+    persistent = model.state_dict(keep_vars=True)
+    tensors.update({name: b for name, b in model.named_buffers() if name in persistent})
+    return tensors
+
+
+def tied_aliases(model: torch.nn.Module) -> set[str]:
+    """State-dict names that alias another parameter (e.g. a tied lm_head)."""
+    return set(model.state_dict(keep_vars=True)) - set(canonical_parameters(model))
+
+
+def load_checkpoint(
+    directory: Path | str,
+    dtype: torch.dtype = torch.float32,
+    image_token_id: int | None = None,
+) -> VisionLanguageModel:
+    """Build the model a checkpoint directory describes and fill it strictly from its weights.
+
+    Works for every layout in `LAYOUTS`; bf16 / fp16 / fp32 on disk are cast to `dtype`.
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    stored = StoredTensors(directory)
+    if config.spec.stores_dummy_heads:
+        config = config.with_dummy_heads(count_dummy_heads(config, stored))
+    token_id = (
+        image_token_id if image_token_id is not None else resolve_image_token_id(directory, config)
+    )
+    config = replace(config, image_token_id=token_id)
+    with default_dtype(dtype):
+        model = build_model(config)
+    _fill(model, stored, config.layout)
+    return model
+
+
+def _fill(model: VisionLanguageModel, stored: StoredTensors, layout: str) -> None:
+    used: set[str] = set()
+    with torch.no_grad():
+        for key, target in canonical_parameters(model).items():
+            names = stored_names(layout, key)
+            part_shape = (target.shape[0] // len(names), *target.shape[1:])
+            parts = [_read(stored, name, part_shape) for name in names]
+            value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            target.copy_(value.reshape(target.shape).to(target.dtype))
+            used.update(names)
+    allowed = {n for alias in tied_aliases(model) for n in stored_names(layout, alias)}
+    unexpected = sorted(set(stored.files) - used - allowed)
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(
+            f"{stored.path(unexpected[0])}: unexpected key {unexpected[0]!r}{more}",
+            why=f"the {layout} model built from config.json has no such parameter",
+            fix="Check that config.json belongs to these weights",
+        )
+
+
+def _read(stored: StoredTensors, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """One stored tensor, after checking (from the file header) that it has `shape`."""
+    if name not in stored.files:
+        raise CheckpointError(
+            f"{stored.source}: missing key {name!r}",
+            why="the model built from config.json needs it",
+            fix="Check that the checkpoint is complete and config.json belongs to it",
+        )
+    if stored.shape(name) != tuple(shape):
+        raise CheckpointError(
+            f"{stored.path(name)}: {name!r} has shape {list(stored.shape(name))}",
+            why=f"config.json implies {list(shape)}",
+            fix="Check that config.json belongs to these weights",
+        )
+    return stored.get(name)
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def stored_tensors(model: VisionLanguageModel, layout: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(stored name, tensor) pairs of `model` in `layout`, fused tensors split as stored."""
+    for key, tensor in canonical_parameters(model).items():
+        names = stored_names(layout, key)
+        parts = tensor.detach().chunk(len(names), dim=0) if len(names) > 1 else [tensor.detach()]
+        yield from zip(names, parts, strict=True)
+
+
+def _plan_shards(entries: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in entries:
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def save_checkpoint(
+    model: VisionLanguageModel,
+    directory: Path | str,
+    layout: str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tokenizer_from: Path | str | None = None,
+) -> list[Path]:
+    """Write config.json and safetensors weights exactly as `layout` stores them.
+
+    One shard is written as model.safetensors; more as model-0000i-of-0000n.safetensors plus
+    model.safetensors.index.json. Shards are converted and written one at a time, so peak memory
+    is the model plus one shard. Returns the files written.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    layout = layout or model.config.layout
+    config = convert_layout(model.config, layout)
+    tensors = dict(stored_tensors(model, layout))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = [(name, t.numel() * itemsize) for name, t in tensors.items()]
+    shards = _plan_shards(sizes, max_shard_bytes)
+    files = _shard_names(len(shards))
+    written = []
+    for file, names in zip(files, shards, strict=True):
+        payload = {n: tensors[n].to(dtype).contiguous().clone() for n in names}
+        save_file(payload, str(directory / file), metadata={"format": "pt"})
+        _readable(directory / file)
+        written.append(directory / file)
+        del payload
+    if len(shards) > 1:
+        weight_map = {n: file for file, names in zip(files, shards, strict=True) for n in names}
+        index = {"metadata": {"total_size": sum(s for _, s in sizes)}, "weight_map": weight_map}
+        _write_json(directory / INDEX_FILE, index)
+        written.append(directory / INDEX_FILE)
+    rendered = render_config(config) | {"torch_dtype": _dtype_name(dtype)}
+    _write_json(directory / CONFIG_FILE, rendered)
+    written.append(directory / CONFIG_FILE)
+    if tokenizer_from is not None:
+        written += _copy_tokenizer(Path(tokenizer_from), directory)
+    return written
+
+
+def _readable(path: Path) -> None:
+    """safetensors creates files as 0600; give them the permissions the umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
+def _shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _copy_tokenizer(source: Path, directory: Path) -> list[Path]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file() and source.resolve() != directory.resolve():
+            shutil.copyfile(source / name, directory / name)
+            copied.append(directory / name)
+    return copied

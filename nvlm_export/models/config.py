@@ -1,0 +1,469 @@
+"""Checkpoint configuration: what a `config.json` says, in one typed shape for every layout.
+
+Torch-free on purpose: the CLI and the exporter read configs without building a model. Each
+supported on-disk layout is one `LayoutSpec` in `LAYOUTS`, declaring its `model_type`, its image
+placeholder token, how its projector is shaped and how to read and write its `config.json`.
+Generic code asks the spec; it never branches on the layout name.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from nvlm_export.errors import CheckpointError
+
+CONFIG_FILE = "config.json"
+
+# The NVLM-D reference code pads InternViT-6B's 25 heads with exactly 7 zero-initialised heads
+# (tensor-parallel 8 needs a multiple of 8); a checkpoint's true count is read from its tensors.
+NVLM_D_DUMMY_HEADS = 7
+
+# Decoder classes we can build, keyed by the `architectures` entry that selects them. A config
+# without `architectures` falls back to its `model_type`.
+DECODER_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+DECODER_BY_MODEL_TYPE = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """InternViT geometry. One definition covers the 6B style (NVLM-D) and the 300M style."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int  # real heads, as the config states them
+    intermediate_size: int
+    norm_type: str  # "rms_norm" (6B style) or "layer_norm" (300M style)
+    qk_normalization: bool
+    qkv_bias: bool
+    num_dummy_heads: int = 0  # extra padded heads stored in the checkpoint (6B style: 7)
+    layer_scale: bool = True
+    patch_size: int = 14
+    image_size: int = 448
+    num_channels: int = 3
+    eps: float = 1e-6
+    hidden_act: str = "gelu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def padded_heads(self) -> int:
+        return self.num_heads + self.num_dummy_heads
+
+    @property
+    def attention_dim(self) -> int:
+        """Width of q, k, v and the attention output: all stored heads, dummies included."""
+        return self.padded_heads * self.head_dim
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_positions(self) -> int:
+        return self.grid_size**2 + 1  # patches + CLS
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """The 2-layer MLP from pixel-shuffled vision features to the LLM's embedding width."""
+
+    in_features: int  # 4 * Dv after pixel shuffle 0.5
+    hidden_features: int  # NVLM-D: the LLM's intermediate size; InternVL: the LLM's hidden size
+    out_features: int  # D_llm
+    bias: bool
+    norm_eps: float = 1e-5  # nn.LayerNorm's default, as in the reference code
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build a vision-language model from one checkpoint directory."""
+
+    layout: str
+    vision: VisionConfig
+    projector: ProjectorConfig
+    llm_config: dict[str, Any]
+    downsample_ratio: float = 0.5
+    select_layer: int = -1
+    ps_version: str = "v2"
+    template: str | None = None
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 6
+    use_thumbnail: bool = True
+    image_token_id: int | None = None  # resolved from the tokenizer at load time when absent
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def decoder_architecture(self) -> str:
+        return decoder_architecture(self.llm_config)
+
+    @property
+    def llm_hidden_size(self) -> int:
+        return int(self.llm_config["hidden_size"])
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return int(self.vision.grid_size**2 * self.downsample_ratio**2)
+
+    @property
+    def spec(self) -> LayoutSpec:
+        return layout_spec(self.layout)
+
+    def with_dummy_heads(self, num_dummy_heads: int) -> ModelConfig:
+        return replace(self, vision=replace(self.vision, num_dummy_heads=num_dummy_heads))
+
+
+@dataclass(frozen=True)
+class LayoutSpec:
+    """One on-disk checkpoint layout: how to recognise, read and write it."""
+
+    name: str
+    model_type: str
+    description: str
+    image_token: str  # the placeholder whose embeddings image features overwrite
+    stores_dummy_heads: bool  # padded attention heads allowed; their count is read from tensors
+    default_dummy_heads: int  # used when no stored tensors are available to count them
+    projector_bias: bool
+    projector_hidden: str  # which LLM width the projector's middle layer has
+    parse: Callable[[Mapping[str, Any], LayoutSpec], ModelConfig]
+    render: Callable[[ModelConfig], dict[str, Any]]
+
+
+def decoder_architecture(llm_config: Mapping[str, Any]) -> str:
+    """The decoder class name, from `architectures` first (as the NVLM-D remote code does).
+
+    NVLM-D-72B's llm_config says model_type "llama" but architectures ["Qwen2ForCausalLM"] and
+    carries Qwen2's q/k/v biases, so `architectures` must win over `model_type`.
+    """
+    architectures = llm_config.get("architectures") or []
+    name = architectures[0] if architectures else None
+    if name is None:
+        name = DECODER_BY_MODEL_TYPE.get(str(llm_config.get("model_type")))
+    if name not in DECODER_ARCHITECTURES:
+        raise CheckpointError(
+            f"Unsupported language model architecture {name or llm_config.get('model_type')!r}",
+            why=f"supported decoders are {', '.join(DECODER_ARCHITECTURES)}",
+            fix="Use a checkpoint whose llm_config/text_config names one of them",
+        )
+    return name
+
+
+def projector_hidden_width(llm_config: Mapping[str, Any], which: str) -> int:
+    return int(llm_config["intermediate_size" if which == "intermediate" else "hidden_size"])
+
+
+def _require(config: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in config:
+        raise CheckpointError(
+            f"{where} has no {key!r}",
+            why="the layout needs it to build the model",
+            fix="Check that the checkpoint's config.json is complete",
+        )
+    return config[key]
+
+
+def _projector(vision: VisionConfig, llm: Mapping[str, Any], ratio: float, spec: LayoutSpec):
+    scale = round(1 / ratio) ** 2
+    return ProjectorConfig(
+        in_features=vision.hidden_size * scale,
+        hidden_features=projector_hidden_width(llm, spec.projector_hidden),
+        out_features=int(llm["hidden_size"]),
+        bias=spec.projector_bias,
+    )
+
+
+# --- remote-code layouts (NVLM_D, internvl_chat): vision_config + llm_config -------------------
+
+
+def _remote_vision(vc: Mapping[str, Any], image_size: int, dummy_heads: int) -> VisionConfig:
+    where = "config.json vision_config"
+    return VisionConfig(
+        hidden_size=int(_require(vc, "hidden_size", where)),
+        num_layers=int(_require(vc, "num_hidden_layers", where)),
+        num_heads=int(_require(vc, "num_attention_heads", where)),
+        intermediate_size=int(_require(vc, "intermediate_size", where)),
+        norm_type=str(vc.get("norm_type", "rms_norm")),
+        qk_normalization=bool(vc.get("qk_normalization", False)),
+        qkv_bias=bool(vc.get("qkv_bias", True)),
+        num_dummy_heads=dummy_heads,
+        patch_size=int(vc.get("patch_size", 14)),
+        image_size=int(image_size or vc.get("image_size", 448)),
+        num_channels=int(vc.get("num_channels", 3)),
+        eps=float(vc.get("layer_norm_eps", 1e-6)),
+        hidden_act=str(vc.get("hidden_act", "gelu")),
+    )
+
+
+def _parse_remote(config: Mapping[str, Any], spec: LayoutSpec) -> ModelConfig:
+    vc = _require(config, "vision_config", "config.json")
+    llm = dict(_require(config, "llm_config", "config.json"))
+    decoder_architecture(llm)
+    ratio = float(config.get("downsample_ratio", 0.5))
+    vision = _remote_vision(vc, config.get("force_image_size") or 0, spec.default_dummy_heads)
+    return ModelConfig(
+        layout=spec.name,
+        vision=vision,
+        projector=_projector(vision, llm, ratio, spec),
+        llm_config=llm,
+        downsample_ratio=ratio,
+        select_layer=int(config.get("select_layer", -1)),
+        ps_version=str(config.get("ps_version", "v2")),
+        template=config.get("template"),
+        min_dynamic_patch=int(config.get("min_dynamic_patch", 1)),
+        max_dynamic_patch=int(config.get("max_dynamic_patch", 6)),
+        use_thumbnail=bool(config.get("use_thumbnail", True)),
+        image_token_id=config.get("image_token_id"),
+        raw=copy.deepcopy(dict(config)),
+    )
+
+
+def _render_remote(config: ModelConfig) -> dict[str, Any]:
+    v = config.vision
+    same_layout = config.raw.get("model_type") == config.spec.model_type
+    out = copy.deepcopy(config.raw) if same_layout else {}
+    vision_config = dict(out.get("vision_config", {}))
+    vision_config.update(
+        hidden_size=v.hidden_size,
+        num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads,
+        intermediate_size=v.intermediate_size,
+        norm_type=v.norm_type,
+        qk_normalization=v.qk_normalization,
+        qkv_bias=v.qkv_bias,
+        patch_size=v.patch_size,
+        image_size=v.image_size,
+        num_channels=v.num_channels,
+        layer_norm_eps=v.eps,
+        hidden_act=v.hidden_act,
+    )
+    out.update(
+        architectures=out.get("architectures", [_REMOTE_ARCHITECTURE[config.layout]]),
+        model_type=config.spec.model_type,
+        vision_config=vision_config,
+        llm_config=copy.deepcopy(config.llm_config),
+        downsample_ratio=config.downsample_ratio,
+        force_image_size=v.image_size,
+        select_layer=config.select_layer,
+        ps_version=config.ps_version,
+        template=config.template,
+        min_dynamic_patch=config.min_dynamic_patch,
+        max_dynamic_patch=config.max_dynamic_patch,
+        use_thumbnail=config.use_thumbnail,
+        dynamic_image_size=True,
+    )
+    # No image_token_id: the remote-code layouts take it from the tokenizer.
+    return out
+
+
+_REMOTE_ARCHITECTURE = {"nvlm-d": "NVLM_D", "internvl": "InternVLChatModel"}
+
+
+# --- transformers-native InternVL (model_type "internvl"): vision_config + text_config ---------
+
+
+def _single(value: Any) -> int:
+    """transformers stores image/patch sizes as [h, w]; InternVL tiles are square."""
+    return int(value[0] if isinstance(value, list | tuple) else value)
+
+
+def _parse_hf(config: Mapping[str, Any], spec: LayoutSpec) -> ModelConfig:
+    vc = _require(config, "vision_config", "config.json")
+    text = dict(_require(config, "text_config", "config.json"))
+    decoder_architecture(text)
+    where = "config.json vision_config"
+    if not vc.get("use_mean_pooling", True) or not vc.get("use_absolute_position_embeddings", True):
+        raise CheckpointError(
+            "Unsupported InternVL vision tower variant",
+            why="only use_mean_pooling=true with absolute position embeddings matches InternViT",
+            fix="Convert the checkpoint with transformers' defaults for InternVL",
+        )
+    vision = VisionConfig(
+        hidden_size=int(_require(vc, "hidden_size", where)),
+        num_layers=int(_require(vc, "num_hidden_layers", where)),
+        num_heads=int(_require(vc, "num_attention_heads", where)),
+        intermediate_size=int(_require(vc, "intermediate_size", where)),
+        norm_type=str(vc.get("norm_type", "layer_norm")),
+        qk_normalization=bool(vc.get("use_qk_norm", False)),
+        qkv_bias=bool(vc.get("attention_bias", False)),
+        patch_size=_single(vc.get("patch_size", 14)),
+        image_size=_single(vc.get("image_size", 448)),
+        num_channels=int(vc.get("num_channels", 3)),
+        eps=float(vc.get("layer_norm_eps", 1e-6)),
+        hidden_act=str(vc.get("hidden_act", "gelu")),
+    )
+    ratio = float(config.get("downsample_ratio", 0.5))
+    return ModelConfig(
+        layout=spec.name,
+        vision=vision,
+        projector=_projector(vision, text, ratio, spec),
+        llm_config=text,
+        downsample_ratio=ratio,
+        select_layer=int(config.get("vision_feature_layer", -1)),
+        template="internvl2_5",
+        max_dynamic_patch=12,
+        image_token_id=config.get("image_token_id", 151667),
+        raw=copy.deepcopy(dict(config)),
+    )
+
+
+def _render_hf(config: ModelConfig) -> dict[str, Any]:
+    v = config.vision
+    tied = bool(config.llm_config.get("tie_word_embeddings", False))
+    out = copy.deepcopy(config.raw) if config.raw.get("model_type") == "internvl" else {}
+    vision_config = dict(out.get("vision_config", {}))
+    vision_config.update(
+        model_type="internvl_vision",
+        hidden_size=v.hidden_size,
+        num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads,
+        intermediate_size=v.intermediate_size,
+        norm_type=v.norm_type,
+        use_qk_norm=v.qk_normalization,
+        attention_bias=v.qkv_bias,
+        patch_size=[v.patch_size, v.patch_size],
+        image_size=[v.image_size, v.image_size],
+        num_channels=v.num_channels,
+        layer_norm_eps=v.eps,
+        hidden_act=v.hidden_act,
+        use_mean_pooling=True,
+        use_absolute_position_embeddings=True,
+    )
+    out.update(
+        architectures=["InternVLForConditionalGeneration"],
+        model_type="internvl",
+        vision_config=vision_config,
+        text_config=copy.deepcopy(config.llm_config),
+        image_token_id=config.image_token_id,
+        image_seq_length=config.tokens_per_tile,
+        downsample_ratio=config.downsample_ratio,
+        projector_hidden_act="gelu",
+        vision_feature_layer=config.select_layer,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=tied,
+    )
+    return out
+
+
+LAYOUTS: dict[str, LayoutSpec] = {
+    spec.name: spec
+    for spec in (
+        LayoutSpec(
+            name="nvlm-d",
+            model_type="NVLM_D",
+            description="NVIDIA NVLM-D remote-code checkpoint (InternViT-6B style, Qwen2 decoder)",
+            image_token="<|vision_pad|>",
+            stores_dummy_heads=True,
+            default_dummy_heads=NVLM_D_DUMMY_HEADS,
+            projector_bias=False,
+            projector_hidden="intermediate",
+            parse=_parse_remote,
+            render=_render_remote,
+        ),
+        LayoutSpec(
+            name="internvl",
+            model_type="internvl_chat",
+            description="OpenGVLab InternVL2/2.5/3 remote-code checkpoint",
+            image_token="<IMG_CONTEXT>",
+            stores_dummy_heads=False,
+            default_dummy_heads=0,
+            projector_bias=True,
+            projector_hidden="hidden",
+            parse=_parse_remote,
+            render=_render_remote,
+        ),
+        LayoutSpec(
+            name="internvl-hf",
+            model_type="internvl",
+            description="transformers-native InternVLForConditionalGeneration checkpoint",
+            image_token="<IMG_CONTEXT>",
+            stores_dummy_heads=False,
+            default_dummy_heads=0,
+            projector_bias=True,
+            projector_hidden="hidden",
+            parse=_parse_hf,
+            render=_render_hf,
+        ),
+    )
+}
+
+
+def layout_spec(name: str) -> LayoutSpec:
+    if name not in LAYOUTS:
+        raise CheckpointError(
+            f"Unknown checkpoint layout {name!r}", fix=f"Use one of: {', '.join(LAYOUTS)}"
+        )
+    return LAYOUTS[name]
+
+
+def detect_layout(config: Mapping[str, Any], source: str = "config.json") -> LayoutSpec:
+    """The layout whose `model_type` the config declares."""
+    model_type = config.get("model_type")
+    for spec in LAYOUTS.values():
+        if spec.model_type == model_type:
+            return spec
+    supported = ", ".join(f"{s.model_type} ({s.name})" for s in LAYOUTS.values())
+    raise CheckpointError(
+        f"{source} has unsupported model_type {model_type!r}",
+        why=f"supported model types are {supported}",
+        fix="Point at an NVLM-D or InternVL checkpoint directory",
+    )
+
+
+def parse_config(config: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
+    """A `ModelConfig` from a config.json dictionary of any supported layout."""
+    spec = detect_layout(config, source)
+    parsed = spec.parse(config, spec)
+    if parsed.ps_version != "v2":
+        raise CheckpointError(
+            f"{source} asks for pixel shuffle {parsed.ps_version!r}",
+            why="only ps_version 'v2' (used by NVLM-D and all InternVL2+ releases) is supported",
+        )
+    return parsed
+
+
+def read_config(directory: Path) -> ModelConfig:
+    """Parse `directory/config.json`, naming the file in every error."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"Checkpoint config not found: {path}",
+            why="a checkpoint directory must contain config.json",
+            fix="Pass the directory that holds config.json and the safetensors files",
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"Cannot read {path}", why=str(error)) from error
+    return parse_config(data, str(path))
+
+
+def convert_layout(config: ModelConfig, layout: str) -> ModelConfig:
+    """`config` relabelled for another layout, if that layout can express the same model."""
+    spec = layout_spec(layout)
+    projector_hidden = projector_hidden_width(config.llm_config, spec.projector_hidden)
+    problems = []
+    if config.projector.bias != spec.projector_bias:
+        problems.append("its projector biases differ")
+    if config.projector.hidden_features != projector_hidden:
+        problems.append("its projector's middle width differs")
+    if config.vision.num_dummy_heads and not spec.stores_dummy_heads:
+        problems.append("it cannot store padded (dummy) attention heads")
+    if problems:
+        raise CheckpointError(
+            f"Cannot write a {config.layout} model in the {layout} layout",
+            why="; ".join(problems),
+            fix=f"Save it as {config.layout}",
+        )
+    return replace(config, layout=layout)
+
+
+def render_config(config: ModelConfig, layout: str | None = None) -> dict[str, Any]:
+    """The config.json dictionary for `config` written in `layout` (default: its own)."""
+    target = convert_layout(config, layout) if layout else config
+    return target.spec.render(target)

@@ -1,0 +1,221 @@
+"""Small random checkpoints at real geometry, for tests (`tiny`) and performance work (`bench`).
+
+Both keep everything the pipeline depends on: 448x448 tiles, patch 14, 1025 ViT positions, pixel
+shuffle 0.5 (256 tokens per tile), grouped-query attention in the decoder, and for NVLM-D the 6B
+style ViT with 7 dummy heads whose weights are NOT zero, so the padding is really exercised.
+Weights are drawn from a seeded generator with a spread large enough that logits are not flat:
+greedy decoding picks different tokens for different inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nvlm_export.errors import InputError
+from nvlm_export.models.checkpoint import canonical_parameters, default_dtype, save_checkpoint
+from nvlm_export.models.config import (
+    NVLM_D_DUMMY_HEADS,
+    ModelConfig,
+    ProjectorConfig,
+    VisionConfig,
+    layout_spec,
+    projector_hidden_width,
+)
+from nvlm_export.models.model import VisionLanguageModel, build_model
+
+
+@dataclass(frozen=True)
+class TinyShape:
+    """Geometry of one generated checkpoint."""
+
+    vision: VisionConfig
+    llm: dict[str, Any]  # decoder dimensions; vocab_size is set from the tokenizer when None
+    dtype: torch.dtype  # on disk
+    max_shard_bytes: int
+    template: str
+    max_dynamic_patch: int
+    llm_model_type: str = "qwen2"  # NVLM-D-72B's llm_config says "llama" for its Qwen2 decoder
+
+
+_TINY_LLM = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": None,
+}
+
+# InternViT-6B style (NVLM-D): RMSNorm, QK-norm, no qkv bias, 4 real heads + 7 dummy heads.
+_TINY_VIT_6B = VisionConfig(
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=128,
+    norm_type="rms_norm",
+    qk_normalization=True,
+    qkv_bias=False,
+    num_dummy_heads=NVLM_D_DUMMY_HEADS,
+)
+
+# InternViT-300M style (InternVL2/2.5/3): LayerNorm, qkv bias, no QK-norm.
+_TINY_VIT_300M = VisionConfig(
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=128,
+    norm_type="layer_norm",
+    qk_normalization=False,
+    qkv_bias=True,
+)
+
+# InternVL2-1B: InternViT-300M + Qwen2-0.5B. Vocabulary 151655 as in InternVL2-1B's config.json
+# (Qwen2-0.5B itself pads to 151936); untied embeddings, as InternVL2-1B states.
+_BENCH_VIT = VisionConfig(
+    hidden_size=1024,
+    num_layers=24,
+    num_heads=16,
+    intermediate_size=4096,
+    norm_type="layer_norm",
+    qk_normalization=False,
+    qkv_bias=True,
+)
+_BENCH_LLM = {
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151655,
+}
+BENCH_LAYOUTS = ("internvl", "internvl-hf")
+
+SHAPES: dict[tuple[str, str], TinyShape] = {
+    ("tiny", "nvlm-d"): TinyShape(
+        _TINY_VIT_6B, _TINY_LLM, torch.float32, 512 * 1024, "chatml", 6, llm_model_type="llama"
+    ),
+    ("tiny", "internvl"): TinyShape(
+        _TINY_VIT_300M, _TINY_LLM, torch.float32, 1 << 30, "internvl2_5", 12
+    ),
+    ("tiny", "internvl-hf"): TinyShape(
+        _TINY_VIT_300M, _TINY_LLM, torch.float32, 512 * 1024, "internvl2_5", 12
+    ),
+    **{
+        ("bench", layout): TinyShape(
+            _BENCH_VIT, _BENCH_LLM, torch.bfloat16, 512 * 1024**2, "internvl2_5", 12
+        )
+        for layout in BENCH_LAYOUTS
+    },
+}
+SIZES = ("tiny", "bench")
+
+# Initial spread per parameter role, first match wins: (name pattern, mean, std).
+INIT_RULES: tuple[tuple[str, float, float], ...] = (
+    (r".*\.ls[12]$", 0.5, 0.1),  # layer scale
+    (r".*(norm[^.]*|layernorm)\.weight$", 1.0, 0.1),
+    (r".*norm\d?\.weight$", 1.0, 0.1),
+    (r".*\.bias$", 0.0, 0.02),
+    (r".*(class|position)_embedding$", 0.0, 0.5),
+    (r".*embed_tokens\.weight$", 0.0, 1.0),
+    (r".*lm_head\.weight$", 0.0, 0.2),
+    (r"vision\.projector\.fc\d\.weight$", 0.0, 0.1),  # image tokens as strong as text tokens
+    # Sharp, strong decoder attention: the answer depends on the context, not just the last token.
+    (r"language_model\..*\.(q_proj|k_proj)\.weight$", 0.0, 0.25),
+    (r"language_model\..*\.(v_proj|o_proj)\.weight$", 0.0, 0.2),
+    (r".*", 0.0, 0.05),
+)
+
+
+def shape_for(size: str, layout: str) -> TinyShape:
+    layout_spec(layout)
+    if (size, layout) not in SHAPES:
+        raise InputError(
+            f"No {size} checkpoint for the {layout} layout",
+            why=f"the {size} size exists for: " + ", ".join(lay for s, lay in SHAPES if s == size),
+            fix="Pick one of those layouts",
+        )
+    return SHAPES[(size, layout)]
+
+
+def llm_config(shape: TinyShape, vocab_size: int, eos_id: int) -> dict[str, Any]:
+    """A Qwen2 decoder config (the model_type may mirror NVLM-D-72B's "llama" quirk)."""
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": shape.llm_model_type,
+        **shape.llm,
+        "vocab_size": shape.llm["vocab_size"] or vocab_size,
+        "attention_bias": True,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+    }
+    return config
+
+
+def tiny_config(
+    size: str, layout: str, vocab_size: int, image_token_id: int, eos_id: int
+) -> ModelConfig:
+    shape = shape_for(size, layout)
+    spec = layout_spec(layout)
+    llm = llm_config(shape, _round_up(vocab_size, 64), eos_id)
+    projector = ProjectorConfig(
+        in_features=shape.vision.hidden_size * 4,
+        hidden_features=projector_hidden_width(llm, spec.projector_hidden),
+        out_features=llm["hidden_size"],
+        bias=spec.projector_bias,
+    )
+    return ModelConfig(
+        layout=layout,
+        vision=shape.vision,
+        projector=projector,
+        llm_config=llm,
+        template=shape.template,
+        max_dynamic_patch=shape.max_dynamic_patch,
+        image_token_id=image_token_id,
+    )
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return math.ceil(value / multiple) * multiple
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Fill every parameter from a seeded generator, following INIT_RULES."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in canonical_parameters(model).items():
+            mean, std = next((m, s) for pattern, m, s in INIT_RULES if re.fullmatch(pattern, name))
+            values = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+            tensor.copy_(values * std + mean)
+
+
+def make_tiny_checkpoint(
+    directory: Path, layout: str, seed: int = 0, size: str = "tiny"
+) -> tuple[VisionLanguageModel, list[Path]]:
+    """Write a random checkpoint (weights, config.json, tiny tokenizer) into `directory`."""
+    from nvlm_export.models.tokenizer import save_tiny_tokenizer
+
+    shape = shape_for(size, layout)
+    directory = Path(directory)
+    tokenizer = save_tiny_tokenizer(directory, layout)
+    image_token_id = tokenizer.token_to_id(layout_spec(layout).image_token)
+    eos_id = tokenizer.token_to_id("<|im_end|>")
+    config = tiny_config(size, layout, tokenizer.get_vocab_size(), image_token_id, eos_id)
+    with default_dtype(shape.dtype):  # bench: build in bf16, half the memory of fp32
+        model = build_model(config)
+    randomize(model, seed)
+    files = save_checkpoint(model, directory, layout, shape.dtype, shape.max_shard_bytes)
+    tokenizer_files = [
+        p for p in directory.iterdir() if p.name.startswith(("tokenizer", "special"))
+    ]
+    return model, files + sorted(tokenizer_files)
