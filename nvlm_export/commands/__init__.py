@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from nvlm_export.commands import make_tiny, run, tile
+from nvlm_export.commands import engine, export, make_tiny, run, tile
 
 RUNTIME = "Run"
 EXPORT = "Export"
@@ -19,5 +19,9 @@ TOOLS = "Tools"
 COMMANDS: list[tuple[str, Callable[..., Any], str]] = [
     ("tile", tile.tile, RUNTIME),
     ("run", run.run, RUNTIME),
+    ("export", export.export, EXPORT),
+    ("verify", export.verify, EXPORT),
+    ("engine", engine.engine, EXPORT),
+    ("lint", engine.lint, TOOLS),
     ("make-tiny", make_tiny.make_tiny, TOOLS),
 ]

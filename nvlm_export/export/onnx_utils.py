@@ -215,14 +215,18 @@ def trace_to_onnx(
     the external-data rule and the checks. `io` is the declared interface; the written file must
     match it exactly. docs/decoder-graph.md says why the dynamo exporter rather than TorchScript.
     """
+    import logging
     import warnings
 
     import torch
 
+    # The exporter logs that it skips torchvision's ops when torchvision is absent: not our concern.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # One Dim object per axis on purpose; the exporter warns that it deduplicates them.
             warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+            warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal notices
             program = torch.onnx.export(
                 module,
                 example_args,

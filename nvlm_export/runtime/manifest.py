@@ -170,6 +170,7 @@ class Manifest:
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
             f.write(text)
+        os.chmod(f.name, 0o644)  # NamedTemporaryFile creates 0600; a bundle is meant to be shared
         os.replace(f.name, path)
         return path
 

@@ -71,3 +71,8 @@ def get_backend(name: str) -> Backend:
 register_backend(
     BackendEntry("onnxruntime", "nvlm_export.runtime.backends.onnxruntime", "OnnxRuntimeRunner")
 )
+register_backend(
+    BackendEntry(
+        "tensorrt", "nvlm_export.runtime.backends.tensorrt", "TensorRTRunner", extra="tensorrt"
+    )
+)

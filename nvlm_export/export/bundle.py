@@ -1,0 +1,262 @@
+"""`export_bundle`: a checkpoint directory in, a validated bundle directory out.
+
+    checkpoint ──load──▶ model ──trace──▶ vision.onnx, decoder.onnx (+ cross_kv.onnx)
+                                 └──────▶ embed_tokens.npy, tokenizer/, manifest.json
+    bundle ──ONNX Runtime vs PyTorch on a real tiled image + prompt──▶ validation report
+
+Everything is written into a hidden staging directory beside the output and moved into place only
+after the manifest is written and validation passed, so a failed or interrupted export never leaves
+a directory that looks like a bundle.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nvlm_export.errors import InputError, ValidationError
+from nvlm_export.export.architectures import ArchitectureExport, architecture_for_layout
+from nvlm_export.export.decoder import DEFAULT_OPSET
+from nvlm_export.export.onnx_utils import GraphIO, save_embedding_table
+from nvlm_export.export.validate import ValidationReport, validate_bundle
+from nvlm_export.export.vision import VisionGraph, export_vision_onnx
+from nvlm_export.models.checkpoint import load_checkpoint
+from nvlm_export.progress import Stages
+from nvlm_export.runtime.manifest import (
+    MANIFEST_NAME,
+    VISION_GRAPH,
+    EmbeddingSpec,
+    GraphSpec,
+    KVCacheSpec,
+    Manifest,
+    SourceSpec,
+    TensorSpec,
+    TokenizerSpec,
+)
+from nvlm_export.runtime.tiling import TilingConfig
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+NUMPY_NAMES = {"fp32": "float32", "fp16": "float16"}
+# Edge devices rarely afford more; models allow up to max_position_embeddings via --max-context.
+DEFAULT_MAX_CONTEXT = 4096
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    dtype: str = "fp32"
+    max_tiles: int | None = None  # default: the checkpoint's max_dynamic_patch
+    max_context: int | None = None  # default: min(DEFAULT_MAX_CONTEXT, max_position_embeddings)
+    opset: int = DEFAULT_OPSET
+    validate: bool = True
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InputError(f"Unknown dtype '{self.dtype}'", fix="Choose fp32 or fp16")
+
+
+@dataclass
+class ExportReport:
+    bundle: Path
+    manifest: Manifest
+    validation: ValidationReport | None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def bundle_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.bundle.rglob("*") if p.is_file())
+
+
+def export_bundle(
+    checkpoint: Path, out: Path, settings: ExportSettings = ExportSettings(), *, quiet: bool = False
+) -> ExportReport:
+    """Export `checkpoint` to a bundle at `out`; raise (leaving nothing at `out`) on failure."""
+    check_output_path(out, settings.overwrite)
+    with Stages(f"Exporting {checkpoint} → {out}", quiet=quiet) as stages:
+        with stages.stage("load checkpoint"):
+            model = load_checkpoint(checkpoint, dtype=DTYPES[settings.dtype])
+            arch = architecture_for_layout(model.config.layout)
+        stages.note(f"architecture {arch.name}, layout {model.config.layout}, {settings.dtype}")
+        with staging_directory(out) as staging:
+            manifest = _write_bundle(model, arch, checkpoint, staging, settings, stages)
+            validation = None
+            if settings.validate:
+                with stages.stage("validate against PyTorch (ONNX Runtime)"):
+                    validation = validate_bundle(staging, model, arch)
+                for line in validation.summary_lines():
+                    stages.note(line)
+                if not validation.passed:
+                    raise ValidationError(
+                        "The exported bundle does not match the PyTorch model",
+                        why=validation.failure_reason(),
+                        fix="Re-run with --verbose and report it, or pass --no-validate to keep it",
+                    )
+            _replace_output(staging, out)
+    return ExportReport(out, manifest, validation, dict(stages.seconds))
+
+
+def _write_bundle(
+    model: torch.nn.Module,
+    arch: ArchitectureExport,
+    checkpoint: Path,
+    bundle: Path,
+    settings: ExportSettings,
+    stages: Stages,
+) -> Manifest:
+    config = model.config
+    max_context = settings.max_context or min(
+        DEFAULT_MAX_CONTEXT, int(config.llm_config.get("max_position_embeddings", 32768))
+    )
+    with stages.stage("vision graph"):
+        vision = export_vision_onnx(
+            VisionGraph(arch.vision_outputs(model)),
+            bundle / "vision.onnx",
+            tile_size=config.vision.image_size,
+            tokens_per_tile=config.tokens_per_tile,
+            hidden_size=config.llm_hidden_size,
+            opset=settings.opset,
+        )
+    with stages.stage("language graphs"):
+        language = arch.export_language(model, bundle, settings.dtype, settings.opset, max_context)
+    with stages.stage("embedding table and tokenizer"):
+        vocab, hidden = save_embedding_table(
+            model.embed_tokens.weight,
+            bundle / "embed_tokens.npy",
+            dtype=NUMPY_NAMES[settings.dtype],
+        )
+        tokenizer_files = _copy_tokenizer(checkpoint, bundle)
+    graphs = {VISION_GRAPH: vision, **language}
+    manifest = Manifest(
+        architecture=arch.name,
+        source=SourceSpec(
+            checkpoint=str(Path(checkpoint).resolve()),
+            layout=config.layout,
+            settings={**asdict(settings), "max_context": max_context},
+        ),
+        graphs={name: graph_spec(io, settings.dtype) for name, io in graphs.items()},
+        embedding=EmbeddingSpec("embed_tokens.npy", vocab, hidden, NUMPY_NAMES[settings.dtype]),
+        kv_cache=_kv_cache_spec(language["decoder"], max_context),
+        tokenizer=_tokenizer_spec(model, arch, bundle, tokenizer_files),
+        tiling=TilingConfig(
+            tile_size=config.vision.image_size,
+            min_tiles=config.min_dynamic_patch,
+            max_tiles=settings.max_tiles or config.max_dynamic_patch,
+            use_thumbnail=config.use_thumbnail,
+        ).to_dict(),
+        prompt=replace(arch.prompt_format, tokens_per_tile=config.tokens_per_tile).to_dict(),
+        precision=settings.dtype,
+        extras=arch.manifest_extras(model),
+    )
+    manifest.save(bundle)
+    return manifest
+
+
+def graph_spec(io: GraphIO, precision: str) -> GraphSpec:
+    """A traced graph's interface as a manifest entry."""
+
+    def tensors(items: tuple[Any, ...]) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(t.name, t.dtype, t.shape) for t in items)
+
+    return GraphSpec(io.file, tensors(io.inputs), tensors(io.outputs), precision=precision)
+
+
+def _kv_cache_spec(decoder: GraphIO, max_context: int) -> KVCacheSpec:
+    """Cache layout read off the decoder's first past input: (batch, kv_heads, past, head_dim)."""
+    past = [t for t in decoder.inputs if t.name.startswith("past_key_values.")]
+    _, kv_heads, _, head_dim = past[0].shape
+    return KVCacheSpec(
+        num_layers=len(past) // 2,
+        num_kv_heads=int(kv_heads),
+        head_dim=int(head_dim),
+        max_context=max_context,
+        dtype=past[0].dtype,
+    )
+
+
+def _tokenizer_spec(
+    model: torch.nn.Module, arch: ArchitectureExport, bundle: Path, files: list[str]
+) -> TokenizerSpec:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(bundle / files[0]))
+    eos = [tokenizer.token_to_id(arch.prompt_format.eos_token)]
+    configured = model.config.llm_config.get("eos_token_id")
+    eos += configured if isinstance(configured, list) else [configured]
+    eos_ids = tuple(dict.fromkeys(int(t) for t in eos if t is not None))
+    return TokenizerSpec(
+        file=files[0],
+        eos_token_ids=eos_ids,
+        placeholder_token_id=int(model.config.image_token_id),
+        config_files=tuple(files[1:]),
+    )
+
+
+def _copy_tokenizer(checkpoint: Path, bundle: Path) -> list[str]:
+    """Copy the checkpoint's tokenizer files; tokenizer.json is required (the runtime reads it)."""
+    if not (checkpoint / "tokenizer.json").is_file():
+        raise InputError(
+            f"{checkpoint} has no tokenizer.json",
+            why="the runtime tokenizes with the `tokenizers` library, which reads tokenizer.json",
+            fix="Save the tokenizer with transformers' save_pretrained (fast tokenizer) first",
+        )
+    (bundle / TOKENIZER_DIR).mkdir()
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copy2(checkpoint / name, bundle / TOKENIZER_DIR / name)
+            copied.append(f"{TOKENIZER_DIR}/{name}")
+    return copied
+
+
+# --- output directory handling --------------------------------------------------------------
+
+
+def check_output_path(out: Path, overwrite: bool) -> None:
+    """Refuse to write over anything but an empty directory or (with --overwrite) a bundle."""
+    if not out.exists():
+        return
+    if out.is_file():
+        raise InputError(f"Output '{out}' is a file", fix="Choose a directory path for the bundle")
+    if not any(out.iterdir()):
+        return
+    if not (out / MANIFEST_NAME).is_file():
+        raise InputError(
+            f"Output directory '{out}' exists and is not a bundle",
+            why="refusing to replace a directory nvlm-export did not write",
+            fix="Choose another output path or empty it",
+        )
+    if not overwrite:
+        raise InputError(
+            f"Bundle '{out}' already exists",
+            fix="Pass --overwrite to replace it, or choose another path",
+        )
+
+
+@contextmanager
+def staging_directory(out: Path) -> Iterator[Path]:
+    """A hidden sibling of `out` to write into; removed again if anything fails."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_output(staging: Path, out: Path) -> None:
+    """Move the finished bundle into place (the old bundle, if any, is removed only after)."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

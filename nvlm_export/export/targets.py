@@ -1,0 +1,231 @@
+"""Deployment targets for TensorRT engines: what each GPU can run, declared as data.
+
+An engine is specific to one GPU architecture (compute capability) and one TensorRT version, so
+every build names its target. A preset says what the build needs to know before any work starts:
+
+    target = resolve_target("orin")          # or "auto": read the local GPU
+    check_precision(target, "fp8")           # InputError: Orin has no FP8, use int8 or int4
+
+Precision support follows NVIDIA's hardware tables: FP8 (E4M3) tensor cores need compute
+capability 8.9+ (Ada, Hopper, Blackwell, Jetson Thor); Jetson Orin (8.7) has INT8 and runs INT4
+weight-only GEMMs. Jetson modules share one memory between CPU and GPU, so their default builder
+workspace is kept small: the workspace comes out of the same RAM that holds the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from nvlm_export.errors import InputError
+from nvlm_export.runtime.backends.tensorrt import LocalGpu, detect_local_gpu, total_memory_gib
+
+GiB = 2**30
+
+PRECISIONS = ("fp32", "fp16", "int8", "fp8", "int4")
+
+# The lowest compute capability with usable kernels for each precision. FP8 E4M3 tensor cores
+# arrived with Ada (8.9) and Hopper (9.0); INT4 weight-only GEMMs in TensorRT 10 need Ampere (8.0+).
+MIN_COMPUTE_CAPABILITY: dict[str, tuple[int, int]] = {
+    "fp32": (0, 0),
+    "fp16": (5, 3),
+    "int8": (6, 1),
+    "int4": (8, 0),
+    "fp8": (8, 9),
+}
+BF16_MIN_COMPUTE_CAPABILITY = (8, 0)
+
+# Where to go instead when a precision is missing on a target (said in the error message).
+FALLBACK_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "fp8": ("int8", "int4"),
+    "int4": ("int8", "fp16"),
+    "int8": ("fp16",),
+    "fp16": ("fp32",),
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One deployment GPU: what TensorRT builds for and what the build may use."""
+
+    name: str
+    description: str
+    compute_capability: tuple[int, int]
+    memory_gib: float
+    # Jetson: CPU and GPU share one physical memory; the weights, KV cache and the builder's
+    # workspace all come out of it.
+    unified_memory: bool
+    default_workspace_gib: float
+    # The TensorRT a stock install of the platform ships (JetPack); None on data-center GPUs,
+    # where the user picks a version.
+    tensorrt: str | None = None
+    jetpack: str | None = None
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        return tuple(p for p in PRECISIONS if self.compute_capability >= MIN_COMPUTE_CAPABILITY[p])
+
+    @property
+    def supports_bf16(self) -> bool:
+        return self.compute_capability >= BF16_MIN_COMPUTE_CAPABILITY
+
+    @property
+    def sm(self) -> str:
+        """Compute capability as TensorRT and nvidia-smi print it: "8.7"."""
+        return f"{self.compute_capability[0]}.{self.compute_capability[1]}"
+
+    @property
+    def default_workspace_bytes(self) -> int:
+        return int(self.default_workspace_gib * GiB)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["compute_capability"] = self.sm
+        data["precisions"] = list(self.precisions)
+        return data
+
+
+def _preset(*args: Any, **kwargs: Any) -> tuple[str, Target]:
+    target = Target(*args, **kwargs)
+    return target.name, target
+
+
+# Memory sizes are the largest module / card of each name; workspace defaults leave the weights
+# room on shared-memory Jetsons and are generous on data-center cards (TensorRT's own default is
+# the whole device memory).
+TARGETS: dict[str, Target] = dict(
+    [
+        _preset(
+            "orin",
+            "Jetson AGX Orin (Ampere, 64 GB shared)",
+            (8, 7),
+            64,
+            True,
+            4,
+            tensorrt="10.3",
+            jetpack="6.x",
+        ),
+        _preset(
+            "orin-nano",
+            "Jetson Orin Nano / Orin NX 8 GB (Ampere, shared)",
+            (8, 7),
+            8,
+            True,
+            1,
+            tensorrt="10.3",
+            jetpack="6.x",
+        ),
+        # Thor reports sm_110 under CUDA 13 (JetPack 7); CUDA 12.8/12.9 called it sm_101.
+        _preset(
+            "thor",
+            "Jetson AGX Thor (Blackwell, 128 GB shared)",
+            (11, 0),
+            128,
+            True,
+            8,
+            tensorrt="10.13",
+            jetpack="7.x",
+        ),
+        _preset("a100", "NVIDIA A100 (Ampere, 80 GB)", (8, 0), 80, False, 16),
+        _preset("h100", "NVIDIA H100 (Hopper, 80 GB)", (9, 0), 80, False, 16),
+        _preset("h200", "NVIDIA H200 (Hopper, 141 GB)", (9, 0), 141, False, 16),
+        _preset("l4", "NVIDIA L4 (Ada, 24 GB)", (8, 9), 24, False, 8),
+        _preset("l40s", "NVIDIA L40S (Ada, 48 GB)", (8, 9), 48, False, 8),
+        _preset("rtx-ada", "NVIDIA RTX 40-series / RTX Ada (Ada, 24 GB)", (8, 9), 24, False, 8),
+    ]
+)
+TARGET_NAMES = ("auto", *TARGETS)
+
+# Compute capabilities that name one Jetson family, so "auto" keeps the shared-memory facts.
+_JETSON_BY_CC = {(8, 7): "orin", (11, 0): "thor", (10, 1): "thor"}
+
+
+def resolve_target(name: str) -> Target:
+    """The preset called `name`, or for "auto" the local GPU (nvidia-smi, cuda-python, Jetson)."""
+    key = name.strip().lower()
+    if key == "auto":
+        return detect_local_target()
+    if key not in TARGETS:
+        raise InputError(
+            f"Unknown target '{name}'",
+            fix=f"Choose one of: {', '.join(TARGET_NAMES)}",
+        )
+    return TARGETS[key]
+
+
+def check_precision(target: Target, precision: str) -> None:
+    """Refuse, before any work, a precision the target's GPU has no kernels for."""
+    if precision not in PRECISIONS:
+        raise InputError(
+            f"Unknown precision '{precision}'", fix=f"Choose one of: {', '.join(PRECISIONS)}"
+        )
+    if precision in target.precisions:
+        return
+    needed = ".".join(str(part) for part in MIN_COMPUTE_CAPABILITY[precision])
+    usable = [p for p in FALLBACK_PRECISIONS.get(precision, ()) if p in target.precisions]
+    suggestion = " or ".join(f"--precision {p}" for p in usable) or "another target"
+    raise InputError(
+        f"{target.name} cannot run {precision.upper()} engines",
+        why=f"{precision.upper()} needs compute capability {needed}+, "
+        f"{target.description} has {target.sm}",
+        fix=f"Use {suggestion} (quantize the bundle to it first)",
+    )
+
+
+def check_workspace(target: Target, workspace_bytes: int) -> None:
+    """A workspace larger than the target's memory (half of it on shared-memory Jetsons) fails."""
+    limit = target.memory_gib * GiB * (0.5 if target.unified_memory else 1.0)
+    if workspace_bytes <= 0 or workspace_bytes > limit:
+        where = "half of the shared memory" if target.unified_memory else "the GPU memory"
+        raise InputError(
+            f"Workspace {workspace_bytes / GiB:.2f} GiB does not fit {target.name}",
+            why=f"it must be positive and at most {where} ({limit / GiB:.0f} GiB)",
+            fix=f"Pass --workspace {target.default_workspace_gib:g} (the target's default)",
+        )
+
+
+# --- "auto": read the local GPU (detection lives with the runtime, which checks engines) ------
+
+
+def detect_local_target() -> Target:
+    """A Target for this machine's GPU; a clear error when none can be read."""
+    gpu = detect_local_gpu()
+    if gpu is None:
+        raise InputError(
+            "Cannot detect a local GPU for --target auto",
+            why="nvidia-smi, cuda-python and the Jetson device tree gave no GPU",
+            fix=f"Name the target instead: --target one of {', '.join(TARGETS)}",
+        )
+    return target_for_gpu(gpu)
+
+
+def target_for_gpu(gpu: LocalGpu) -> Target:
+    """The preset matching a detected GPU, with the detected memory; a generic target otherwise."""
+    jetson = _JETSON_BY_CC.get(gpu.compute_capability)
+    if jetson is not None:
+        # Jetson's nvidia-smi has no memory.total (shared memory): ask the OS instead.
+        memory = gpu.memory_gib or total_memory_gib() or TARGETS[jetson].memory_gib
+        if jetson == "orin" and memory <= 16:
+            jetson = "orin-nano"
+        preset = TARGETS[jetson]
+        return replace(
+            preset,
+            description=f"{gpu.name} (detected)",
+            compute_capability=gpu.compute_capability,
+            memory_gib=memory,
+            default_workspace_gib=min(preset.default_workspace_gib, max(memory / 8, 0.5)),
+        )
+    for preset in TARGETS.values():
+        words = preset.name.replace("rtx-ada", "rtx").split("-")
+        if preset.compute_capability == gpu.compute_capability and all(
+            word in gpu.name.lower() for word in words
+        ):
+            return replace(preset, description=f"{gpu.name} (detected)", memory_gib=gpu.memory_gib)
+    return Target(
+        name="auto",
+        description=f"{gpu.name} (detected)",
+        compute_capability=gpu.compute_capability,
+        memory_gib=gpu.memory_gib,
+        unified_memory=False,
+        default_workspace_gib=max(min(gpu.memory_gib / 4, 16), 0.5),
+    )

@@ -1,0 +1,95 @@
+"""Targets: presets as data, precision checked before any work, local GPU detection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nvlm_export.errors import InputError
+from nvlm_export.export.targets import (
+    TARGETS,
+    check_precision,
+    check_workspace,
+    resolve_target,
+    target_for_gpu,
+)
+from nvlm_export.runtime.backends.tensorrt import (
+    LocalGpu,
+    gpu_from_device_tree,
+    parse_nvidia_smi,
+)
+
+
+def test_every_preset_resolves_by_name() -> None:
+    for name in ("orin", "orin-nano", "thor", "a100", "h100", "h200", "l4", "l40s", "rtx-ada"):
+        assert resolve_target(name.upper()).name == name
+    with pytest.raises(InputError, match="Choose one of: auto, orin"):
+        resolve_target("xavier")
+
+
+def test_fp8_on_orin_fails_suggesting_int8_and_int4() -> None:
+    with pytest.raises(InputError) as caught:
+        check_precision(resolve_target("orin"), "fp8")
+    message = str(caught.value)
+    assert "compute capability 8.9+" in message and "8.7" in message
+    assert "--precision int8 or --precision int4" in message
+
+
+@pytest.mark.parametrize("name", ["thor", "h100", "h200", "l4", "l40s", "rtx-ada"])
+def test_fp8_is_fine_from_ada_on(name: str) -> None:
+    check_precision(resolve_target(name), "fp8")
+
+
+def test_a100_has_no_fp8_but_int8_and_int4() -> None:
+    a100 = resolve_target("a100")
+    assert a100.precisions == ("fp32", "fp16", "int8", "int4")
+    with pytest.raises(InputError, match="A100"):
+        check_precision(a100, "fp8")
+
+
+def test_unknown_precision_is_rejected() -> None:
+    with pytest.raises(InputError, match="Unknown precision 'fp4'"):
+        check_precision(resolve_target("thor"), "fp4")
+
+
+def test_jetson_workspace_defaults_leave_the_shared_memory_to_the_weights() -> None:
+    for name in ("orin", "orin-nano", "thor"):
+        target = TARGETS[name]
+        assert target.unified_memory
+        assert target.default_workspace_gib <= target.memory_gib / 8
+        check_workspace(target, target.default_workspace_bytes)
+    with pytest.raises(InputError, match="half of the shared memory"):
+        check_workspace(TARGETS["orin-nano"], 5 * 2**30)
+    check_workspace(TARGETS["h100"], 60 * 2**30)  # a dGPU may use most of its memory
+
+
+def test_nvidia_smi_output_maps_to_the_matching_preset() -> None:
+    gpu = parse_nvidia_smi("NVIDIA H100 80GB HBM3, 9.0, 81559\n")
+    assert gpu == LocalGpu("NVIDIA H100 80GB HBM3", (9, 0), pytest.approx(79.6, abs=0.1))
+    assert target_for_gpu(gpu).name == "h100"
+    l4 = target_for_gpu(parse_nvidia_smi("NVIDIA L4, 8.9, 23034"))
+    assert l4.name == "l4" and "fp8" in l4.precisions
+
+
+def test_jetson_without_memory_column_is_detected_as_orin() -> None:
+    gpu = parse_nvidia_smi("Orin (nvgpu), 8.7, [N/A]")
+    assert gpu is not None and gpu.memory_gib == 0.0
+    target = target_for_gpu(LocalGpu("Orin", (8, 7), 64.0))
+    assert target.name == "orin" and target.unified_memory
+    assert target_for_gpu(LocalGpu("Orin", (8, 7), 7.4)).name == "orin-nano"
+
+
+def test_unknown_gpu_becomes_a_generic_target_without_fp8() -> None:
+    target = target_for_gpu(LocalGpu("Tesla T4", (7, 5), 15.0))
+    assert target.name == "auto" and target.precisions == ("fp32", "fp16", "int8")
+    assert not target.supports_bf16
+
+
+def test_jetson_device_tree_names_the_module(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.write_bytes(b"NVIDIA Jetson AGX Thor Developer Kit\x00")
+    gpu = gpu_from_device_tree(model)
+    assert gpu is not None and gpu.compute_capability == (11, 0)
+    model.write_bytes(b"Raspberry Pi 5\x00")
+    assert gpu_from_device_tree(model) is None
