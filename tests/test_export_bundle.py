@@ -1,4 +1,4 @@
-"""Checkpoint -> bundle -> runtime: the bundle generates exactly what the PyTorch model generates."""
+"""Checkpoint -> bundle -> runtime: the bundle generates exactly what PyTorch generates."""
 
 from __future__ import annotations
 
