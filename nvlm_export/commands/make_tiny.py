@@ -18,6 +18,8 @@ class Layout(str, enum.Enum):
     nvlm_d = "nvlm-d"
     internvl = "internvl"
     internvl_hf = "internvl-hf"
+    nvlm_x = "nvlm-x"
+    nvlm_h = "nvlm-h"
 
 
 class Size(str, enum.Enum):
@@ -31,7 +33,8 @@ def make_tiny(
         typer.Option(
             "--layout",
             help="On-disk layout: nvlm-d (NVLM_D remote code), internvl (internvl_chat remote "
-            "code) or internvl-hf (transformers' InternVLForConditionalGeneration).",
+            "code), internvl-hf (transformers' InternVLForConditionalGeneration), or the "
+            "project's own nvlm-x / nvlm-h formats (gated cross-attention).",
             case_sensitive=False,
         ),
     ],
@@ -56,14 +59,17 @@ def make_tiny(
     """Write a random vision-language checkpoint at real geometry (448 tiles, 256 tokens/tile).
 
     The checkpoint has config.json, safetensors weights and a tiny byte-level BPE tokenizer, and
-    loads like the real model it imitates. Weights are deterministic for a seed. NVLM-D's vision
-    encoder keeps the 7 padded "dummy" attention heads, with non-zero weights.
+    loads like the real model it imitates. Weights are deterministic for a seed. The NVLM vision
+    encoders keep the 7 padded "dummy" attention heads, with non-zero weights; NVLM-X/H get a
+    gated cross-attention block after every decoder layer, with non-zero gates.
 
     Examples:
 
         nvlm-export make-tiny --layout nvlm-d -o ckpt/tiny-nvlm-d
 
         nvlm-export make-tiny --layout internvl-hf -o ckpt/tiny-hf --seed 3
+
+        nvlm-export make-tiny --layout nvlm-x -o ckpt/tiny-nvlm-x
 
         nvlm-export make-tiny --layout internvl --size bench -o ckpt/bench
     """

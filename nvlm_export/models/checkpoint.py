@@ -1,11 +1,12 @@
 """Load and save checkpoints in their real on-disk layouts (local directories only).
 
 Our modules have one canonical set of parameter names (`vision.vit.*`, `vision.projector.*`,
-`language_model.*`). Each layout declares one table of `KeyRule`s that maps a canonical name to
-the name(s) stored on disk; a rule with several stored names concatenates them along dim 0
-(transformers' InternVL splits the fused qkv into q_proj/k_proj/v_proj). Loading is strict: every
-canonical parameter must be found with the shape the config implies, and every stored tensor must
-be used, otherwise a `CheckpointError` names the file and the key.
+`language_model.*`; NVLM-X/H add `vision.cross_projector.*` and `cross_layers.*`). Each layout
+declares one table of `KeyRule`s that maps a canonical name to the name(s) stored on disk; a rule
+with several stored names concatenates them along dim 0 (transformers' InternVL splits the fused
+qkv into q_proj/k_proj/v_proj). Loading is strict: every canonical parameter must be found with
+the shape the config implies, and every stored tensor must be used, otherwise a `CheckpointError`
+names the file and the key.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from nvlm_export.models.config import (
     read_config,
     render_config,
 )
-from nvlm_export.models.model import VisionLanguageModel, build_model
+from nvlm_export.models.model import AnyVisionLanguageModel, build_model
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -112,10 +113,20 @@ INTERNVL_HF_KEYS: tuple[KeyRule, ...] = (
     _rule(r"language_model\.lm_head\.weight", "lm_head.weight"),
 )
 
+# NVLM-X / NVLM-H (the project's own format, no public weights exist): NVLM-D's names, plus the
+# 1-layer tile projector as `mlp2` and the gated cross-attention blocks inside the language model.
+NVLM_CROSS_KEYS: tuple[KeyRule, ...] = (
+    _rule(r"vision\.cross_projector\.fc\.(.+)", r"mlp2.\1"),
+    _rule(r"cross_layers\.(.+)", r"language_model.model.cross_layers.\1"),
+    *REMOTE_CODE_KEYS,
+)
+
 KEY_MAPS: dict[str, tuple[KeyRule, ...]] = {
     "nvlm-d": REMOTE_CODE_KEYS,
     "internvl": REMOTE_CODE_KEYS,
     "internvl-hf": INTERNVL_HF_KEYS,
+    "nvlm-x": NVLM_CROSS_KEYS,
+    "nvlm-h": NVLM_CROSS_KEYS,
 }
 
 # The canonical tensor whose stored row count reveals the number of padded ViT heads.
@@ -271,7 +282,7 @@ def load_checkpoint(
     directory: Path | str,
     dtype: torch.dtype = torch.float32,
     image_token_id: int | None = None,
-) -> VisionLanguageModel:
+) -> AnyVisionLanguageModel:
     """Build the model a checkpoint directory describes and fill it strictly from its weights.
 
     Works for every layout in `LAYOUTS`; bf16 / fp16 / fp32 on disk are cast to `dtype`.
@@ -291,7 +302,7 @@ def load_checkpoint(
     return model
 
 
-def _fill(model: VisionLanguageModel, stored: StoredTensors, layout: str) -> None:
+def _fill(model: AnyVisionLanguageModel, stored: StoredTensors, layout: str) -> None:
     used: set[str] = set()
     with torch.no_grad():
         for key, target in canonical_parameters(model).items():
@@ -332,7 +343,9 @@ def _read(stored: StoredTensors, name: str, shape: tuple[int, ...]) -> torch.Ten
 # --- writing ------------------------------------------------------------------------------------
 
 
-def stored_tensors(model: VisionLanguageModel, layout: str) -> Iterator[tuple[str, torch.Tensor]]:
+def stored_tensors(
+    model: AnyVisionLanguageModel, layout: str
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(stored name, tensor) pairs of `model` in `layout`, fused tensors split as stored."""
     for key, tensor in canonical_parameters(model).items():
         names = stored_names(layout, key)
@@ -353,7 +366,7 @@ def _plan_shards(entries: list[tuple[str, int]], max_shard_bytes: int) -> list[l
 
 
 def save_checkpoint(
-    model: VisionLanguageModel,
+    model: AnyVisionLanguageModel,
     directory: Path | str,
     layout: str | None = None,
     dtype: torch.dtype = torch.bfloat16,

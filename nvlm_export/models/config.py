@@ -2,8 +2,8 @@
 
 Torch-free on purpose: the CLI and the exporter read configs without building a model. Each
 supported on-disk layout is one `LayoutSpec` in `LAYOUTS`, declaring its `model_type`, its image
-placeholder token, how its projector is shaped and how to read and write its `config.json`.
-Generic code asks the spec; it never branches on the layout name.
+placeholder token, which model family it builds, how its projectors are shaped and how to read and
+write its `config.json`. Generic code asks the spec; it never branches on the layout name.
 """
 
 from __future__ import annotations
@@ -82,12 +82,42 @@ class ProjectorConfig:
 
 
 @dataclass(frozen=True)
+class LinearProjectorConfig:
+    """NVLM-X / NVLM-H tile projector: the paper's 1-layer MLP, 4*Dv -> D_llm."""
+
+    in_features: int
+    out_features: int
+    bias: bool
+
+
+@dataclass(frozen=True)
+class CrossAttentionConfig:
+    """NVLM-X / NVLM-H gated cross-attention: one block after every `every`-th decoder layer.
+
+    72B: 80 layers, every 8 -> 10 blocks (after layers 8, 16, ..., 80); 34B: every 6. The blocks
+    have the decoder's width, heads, KV heads and MLP width (read from `llm_config`).
+    """
+
+    every: int
+    num_decoder_layers: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_decoder_layers // self.every
+
+    def block_after(self, layer: int) -> int | None:
+        """The index of the block that follows decoder layer `layer` (0-based), if any."""
+        block, remainder = divmod(layer + 1, self.every)
+        return block - 1 if remainder == 0 else None
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to build a vision-language model from one checkpoint directory."""
 
     layout: str
     vision: VisionConfig
-    projector: ProjectorConfig
+    projector: ProjectorConfig | None  # the 2-layer MLP into the decoder sequence (not NVLM-X)
     llm_config: dict[str, Any]
     downsample_ratio: float = 0.5
     select_layer: int = -1
@@ -97,6 +127,8 @@ class ModelConfig:
     max_dynamic_patch: int = 6
     use_thumbnail: bool = True
     image_token_id: int | None = None  # resolved from the tokenizer at load time when absent
+    cross_projector: LinearProjectorConfig | None = None  # NVLM-X/H: tiles -> cross sequence
+    cross_attention: CrossAttentionConfig | None = None  # NVLM-X/H
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -133,6 +165,11 @@ class LayoutSpec:
     projector_hidden: str  # which LLM width the projector's middle layer has
     parse: Callable[[Mapping[str, Any], LayoutSpec], ModelConfig]
     render: Callable[[ModelConfig], dict[str, Any]]
+    # Which model family `build_model` makes: "decoder-only" (image tokens in the decoder
+    # sequence) or "cross-attention" (NVLM-X/H: gated cross-attention blocks in the decoder).
+    family: str = "decoder-only"
+    decoder_projector: bool = True  # has the 2-layer MLP (NVLM-X has none)
+    cross_projector_bias: bool = False  # the 1-layer tile projector of cross-attention models
 
 
 def decoder_architecture(llm_config: Mapping[str, Any]) -> str:
@@ -168,14 +205,40 @@ def _require(config: Mapping[str, Any], key: str, where: str) -> Any:
     return config[key]
 
 
-def _projector(vision: VisionConfig, llm: Mapping[str, Any], ratio: float, spec: LayoutSpec):
-    scale = round(1 / ratio) ** 2
+def decoder_projector_config(
+    spec: LayoutSpec, vision: VisionConfig, llm: Mapping[str, Any], ratio: float
+) -> ProjectorConfig | None:
+    """The 2-layer MLP's shape, or None for a layout without one (NVLM-X)."""
+    if not spec.decoder_projector:
+        return None
     return ProjectorConfig(
-        in_features=vision.hidden_size * scale,
+        in_features=vision.hidden_size * round(1 / ratio) ** 2,
         hidden_features=projector_hidden_width(llm, spec.projector_hidden),
         out_features=int(llm["hidden_size"]),
         bias=spec.projector_bias,
     )
+
+
+def cross_projector_config(
+    spec: LayoutSpec, vision: VisionConfig, llm: Mapping[str, Any], ratio: float
+) -> LinearProjectorConfig:
+    return LinearProjectorConfig(
+        in_features=vision.hidden_size * round(1 / ratio) ** 2,
+        out_features=int(llm["hidden_size"]),
+        bias=spec.cross_projector_bias,
+    )
+
+
+def cross_attention_config(every: Any, llm: Mapping[str, Any], where: str) -> CrossAttentionConfig:
+    """Validated cross-attention placement: at least one block, at most one per decoder layer."""
+    layers = int(llm["num_hidden_layers"])
+    if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= layers:
+        raise CheckpointError(
+            f"{where} has cross_attention_every={every!r}",
+            why=f"it must be an integer from 1 to the decoder's {layers} layers",
+            fix="Check that config.json belongs to an NVLM-X/H checkpoint",
+        )
+    return CrossAttentionConfig(every=every, num_decoder_layers=layers)
 
 
 # --- remote-code layouts (NVLM_D, internvl_chat): vision_config + llm_config -------------------
@@ -209,7 +272,7 @@ def _parse_remote(config: Mapping[str, Any], spec: LayoutSpec) -> ModelConfig:
     return ModelConfig(
         layout=spec.name,
         vision=vision,
-        projector=_projector(vision, llm, ratio, spec),
+        projector=decoder_projector_config(spec, vision, llm, ratio),
         llm_config=llm,
         downsample_ratio=ratio,
         select_layer=int(config.get("select_layer", -1)),
@@ -261,7 +324,38 @@ def _render_remote(config: ModelConfig) -> dict[str, Any]:
     return out
 
 
-_REMOTE_ARCHITECTURE = {"nvlm-d": "NVLM_D", "internvl": "InternVLChatModel"}
+_REMOTE_ARCHITECTURE = {
+    "nvlm-d": "NVLM_D",
+    "internvl": "InternVLChatModel",
+    "nvlm-x": "NVLM_X",
+    "nvlm-h": "NVLM_H",
+}
+
+
+# --- NVLM-X / NVLM-H (the project's own format): NVLM-D's config + `cross_attention_every` -------
+
+CROSS_ATTENTION_EVERY = "cross_attention_every"
+
+
+def _parse_cross(config: Mapping[str, Any], spec: LayoutSpec) -> ModelConfig:
+    parsed = _parse_remote(config, spec)
+    every = _require(config, CROSS_ATTENTION_EVERY, "config.json")
+    return replace(
+        parsed,
+        cross_projector=cross_projector_config(
+            spec, parsed.vision, parsed.llm_config, parsed.downsample_ratio
+        ),
+        cross_attention=cross_attention_config(every, parsed.llm_config, "config.json"),
+    )
+
+
+def _render_cross(config: ModelConfig) -> dict[str, Any]:
+    if config.cross_attention is None:
+        raise CheckpointError(
+            f"A {config.layout} config needs its cross-attention settings",
+            fix="Build the config with cross_attention set",
+        )
+    return _render_remote(config) | {CROSS_ATTENTION_EVERY: config.cross_attention.every}
 
 
 # --- transformers-native InternVL (model_type "internvl"): vision_config + text_config ---------
@@ -301,7 +395,7 @@ def _parse_hf(config: Mapping[str, Any], spec: LayoutSpec) -> ModelConfig:
     return ModelConfig(
         layout=spec.name,
         vision=vision,
-        projector=_projector(vision, text, ratio, spec),
+        projector=decoder_projector_config(spec, vision, text, ratio),
         llm_config=text,
         downsample_ratio=ratio,
         select_layer=int(config.get("vision_feature_layer", -1)),
@@ -389,6 +483,35 @@ LAYOUTS: dict[str, LayoutSpec] = {
             parse=_parse_hf,
             render=_render_hf,
         ),
+        LayoutSpec(
+            name="nvlm-x",
+            model_type="NVLM_X",
+            description="NVLM-X (project format): InternViT-6B style, 1-layer tile projector, "
+            "Qwen2 decoder with gated cross-attention blocks",
+            image_token="<|vision_pad|>",
+            stores_dummy_heads=True,
+            default_dummy_heads=NVLM_D_DUMMY_HEADS,
+            projector_bias=False,
+            projector_hidden="intermediate",
+            parse=_parse_cross,
+            render=_render_cross,
+            family="cross-attention",
+            decoder_projector=False,
+        ),
+        LayoutSpec(
+            name="nvlm-h",
+            model_type="NVLM_H",
+            description="NVLM-H (project format): NVLM-D's thumbnail path plus NVLM-X's gated "
+            "cross-attention over the regular tiles",
+            image_token="<|vision_pad|>",
+            stores_dummy_heads=True,
+            default_dummy_heads=NVLM_D_DUMMY_HEADS,
+            projector_bias=False,
+            projector_hidden="intermediate",
+            parse=_parse_cross,
+            render=_render_cross,
+            family="cross-attention",
+        ),
     )
 }
 
@@ -411,7 +534,7 @@ def detect_layout(config: Mapping[str, Any], source: str = "config.json") -> Lay
     raise CheckpointError(
         f"{source} has unsupported model_type {model_type!r}",
         why=f"supported model types are {supported}",
-        fix="Point at an NVLM-D or InternVL checkpoint directory",
+        fix="Point at an NVLM-D, NVLM-X, NVLM-H or InternVL checkpoint directory",
     )
 
 
@@ -446,12 +569,19 @@ def read_config(directory: Path) -> ModelConfig:
 def convert_layout(config: ModelConfig, layout: str) -> ModelConfig:
     """`config` relabelled for another layout, if that layout can express the same model."""
     spec = layout_spec(layout)
-    projector_hidden = projector_hidden_width(config.llm_config, spec.projector_hidden)
+    if (spec.family, spec.decoder_projector) != (config.spec.family, config.spec.decoder_projector):
+        raise CheckpointError(
+            f"Cannot write a {config.layout} model in the {layout} layout",
+            why="the two layouts describe different architectures",
+            fix=f"Save it as {config.layout}",
+        )
     problems = []
-    if config.projector.bias != spec.projector_bias:
-        problems.append("its projector biases differ")
-    if config.projector.hidden_features != projector_hidden:
-        problems.append("its projector's middle width differs")
+    if config.projector is not None:
+        projector_hidden = projector_hidden_width(config.llm_config, spec.projector_hidden)
+        if config.projector.bias != spec.projector_bias:
+            problems.append("its projector biases differ")
+        if config.projector.hidden_features != projector_hidden:
+            problems.append("its projector's middle width differs")
     if config.vision.num_dummy_heads and not spec.stores_dummy_heads:
         problems.append("it cannot store padded (dummy) attention heads")
     if problems:

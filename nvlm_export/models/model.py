@@ -6,9 +6,13 @@
 
 The same module serves NVLM-D (6B-style ViT, bias-free projector with the LLM's intermediate width)
 and InternVL (300M-style ViT, projector with biases); the differences live in `ModelConfig`.
+NVLM-X / NVLM-H (`cross_model.py`) share `VisionTower`, which then also carries their 1-layer tile
+projector; `build_model` picks the model class from the layout's declared family.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 from torch import nn
@@ -17,14 +21,19 @@ from transformers import PreTrainedModel
 from nvlm_export.errors import PromptError
 from nvlm_export.models.config import ModelConfig
 from nvlm_export.models.language import build_decoder
-from nvlm_export.models.projector import MlpProjector
+from nvlm_export.models.projector import LinearProjector, MlpProjector
 from nvlm_export.models.vision import InternViT, layers_for_select_layer, pixel_shuffle
+
+if TYPE_CHECKING:
+    from nvlm_export.models.cross_model import CrossAttentionVisionLanguageModel
 
 
 class VisionTower(nn.Module):
     """Tiles -> LLM-width image tokens: InternViT, drop CLS, pixel shuffle, projector.
 
     pixel_values (N, 3, 448, 448) -> (N, 256, D_llm). This is the exporter's vision graph.
+    `projector` (the 2-layer MLP into the decoder sequence) is None for NVLM-X; `cross_projector`
+    (the 1-layer MLP into the cross-attention sequence) exists for NVLM-X/H only.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -32,16 +41,28 @@ class VisionTower(nn.Module):
         self.downsample_ratio = config.downsample_ratio
         self.num_layers = layers_for_select_layer(config.select_layer, config.vision.num_layers)
         self.vit = InternViT(config.vision)
-        self.projector = MlpProjector(config.projector)
+        self.projector = MlpProjector(config.projector) if config.projector else None
+        cross = config.cross_projector
+        self.cross_projector = (
+            LinearProjector(cross.in_features, cross.out_features, cross.bias) if cross else None
+        )
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def tile_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, 448, 448) -> pixel-shuffled ViT tokens (N, 256, 4Dv), before any projector."""
         hidden = self.vit(pixel_values, num_layers=self.num_layers)  # (N, 1 + 1024, Dv)
         patches = hidden[:, 1:]  # drop CLS: (N, 1024, Dv)
         n, t, c = patches.shape
         side = int(t**0.5)
         grid = pixel_shuffle(patches.reshape(n, side, side, c), self.downsample_ratio)
-        tokens = grid.reshape(n, -1, grid.shape[-1])  # (N, 256, 4Dv), row-major over 16x16
-        return self.projector(tokens)  # (N, 256, D_llm)
+        return grid.reshape(n, -1, grid.shape[-1])  # (N, 256, 4Dv), row-major over 16x16
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.projector is None:
+            raise PromptError(
+                "This model has no projector into the decoder sequence",
+                why="NVLM-X image tokens reach the decoder only through cross-attention",
+            )
+        return self.projector(self.tile_tokens(pixel_values))  # (N, 256, D_llm)
 
 
 class VisionLanguageModel(nn.Module):
@@ -102,7 +123,18 @@ class VisionLanguageModel(nn.Module):
         return self.language_model(inputs_embeds=embeds, use_cache=False).logits
 
 
-def build_model(config: ModelConfig) -> VisionLanguageModel:
+# Any model `build_model` makes: decoder-only (NVLM-D, InternVL) or cross-attention (NVLM-X/H).
+AnyVisionLanguageModel: TypeAlias = "VisionLanguageModel | CrossAttentionVisionLanguageModel"
+
+
+def build_model(config: ModelConfig) -> AnyVisionLanguageModel:
     """A randomly initialised model for `config`, in eval mode (build under torch.device('meta')
-    to get shapes without memory)."""
-    return VisionLanguageModel(config).eval()
+    to get shapes without memory). The class follows the layout's declared family."""
+    # Imported here: cross_model builds on this module's VisionTower.
+    from nvlm_export.models.cross_model import CrossAttentionVisionLanguageModel
+
+    families: dict[str, type[nn.Module]] = {
+        "decoder-only": VisionLanguageModel,
+        "cross-attention": CrossAttentionVisionLanguageModel,
+    }
+    return families[config.spec.family](config).eval()

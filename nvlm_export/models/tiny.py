@@ -1,8 +1,9 @@
 """Small random checkpoints at real geometry, for tests (`tiny`) and performance work (`bench`).
 
 Both keep everything the pipeline depends on: 448x448 tiles, patch 14, 1025 ViT positions, pixel
-shuffle 0.5 (256 tokens per tile), grouped-query attention in the decoder, and for NVLM-D the 6B
-style ViT with 7 dummy heads whose weights are NOT zero, so the padding is really exercised.
+shuffle 0.5 (256 tokens per tile), grouped-query attention in the decoder, and for NVLM-D/X/H the
+6B style ViT with 7 dummy heads whose weights are NOT zero, so the padding is really exercised.
+NVLM-X/H get a gated cross-attention block after every decoder layer, with NON-zero gates.
 Weights are drawn from a seeded generator with a spread large enough that logits are not flat:
 greedy decoding picks different tokens for different inputs.
 """
@@ -22,12 +23,13 @@ from nvlm_export.models.checkpoint import canonical_parameters, default_dtype, s
 from nvlm_export.models.config import (
     NVLM_D_DUMMY_HEADS,
     ModelConfig,
-    ProjectorConfig,
     VisionConfig,
+    cross_attention_config,
+    cross_projector_config,
+    decoder_projector_config,
     layout_spec,
-    projector_hidden_width,
 )
-from nvlm_export.models.model import VisionLanguageModel, build_model
+from nvlm_export.models.model import AnyVisionLanguageModel, build_model
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class TinyShape:
     template: str
     max_dynamic_patch: int
     llm_model_type: str = "qwen2"  # NVLM-D-72B's llm_config says "llama" for its Qwen2 decoder
+    cross_attention_every: int = 1  # NVLM-X/H: a gated cross-attention block after every layer
 
 
 _TINY_LLM = {
@@ -97,9 +100,12 @@ _BENCH_LLM = {
 BENCH_LAYOUTS = ("internvl", "internvl-hf")
 
 SHAPES: dict[tuple[str, str], TinyShape] = {
-    ("tiny", "nvlm-d"): TinyShape(
-        _TINY_VIT_6B, _TINY_LLM, torch.float32, 512 * 1024, "chatml", 6, llm_model_type="llama"
-    ),
+    **{
+        ("tiny", layout): TinyShape(
+            _TINY_VIT_6B, _TINY_LLM, torch.float32, 512 * 1024, "chatml", 6, llm_model_type="llama"
+        )
+        for layout in ("nvlm-d", "nvlm-x", "nvlm-h")
+    },
     ("tiny", "internvl"): TinyShape(
         _TINY_VIT_300M, _TINY_LLM, torch.float32, 1 << 30, "internvl2_5", 12
     ),
@@ -125,6 +131,11 @@ INIT_RULES: tuple[tuple[str, float, float], ...] = (
     (r".*embed_tokens\.weight$", 0.0, 1.0),
     (r".*lm_head\.weight$", 0.0, 0.2),
     (r"vision\.projector\.fc\d\.weight$", 0.0, 0.1),  # image tokens as strong as text tokens
+    (r"vision\.cross_projector\.fc\.weight$", 0.0, 0.1),
+    # Open gates (tanh(1) = 0.76) and sharp cross-attention: the image changes the answer.
+    (r"cross_layers\.\d+\.(attn|mlp)_gate$", 1.0, 0.1),
+    (r"cross_layers\..*\.(q_proj|k_proj)\.weight$", 0.0, 0.25),
+    (r"cross_layers\..*\.(v_proj|o_proj)\.weight$", 0.0, 0.2),
     # Sharp, strong decoder attention: the answer depends on the context, not just the last token.
     (r"language_model\..*\.(q_proj|k_proj)\.weight$", 0.0, 0.25),
     (r"language_model\..*\.(v_proj|o_proj)\.weight$", 0.0, 0.2),
@@ -168,20 +179,23 @@ def tiny_config(
     shape = shape_for(size, layout)
     spec = layout_spec(layout)
     llm = llm_config(shape, _round_up(vocab_size, 64), eos_id)
-    projector = ProjectorConfig(
-        in_features=shape.vision.hidden_size * 4,
-        hidden_features=projector_hidden_width(llm, spec.projector_hidden),
-        out_features=llm["hidden_size"],
-        bias=spec.projector_bias,
-    )
+    ratio = ModelConfig.downsample_ratio
+    cross = spec.family == "cross-attention"
     return ModelConfig(
         layout=layout,
         vision=shape.vision,
-        projector=projector,
+        projector=decoder_projector_config(spec, shape.vision, llm, ratio),
         llm_config=llm,
+        downsample_ratio=ratio,
         template=shape.template,
         max_dynamic_patch=shape.max_dynamic_patch,
         image_token_id=image_token_id,
+        cross_projector=cross_projector_config(spec, shape.vision, llm, ratio) if cross else None,
+        cross_attention=(
+            cross_attention_config(shape.cross_attention_every, llm, f"{size} {layout}")
+            if cross
+            else None
+        ),
     )
 
 
@@ -201,7 +215,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 def make_tiny_checkpoint(
     directory: Path, layout: str, seed: int = 0, size: str = "tiny"
-) -> tuple[VisionLanguageModel, list[Path]]:
+) -> tuple[AnyVisionLanguageModel, list[Path]]:
     """Write a random checkpoint (weights, config.json, tiny tokenizer) into `directory`."""
     from nvlm_export.models.tokenizer import save_tiny_tokenizer
 
