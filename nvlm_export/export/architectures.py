@@ -35,7 +35,7 @@ ReferenceLogits = Callable[
 class ArchitectureExport:
     name: str  # the manifest's `architecture`
     prompt_format: PromptFormat
-    # vision graph output name -> the module of the model that computes it from pixel_values
+    # vision graph output name -> the projector that computes it from the tower's tile tokens
     vision_outputs: Callable[[nn.Module], dict[str, nn.Module]]
     # writes the decoder (and cross_kv) graphs into a bundle directory
     export_language: Callable[[nn.Module, Path, str, int, int], dict[str, GraphIO]]
@@ -69,7 +69,7 @@ def _decoder_only_reference(
 
 
 DECODER_ONLY = dict(
-    vision_outputs=lambda model: {IMAGE_FEATURES: model.vision},
+    vision_outputs=lambda model: {IMAGE_FEATURES: model.vision.projector},
     export_language=_decoder_only_language,
     reference_logits=_decoder_only_reference,
 )

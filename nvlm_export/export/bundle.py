@@ -117,7 +117,7 @@ def _write_bundle(
     )
     with stages.stage("vision graph"):
         vision = export_vision_onnx(
-            VisionGraph(arch.vision_outputs(model)),
+            VisionGraph(model.vision, arch.vision_outputs(model)),
             bundle / "vision.onnx",
             tile_size=config.vision.image_size,
             tokens_per_tile=config.tokens_per_tile,

@@ -44,7 +44,7 @@ from nvlm_export.export.onnx_utils import (
     trace_to_onnx,
 )
 from nvlm_export.models.config import CrossAttentionConfig
-from nvlm_export.models.cross_model import CrossAttentionVisionLanguageModel, ProjectedTiles
+from nvlm_export.models.cross_model import CrossAttentionVisionLanguageModel
 from nvlm_export.runtime.manifest import (
     CROSS_ATTENTION_MASK,
     CROSS_EMBEDS,
@@ -143,7 +143,7 @@ class CrossAttentionDecoder(ExportableDecoder):
     """`ExportableDecoder` plus cross K/V and mask inputs and the gated blocks between layers.
 
     forward(inputs_embeds, position_ids, *past, *cross_kv, cross_attention_mask)
-        -> (logits, *present)
+        -> (logits, *present); the base class passes the inputs after `past` to `run_layers`.
     """
 
     def __init__(self, lm: nn.Module, blocks: nn.ModuleList, cross: CrossAttentionConfig) -> None:
@@ -155,20 +155,6 @@ class CrossAttentionDecoder(ExportableDecoder):
             )
         self.blocks = blocks  # shared, not copied
         self.cross = cross
-        self._cross_inputs: tuple[CrossKV, torch.Tensor] | None = None
-
-    def forward(
-        self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *rest: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
-        n_past = 2 * self.spec.num_layers
-        past, cross_kv, mask = rest[:n_past], rest[n_past:-1], rest[-1]
-        # The base forward owns rotary, causal mask and logits and calls `run_layers` with a fixed
-        # signature; the cross inputs reach `run_layers` through this attribute for one call.
-        self._cross_inputs = (_pairs(cross_kv), mask)
-        try:
-            return super().forward(inputs_embeds, position_ids, *past)
-        finally:
-            self._cross_inputs = None
 
     def run_layers(
         self,
@@ -177,9 +163,11 @@ class CrossAttentionDecoder(ExportableDecoder):
         sin: torch.Tensor,
         allowed: torch.Tensor,
         cache: KVCache,
+        *extra: torch.Tensor,
     ) -> tuple[torch.Tensor, KVCache]:
-        assert self._cross_inputs is not None, "run_layers is called from forward"
-        cross_kv, mask = self._cross_inputs
+        """Decoder layers with a gated cross block after every k-th; `extra` = the graph's
+        cross_kv.{j}.key/value inputs, then cross_attention_mask."""
+        cross_kv, mask = _pairs(extra[:-1]), extra[-1]
         presents: KVCache = []
         for index, (layer, (past_k, past_v)) in enumerate(zip(self.layers, cache, strict=True)):
             hidden, present = self.decoder_layer(layer, hidden, cos, sin, allowed, past_k, past_v)
@@ -314,15 +302,15 @@ def _cross_extras(model: nn.Module) -> dict[str, Any]:
 
 
 def _nvlm_x_vision(model: nn.Module) -> dict[str, nn.Module]:
-    return {CROSS_FEATURES: ProjectedTiles(model.vision, model.vision.cross_projector)}
+    return {CROSS_FEATURES: model.vision.cross_projector}
 
 
 def _nvlm_h_vision(model: nn.Module) -> dict[str, nn.Module]:
-    # Both outputs for every tile: the runtime takes the thumbnail's image_features and the
-    # regular tiles' cross_features, as the prompt's slots say.
+    # Both projections of every tile from one ViT pass: the runtime takes the thumbnail's
+    # image_features and the regular tiles' cross_features, as the prompt's slots say.
     return {
-        IMAGE_FEATURES: ProjectedTiles(model.vision, model.vision.projector),
-        CROSS_FEATURES: ProjectedTiles(model.vision, model.vision.cross_projector),
+        IMAGE_FEATURES: model.vision.projector,
+        CROSS_FEATURES: model.vision.cross_projector,
     }
 
 

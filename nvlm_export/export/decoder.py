@@ -287,16 +287,21 @@ class ExportableDecoder(nn.Module):
         return self.lm_head.weight.dtype
 
     def forward(
-        self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
+        self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *rest: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
+        past, extra = rest[: self.num_past_inputs], rest[self.num_past_inputs :]
         cache = list(zip(past[0::2], past[1::2], strict=True))
         seq, past_len = inputs_embeds.shape[1], cache[0][0].shape[2]
         cos, sin = rotary_cos_sin(position_ids, self.inv_freq, inputs_embeds.dtype)
         allowed = causal_mask(seq, past_len, inputs_embeds.device)  # (T, P+T)
-        hidden, presents = self.run_layers(inputs_embeds, cos, sin, allowed, cache)
+        hidden, presents = self.run_layers(inputs_embeds, cos, sin, allowed, cache, *extra)
         last = rms_norm(hidden[:, -1], self.final_norm.weight, self.spec.rms_norm_eps)  # (B, C)
         logits = self.lm_head(last).float()  # (B, vocab): never materialise (T, vocab)
         return (logits, *(t for kv in presents for t in kv))
+
+    @property
+    def num_past_inputs(self) -> int:
+        return 2 * self.spec.num_layers
 
     def run_layers(
         self,
@@ -305,8 +310,10 @@ class ExportableDecoder(nn.Module):
         sin: torch.Tensor,
         allowed: torch.Tensor,
         cache: KVCache,
+        *extra: torch.Tensor,
     ) -> tuple[torch.Tensor, KVCache]:
-        """The layer loop: the extension point for interleaving gated cross-attention blocks."""
+        """The layer loop. `extra` are the graph inputs after the KV cache (none here): the
+        extension point for subclasses that interleave blocks, e.g. gated cross-attention."""
         presents: KVCache = []
         for layer, (past_k, past_v) in zip(self.layers, cache, strict=True):
             hidden, present = self.decoder_layer(layer, hidden, cos, sin, allowed, past_k, past_v)

@@ -41,7 +41,7 @@ class TorchReference:
     def __init__(self, model: nn.Module, arch: ArchitectureExport) -> None:
         self.model = model.eval()
         self.arch = arch
-        self.vision = VisionGraph(arch.vision_outputs(model)).eval()
+        self.vision = VisionGraph(model.vision, arch.vision_outputs(model)).eval()
         self.dtype = next(model.parameters()).dtype
 
     def _tiles(self, tilings: Sequence[Tiling]) -> list[torch.Tensor]:
@@ -86,17 +86,15 @@ class TorchReference:
     def _vision_computed_once(self) -> Iterator[None]:
         """Within one greedy run every step sees the same tiles: encode them once.
 
-        Only the image encoders are memoised; the decoder still recomputes the whole sequence
-        each step, which is the point of the check.
+        Only the vision trunk (ViT + pixel shuffle) is memoised; projectors and the decoder still
+        recompute the whole sequence each step, which is the point of the check.
         """
-        modules = list(dict.fromkeys(self.vision.heads))
-        for module in modules:
-            module.forward = _memoized(module.forward)
+        tower = self.model.vision
+        tower.tile_tokens = _memoized(tower.tile_tokens)
         try:
             yield
         finally:
-            for module in modules:
-                del module.forward  # back to the class's forward
+            del tower.tile_tokens  # back to the class's method
 
 
 # --- the reference image transform, restated independently of the runtime's tiler -----------

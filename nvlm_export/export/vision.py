@@ -29,18 +29,21 @@ NUMPY_DTYPE = {torch.float32: "float32", torch.float16: "float16"}
 
 
 class VisionGraph(nn.Module):
-    """Runs one shared vision trunk and returns every declared output as a tuple.
+    """One shared vision trunk, then one projector head per declared output.
 
-    `outputs` maps each graph output name to a module of pixel_values -> (tiles, 256, D).
+    `tower.tile_tokens` maps pixel_values to pixel-shuffled ViT tokens (tiles, 256, 4Dv) once;
+    `heads` maps each graph output name to the projector that turns them into (tiles, 256, D).
     """
 
-    def __init__(self, outputs: dict[str, nn.Module]) -> None:
+    def __init__(self, tower: nn.Module, heads: dict[str, nn.Module]) -> None:
         super().__init__()
-        self.names = tuple(outputs)
-        self.heads = nn.ModuleList(outputs.values())
+        self.tower = tower
+        self.names = tuple(heads)
+        self.heads = nn.ModuleList(heads.values())
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(head(pixel_values) for head in self.heads)
+        tokens = self.tower.tile_tokens(pixel_values)  # (tiles, 256, 4Dv)
+        return tuple(head(tokens) for head in self.heads)
 
 
 def export_vision_onnx(

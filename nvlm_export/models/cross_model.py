@@ -38,18 +38,6 @@ from nvlm_export.runtime.prompt import PromptTokens, Slot
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per block: key, value (B, KV, K, hd)
 
 
-class ProjectedTiles(nn.Module):
-    """pixel_values -> one projector's features (N, 256, D): a vision graph output for export."""
-
-    def __init__(self, tower: VisionTower, projector: nn.Module) -> None:
-        super().__init__()
-        self.tower = tower
-        self.projector = projector
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.tower.tile_tokens(pixel_values))
-
-
 class CrossAttentionVisionLanguageModel(nn.Module):
     """NVLM-X / NVLM-H for conditional generation, on token ids, image tiles and the prompt."""
 
