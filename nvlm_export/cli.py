@@ -78,10 +78,12 @@ def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _register() -> None:
-    from nvlm_export.commands import COMMANDS
+    from nvlm_export.commands import COMMANDS, TOOLS
+    from nvlm_export.commands.capi import make_capi_app
 
     for name, func, panel in COMMANDS:
         app.command(name, rich_help_panel=panel)(_guarded(func))
+    app.add_typer(make_capi_app(_guarded), name="capi", rich_help_panel=TOOLS)
 
 
 _register()

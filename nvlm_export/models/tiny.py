@@ -44,6 +44,7 @@ class TinyShape:
     max_dynamic_patch: int
     llm_model_type: str = "qwen2"  # NVLM-D-72B's llm_config says "llama" for its Qwen2 decoder
     cross_attention_every: int = 1  # NVLM-X/H: a gated cross-attention block after every layer
+    init: str = "tiny"  # which INIT_RULES set fills the weights
 
 
 _TINY_LLM = {
@@ -114,7 +115,7 @@ SHAPES: dict[tuple[str, str], TinyShape] = {
     ),
     **{
         ("bench", layout): TinyShape(
-            _BENCH_VIT, _BENCH_LLM, torch.bfloat16, 512 * 1024**2, "internvl2_5", 12
+            _BENCH_VIT, _BENCH_LLM, torch.bfloat16, 512 * 1024**2, "internvl2_5", 12, init="bench"
         )
         for layout in BENCH_LAYOUTS
     },
@@ -122,7 +123,8 @@ SHAPES: dict[tuple[str, str], TinyShape] = {
 SIZES = ("tiny", "bench")
 
 # Initial spread per parameter role, first match wins: (name pattern, mean, std).
-INIT_RULES: tuple[tuple[str, float, float], ...] = (
+# Tiny models get large, sharp weights so that tokens depend visibly on prompt and image.
+TINY_INIT_RULES: tuple[tuple[str, float, float], ...] = (
     (r".*\.ls[12]$", 0.5, 0.1),  # layer scale
     (r".*(norm[^.]*|layernorm)\.weight$", 1.0, 0.1),
     (r".*norm\d?\.weight$", 1.0, 0.1),
@@ -141,6 +143,20 @@ INIT_RULES: tuple[tuple[str, float, float], ...] = (
     (r"language_model\..*\.(v_proj|o_proj)\.weight$", 0.0, 0.2),
     (r".*", 0.0, 0.05),
 )
+
+# The bench model is deep (24 + 24 layers): the tiny rules would make its residual stream grow
+# layer by layer until fp32 rounding differences decide the answer, which no real model does.
+# GPT-2 style instead: std 0.02, residual output projections scaled by 1/sqrt(2 * layers).
+_RESIDUAL_OUT = 0.02 / (2 * 24) ** 0.5
+BENCH_INIT_RULES: tuple[tuple[str, float, float], ...] = (
+    (r".*\.ls[12]$", 0.1, 0.0),  # layer scale, InternViT-300M's initial value
+    (r".*(norm[^.]*|layernorm)\.(weight)$", 1.0, 0.0),
+    (r".*norm\d?\.weight$", 1.0, 0.0),
+    (r".*\.bias$", 0.0, 0.0),
+    (r".*(o_proj|down_proj|attn\.proj|fc2)\.weight$", 0.0, _RESIDUAL_OUT),
+    (r".*", 0.0, 0.02),
+)
+INIT_RULES = {"tiny": TINY_INIT_RULES, "bench": BENCH_INIT_RULES}
 
 
 def shape_for(size: str, layout: str) -> TinyShape:
@@ -203,12 +219,13 @@ def _round_up(value: int, multiple: int) -> int:
     return math.ceil(value / multiple) * multiple
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Fill every parameter from a seeded generator, following INIT_RULES."""
+def randomize(model: torch.nn.Module, seed: int, init: str = "tiny") -> None:
+    """Fill every parameter from a seeded generator, following INIT_RULES[init]."""
     generator = torch.Generator().manual_seed(seed)
+    rules = INIT_RULES[init]
     with torch.no_grad():
         for name, tensor in canonical_parameters(model).items():
-            mean, std = next((m, s) for pattern, m, s in INIT_RULES if re.fullmatch(pattern, name))
+            mean, std = next((m, s) for pattern, m, s in rules if re.fullmatch(pattern, name))
             values = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
             tensor.copy_(values * std + mean)
 
@@ -227,7 +244,7 @@ def make_tiny_checkpoint(
     config = tiny_config(size, layout, tokenizer.get_vocab_size(), image_token_id, eos_id)
     with default_dtype(shape.dtype):  # bench: build in bf16, half the memory of fp32
         model = build_model(config)
-    randomize(model, seed)
+    randomize(model, seed, shape.init)
     files = save_checkpoint(model, directory, layout, shape.dtype, shape.max_shard_bytes)
     tokenizer_files = [
         p for p in directory.iterdir() if p.name.startswith(("tokenizer", "special"))

@@ -1,0 +1,546 @@
+"""The Python side of libnvlm.so: the `nvlm_py_*` functions behind the C API of nvlm.h.
+
+libnvlm.so embeds the Python interpreter; its init code imports this module and calls
+`install(ffi, lib)`, which registers one cffi `extern "Python"` implementation per C entry point.
+
+Rules every entry point follows:
+
+- No Python exception crosses into C: each one is wrapped by `_guarded`, which turns any exception
+  into a status code and records its one-line message as the thread's last error (and the
+  session's, for session calls). Internal bugs become NVLM_ERR_INTERNAL, not a crash.
+- C objects are opaque handles: small integers cast to pointers, looked up in a registry. A closed
+  or foreign handle is refused with NVLM_ERR_INVALID_ARGUMENT instead of being dereferenced, so a
+  double close cannot crash the process, and the registry can count live objects for leak checks.
+- Memory handed to C (texts, token ids, error messages) is cffi-owned and kept alive by the Python
+  object it belongs to, so it is freed with that object's handle.
+
+Only the runtime (numpy, pillow, tokenizers, onnxruntime) is imported: no torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, TypeVar
+
+import numpy as np
+from PIL import Image
+
+from nvlm_export.capi.options import parse_session_options
+from nvlm_export.errors import (
+    BundleError,
+    ImageError,
+    InputError,
+    NvlmError,
+    PromptError,
+)
+from nvlm_export.runtime.images import load_image
+from nvlm_export.runtime.sampling import check_sampling_options
+
+Cdata = Any  # a cffi pointer (cffi has no static types)
+T = TypeVar("T")
+
+
+class Status(IntEnum):
+    """Mirrors `nvlm_status` in nvlm.h."""
+
+    OK = 0
+    INVALID_ARGUMENT = 1
+    BUNDLE = 2
+    IMAGE = 3
+    PROMPT = 4
+    CANCELLED = 5
+    RUNTIME = 6
+    OUT_OF_MEMORY = 7
+    PYTHON = 8
+    INTERNAL = 9
+
+
+class Cancelled(NvlmError):
+    """The token callback asked to stop."""
+
+
+# The first matching class decides the status; order from specific to general.
+STATUS_FOR_ERROR: tuple[tuple[type[BaseException], Status], ...] = (
+    (Cancelled, Status.CANCELLED),
+    (ImageError, Status.IMAGE),
+    (BundleError, Status.BUNDLE),
+    (PromptError, Status.PROMPT),
+    (InputError, Status.INVALID_ARGUMENT),
+    (NvlmError, Status.RUNTIME),
+    (MemoryError, Status.OUT_OF_MEMORY),
+)
+
+# Text fields set through nvlm_py_request_set_text (NVLM_TEXT_* in nvlm_capi.c).
+TEXT_PROMPT, TEXT_SYSTEM, TEXT_STOP = 0, 1, 2
+
+
+def describe(error: BaseException) -> tuple[Status, str]:
+    """The status and one-line message a C caller gets for `error`."""
+    for error_type, status in STATUS_FOR_ERROR:
+        if isinstance(error, error_type):
+            if isinstance(error, NvlmError):
+                return status, error.one_line()
+            return status, f"Out of memory: {error}"
+    if os.environ.get("NVLM_DEBUG"):
+        traceback.print_exception(error, file=sys.stderr)
+    return Status.INTERNAL, (
+        f"Internal error: {type(error).__name__}: {error}. "
+        "Set NVLM_DEBUG=1 for the traceback on stderr and please report it."
+    )
+
+
+# --- the objects behind the handles ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PixelFormat:
+    name: str
+    channel_order: tuple[int, ...]  # source channels in RGB(A) order
+
+    @property
+    def bytes_per_pixel(self) -> int:
+        return len(self.channel_order)
+
+
+# Keys are `nvlm_pixel_format` values.
+PIXEL_FORMATS: dict[int, PixelFormat] = {
+    0: PixelFormat("RGB", (0, 1, 2)),
+    1: PixelFormat("BGR", (2, 1, 0)),
+    2: PixelFormat("RGBA", (0, 1, 2, 3)),
+    3: PixelFormat("BGRA", (2, 1, 0, 3)),
+    4: PixelFormat("GRAY", (0,)),
+}
+
+
+@dataclass
+class Request:
+    """What `nvlm_request_*` builds: `Pipeline.generate`'s arguments, images already decoded."""
+
+    prompt: str | None = None
+    images: list[Image.Image] = field(default_factory=list)
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    max_tiles: int | None = None
+    system: str | None = None
+    raw: bool = False
+
+    def generate_arguments(self) -> dict[str, Any]:
+        """A snapshot for one generate call, so the request may change while it runs."""
+        if self.prompt is None:
+            raise InputError("The request has no prompt", fix="Call nvlm_request_set_prompt")
+        return {
+            "prompt": self.prompt,
+            "images": list(self.images),
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "stop": tuple(self.stop),
+            "max_tiles": self.max_tiles,
+            "system": self.system,
+            "raw": self.raw,
+        }
+
+
+class Session:
+    """A loaded pipeline with a lock: one request at a time, refused re-entry from a callback."""
+
+    def __init__(self, pipeline: Any, ffi: Any) -> None:
+        self.pipeline = pipeline
+        self._ffi = ffi
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread running a request, if any
+        self.last_error: Cdata = ffi.new("char[]", b"")
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        if self._owner == threading.get_ident():
+            raise InputError(
+                "This session is running a request on this thread",
+                why="the call came from inside its own token callback",
+                fix="Return from the callback first; use another session for nested requests",
+            )
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
+
+    def record_error(self, message: str) -> None:
+        self.last_error = self._ffi.new("char[]", message.encode("utf-8", "replace"))
+
+    def release(self) -> None:
+        for runner in self.pipeline.runners.values():
+            runner.deactivate()
+
+
+@dataclass
+class Result:
+    """A finished answer, with its strings and ids in C memory owned by this object."""
+
+    text: Cdata
+    finish_reason: Cdata
+    token_ids: Cdata
+    num_tokens: int
+    prompt_tokens: int
+    timings: dict[str, float]
+
+
+class Registry:
+    """Live objects by handle. Handles are never reused, so a stale one is always refused."""
+
+    def __init__(self, ffi: Any) -> None:
+        self._ffi = ffi
+        self._objects: dict[int, object] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def add(self, obj: object, ctype: str) -> Cdata:
+        with self._lock:
+            handle = next(self._ids)
+            self._objects[handle] = obj
+        return self._ffi.cast(ctype, handle)
+
+    def get(self, handle: Cdata, kind: type[T]) -> T:
+        obj = self._objects.get(self._key(handle))
+        if not isinstance(obj, kind):
+            raise InputError(
+                f"The nvlm_{kind.__name__.lower()} handle is not valid",
+                why="it is NULL, already closed or destroyed, or another kind of object",
+            )
+        return obj
+
+    def remove(self, handle: Cdata, kind: type[T]) -> T:
+        obj = self.get(handle, kind)
+        with self._lock:
+            self._objects.pop(self._key(handle), None)
+        return obj
+
+    def count(self, kind: type) -> int:
+        return sum(isinstance(obj, kind) for obj in list(self._objects.values()))
+
+    def _key(self, handle: Cdata) -> int:
+        return int(self._ffi.cast("uintptr_t", handle))
+
+
+# --- the entry points -----------------------------------------------------------------------
+
+
+class CApi:
+    """One method per `nvlm_py_*` function; `install` registers them with cffi."""
+
+    def __init__(self, ffi: Any, lib: Any) -> None:
+        self.ffi = ffi
+        self.lib = lib
+        self.handles = Registry(ffi)
+
+    # -- helpers --
+    def fail(self, error: BaseException, session: Session | None = None) -> Status:
+        status, message = describe(error)
+        self.lib.nvlm_set_thread_error(message.encode("utf-8", "replace"))
+        if session is not None:
+            session.record_error(message)
+        return status
+
+    def text(self, pointer: Cdata, what: str, *, allow_null: bool = False) -> str | None:
+        if pointer == self.ffi.NULL:
+            if allow_null:
+                return None
+            raise InputError(f"The {what} is NULL")
+        try:
+            return self.ffi.string(pointer).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InputError(f"The {what} is not valid UTF-8", why=str(error)) from None
+
+    def store(self, out: Cdata, obj: object, ctype: str) -> None:
+        """Write a new handle for `obj` to the out-parameter `out`."""
+        if out == self.ffi.NULL:
+            raise InputError(f"The out-parameter for the new {ctype.rstrip(' *')} is NULL")
+        out[0] = self.handles.add(obj, ctype)
+
+    # -- process --
+    def ready(self) -> int:
+        return 1
+
+    def debug_live_objects(self, sessions: Cdata, requests: Cdata, results: Cdata) -> Status:
+        for out, kind in ((sessions, Session), (requests, Request), (results, Result)):
+            if out != self.ffi.NULL:
+                out[0] = self.handles.count(kind)
+        return Status.OK
+
+    # -- sessions --
+    def session_open(self, bundle_path: Cdata, options: Cdata, out_session: Cdata) -> Status:
+        from nvlm_export.runtime.pipeline import Pipeline
+
+        if out_session == self.ffi.NULL:
+            raise InputError("The out-parameter for the new session is NULL")
+        path = self.text(bundle_path, "bundle path")
+        backend, keywords = parse_session_options(self.text(options, "options", allow_null=True))
+        pipeline = Pipeline.load(path, backend=backend, **keywords)
+        self.store(out_session, Session(pipeline, self.ffi), "nvlm_session *")
+        return Status.OK
+
+    def session_close(self, handle: Cdata) -> None:
+        session = self.handles.get(handle, Session)
+        with session.busy():  # waits for a running request; refuses a close from its callback
+            self.handles.remove(handle, Session)
+            session.release()
+
+    def session_last_error(self, handle: Cdata) -> Cdata:
+        return self.handles.get(handle, Session).last_error
+
+    def session_generate(
+        self,
+        session_handle: Cdata,
+        request_handle: Cdata,
+        on_token: Cdata,
+        user_data: Cdata,
+        out_result: Cdata,
+    ) -> Status:
+        session = self.handles.get(session_handle, Session)
+        try:
+            arguments = self.handles.get(request_handle, Request).generate_arguments()
+            with session.busy():
+                result = self._generate(session.pipeline, arguments, on_token, user_data)
+            if out_result != self.ffi.NULL:
+                self.store(out_result, result, "nvlm_result *")
+        except BaseException as error:
+            return self.fail(error, session)
+        return Status.OK
+
+    def _generate(
+        self, pipeline: Any, arguments: dict[str, Any], on_token: Cdata, user_data: Cdata
+    ) -> Result:
+        stream = pipeline.generate(**arguments)
+        received = 0
+        for event in stream:
+            received += 1
+            if on_token == self.ffi.NULL:
+                continue
+            if on_token(event.text.encode("utf-8"), event.token_id, user_data) != 0:
+                raise Cancelled(
+                    f"Generation was cancelled by the token callback at token {received}"
+                )
+        answer = stream.result
+        ids = [int(t) for t in answer.token_ids]
+        timings = dict(stream.stage_seconds)
+        timings["time_to_first_token"] = answer.timings.time_to_first_token
+        timings["decode_tokens_per_second"] = answer.timings.decode_tokens_per_second
+        return Result(
+            text=self.ffi.new("char[]", answer.text.encode("utf-8")),
+            finish_reason=self.ffi.new("char[]", answer.finish_reason.encode()),
+            token_ids=self.ffi.new("int32_t[]", ids),
+            num_tokens=len(ids),
+            prompt_tokens=stream.prepared.prompt.num_tokens,
+            timings=timings,
+        )
+
+    # -- requests --
+    def request_create(self, out_request: Cdata) -> Status:
+        self.store(out_request, Request(), "nvlm_request *")
+        return Status.OK
+
+    def request_destroy(self, handle: Cdata) -> None:
+        self.handles.remove(handle, Request)
+
+    def request_set_text(self, handle: Cdata, which: int, value: Cdata) -> Status:
+        request = self.handles.get(handle, Request)
+        if which == TEXT_PROMPT:
+            request.prompt = self.text(value, "prompt")
+        elif which == TEXT_SYSTEM:
+            request.system = self.text(value, "system message", allow_null=True)
+        elif which == TEXT_STOP:
+            stop = self.text(value, "stop string")
+            if not stop:
+                raise InputError("The stop string is empty", fix="Pass a non-empty stop string")
+            request.stop.append(stop)
+        else:
+            raise InputError(f"Unknown request text field {which}")
+        return Status.OK
+
+    def request_set_raw(self, handle: Cdata, raw: int) -> Status:
+        self.handles.get(handle, Request).raw = bool(raw)
+        return Status.OK
+
+    def request_add_image_bytes(self, handle: Cdata, data: Cdata, size: int) -> Status:
+        request = self.handles.get(handle, Request)
+        if data == self.ffi.NULL:
+            raise InputError("The image data pointer is NULL")
+        encoded = bytes(self.ffi.buffer(self.ffi.cast("char *", data), size))
+        request.images.append(load_image(encoded))
+        return Status.OK
+
+    def request_add_image_file(self, handle: Cdata, path: Cdata) -> Status:
+        request = self.handles.get(handle, Request)
+        request.images.append(load_image(self.text(path, "image path")))
+        return Status.OK
+
+    def request_add_image_pixels(
+        self, handle: Cdata, pixels: Cdata, width: int, height: int, stride: int, format: int
+    ) -> Status:
+        request = self.handles.get(handle, Request)
+        array = pixels_to_array(self.ffi, pixels, width, height, stride, format)
+        request.images.append(load_image(array))
+        return Status.OK
+
+    def request_clear_images(self, handle: Cdata) -> Status:
+        self.handles.get(handle, Request).images.clear()
+        return Status.OK
+
+    def request_set_max_new_tokens(self, handle: Cdata, max_new_tokens: int) -> Status:
+        request = self.handles.get(handle, Request)
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens {max_new_tokens} is invalid", fix="Use a value >= 1")
+        request.max_new_tokens = max_new_tokens
+        return Status.OK
+
+    def request_set_sampling(
+        self, handle: Cdata, temperature: float, top_k: int, top_p: float
+    ) -> Status:
+        request = self.handles.get(handle, Request)
+        check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p)
+        request.temperature, request.top_k, request.top_p = temperature, top_k, top_p
+        return Status.OK
+
+    def request_set_seed(self, handle: Cdata, seed: int) -> Status:
+        self.handles.get(handle, Request).seed = int(seed)
+        return Status.OK
+
+    def request_set_max_tiles(self, handle: Cdata, max_tiles: int) -> Status:
+        request = self.handles.get(handle, Request)
+        if max_tiles < 0:
+            raise InputError(
+                f"max_tiles {max_tiles} is invalid", fix="Use 0 (the bundle's) or >= 1"
+            )
+        request.max_tiles = max_tiles or None
+        return Status.OK
+
+    # -- results --
+    def result_text(self, handle: Cdata) -> Cdata:
+        return self.handles.get(handle, Result).text
+
+    def result_finish_reason(self, handle: Cdata) -> Cdata:
+        return self.handles.get(handle, Result).finish_reason
+
+    def result_token_ids(self, handle: Cdata, out_count: Cdata) -> Cdata:
+        result = self.handles.get(handle, Result)
+        if out_count != self.ffi.NULL:
+            out_count[0] = result.num_tokens
+        return result.token_ids
+
+    def result_prompt_tokens(self, handle: Cdata) -> int:
+        return self.handles.get(handle, Result).prompt_tokens
+
+    def result_get_timings(self, handle: Cdata, out: Cdata) -> Status:
+        timings = self.handles.get(handle, Result).timings
+        if out == self.ffi.NULL:
+            raise InputError("The out-parameter for the timings is NULL")
+        for stage in ("prepare", "vision", "splice", "prefill", "decode"):
+            setattr(out, f"{stage}_seconds", timings.get(stage, 0.0))
+        out.time_to_first_token_seconds = timings["time_to_first_token"]
+        out.decode_tokens_per_second = timings["decode_tokens_per_second"]
+        return Status.OK
+
+    def result_destroy(self, handle: Cdata) -> None:
+        self.handles.remove(handle, Result)
+
+
+def pixels_to_array(
+    ffi: Any, pixels: Cdata, width: int, height: int, stride: int, format: int
+) -> np.ndarray:
+    """Copy a strided pixel buffer into an H×W×C RGB(A) (or H×W gray) uint8 array."""
+    pixel_format = PIXEL_FORMATS.get(format)
+    if pixel_format is None:
+        raise InputError(f"Unknown pixel format {format}", fix="Use an nvlm_pixel_format value")
+    if pixels == ffi.NULL:
+        raise InputError("The pixel buffer is NULL")
+    channels = pixel_format.bytes_per_pixel
+    if width < 1 or height < 1:
+        raise ImageError(f"The image is empty ({width}x{height} pixels)")
+    if stride < width * channels:
+        raise InputError(
+            f"The row stride {stride} is smaller than a row ({width} x {channels} bytes)",
+            fix="Pass the distance in bytes between the starts of two rows",
+        )
+    size = stride * (height - 1) + width * channels  # the last row needs no padding
+    flat = np.frombuffer(ffi.buffer(ffi.cast("uint8_t *", pixels), size), dtype=np.uint8)
+    rows = np.lib.stride_tricks.as_strided(
+        flat, shape=(height, width, channels), strides=(stride, channels, 1), writeable=False
+    )
+    array = rows[:, :, list(pixel_format.channel_order)]  # fancy indexing copies
+    return array[:, :, 0] if channels == 1 else array
+
+
+# --- registration -----------------------------------------------------------------------------
+
+# Every `nvlm_py_<name>` function is the CApi method <name>; the value says what C gets back when
+# the method raises: "status" (an nvlm_status), "null" (a NULL pointer), "zero", or "void".
+ENTRY_POINTS: dict[str, str] = {
+    "ready": "zero",
+    "debug_live_objects": "status",
+    "session_open": "status",
+    "session_close": "void",
+    "session_last_error": "null",
+    "session_generate": "status",
+    "request_create": "status",
+    "request_destroy": "void",
+    "request_set_text": "status",
+    "request_set_raw": "status",
+    "request_add_image_bytes": "status",
+    "request_add_image_file": "status",
+    "request_add_image_pixels": "status",
+    "request_clear_images": "status",
+    "request_set_max_new_tokens": "status",
+    "request_set_sampling": "status",
+    "request_set_seed": "status",
+    "request_set_max_tiles": "status",
+    "result_text": "null",
+    "result_finish_reason": "null",
+    "result_token_ids": "null",
+    "result_prompt_tokens": "zero",
+    "result_get_timings": "status",
+    "result_destroy": "void",
+}
+
+
+def _guarded(api: CApi, method: Callable[..., Any], on_error: str) -> Callable[..., Any]:
+    """Run `method`; on any exception record it and return the failure value C expects."""
+    failure_values = {"null": api.ffi.NULL, "zero": 0, "void": None}
+
+    def entry_point(*args: Any) -> Any:
+        try:
+            return method(*args)
+        except BaseException as error:  # nothing may unwind into C
+            status = api.fail(error)
+            return int(status) if on_error == "status" else failure_values[on_error]
+
+    return entry_point
+
+
+_installed: list[CApi] = []  # keeps the registered API alive for the life of the process
+
+
+def install(ffi: Any, lib: Any) -> CApi:
+    """Register every `nvlm_py_*` implementation with cffi (called once by the init code)."""
+    api = CApi(ffi, lib)
+    for name, on_error in ENTRY_POINTS.items():
+        entry_point = _guarded(api, getattr(api, name), on_error)
+        # `error` is what cffi itself returns should even the guard fail (e.g. MemoryError).
+        fallback = {"error": int(Status.INTERNAL)} if on_error == "status" else {}
+        ffi.def_extern(name=f"nvlm_py_{name}", **fallback)(entry_point)
+    _installed.append(api)
+    return api

@@ -1,0 +1,95 @@
+"""The `options` string of `nvlm_session_open`: "backend=onnxruntime;threads=2;providers=A,B".
+
+Each option is declared once below (its key, the `Pipeline.load` keyword it becomes, how its value
+is parsed and which backends accept it); unknown keys and options the chosen backend does not take
+are refused with a message listing what is accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from nvlm_export.errors import InputError
+
+DEFAULT_BACKEND = "onnxruntime"
+BACKEND_KEY = "backend"
+
+
+def _positive_int(key: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InputError(f"Option {key}={text} is invalid", fix=f"Use {key}=N with N >= 1")
+    return value
+
+
+def _name_list(key: str, text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise InputError(f"Option {key} is empty", fix=f"Use {key}=Name1,Name2")
+    return names
+
+
+def _word(key: str, text: str) -> str:
+    if not text:
+        raise InputError(f"Option {key} is empty", fix=f"Give {key} a value or leave it out")
+    return text
+
+
+@dataclass(frozen=True)
+class SessionOption:
+    key: str
+    keyword: str  # the Pipeline.load / backend runner keyword
+    parse: Callable[[str, str], Any]
+    backends: tuple[str, ...]
+
+
+OPTIONS: dict[str, SessionOption] = {
+    option.key: option
+    for option in (
+        SessionOption("threads", "intra_op_threads", _positive_int, ("onnxruntime",)),
+        SessionOption("providers", "providers", _name_list, ("onnxruntime",)),
+        SessionOption("optimization_level", "optimization_level", _word, ("onnxruntime",)),
+    )
+}
+
+
+def parse_session_options(text: str | None) -> tuple[str, dict[str, Any]]:
+    """The backend name and the keyword options for `Pipeline.load`."""
+    pairs = _split_pairs(text or "")
+    backend = pairs.pop(BACKEND_KEY, DEFAULT_BACKEND)
+    keywords: dict[str, Any] = {}
+    for key, value in pairs.items():
+        option = OPTIONS.get(key)
+        if option is None:
+            known = ", ".join([BACKEND_KEY, *OPTIONS])
+            raise InputError(f"Unknown session option '{key}'", fix=f"Use one of: {known}")
+        if backend not in option.backends:
+            raise InputError(
+                f"Option '{key}' does not apply to the '{backend}' backend",
+                fix=f"Use it with backend={' or backend='.join(option.backends)}",
+            )
+        keywords[option.keyword] = option.parse(key, value)
+    return backend, keywords
+
+
+def _split_pairs(text: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in text.split(";"):
+        if not item.strip():
+            continue  # tolerate "a=1;" and empty strings
+        key, equals, value = item.partition("=")
+        key = key.strip()
+        if not equals or not key:
+            raise InputError(
+                f"Session option '{item.strip()}' is not key=value",
+                fix="Write options as key=value pairs separated by ';'",
+            )
+        if key in pairs:
+            raise InputError(f"Session option '{key}' is given twice")
+        pairs[key] = value.strip()
+    return pairs
