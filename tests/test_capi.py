@@ -141,17 +141,8 @@ def capi_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    from nvlm_export.export.bundle import ExportSettings, export_bundle
-    from nvlm_export.models.tiny import make_tiny_checkpoint
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("capi-bundle")
-    make_tiny_checkpoint(root / "ckpt", "nvlm-d", seed=0)
-    export_bundle(root / "ckpt", root / "bundle", ExportSettings(validate=False), quiet=True)
-    return root / "bundle"
+def bundle(tiny_bundle) -> Path:
+    return tiny_bundle("nvlm-d", max_tiles=6)[1]
 
 
 def compile_with_pkgconfig(capi_dir: Path, source: Path, output: Path) -> Path:

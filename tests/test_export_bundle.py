@@ -18,7 +18,6 @@ from nvlm_export.export.architectures import architecture_for_layout
 from nvlm_export.export.bundle import ExportSettings, export_bundle
 from nvlm_export.export.reference import TorchReference
 from nvlm_export.models.checkpoint import load_checkpoint
-from nvlm_export.models.tiny import make_tiny_checkpoint
 from nvlm_export.runtime.manifest import MANIFEST_NAME
 from nvlm_export.runtime.pipeline import Pipeline
 
@@ -35,21 +34,10 @@ def noise_image(size: tuple[int, int], seed: int) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory):
-    """One tiny checkpoint and its bundle per layout, exported once for the module."""
-    cache: dict[str, tuple[Path, Path]] = {}
-
-    def get(layout: str) -> tuple[Path, Path]:
-        if layout not in cache:
-            root = tmp_path_factory.mktemp(layout)
-            make_tiny_checkpoint(root / "ckpt", layout, seed=0)
-            # A 1..6 tile budget for every layout, so the same images give 1, 3 and 7 tiles.
-            settings = ExportSettings(max_tiles=6)
-            export_bundle(root / "ckpt", root / "bundle", settings, quiet=True)
-            cache[layout] = (root / "ckpt", root / "bundle")
-        return cache[layout]
-
-    return get
+def exported(tiny_bundle):
+    """A tiny checkpoint and its bundle per layout, with a 1..6 tile budget for every layout so
+    the same images give 1, 3 and 7 tiles."""
+    return lambda layout: tiny_bundle(layout, max_tiles=6)
 
 
 def reference_tokens(layout: str, checkpoint: Path, pipe: Pipeline, images: list) -> list[int]:

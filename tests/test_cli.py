@@ -1,0 +1,82 @@
+"""The CLI as a whole: version, help, and what a runtime-only install says about export commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+from nvlm_export import __version__
+from nvlm_export.cli import app
+
+runner = CliRunner()
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"nvlm-export {__version__}"
+
+
+def test_help_lists_every_command_group() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("tile", "run", "export", "verify", "make-tiny", "engine", "lint", "capi"):
+        assert command in result.stdout
+
+
+# Runs the CLI with the export-side packages made unimportable, as on a runtime-only install.
+RUNTIME_ONLY = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "transformers", "onnx", "safetensors"):
+                raise ImportError(name)
+            return None
+
+    sys.meta_path.insert(0, Block())
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    importlib.util.find_spec = lambda name, *a: None if name.split(".")[0] in (
+        "torch", "transformers", "onnx", "safetensors") else real_find_spec(name, *a)
+    sys.argv = ["nvlm-export", *sys.argv[1:]]
+    from nvlm_export.cli import main
+    main()
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["export", "ckpt", "-o", "out"],
+        ["make-tiny", "--layout", "nvlm-d", "-o", "out"],
+        ["verify", "ckpt", "bundle"],
+    ],
+)
+def test_export_commands_name_the_missing_extra(args: list[str], tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", RUNTIME_ONLY, *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "pip install 'nvlm-export[export]'" in result.stderr
+
+
+def test_runtime_commands_work_without_the_export_extra(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", RUNTIME_ONLY, "tile", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"num_tiles"' in result.stdout or '"tiles"' in result.stdout
