@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from nvlm_export.commands import engine, export, make_tiny, run, tile
+from nvlm_export.commands import engine, export, make_tiny, quantize, run, tile
 
 RUNTIME = "Run"
 EXPORT = "Export"
@@ -21,6 +21,9 @@ COMMANDS: list[tuple[str, Callable[..., Any], str]] = [
     ("run", run.run, RUNTIME),
     ("export", export.export, EXPORT),
     ("verify", export.verify, EXPORT),
+    ("build", quantize.build, EXPORT),
+    ("calibrate", quantize.calibrate, EXPORT),
+    ("quantize", quantize.quantize, EXPORT),
     ("engine", engine.engine, EXPORT),
     ("lint", engine.lint, TOOLS),
     ("make-tiny", make_tiny.make_tiny, TOOLS),

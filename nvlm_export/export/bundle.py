@@ -99,7 +99,7 @@ def export_bundle(
                         why=validation.failure_reason(),
                         fix="Re-run with --verbose and report it, or pass --no-validate to keep it",
                     )
-            _replace_output(staging, out)
+            replace_output(staging, out)
     return ExportReport(out, manifest, validation, dict(stages.seconds))
 
 
@@ -253,7 +253,7 @@ def staging_directory(out: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _replace_output(staging: Path, out: Path) -> None:
+def replace_output(staging: Path, out: Path) -> None:
     """Move the finished bundle into place (the old bundle, if any, is removed only after)."""
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():

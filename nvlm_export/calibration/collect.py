@@ -1,0 +1,300 @@
+"""Record calibration samples by running the real runtime on real requests.
+
+Every request (an image and a prompt) goes through `Pipeline.generate` exactly as in deployment:
+tiling, prompt assembly, the vision graph, the embedding splice, (for NVLM-X/H) the cross_kv graph,
+the decoder prefill and `decode_steps` greedy decode steps. Each graph runner is wrapped by a
+`RecordingRunner` that writes the feeds of every call to the calibration set before running it,
+so the samples have the distribution the engines will see, image-feature positions and KV cache
+included.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from nvlm_export.calibration.builtin import builtin_image, builtin_prompt
+from nvlm_export.calibration.dataset import (
+    CalibrationInfo,
+    CalibrationSet,
+    CalibrationWriter,
+    bundle_fingerprint,
+    check_calibration_output,
+    move_into_place,
+)
+from nvlm_export.errors import ImageError, InputError
+from nvlm_export.runtime.images import load_image
+from nvlm_export.runtime.manifest import load_manifest
+from nvlm_export.runtime.pipeline import Pipeline
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+DEFAULT_MAX_SAMPLES = 32
+DEFAULT_DECODE_STEPS = 4
+# Share of the given images kept out of calibration for the accuracy report (when >= 5 images).
+HOLDOUT_FRACTION = 0.2
+MIN_IMAGES_FOR_HOLDOUT = 5
+# Offset between the calibration seed and the seed of the built-in held-out set, so the accuracy
+# report never measures on images the scales were fitted to.
+HELD_OUT_SEED_OFFSET = 1_000_003
+
+Warn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    images: str | None = None  # a directory or a glob; None: the built-in set
+    prompts: Path | None = None  # JSONL, one {"prompt": "..."} per line; None: built-in prompts
+    max_samples: int = DEFAULT_MAX_SAMPLES  # requests (image + prompt) to record
+    seed: int = 0
+    decode_steps: int = DEFAULT_DECODE_STEPS
+
+    def __post_init__(self) -> None:
+        if self.max_samples < 1:
+            raise InputError(f"--max-samples {self.max_samples} is invalid", fix="Use 1 or more")
+        if self.decode_steps < 0:
+            raise InputError(f"--decode-steps {self.decode_steps} is invalid", fix="Use 0 or more")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One calibration (or accuracy) request: a named image and a prompt."""
+
+    name: str
+    image: Image.Image
+    prompt: str
+
+
+class RecordingRunner:
+    """A graph runner that hands every call's feeds to `record` before running them."""
+
+    def __init__(self, runner: Any, record: Callable[[Mapping[str, np.ndarray]], None]) -> None:
+        self.inner = runner
+        self.spec = runner.spec
+        self.record = record
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.record(feeds)
+        return self.inner.infer(feeds)
+
+    __call__ = infer
+
+
+def record_calls(pipe: Pipeline, record: Callable[[str, Mapping[str, np.ndarray]], None]) -> None:
+    """Wrap every runner of `pipe` so each graph call is recorded as (graph name, feeds)."""
+    for name, runner in list(pipe.runners.items()):
+        pipe.runners[name] = RecordingRunner(runner, lambda feeds, n=name: record(n, feeds))
+
+
+def run_request(pipe: Pipeline, request: Request, new_tokens: int) -> list[int]:
+    """One greedy request through the real pipeline; returns the generated token ids."""
+    stream = pipe.generate(request.prompt, [request.image], max_new_tokens=new_tokens)
+    return list(stream.run().token_ids)
+
+
+def collect_calibration(
+    bundle: Path,
+    out: Path,
+    options: CalibrationOptions = CalibrationOptions(),
+    *,
+    overwrite: bool = False,
+    warn: Warn = print,
+    progress: bool = True,
+) -> CalibrationSet:
+    """Record a calibration set for `bundle` at `out` (written atomically)."""
+    from nvlm_export.export.bundle import staging_directory
+
+    check_calibration_output(out, overwrite)
+    manifest = load_manifest(bundle)
+    prompts = read_prompts(options.prompts) if options.prompts else None
+    calibration, held_out = _split_images(options, warn)
+    info = CalibrationInfo(
+        bundle=str(Path(bundle).resolve()),
+        bundle_fingerprint=bundle_fingerprint(manifest),
+        seed=options.seed,
+        decode_steps=options.decode_steps,
+        max_samples=options.max_samples,
+        source=options.images or "builtin",
+        held_out=[str(p) for p in held_out],
+    )
+    pipe = Pipeline.load(bundle)
+    with staging_directory(out) as staging:
+        writer = CalibrationWriter(staging, info)
+        record_calls(pipe, writer.add)
+        requests = _requests(calibration, prompts, options, info, warn)
+        for request in _with_progress(requests, options.max_samples, progress):
+            run_request(pipe, request, new_tokens=options.decode_steps + 1)
+            info.images.append(request.name)
+            info.requests += 1
+        _check_not_empty(info, options)
+        writer.finish()
+        move_into_place(staging, out, overwrite=overwrite)
+    return CalibrationSet.open(out)
+
+
+# --- sources ----------------------------------------------------------------------------------
+
+
+def find_images(spec: str) -> list[Path]:
+    """The image files named by a directory or a glob, sorted (the seed then shuffles them)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    elif any(ch in spec for ch in "*?["):
+        files = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
+    elif path.is_file():
+        files = [path]
+    else:
+        raise InputError(
+            f"--images '{spec}' does not exist",
+            fix="Pass a directory of images or a glob such as 'photos/*.jpg'",
+        )
+    return sorted(files)
+
+
+def split_held_out(files: Sequence[Path], seed: int) -> tuple[list[Path], list[Path]]:
+    """Shuffle with the seed; keep 20% (of 5 or more images) out of calibration."""
+    order = np.random.default_rng(seed).permutation(len(files))
+    shuffled = [files[i] for i in order]
+    if len(files) < MIN_IMAGES_FOR_HOLDOUT:
+        return shuffled, []
+    held = max(1, int(len(files) * HOLDOUT_FRACTION))
+    return shuffled[held:], shuffled[:held]
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a JSONL file: one {"prompt": "..."} object per line (blank lines skipped)."""
+    import json
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as error:
+        raise InputError(f"Cannot read prompts file {path}", why=str(error)) from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            prompt = json.loads(line)["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InputError(
+                f'{path}:{number} is not a JSON object with a "prompt" string',
+                fix='Write one {"prompt": "..."} per line',
+            ) from None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"{path}:{number} has an empty prompt")
+        prompts.append(prompt)
+    if not prompts:
+        raise InputError(f"{path} has no prompts", fix='Write one {"prompt": "..."} per line')
+    return prompts
+
+
+def builtin_requests(count: int, seed: int) -> Iterator[Request]:
+    for index in range(count):
+        yield Request(
+            f"builtin:{seed}:{index}", builtin_image(index, seed), builtin_prompt(index, seed)
+        )
+
+
+def held_out_requests(info: CalibrationInfo, count: int, warn: Warn = print) -> list[Request]:
+    """Requests for the accuracy report that calibration never saw: the held-out images of the
+    set, or else the built-in set under another seed."""
+    requests: list[Request] = []
+    for index, name in enumerate(info.held_out):
+        image = _load_or_skip(Path(name), warn, skipped=None)
+        if image is not None:
+            requests.append(Request(name, image, builtin_prompt(index, info.seed + 1)))
+    if requests:
+        return requests[:count]
+    return list(builtin_requests(count, info.seed + HELD_OUT_SEED_OFFSET))
+
+
+# --- internals --------------------------------------------------------------------------------
+
+
+def _split_images(options: CalibrationOptions, warn: Warn) -> tuple[list[Path] | None, list[Path]]:
+    if options.images is None:
+        warn(
+            "calibrating on the built-in synthetic images; images from your deployment domain "
+            "(--images DIR) calibrate better"
+        )
+        return None, []
+    files = find_images(options.images)
+    if not files:
+        raise InputError(
+            f"--images '{options.images}' matches no image files",
+            why=f"looked for {', '.join(IMAGE_SUFFIXES)}",
+            fix="Pass a directory with images or a glob that matches some",
+        )
+    return split_held_out(files, options.seed)
+
+
+def _requests(
+    files: list[Path] | None,
+    prompts: list[str] | None,
+    options: CalibrationOptions,
+    info: CalibrationInfo,
+    warn: Warn,
+) -> Iterator[Request]:
+    """Up to max_samples readable requests; unreadable images are skipped, warned and counted."""
+
+    def prompt(index: int) -> str:
+        return prompts[index % len(prompts)] if prompts else builtin_prompt(index, options.seed)
+
+    if files is None:
+        for request in builtin_requests(options.max_samples, options.seed):
+            yield Request(request.name, request.image, prompt(len(info.images)))
+        return
+    for path in files:
+        if info.requests >= options.max_samples:
+            return
+        image = _load_or_skip(path, warn, skipped=info.skipped)
+        if image is not None:
+            yield Request(str(path), image, prompt(info.requests))
+
+
+def _load_or_skip(
+    path: Path, warn: Warn, skipped: list[dict[str, str]] | None
+) -> Image.Image | None:
+    try:
+        return load_image(path)
+    except ImageError as error:
+        warn(f"skipping unreadable image {path}: {error.what}")
+        if skipped is not None:
+            skipped.append({"image": str(path), "reason": error.one_line()})
+        return None
+
+
+def _check_not_empty(info: CalibrationInfo, options: CalibrationOptions) -> None:
+    if info.requests == 0:
+        raise InputError(
+            f"No usable calibration images in '{options.images}'",
+            why=f"all {len(info.skipped)} images were unreadable",
+            fix="Pass images that open with Pillow (JPEG, PNG, ...)",
+        )
+
+
+def _with_progress(requests: Iterator[Request], total: int, show: bool) -> Iterator[Request]:
+    if not show:
+        yield from requests
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("calibrating", total=total)
+        for request in requests:
+            yield request
+            bar.advance(task)

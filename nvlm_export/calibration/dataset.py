@@ -1,0 +1,184 @@
+"""The on-disk calibration set: one `.npz` file per recorded graph call, plus `calibration.json`.
+
+    CALIB/
+      calibration.json        # format version, bundle (path + manifest fingerprint), seed, images,
+                              # sample counts and bytes per graph, held-out images
+      vision/000000.npz       # the feeds of one vision call (pixel_values of one image)
+      decoder/000000.npz      # one decoder call: a prefill, or a decode step with its KV cache
+      cross_kv/000000.npz     # NVLM-X/H: one request's cross_embeds
+
+Samples are written as they are produced and read back one at a time, so neither recording nor
+quantizing holds more than one sample in memory. A set belongs to one bundle: `quantize` compares
+the fingerprint of the bundle's manifest with the one recorded here and refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nvlm_export.errors import BundleError, InputError
+from nvlm_export.runtime.manifest import Manifest
+
+CALIBRATION_MANIFEST = "calibration.json"
+FORMAT_VERSION = 1
+
+
+def bundle_fingerprint(manifest: Manifest) -> str:
+    """SHA-256 of the manifest without its `engines` (building engines does not change graphs)."""
+    data = manifest.to_dict()
+    data.pop("engines", None)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class GraphSamples:
+    """How many samples of one graph the set holds, and their size on disk."""
+
+    count: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class CalibrationInfo:
+    """Everything `calibration.json` records (provenance and contents)."""
+
+    bundle: str
+    bundle_fingerprint: str
+    seed: int
+    decode_steps: int
+    max_samples: int
+    source: str  # "builtin" or the --images argument
+    images: list[str] = field(default_factory=list)  # used for calibration, in order
+    held_out: list[str] = field(default_factory=list)  # kept for the accuracy report
+    skipped: list[dict[str, str]] = field(default_factory=list)  # unreadable: {image, reason}
+    requests: int = 0
+    graphs: dict[str, GraphSamples] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CalibrationInfo:
+        values = dict(data)
+        values["graphs"] = {k: GraphSamples(**v) for k, v in values.get("graphs", {}).items()}
+        return cls(**values)
+
+
+class CalibrationWriter:
+    """Streams samples into a directory (a staging directory; the caller moves it into place)."""
+
+    def __init__(self, directory: Path, info: CalibrationInfo) -> None:
+        self.directory = Path(directory)
+        self.info = info
+
+    def add(self, graph: str, feeds: Mapping[str, np.ndarray]) -> None:
+        samples = self.info.graphs.setdefault(graph, GraphSamples())
+        path = self.directory / graph / f"{samples.count:06d}.npz"
+        path.parent.mkdir(exist_ok=True)
+        # Key order is kept by npz, so a sample reads back exactly as it was fed.
+        np.savez(path, **{name: np.asarray(value) for name, value in feeds.items()})
+        samples.count += 1
+        samples.bytes += path.stat().st_size
+
+    def finish(self) -> Path:
+        path = self.directory / CALIBRATION_MANIFEST
+        path.write_text(json.dumps(self.info.to_dict(), indent=2) + "\n")
+        return path
+
+
+class CalibrationSet:
+    """A calibration set on disk, read lazily."""
+
+    def __init__(self, directory: Path, info: CalibrationInfo) -> None:
+        self.directory = directory
+        self.info = info
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str]) -> CalibrationSet:
+        root = Path(directory)
+        path = root / CALIBRATION_MANIFEST
+        if not path.is_file():
+            raise InputError(
+                f"'{root}' is not a calibration set",
+                why=f"it has no {CALIBRATION_MANIFEST}",
+                fix="Create one with: nvlm-export calibrate BUNDLE -o CALIB",
+            )
+        try:
+            info = CalibrationInfo.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError, KeyError) as error:
+            raise InputError(
+                f"{path} is malformed", why=str(error), fix="Run nvlm-export calibrate again"
+            ) from None
+        if info.format_version != FORMAT_VERSION:
+            raise InputError(
+                f"{path} has calibration format {info.format_version}",
+                why=f"this nvlm-export reads format {FORMAT_VERSION}",
+                fix="Run nvlm-export calibrate again",
+            )
+        return cls(root, info)
+
+    def check_matches(self, manifest: Manifest, bundle: Path) -> None:
+        """Refuse a set recorded on another bundle: its samples have another graph's inputs."""
+        if bundle_fingerprint(manifest) != self.info.bundle_fingerprint:
+            raise BundleError(
+                f"Calibration set '{self.directory}' was recorded on another bundle",
+                why=f"it belongs to '{self.info.bundle}' and the manifest of '{bundle}' differs",
+                fix=f"Run nvlm-export calibrate {bundle} -o NEW_CALIB and pass that",
+            )
+
+    def count(self, graph: str) -> int:
+        samples = self.info.graphs.get(graph)
+        return samples.count if samples else 0
+
+    def samples(self, graph: str) -> Iterator[dict[str, np.ndarray]]:
+        """The recorded feeds of `graph`, one call at a time."""
+        for index in range(self.count(graph)):
+            with np.load(self.directory / graph / f"{index:06d}.npz") as data:
+                yield {name: data[name] for name in data.files}
+
+
+def move_into_place(staging: Path, out: Path, *, overwrite: bool) -> None:
+    """Replace `out` by the finished `staging` directory (a calibration set or a work dir)."""
+    if out.exists():
+        if not overwrite and any(out.iterdir()):
+            raise InputError(
+                f"'{out}' already exists", fix="Pass --overwrite or choose another path"
+            )
+        if (out / CALIBRATION_MANIFEST).is_file() or not any(out.iterdir()):
+            shutil.rmtree(out)
+        else:
+            raise InputError(
+                f"'{out}' exists and is not a calibration set",
+                why="refusing to replace a directory nvlm-export did not write",
+                fix="Choose another output path",
+            )
+    staging.rename(out)
+
+
+def check_calibration_output(out: Path, overwrite: bool) -> None:
+    """Fail before any work when `out` cannot be written."""
+    if not out.exists():
+        return
+    if out.is_file():
+        raise InputError(f"Output '{out}' is a file", fix="Choose a directory path")
+    if not any(out.iterdir()):
+        return
+    if not (out / CALIBRATION_MANIFEST).is_file():
+        raise InputError(
+            f"'{out}' exists and is not a calibration set",
+            why="refusing to replace a directory nvlm-export did not write",
+            fix="Choose another output path",
+        )
+    if not overwrite:
+        raise InputError(f"'{out}' already exists", fix="Pass --overwrite or choose another path")

@@ -1,0 +1,302 @@
+"""`nvlm-export calibrate`, `quantize` and `build`: explicit INT8 / FP8 / INT4 bundles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from nvlm_export.errors import require_export_extra
+
+if TYPE_CHECKING:
+    from nvlm_export.export.accuracy import AccuracyReport
+
+PANEL_DATA = "Calibration data"
+PANEL_BUDGET = "Accuracy budget"
+
+BundleArg = Annotated[
+    Path, typer.Argument(metavar="BUNDLE", help="Bundle directory (unquantized).")
+]
+ImagesOption = Annotated[
+    str | None,
+    typer.Option(
+        "--images",
+        help="Directory or glob of calibration images (default: a built-in synthetic set).",
+        rich_help_panel=PANEL_DATA,
+    ),
+]
+PromptsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--prompts",
+        help='JSONL file, one {"prompt": "..."} per line (default: generic prompts).',
+        rich_help_panel=PANEL_DATA,
+    ),
+]
+MaxSamplesOption = Annotated[
+    int,
+    typer.Option(
+        "--max-samples", help="Requests (image + prompt) to record.", rich_help_panel=PANEL_DATA
+    ),
+]
+SeedOption = Annotated[
+    int,
+    typer.Option(
+        "--seed", help="Seed: image order and the built-in set.", rich_help_panel=PANEL_DATA
+    ),
+]
+DecodeStepsOption = Annotated[
+    int,
+    typer.Option(
+        "--decode-steps",
+        help="Decode steps recorded per request after the prefill.",
+        rich_help_panel=PANEL_DATA,
+    ),
+]
+ExcludeOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exclude",
+        help="Keep matching nodes in float: a glob over module paths (layers.0.mlp.*, lm_head) "
+        "or node names. Repeatable; lm_head is always kept.",
+    ),
+]
+ForceOption = Annotated[
+    bool, typer.Option("--force", help="Keep the output even when accuracy is outside the budget.")
+]
+
+
+def calibrate(
+    bundle: BundleArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Calibration set directory.")],
+    images: ImagesOption = None,
+    prompts: PromptsOption = None,
+    max_samples: MaxSamplesOption = 32,
+    seed: SeedOption = 0,
+    decode_steps: DecodeStepsOption = 4,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing calibration set.")] = False,
+) -> None:
+    """Record a calibration set: the inputs every graph sees when the bundle answers requests.
+
+    Runs the real runtime (tiling, prompt, vision, splice, prefill, decode steps) on each image
+    with a prompt and stores the feeds of every graph call as .npz files, streamed to disk, with
+    calibration.json (bundle fingerprint, images, seed, counts). With 5 or more images, 20% are
+    held out for quantize's accuracy report. Unreadable images are skipped and counted.
+
+    Example:
+
+      nvlm-export calibrate bundle/ --images photos/ -o calib/
+    """
+    from nvlm_export.calibration.collect import CalibrationOptions, collect_calibration
+
+    options = CalibrationOptions(
+        images=images,
+        prompts=prompts,
+        max_samples=max_samples,
+        seed=seed,
+        decode_steps=decode_steps,
+    )
+    calib = collect_calibration(bundle, output, options, overwrite=overwrite, warn=_warn)
+    info = calib.info
+    counts = ", ".join(f"{g} {s.count} ({s.bytes / 2**20:.1f} MiB)" for g, s in info.graphs.items())
+    skipped = f", {len(info.skipped)} unreadable images skipped" if info.skipped else ""
+    typer.echo(f"Calibration set written to {output}: {info.requests} requests; {counts}{skipped}")
+
+
+def quantize(
+    bundle: BundleArg,
+    precision: Annotated[str, typer.Option("--precision", "-p", help="int8, fp8 or int4.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Quantized bundle directory.")],
+    calib: Annotated[
+        Path | None,
+        typer.Option("--calib", help="Calibration set from nvlm-export calibrate (int8/fp8)."),
+    ] = None,
+    components: Annotated[
+        str | None,
+        typer.Option(
+            "--components",
+            help="Comma-separated graphs: vision, decoder, cross_kv (default: every graph that "
+            "supports the precision; int4 is decoder and cross_kv only).",
+        ),
+    ] = None,
+    exclude: ExcludeOption = None,
+    min_cosine: Annotated[
+        float | None,
+        typer.Option(
+            help="Lowest cosine of any vision/cross_kv output.", rich_help_panel=PANEL_BUDGET
+        ),
+    ] = None,
+    min_top1: Annotated[
+        float | None,
+        typer.Option(help="Lowest next-token top-1 agreement.", rich_help_panel=PANEL_BUDGET),
+    ] = None,
+    max_kl: Annotated[
+        float | None,
+        typer.Option(help="Highest mean KL divergence per token.", rich_help_panel=PANEL_BUDGET),
+    ] = None,
+    force: ForceOption = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the accuracy report as JSON.")
+    ] = False,
+) -> None:
+    """Quantize a bundle with explicit Q/DQ (INT8, FP8 or INT4 weight-only) and measure it.
+
+    Every run compares the quantized bundle with its source on held-out requests (vision-feature
+    cosine, next-token top-1 agreement, KL divergence, identical greedy tokens), writes
+    accuracy.json into the output and fails, leaving no output, when the budget is exceeded
+    (defaults per precision; see docs/quantization.md) unless --force.
+
+    Example:
+
+      nvlm-export quantize bundle/ --precision int8 --calib calib/ -o bundle-int8/
+    """
+    require_export_extra()
+    from nvlm_export.export.accuracy import DEFAULT_THRESHOLDS, Thresholds
+    from nvlm_export.export.quantize import QuantizeSettings, quantize_bundle
+
+    defaults = DEFAULT_THRESHOLDS.get(precision)
+    thresholds = None
+    if defaults is not None:
+        thresholds = Thresholds(
+            min_cosine=defaults.min_cosine if min_cosine is None else min_cosine,
+            min_top1=defaults.min_top1 if min_top1 is None else min_top1,
+            max_kl=defaults.max_kl if max_kl is None else max_kl,
+        )
+    settings = QuantizeSettings(
+        precision,
+        components=tuple(c.strip() for c in components.split(",") if c.strip())
+        if components
+        else None,
+        exclude=tuple(exclude or ()),
+        thresholds=thresholds,
+        force=force,
+        overwrite=overwrite,
+    )
+    report = quantize_bundle(bundle, output, settings, calib, warn=_warn)
+    if as_json:
+        typer.echo(json.dumps(report.accuracy.to_dict(), indent=2))
+    else:
+        print_accuracy(report.accuracy)
+        typer.echo(
+            f"Quantized bundle written to {output} ({report.bundle_bytes() / 2**20:.1f} MiB)"
+        )
+
+
+def build(
+    model_dir: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
+    precision: Annotated[str, typer.Option("--precision", "-p", help="fp16, int8, fp8 or int4.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle directory to write.")],
+    images: ImagesOption = None,
+    prompts: PromptsOption = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target", "-t", help="GPU to deploy on (orin, thor, h100, ...); checked first."
+        ),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="onnxruntime (stop at the bundle) or tensorrt (build engines).")
+    ] = "onnxruntime",
+    max_samples: MaxSamplesOption = 16,
+    seed: SeedOption = 0,
+    exclude: ExcludeOption = None,
+    force: ForceOption = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+) -> None:
+    """Checkpoint to deployable bundle in one command: export, calibrate, quantize, engines.
+
+    Stages run in a work directory beside the output (.OUTPUT.build/) and are recorded with the
+    fingerprints of their inputs: rerunning after an interruption resumes, and a finished stage
+    is not redone. TensorRT engines are built only with --backend tensorrt on a machine with
+    TensorRT (otherwise the build stops after the ONNX bundle and says so).
+
+    Example:
+
+      nvlm-export build ckpt/ --precision int8 --images photos/ --target orin -o bundle-int8/
+    """
+    require_export_extra()
+    from nvlm_export.export.build import BuildSettings
+    from nvlm_export.export.build import build as run_build
+
+    settings = BuildSettings(
+        precision=precision,
+        images=images,
+        prompts=prompts,
+        target=target,
+        backend=backend,
+        max_samples=max_samples,
+        seed=seed,
+        exclude=tuple(exclude or ()),
+        force=force,
+        overwrite=overwrite,
+    )
+    report = run_build(model_dir, output, settings, warn=_warn)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    _print_build_summary(report)
+
+
+def print_accuracy(report: AccuracyReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    limits = report.thresholds
+    table = Table(
+        title=f"Accuracy of the {report.precision} bundle ({len(report.requests)} "
+        "held-out requests)",
+        title_justify="left",
+    )
+    for column in ("measure", "value", "budget"):
+        table.add_column(column)
+    for out in report.outputs:
+        table.add_row(
+            f"{out.graph}.{out.output} cosine (min)",
+            f"{out.min_cosine:.5f}",
+            f">= {limits.min_cosine}",
+        )
+        table.add_row(f"{out.graph}.{out.output} max rel error", f"{out.max_rel_error:.4f}", "")
+    d = report.decoder
+    table.add_row("next-token top-1 agreement", f"{d.top1_agreement:.3f}", f">= {limits.min_top1}")
+    table.add_row(
+        "KL divergence (mean / max)", f"{d.mean_kl:.4f} / {d.max_kl:.4f}", f"<= {limits.max_kl}"
+    )
+    table.add_row(
+        "identical greedy tokens (mean)", f"{d.mean_identical:.1f} / {d.greedy_steps}", ""
+    )
+    status = "[green]within budget[/]" if report.passed else "[red]outside budget[/]"
+    table.add_row("result", status, "")
+    Console(stderr=True).print(table)
+
+
+def _print_build_summary(report: Any) -> None:
+    typer.echo(
+        f"Bundle: {report.bundle} ({report.bundle_bytes / 2**20:.1f} MiB; checkpoint "
+        f"{report.checkpoint_bytes / 2**20:.1f} MiB)"
+    )
+    typer.echo(
+        f"Stages run: {', '.join(report.ran) or 'none'}; skipped (already done): "
+        f"{', '.join(report.skipped) or 'none'}"
+    )
+    if report.accuracy:
+        d = report.accuracy["decoder"]
+        cosines = ", ".join(
+            f"{o['graph']} {o['min_cosine']:.4f}" for o in report.accuracy["outputs"]
+        )
+        typer.echo(
+            f"Accuracy: cosine {cosines}; top-1 {d['top1_agreement']:.3f}; "
+            f"KL {d['mean_kl']:.4f}; passed {report.accuracy['passed']}"
+        )
+    for note in report.notes:
+        typer.echo(f"Note: {note}")
+
+
+def _warn(message: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[yellow]warning:[/] {escape(message)}", highlight=False)

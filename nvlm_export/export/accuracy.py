@@ -1,0 +1,224 @@
+"""How much a quantized bundle drifts from its source, measured on held-out requests.
+
+For each request (an image and a prompt that calibration never saw):
+
+- every graph except the decoder (vision, and cross_kv for NVLM-X/H) is fed the *same* inputs in
+  both bundles — the reference pipeline's — so each graph's own error is isolated; each output is
+  compared with the project's one comparator (`compare.compare`: cosine and relative error);
+- the reference decodes greedily for `steps` tokens through the real pipeline stages, keeping its
+  logits; the quantized bundle, end to end (its own vision features), is teacher-forced on that
+  continuation: next-token top-1 agreement and KL(reference || quantized) per position;
+- the quantized bundle also decodes greedily on its own: how many leading tokens are identical.
+
+Tiny random checkpoints have nearly flat logits, where a small perturbation flips the argmax, so
+top-1 agreement is harsh there; KL and cosine are the steadier measures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nvlm_export.calibration.collect import Request
+from nvlm_export.compare import common_prefix, compare
+from nvlm_export.runtime.generation import INPUTS_EMBEDS, LOGITS, POSITION_IDS, KVCache, prefill
+from nvlm_export.runtime.manifest import DECODER_GRAPH
+from nvlm_export.runtime.pipeline import Pipeline
+
+DEFAULT_STEPS = 16
+DEFAULT_REQUESTS = 4
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The accuracy budget: a quantized bundle outside it is refused unless --force."""
+
+    min_cosine: float  # every compared graph output, worst request
+    min_top1: float  # next-token agreement, teacher-forced, over all positions
+    max_kl: float  # mean KL(reference || quantized) per position, in nats
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+# Defaults per precision, met by the tiny random test checkpoints with a margin, while a broken
+# scale (a wrong axis, a missing channel) falls far outside them. INT4 weight-only moves logits
+# the most; FP8's 3 mantissa bits sit between INT4 and INT8. See docs/quantization.md.
+DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
+    "int8": Thresholds(min_cosine=0.98, min_top1=0.60, max_kl=0.15),
+    "fp8": Thresholds(min_cosine=0.97, min_top1=0.40, max_kl=0.30),
+    "int4": Thresholds(min_cosine=0.97, min_top1=0.30, max_kl=0.60),
+}
+
+
+@dataclass
+class OutputAccuracy:
+    """One graph output over all requests."""
+
+    graph: str
+    output: str
+    samples: int = 0
+    min_cosine: float = 1.0
+    mean_cosine: float = 0.0
+    max_rel_error: float = 0.0
+
+    def add(self, expected: np.ndarray, actual: np.ndarray) -> None:
+        result = compare(f"{self.graph}.{self.output}", expected, actual, atol=float("inf"))
+        self.mean_cosine = (self.mean_cosine * self.samples + result.cosine) / (self.samples + 1)
+        self.samples += 1
+        self.min_cosine = min(self.min_cosine, result.cosine)
+        self.max_rel_error = max(self.max_rel_error, result.max_rel)
+
+
+@dataclass
+class DecoderAccuracy:
+    positions: int = 0
+    top1_agreement: float = 0.0
+    mean_kl: float = 0.0
+    max_kl: float = 0.0
+    greedy_steps: int = 0
+    identical_greedy: list[int] = field(default_factory=list)  # per request
+
+    @property
+    def mean_identical(self) -> float:
+        return float(np.mean(self.identical_greedy)) if self.identical_greedy else 0.0
+
+
+@dataclass
+class AccuracyReport:
+    precision: str
+    requests: list[str]
+    outputs: list[OutputAccuracy]
+    decoder: DecoderAccuracy
+    thresholds: Thresholds
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["decoder"]["mean_identical_greedy"] = self.decoder.mean_identical
+        data["passed"] = self.passed
+        return data
+
+
+def measure_accuracy(
+    reference: Pipeline,
+    quantized: Pipeline,
+    requests: Sequence[Request],
+    *,
+    precision: str,
+    thresholds: Thresholds,
+    steps: int = DEFAULT_STEPS,
+) -> AccuracyReport:
+    """Compare `quantized` with `reference` on `requests`; see the module docstring."""
+    outputs: dict[tuple[str, str], OutputAccuracy] = {}
+    _compare_side_graphs(reference, quantized, outputs)
+    decoder = DecoderAccuracy(greedy_steps=steps)
+    top1_hits, kl_values = 0, []
+    for request in requests:
+        tokens, ref_logits = decode(reference, request, steps)
+        _, q_logits = decode(quantized, request, steps, forced=tokens)
+        top1_hits += int((q_logits.argmax(-1) == ref_logits.argmax(-1)).sum())
+        kl_values += list(kl_divergence(ref_logits, q_logits))
+        own, _ = decode(quantized, request, steps)
+        decoder.identical_greedy.append(common_prefix(tokens, own))
+    decoder.positions = len(kl_values)
+    decoder.top1_agreement = top1_hits / max(decoder.positions, 1)
+    decoder.mean_kl = float(np.mean(kl_values)) if kl_values else 0.0
+    decoder.max_kl = float(np.max(kl_values)) if kl_values else 0.0
+    report = AccuracyReport(
+        precision, [r.name for r in requests], list(outputs.values()), decoder, thresholds
+    )
+    report.failures = check_thresholds(report)
+    return report
+
+
+def check_thresholds(report: AccuracyReport) -> list[str]:
+    limits, failures = report.thresholds, []
+    for out in report.outputs:
+        if not out.min_cosine >= limits.min_cosine:
+            failures.append(
+                f"{out.graph}.{out.output} cosine {out.min_cosine:.4f} < {limits.min_cosine}"
+            )
+    if not report.decoder.top1_agreement >= limits.min_top1:
+        failures.append(f"top-1 agreement {report.decoder.top1_agreement:.3f} < {limits.min_top1}")
+    if not report.decoder.mean_kl <= limits.max_kl:
+        failures.append(f"mean KL {report.decoder.mean_kl:.4f} > {limits.max_kl}")
+    return failures
+
+
+def decode(
+    pipe: Pipeline, request: Request, steps: int, *, forced: Sequence[int] | None = None
+) -> tuple[list[int], np.ndarray]:
+    """Greedy (or, with `forced`, teacher-forced) decoding through the pipeline's own stages.
+
+    Returns the tokens and the logits [n, V] that predicted each of them. Greedy decoding stops at
+    an end-of-turn token, like `Pipeline.generate` at temperature 0.
+    """
+    prepared = pipe.prepare(request.prompt, [request.image])
+    inputs = pipe.decoder_inputs(prepared.prompt, pipe.encode_images(prepared.tilings))
+    cache = KVCache.from_spec(pipe.manifest.kv_cache)
+    decoder = pipe.runners[DECODER_GRAPH].infer
+    eos = set(pipe.manifest.tokenizer.eos_token_ids)
+    limit = min(
+        len(forced) if forced is not None else steps, cache.remaining - prepared.prompt.num_tokens
+    )
+    logits = [prefill(decoder, inputs.inputs_embeds, cache, extra_feeds=inputs.prefill_feeds)]
+    tokens: list[int] = []
+    while True:
+        token = int(forced[len(tokens)]) if forced is not None else int(np.argmax(logits[-1]))
+        tokens.append(token)
+        if len(tokens) >= limit or (forced is None and token in eos):
+            return tokens, np.stack(logits)
+        outputs = decoder(
+            {
+                INPUTS_EMBEDS: pipe.embed(np.array([[token]], dtype=np.int64)),  # (1, 1, D)
+                POSITION_IDS: np.array([[cache.length]], dtype=np.int64),  # (1, 1)
+                **cache.feeds(),
+                **inputs.decode_feeds,
+            }
+        )
+        cache.update(outputs)
+        logits.append(outputs[LOGITS][0])
+
+
+def kl_divergence(reference: np.ndarray, quantized: np.ndarray) -> np.ndarray:
+    """KL(softmax(reference) || softmax(quantized)) per row, in nats."""
+    log_p = _log_softmax(reference.astype(np.float64))
+    log_q = _log_softmax(quantized.astype(np.float64))
+    return (np.exp(log_p) * (log_p - log_q)).sum(-1)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+class _ComparingRunner:
+    """Runs the reference graph, feeds the same inputs to the quantized one, compares outputs."""
+
+    def __init__(self, name: str, reference: Any, quantized: Any, table: dict) -> None:
+        self.name, self.inner, self.quantized, self.table = name, reference, quantized, table
+        self.spec = reference.spec
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        expected = self.inner.infer(feeds)
+        actual = self.quantized.infer(feeds)
+        for output, value in expected.items():
+            key = (self.name, output)
+            self.table.setdefault(key, OutputAccuracy(self.name, output)).add(value, actual[output])
+        return expected
+
+    __call__ = infer
+
+
+def _compare_side_graphs(reference: Pipeline, quantized: Pipeline, table: dict) -> None:
+    for name, runner in list(reference.runners.items()):
+        if name != DECODER_GRAPH:
+            reference.runners[name] = _ComparingRunner(name, runner, quantized.runners[name], table)

@@ -1,0 +1,321 @@
+"""`build`: one command from a checkpoint to a deployable bundle, resumable stage by stage.
+
+    MODEL_DIR ──export──▶ work/export ──calibrate──▶ work/calib ──quantize──▶ OUT ──engines──▶ OUT
+    (fp16: export writes OUT directly; engines only with --backend tensorrt and TensorRT present)
+
+The work directory sits beside OUT (`.OUT.build/`) with `state.json`, which records every finished
+stage with a fingerprint of its inputs (the checkpoint's files, the images, the settings, the
+previous stage's fingerprint). A rerun skips a stage whose fingerprint and output are unchanged,
+so an interrupted build resumes where it stopped; changing an input redoes that stage and every
+stage after it. Target and precision are checked before any work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nvlm_export.errors import InputError
+from nvlm_export.export.accuracy import DEFAULT_REQUESTS, DEFAULT_STEPS
+
+STATE_FILE = "state.json"
+BUILD_PRECISIONS = ("fp16", "int8", "fp8", "int4")
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    precision: str
+    images: str | None = None
+    prompts: Path | None = None
+    target: str | None = None
+    backend: str = "onnxruntime"
+    max_samples: int = 16
+    seed: int = 0
+    decode_steps: int = 4
+    max_tiles: int | None = None
+    max_context: int | None = None
+    exclude: tuple[str, ...] = ()
+    force: bool = False
+    overwrite: bool = False
+    accuracy_requests: int = DEFAULT_REQUESTS
+    accuracy_steps: int = DEFAULT_STEPS
+
+    def __post_init__(self) -> None:
+        if self.precision not in BUILD_PRECISIONS:
+            raise InputError(
+                f"Unknown precision '{self.precision}'",
+                fix=f"Choose one of: {', '.join(BUILD_PRECISIONS)}",
+            )
+        if self.backend not in BACKENDS:
+            raise InputError(
+                f"Unknown backend '{self.backend}'", fix=f"Choose one of: {', '.join(BACKENDS)}"
+            )
+
+
+@dataclass
+class BuildReport:
+    bundle: Path
+    work_dir: Path
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    accuracy: dict[str, Any] | None = None
+    checkpoint_bytes: int = 0
+    bundle_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["bundle"], data["work_dir"] = str(self.bundle), str(self.work_dir)
+        return data
+
+
+def work_directory(out: Path) -> Path:
+    return out.parent / f".{out.name}.build"
+
+
+class BuildState:
+    """`state.json`: stage name -> {fingerprint, output}; saved after every finished stage."""
+
+    def __init__(self, work: Path) -> None:
+        self.path = work / STATE_FILE
+        self.stages: dict[str, dict[str, str]] = {}
+        if self.path.is_file():
+            self.stages = json.loads(self.path.read_text()).get("stages", {})
+
+    def is_done(self, stage: str, fingerprint: str, output: Path) -> bool:
+        entry = self.stages.get(stage)
+        return bool(entry and entry["fingerprint"] == fingerprint and _is_complete(output))
+
+    def mark_done(self, stage: str, fingerprint: str, output: Path) -> None:
+        self.stages[stage] = {"fingerprint": fingerprint, "output": str(output)}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"stages": self.stages}, indent=2) + "\n")
+        os.replace(tmp, self.path)
+
+
+def build(
+    model_dir: Path,
+    out: Path,
+    settings: BuildSettings,
+    *,
+    quiet: bool = False,
+    warn: Callable[[str], None] = print,
+) -> BuildReport:
+    """Export, calibrate, quantize and (with TensorRT) build engines; see the module docstring."""
+    target = _check_before_work(model_dir, out, settings)
+    work = work_directory(out)
+    work.mkdir(parents=True, exist_ok=True)
+    state = BuildState(work)
+    report = BuildReport(out, work, checkpoint_bytes=_tree_bytes(model_dir))
+    quantized = settings.precision != "fp16"
+    exported = work / "export" if quantized else out
+    runner = _StageRunner(state, report, quiet)
+
+    key = runner.run(
+        "export",
+        _fingerprint("export", _files_fingerprint(model_dir), _export_options(settings)),
+        exported,
+        lambda: _export(model_dir, exported, settings, quiet),
+    )
+    if quantized:
+        key = _calibrate_and_quantize(runner, key, exported, work, out, settings, quiet, warn)
+        report.accuracy = _read_accuracy(out)
+    _engines(runner, key, out, settings, target, report)
+    report.bundle_bytes = _tree_bytes(out)
+    return report
+
+
+class _StageRunner:
+    def __init__(self, state: BuildState, report: BuildReport, quiet: bool) -> None:
+        self.state, self.report, self.quiet = state, report, quiet
+
+    def run(self, stage: str, fingerprint: str, output: Path, work: Callable[[], object]) -> str:
+        if self.state.is_done(stage, fingerprint, output):
+            self.report.skipped.append(stage)
+        else:
+            work()
+            self.state.mark_done(stage, fingerprint, output)
+            self.report.ran.append(stage)
+        return fingerprint
+
+
+def _calibrate_and_quantize(
+    runner: _StageRunner,
+    key: str,
+    exported: Path,
+    work: Path,
+    out: Path,
+    settings: BuildSettings,
+    quiet: bool,
+    warn: Callable[[str], None],
+) -> str:
+    from nvlm_export.calibration.collect import CalibrationOptions, collect_calibration
+    from nvlm_export.export.quantize import QuantizeSettings, quantize_bundle
+
+    calib = work / "calib"
+    options = CalibrationOptions(
+        images=settings.images,
+        prompts=settings.prompts,
+        max_samples=settings.max_samples,
+        seed=settings.seed,
+        decode_steps=settings.decode_steps,
+    )
+    images = _images_fingerprint(settings.images) if settings.images else "builtin"
+    prompts = _file_hash(settings.prompts) if settings.prompts else "builtin"
+    needs_calibration = settings.precision != "int4"
+    if needs_calibration:
+        key = runner.run(
+            "calibrate",
+            _fingerprint("calibrate", key, images, prompts, asdict(options) | {"prompts": None}),
+            calib,
+            lambda: collect_calibration(
+                exported, calib, options, overwrite=True, warn=warn, progress=not quiet
+            ),
+        )
+    quantize = QuantizeSettings(
+        settings.precision,
+        exclude=settings.exclude,
+        force=settings.force,
+        overwrite=True,
+        accuracy_requests=settings.accuracy_requests,
+        accuracy_steps=settings.accuracy_steps,
+    )
+    return runner.run(
+        "quantize",
+        _fingerprint("quantize", key, asdict(quantize)),
+        out,
+        lambda: quantize_bundle(
+            exported, out, quantize, calib if needs_calibration else None, quiet=quiet, warn=warn
+        ),
+    )
+
+
+def _engines(
+    runner: _StageRunner,
+    key: str,
+    out: Path,
+    settings: BuildSettings,
+    target: Any,
+    report: BuildReport,
+) -> None:
+    if settings.backend != "tensorrt":
+        report.notes.append(
+            "stopped after the ONNX bundle (--backend onnxruntime); build engines on the target "
+            f"with: nvlm-export engine {out} --target TARGET"
+        )
+        return
+    from nvlm_export.export.engine_build import installed_tensorrt_version
+
+    version = installed_tensorrt_version()
+    if version is None:
+        report.notes.append(
+            "TensorRT is not installed here, so the build stopped after the ONNX bundle; on the "
+            f"target run: nvlm-export engine {out} --target {settings.target or 'auto'}"
+        )
+        return
+
+    def build_engines_now() -> None:
+        from nvlm_export.export.engine_build import build_engines
+        from nvlm_export.export.engine_plan import PlanOptions, plan_build
+        from nvlm_export.runtime.manifest import load_manifest
+
+        manifest = load_manifest(out)
+        plan = plan_build(manifest, target, PlanOptions(tensorrt_version=version))
+        build_engines(out, manifest, plan, overwrite=True)
+
+    runner.run("engines", _fingerprint("engines", key, version, target.sm), out, build_engines_now)
+
+
+def _check_before_work(model_dir: Path, out: Path, settings: BuildSettings) -> Any:
+    """Target, precision and paths, before any stage runs. Returns the resolved target (or None)."""
+    from nvlm_export.export.bundle import check_output_path
+    from nvlm_export.export.targets import check_precision, resolve_target
+
+    if not Path(model_dir).is_dir():
+        raise InputError(f"Checkpoint '{model_dir}' is not a directory", fix="Pass MODEL_DIR")
+    target = None
+    name = settings.target
+    if name is None and settings.backend == "tensorrt":
+        from nvlm_export.export.engine_build import installed_tensorrt_version
+
+        name = "auto" if installed_tensorrt_version() else None
+    if name is not None:
+        target = resolve_target(name)
+        check_precision(target, settings.precision)
+    state = BuildState(work_directory(out))
+    if not any(Path(e["output"]) == out for e in state.stages.values()):
+        check_output_path(out, settings.overwrite)
+    return target
+
+
+def _export(model_dir: Path, bundle: Path, settings: BuildSettings, quiet: bool) -> None:
+    from nvlm_export.export.bundle import ExportSettings, export_bundle
+
+    options = _export_options(settings)
+    export_bundle(model_dir, bundle, ExportSettings(**options, overwrite=True), quiet=quiet)
+
+
+def _export_options(settings: BuildSettings) -> dict[str, Any]:
+    # Quantization starts from fp32 graphs (calibration and Q/DQ on full-precision weights).
+    dtype = "fp16" if settings.precision == "fp16" else "fp32"
+    return {"dtype": dtype, "max_tiles": settings.max_tiles, "max_context": settings.max_context}
+
+
+def _read_accuracy(bundle: Path) -> dict[str, Any] | None:
+    from nvlm_export.export.quantize import ACCURACY_FILE
+
+    path = bundle / ACCURACY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# --- fingerprints -------------------------------------------------------------------------------
+
+
+def _fingerprint(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _files_fingerprint(root: Path) -> str:
+    """Relative path, size and modification time of every file under `root` (or of `root`)."""
+    root = Path(root)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    entries = [
+        (
+            str(p.relative_to(root)) if root.is_dir() else str(p),
+            p.stat().st_size,
+            p.stat().st_mtime_ns,
+        )
+        for p in files
+        if p.exists()
+    ]
+    return _fingerprint(entries)
+
+
+def _images_fingerprint(spec: str) -> str:
+    from nvlm_export.calibration.collect import find_images
+
+    files = find_images(spec)
+    return _fingerprint([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _is_complete(output: Path) -> bool:
+    from nvlm_export.calibration.dataset import CALIBRATION_MANIFEST
+    from nvlm_export.runtime.manifest import MANIFEST_NAME
+
+    return (output / MANIFEST_NAME).is_file() or (output / CALIBRATION_MANIFEST).is_file()
+
+
+def _tree_bytes(root: Path) -> int:
+    root = Path(root)
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0

@@ -1,0 +1,312 @@
+"""`quantize_bundle`: a bundle and its calibration set in, a quantized bundle out.
+
+    bundle + calib ──Q/DQ per graph (export/qdq.py)──▶ staging/{vision,decoder,...}.onnx
+                   └──copy──▶ embedding table, tokenizer; manifest with per-graph quantization
+    staging vs bundle on held-out requests ──▶ accuracy.json (export/accuracy.py)
+
+The output is written into a hidden staging directory and moved into place only when the accuracy
+report is within its thresholds (or --force), so a failed run leaves nothing that looks like a
+bundle. Which precision a component may take is declared in `COMPONENT_PRECISIONS`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from nvlm_export.calibration.collect import held_out_requests
+from nvlm_export.calibration.dataset import CalibrationSet
+from nvlm_export.errors import InputError, ValidationError
+from nvlm_export.export.accuracy import (
+    DEFAULT_REQUESTS,
+    DEFAULT_STEPS,
+    DEFAULT_THRESHOLDS,
+    AccuracyReport,
+    Thresholds,
+    measure_accuracy,
+)
+from nvlm_export.export.bundle import check_output_path, replace_output, staging_directory
+from nvlm_export.progress import Stages
+from nvlm_export.runtime.manifest import (
+    CROSS_KV_GRAPH,
+    DECODER_GRAPH,
+    VISION_GRAPH,
+    GraphSpec,
+    Manifest,
+    load_manifest,
+)
+
+PRECISIONS = ("int8", "fp8", "int4")
+ACCURACY_FILE = "accuracy.json"
+
+# Which precisions each component may take. INT4 is weight-only, which pays off where GEMMs are
+# memory-bound (the decoder's one-token steps, the cross key/value projections); the ViT runs
+# 256+ tokens per tile through compute-bound GEMMs, where INT4 weights buy nothing on TensorRT.
+COMPONENT_PRECISIONS: dict[str, tuple[str, ...]] = {
+    VISION_GRAPH: ("int8", "fp8"),
+    DECODER_GRAPH: ("int8", "fp8", "int4"),
+    CROSS_KV_GRAPH: ("int8", "fp8", "int4"),
+}
+# Kept in float unless the user asks otherwise: the output projection decides every token and
+# its logits feed sampling directly (the embedding table is outside the graphs already).
+DEFAULT_EXCLUDES: dict[str, tuple[str, ...]] = {DECODER_GRAPH: ("lm_head",)}
+METHODS = {
+    "int8": "static Q/DQ: int8 symmetric, per-channel weights, per-tensor activations (MinMax)",
+    "fp8": "static Q/DQ: fp8 e4m3fn, amax scales, per-channel weights, per-tensor activations",
+    "int4": "weight-only Q/DQ: int4 symmetric, block-wise along input channels",
+}
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    precision: str
+    components: tuple[str, ...] | None = None  # None: every graph that supports the precision
+    exclude: tuple[str, ...] = ()
+    thresholds: Thresholds | None = None  # None: DEFAULT_THRESHOLDS[precision]
+    accuracy_requests: int = DEFAULT_REQUESTS
+    accuracy_steps: int = DEFAULT_STEPS
+    force: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise InputError(
+                f"Unknown quantization precision '{self.precision}'",
+                fix=f"Choose one of: {', '.join(PRECISIONS)}",
+            )
+
+    @property
+    def budget(self) -> Thresholds:
+        return self.thresholds or DEFAULT_THRESHOLDS[self.precision]
+
+
+@dataclass
+class QuantizeReport:
+    bundle: Path
+    manifest: Manifest
+    accuracy: AccuracyReport
+    quantized: list[str]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def bundle_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.bundle.rglob("*") if p.is_file())
+
+
+def plan_components(manifest: Manifest, settings: QuantizeSettings) -> list[str]:
+    """The graphs to quantize; refuses a component that cannot take the precision."""
+    if settings.components is None:
+        return [g for g in manifest.graphs if settings.precision in COMPONENT_PRECISIONS.get(g, ())]
+    for name in settings.components:
+        manifest.graph(name)  # BundleError for a graph the bundle does not have
+        supported = COMPONENT_PRECISIONS.get(name, ())
+        if settings.precision not in supported:
+            raise InputError(
+                f"Unsupported precision for a component: {name} cannot be quantized to "
+                f"{settings.precision}",
+                why=f"{name} supports {', '.join(supported) or 'no quantization'}",
+                fix=f"Drop {name} from --components or choose "
+                + " or ".join(f"--precision {p}" for p in supported),
+            )
+    return list(dict.fromkeys(settings.components))
+
+
+def quantize_bundle(
+    bundle: Path,
+    out: Path,
+    settings: QuantizeSettings,
+    calibration: Path | None,
+    *,
+    quiet: bool = False,
+    warn: Callable[[str], None] = print,
+) -> QuantizeReport:
+    """Quantize `bundle` into `out`; raise (leaving nothing at `out`) on failure."""
+    check_output_path(out, settings.overwrite)
+    manifest = load_manifest(bundle)
+    _check_source(manifest, bundle)
+    components = plan_components(manifest, settings)
+    calib = _open_calibration(calibration, manifest, bundle, settings.precision, components)
+    title = f"Quantizing {bundle} → {out} ({settings.precision})"
+    with Stages(title, quiet=quiet) as stages, staging_directory(out) as staging:
+        _copy_side_files(bundle, staging, manifest)
+        graphs = dict(manifest.graphs)
+        for name in components:
+            with stages.stage(f"{name} graph"):
+                graphs[name] = _quantize_graph(bundle, staging, name, manifest, settings, calib)
+            stages.note(f"{name}: {_summary(graphs[name])}")
+        for name in set(manifest.graphs) - set(components):
+            _copy_graph(bundle, staging, manifest.graphs[name].file)
+        quantized = replace(manifest, graphs=graphs, precision=settings.precision, engines={})
+        quantized.save(staging)
+        with stages.stage("accuracy on held-out requests"):
+            accuracy = _accuracy(bundle, staging, calib, settings, warn)
+        (staging / ACCURACY_FILE).write_text(json.dumps(accuracy.to_dict(), indent=2) + "\n")
+        _enforce_budget(accuracy, settings, warn)
+        replace_output(staging, out)
+    return QuantizeReport(out, quantized, accuracy, components, dict(stages.seconds))
+
+
+# --- steps ------------------------------------------------------------------------------------
+
+
+def _check_source(manifest: Manifest, bundle: Path) -> None:
+    if manifest.precision in PRECISIONS:
+        raise InputError(
+            f"Bundle '{bundle}' is already quantized ({manifest.precision})",
+            fix="Quantize the unquantized bundle it came from",
+        )
+
+
+def _open_calibration(
+    path: Path | None, manifest: Manifest, bundle: Path, precision: str, components: Sequence[str]
+) -> CalibrationSet | None:
+    if path is None:
+        if precision == "int4":
+            return None  # weight-only: no activation ranges needed
+        raise InputError(
+            f"--precision {precision} needs a calibration set (activation ranges)",
+            fix=f"Run nvlm-export calibrate {bundle} -o CALIB, then pass --calib CALIB",
+        )
+    calib = CalibrationSet.open(path)
+    calib.check_matches(manifest, bundle)
+    if precision != "int4":
+        for name in components:
+            if calib.count(name) == 0:
+                raise InputError(
+                    f"Calibration set '{path}' has no samples for the {name} graph",
+                    fix="Record it again with nvlm-export calibrate",
+                )
+    return calib
+
+
+def _quantize_graph(
+    bundle: Path,
+    staging: Path,
+    name: str,
+    manifest: Manifest,
+    settings: QuantizeSettings,
+    calib: CalibrationSet | None,
+) -> GraphSpec:
+    import onnx
+
+    from nvlm_export.export import qdq
+
+    graph = manifest.graphs[name]
+    source = bundle / graph.file
+    nodes = qdq.quantizable_nodes(onnx.load(str(source), load_external_data=False))
+    patterns = (*DEFAULT_EXCLUDES.get(name, ()), *settings.exclude)
+    excluded = qdq.select_excluded(nodes, patterns)
+    names = [n.name for n in excluded]
+    record: dict[str, Any] = {
+        "method": METHODS[settings.precision],
+        "library": _library(),
+        "quantized_ops": list(qdq.QUANTIZABLE_OPS),
+        "quantized_nodes": len(nodes) - len(excluded),
+        "exclude_patterns": list(patterns),
+        "excluded_nodes": [n.to_dict() for n in excluded],
+    }
+    if settings.precision == "int4":
+        kept = [n for n in nodes if n.name not in set(names) and n.op_type == "MatMul"]
+        block = qdq.int4_block_size(onnx.load(str(source)), kept)
+        qdq.quantize_int4_graph(source, staging / graph.file, exclude=names, block_size=block)
+        record["block_size"] = block
+        record["quantized_nodes"] = len(kept)
+    else:
+        assert calib is not None
+        qdq.quantize_static_graph(
+            source,
+            staging / graph.file,
+            calib.samples(name),
+            precision=settings.precision,
+            exclude=names,
+        )
+    if calib is not None:
+        record["calibration"] = {
+            "path": str(calib.directory.resolve()),
+            "bundle_fingerprint": calib.info.bundle_fingerprint,
+            "seed": calib.info.seed,
+            "requests": calib.info.requests,
+            "samples": calib.count(name),
+            "source": calib.info.source,
+        }
+    return replace(graph, precision=settings.precision, quantization=record)
+
+
+def _accuracy(
+    bundle: Path,
+    staging: Path,
+    calib: CalibrationSet | None,
+    settings: QuantizeSettings,
+    warn: Callable[[str], None],
+) -> AccuracyReport:
+    from nvlm_export.calibration.dataset import CalibrationInfo
+    from nvlm_export.runtime.pipeline import Pipeline
+
+    info = calib.info if calib else CalibrationInfo("", "", 0, 0, 0, "builtin")
+    requests = held_out_requests(info, settings.accuracy_requests, warn)
+    return measure_accuracy(
+        Pipeline.load(bundle),
+        Pipeline.load(staging),
+        requests,
+        precision=settings.precision,
+        thresholds=settings.budget,
+        steps=settings.accuracy_steps,
+    )
+
+
+def _enforce_budget(
+    report: AccuracyReport, settings: QuantizeSettings, warn: Callable[[str], None]
+) -> None:
+    if report.passed:
+        return
+    if settings.force:
+        warn(f"accuracy outside the budget, kept because of --force: {'; '.join(report.failures)}")
+        return
+    raise ValidationError(
+        f"The {settings.precision} bundle is less accurate than allowed",
+        why="; ".join(report.failures),
+        fix="Exclude sensitive layers (--exclude), calibrate on domain images, relax the "
+        "thresholds, or pass --force to keep it",
+    )
+
+
+def _copy_side_files(bundle: Path, staging: Path, manifest: Manifest) -> None:
+    """The embedding table and tokenizer files, unchanged."""
+    names = [manifest.embedding.file, manifest.tokenizer.file, *manifest.tokenizer.config_files]
+    for name in names:
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(bundle / name, staging / name)
+
+
+def _copy_graph(bundle: Path, staging: Path, file: str) -> None:
+    """A graph kept at source precision, with its external data files."""
+    import onnx
+
+    model = onnx.load(str(bundle / file), load_external_data=False)
+    data = {
+        entry.value
+        for tensor in model.graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    for name in (file, *data):
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(bundle / name, staging / name)
+
+
+def _library() -> str:
+    import onnxruntime
+
+    return f"onnxruntime.quantization {onnxruntime.__version__}"
+
+
+def _summary(graph: GraphSpec) -> str:
+    q = graph.quantization or {}
+    block = f", block {q['block_size']}" if "block_size" in q else ""
+    return (
+        f"{q.get('quantized_nodes', 0)} nodes {graph.precision}{block}, "
+        f"{len(q.get('excluded_nodes', []))} kept in float"
+    )

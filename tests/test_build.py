@@ -1,0 +1,87 @@
+"""`build`: checkpoint -> export -> calibrate -> quantize, resumable, checked before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nvlm_export.errors import InputError
+from nvlm_export.export import quantize as quantize_module
+from nvlm_export.export.build import STATE_FILE, BuildSettings, build, work_directory
+from nvlm_export.models.tiny import make_tiny_checkpoint
+from nvlm_export.runtime.manifest import load_manifest
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+def settings(**kwargs: object) -> BuildSettings:
+    # Budget checks are covered by test_quantize; here a flat-logit tiny model must not flake.
+    base: dict[str, object] = dict(
+        precision="int8",
+        max_samples=1,
+        decode_steps=1,
+        max_tiles=6,
+        accuracy_requests=1,
+        accuracy_steps=4,
+        force=True,
+    )
+    return BuildSettings(**{**base, **kwargs})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(2)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    make_tiny_checkpoint(path, "nvlm-d", seed=0)
+    return path
+
+
+def test_interrupted_build_resumes_and_finished_stages_are_not_redone(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "bundle-int8"
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(quantize_module, "quantize_bundle", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            build(checkpoint, out, settings(), quiet=True, warn=quiet)
+    assert not out.exists()
+    state = json.loads((work_directory(out) / STATE_FILE).read_text())["stages"]
+    assert sorted(state) == ["calibrate", "export"]
+
+    report = build(checkpoint, out, settings(), quiet=True, warn=quiet)
+    assert (report.ran, report.skipped) == (["quantize"], ["export", "calibrate"])
+    assert load_manifest(out).precision == "int8"
+    assert report.accuracy is not None and report.bundle_bytes > 0
+
+    again = build(checkpoint, out, settings(backend="tensorrt"), quiet=True, warn=quiet)
+    assert (again.ran, again.skipped) == ([], ["export", "calibrate", "quantize"])
+    assert any("TensorRT is not installed" in note for note in again.notes)
+
+    changed = build(checkpoint, out, settings(exclude=("*mlp.down_proj",)), quiet=True, warn=quiet)
+    assert (changed.ran, changed.skipped) == (["quantize"], ["export", "calibrate"])
+
+
+def test_target_and_precision_are_checked_before_any_work(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bundle-fp8"
+    with pytest.raises(InputError, match="cannot run FP8"):
+        build(checkpoint, out, settings(precision="fp8", target="orin"), quiet=True)
+    assert not work_directory(out).exists() and not out.exists()
+    with pytest.raises(InputError, match="Unknown precision"):
+        settings(precision="int2")
+
+
+def test_build_refuses_to_overwrite_a_foreign_bundle(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not a bundle"):
+        build(checkpoint, out, settings(), quiet=True)

@@ -1,0 +1,154 @@
+"""Calibration sets: recorded from the real runtime, deterministic, streamed, tied to a bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nvlm_export.calibration import CalibrationOptions, CalibrationSet, collect_calibration
+from nvlm_export.calibration.builtin import builtin_image
+from nvlm_export.errors import BundleError, InputError
+from nvlm_export.export.bundle import ExportSettings, export_bundle
+from nvlm_export.export.quantize import QuantizeSettings, quantize_bundle
+from nvlm_export.models.tiny import make_tiny_checkpoint
+from nvlm_export.runtime.manifest import DECODER_GRAPH, VISION_GRAPH
+
+FAST = CalibrationOptions(max_samples=2, seed=0, decode_steps=2)
+
+
+def tiny_bundle(factory: pytest.TempPathFactory, layout: str) -> Path:
+    """A tiny bundle per layout, exported once per test session (shared by the quantize tests)."""
+    root = factory.getbasetemp() / "tiny-bundles" / layout
+    if not (root / "bundle" / "manifest.json").is_file():
+        torch.set_num_threads(2)
+        make_tiny_checkpoint(root / "ckpt", layout, seed=0)
+        settings = ExportSettings(max_tiles=6, validate=False)
+        export_bundle(root / "ckpt", root / "bundle", settings, quiet=True)
+    return root / "bundle"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_bundle(tmp_path_factory, "nvlm-d")
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+def write_images(folder: Path, count: int, *, size: tuple[int, int] = (500, 400)) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        path = folder / f"img{index}.png"
+        builtin_image(index, seed=7).resize(size).save(path)
+        paths.append(path)
+    return paths
+
+
+def collect(bundle: Path, out: Path, options: CalibrationOptions = FAST) -> CalibrationSet:
+    return collect_calibration(bundle, out, options, warn=quiet, progress=False)
+
+
+def test_records_every_graph_call_of_real_requests(bundle: Path, tmp_path: Path) -> None:
+    calib = collect(bundle, tmp_path / "calib")
+    info = calib.info
+    assert info.requests == 2 and info.source == "builtin"
+    # One vision call per image; a prefill plus up to 2 decode steps per request.
+    assert calib.count(VISION_GRAPH) == 2
+    assert 2 <= calib.count(DECODER_GRAPH) <= 2 * 3
+    decoder = list(calib.samples(DECODER_GRAPH))
+    prefill, step = decoder[0], decoder[1]
+    assert prefill["inputs_embeds"].shape[1] > 256  # the prompt holds a tile's image tokens
+    assert prefill["past_key_values.0.key"].shape[2] == 0
+    assert step["inputs_embeds"].shape[1] == 1
+    assert step["past_key_values.0.key"].shape[2] == prefill["inputs_embeds"].shape[1]
+    # Image features were spliced in: some prompt rows are not rows of the embedding table.
+    table = np.load(bundle / "embed_tokens.npy")
+    rows = prefill["inputs_embeds"][0]
+    assert not all(np.isclose(table, row).all(axis=1).any() for row in rows[:400])
+    pixel = next(calib.samples(VISION_GRAPH))["pixel_values"]
+    assert pixel.shape[1:] == (3, 448, 448) and pixel.dtype == np.float32
+
+
+def test_same_seed_same_set_and_samples_stream_from_disk(bundle: Path, tmp_path: Path) -> None:
+    first = collect(bundle, tmp_path / "a")
+    second = collect(bundle, tmp_path / "b")
+    other = collect(
+        bundle, tmp_path / "c", CalibrationOptions(max_samples=2, seed=1, decode_steps=2)
+    )
+    assert first.info.images == second.info.images != other.info.images
+    for a, b in zip(first.samples(VISION_GRAPH), second.samples(VISION_GRAPH), strict=True):
+        np.testing.assert_array_equal(a["pixel_values"], b["pixel_values"])
+    first_pixels = next(first.samples(VISION_GRAPH))["pixel_values"]
+    other_pixels = next(other.samples(VISION_GRAPH))["pixel_values"]
+    assert first_pixels.shape != other_pixels.shape or not np.array_equal(
+        first_pixels, other_pixels
+    )
+    # One file per sample, read lazily: memory holds one sample at a time.
+    files = sorted((tmp_path / "a" / DECODER_GRAPH).glob("*.npz"))
+    assert len(files) == first.count(DECODER_GRAPH)
+    assert first.info.graphs[DECODER_GRAPH].bytes == sum(f.stat().st_size for f in files)
+    samples = first.samples(DECODER_GRAPH)
+    assert iter(samples) is samples
+
+
+def test_unreadable_images_are_skipped_and_counted(bundle: Path, tmp_path: Path) -> None:
+    write_images(tmp_path / "imgs", 2)
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"not a jpeg")
+    options = CalibrationOptions(images=str(tmp_path / "imgs"), max_samples=8, decode_steps=0)
+    warnings: list[str] = []
+    calib = collect_calibration(
+        bundle, tmp_path / "calib", options, warn=warnings.append, progress=False
+    )
+    assert calib.info.requests == 2
+    assert [Path(s["image"]).name for s in calib.info.skipped] == ["broken.jpg"]
+    assert any("broken.jpg" in w for w in warnings)
+
+
+def test_empty_or_all_bad_folder_is_an_error(bundle: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="matches no image files"):
+        collect(bundle, tmp_path / "out", CalibrationOptions(images=str(tmp_path / "empty")))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.png").write_bytes(b"garbage")
+    with pytest.raises(InputError, match="No usable calibration images"):
+        collect(bundle, tmp_path / "out", CalibrationOptions(images=str(tmp_path / "bad")))
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_five_images_keep_one_held_out_for_accuracy(bundle: Path, tmp_path: Path) -> None:
+    write_images(tmp_path / "imgs", 5)
+    options = CalibrationOptions(images=str(tmp_path / "imgs"), max_samples=8, decode_steps=0)
+    info = collect(bundle, tmp_path / "calib", options).info
+    assert len(info.held_out) == 1 and info.requests == 4
+    assert not set(info.held_out) & set(info.images)
+
+
+def test_quantize_refuses_a_calibration_set_of_another_bundle(
+    bundle: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    other = tiny_bundle(tmp_path_factory, "internvl")
+    collect(other, tmp_path / "calib", CalibrationOptions(max_samples=1, decode_steps=0))
+    with pytest.raises(BundleError, match="recorded on another bundle"):
+        quantize_bundle(
+            bundle, tmp_path / "q", QuantizeSettings("int8"), tmp_path / "calib", quiet=True
+        )
+    assert not (tmp_path / "q").exists()
+
+
+def test_not_a_calibration_set(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="not a calibration set"):
+        CalibrationSet.open(tmp_path)
+
+
+def test_builtin_images_are_deterministic() -> None:
+    a, b = builtin_image(3, seed=5), builtin_image(3, seed=5)
+    assert isinstance(a, Image.Image) and a.size == (1344, 896)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(builtin_image(3, seed=6)))

@@ -1,0 +1,251 @@
+"""Quantized bundles: the Q/DQ pattern TensorRT builds, ORT runs them, accuracy within budget."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, numpy_helper
+from test_calibration import tiny_bundle
+from typer.testing import CliRunner
+
+from nvlm_export.calibration import CalibrationOptions, collect_calibration
+from nvlm_export.errors import InputError, ValidationError
+from nvlm_export.export.accuracy import Thresholds
+from nvlm_export.export.lint import lint_model
+from nvlm_export.export.quantize import (
+    ACCURACY_FILE,
+    COMPONENT_PRECISIONS,
+    QuantizeSettings,
+    quantize_bundle,
+)
+from nvlm_export.runtime.manifest import DECODER_GRAPH, VISION_GRAPH, load_manifest
+from nvlm_export.runtime.pipeline import Pipeline
+
+LAYOUTS = ("nvlm-d", "internvl", "nvlm-x")  # nvlm-h: same graphs as nvlm-x
+PRECISIONS = ("int8", "fp8", "int4")
+QDQ = ("QuantizeLinear", "DequantizeLinear")
+FLOAT_ONLY = ("Add", "Softmax", "LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Mul", "Div")
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+def fast(precision: str, **kwargs: object) -> QuantizeSettings:
+    return QuantizeSettings(precision, accuracy_requests=2, accuracy_steps=8, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, Path]]:
+    cache: dict[str, tuple[Path, Path]] = {}
+
+    def get(layout: str) -> tuple[Path, Path]:
+        if layout not in cache:
+            bundle = tiny_bundle(tmp_path_factory, layout)
+            calib = tmp_path_factory.mktemp(f"calib-{layout}") / "calib"
+            options = CalibrationOptions(max_samples=2, decode_steps=2)
+            collect_calibration(bundle, calib, options, warn=quiet, progress=False)
+            cache[layout] = (bundle, calib)
+        return cache[layout]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def quantized(
+    sources: Callable[[str], tuple[Path, Path]], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str, str], Path]:
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(layout: str, precision: str) -> Path:
+        if (layout, precision) not in cache:
+            bundle, calib = sources(layout)
+            out = tmp_path_factory.mktemp(f"{layout}-{precision}") / "bundle"
+            quantize_bundle(
+                bundle, out, fast(precision), calib if precision != "int4" else None, quiet=True
+            )
+            cache[layout, precision] = out
+        return cache[layout, precision]
+
+    return get
+
+
+class Graph:
+    """A quantized ONNX graph, with the questions the tests ask of it."""
+
+    def __init__(self, path: Path) -> None:
+        self.model = onnx.load(str(path))
+        self.inits = {t.name: t for t in self.model.graph.initializer}
+        self.producer = {o: n for n in self.model.graph.node for o in n.output}
+        self.nodes = list(self.model.graph.node)
+
+    def qdq(self) -> list[onnx.NodeProto]:
+        return [n for n in self.nodes if n.op_type in QDQ]
+
+    def dequantized_inputs(self, node: onnx.NodeProto) -> list[str]:
+        return [i for i in node.input if i in self.producer and self.producer[i].op_type in QDQ]
+
+    def attr(self, node: onnx.NodeProto, name: str, default: int) -> int:
+        return next((int(a.i) for a in node.attribute if a.name == name), default)
+
+    def weight_dqs(self) -> list[onnx.NodeProto]:
+        return [
+            n for n in self.nodes if n.op_type == "DequantizeLinear" and n.input[0] in self.inits
+        ]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_quantized_bundle_runs_and_has_the_tensorrt_qdq_pattern(
+    quantized: Callable[[str, str], Path], layout: str, precision: str
+) -> None:
+    out = quantized(layout, precision)
+    manifest = load_manifest(out)
+    assert manifest.precision == precision and manifest.engines == {}
+    expected = {n for n in manifest.graphs if precision in COMPONENT_PRECISIONS[n]}
+    assert DECODER_GRAPH in expected and (VISION_GRAPH in expected) == (precision != "int4")
+    assert {n for n, g in manifest.graphs.items() if g.quantization} == expected
+    for name, spec in manifest.graphs.items():
+        graph = Graph(out / spec.file)
+        if spec.quantization is None:
+            assert not graph.qdq(), f"{name} is not quantized but has Q/DQ"
+            continue
+        record = spec.quantization
+        assert record["library"].startswith("onnxruntime.quantization")
+        check_qdq(graph, precision, record)
+        findings = lint_model(graph.model, graph=name, base_dir=out / spec.file)
+        assert not [f for f in findings if f.code.startswith("qdq") or f.code == "dtype"]
+    excluded = manifest.graph(DECODER_GRAPH).quantization["excluded_nodes"]  # type: ignore[index]
+    assert [n["module"] for n in excluded] == ["lm_head"]
+    # ONNX Runtime runs the quantized bundle through the normal pipeline.
+    pipe = Pipeline.load(out)
+    image = np.full((400, 500, 3), 128, dtype=np.uint8)
+    result = pipe.generate("What is this?", [image], max_new_tokens=3).run()
+    assert 1 <= len(result.token_ids) <= 3
+    accuracy = json.loads((out / ACCURACY_FILE).read_text())
+    assert accuracy["passed"], accuracy["failures"]
+    assert accuracy["decoder"]["positions"] >= 1
+
+
+def check_qdq(graph: Graph, precision: str, record: dict) -> None:
+    for node in graph.qdq():
+        zero = graph.inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if zero is not None:
+            assert not numpy_helper.to_array(zero).astype(np.float32).any(), "zero point != 0"
+            want = {"int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}.get(precision)
+            assert want is None or zero.data_type == want
+        for consumer in (n for n in graph.nodes if set(n.input) & set(node.output)):
+            if node.op_type == "DequantizeLinear":
+                # ONNX Runtime points a graph input's Shape reader at its DQ: same shape, no math.
+                assert consumer.op_type in ("MatMul", "Gemm", "Conv", "Shape"), consumer.op_type
+    for node in graph.nodes:
+        if node.op_type in FLOAT_ONLY:
+            assert not graph.dequantized_inputs(node), f"{node.op_type} input is quantized"
+    weights = graph.weight_dqs()
+    assert len(weights) == record["quantized_nodes"] > 0
+    for dq in weights:
+        weight = graph.inits[dq.input[0]]
+        scale = numpy_helper.to_array(graph.inits[dq.input[1]])
+        consumer = next(n for n in graph.nodes if dq.output[0] in n.input)
+        if precision == "int4":
+            assert weight.data_type == TensorProto.INT4
+            assert graph.attr(dq, "block_size", 0) == record["block_size"]
+            assert weight.dims[0] % record["block_size"] == 0 and graph.attr(dq, "axis", 1) == 0
+            continue
+        want = TensorProto.INT8 if precision == "int8" else TensorProto.FLOAT8E4M3FN
+        assert weight.data_type == want
+        # Per output channel: MatMul [K, N] axis 1, Conv [O, I, kh, kw] and Gemm transB axis 0.
+        axis = graph.attr(dq, "axis", 1)
+        assert axis == (1 if consumer.op_type == "MatMul" else 0)
+        assert scale.size == weight.dims[axis] > 1
+    activations = [n for n in graph.qdq() if n.input[0] not in graph.inits]
+    if precision == "int4":
+        assert not activations  # weight-only
+    else:
+        assert activations
+        for node in activations:
+            assert numpy_helper.to_array(graph.inits[node.input[1]]).size == 1  # per tensor
+    if precision in ("fp8", "int4"):
+        assert graph.model.opset_import[0].version >= (19 if precision == "fp8" else 21)
+
+
+def test_exclude_keeps_matching_nodes_in_float(
+    sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
+) -> None:
+    bundle, _ = sources("nvlm-d")
+    settings = fast("int4", exclude=("*mlp.down_proj",))
+    quantize_bundle(bundle, tmp_path / "q", settings, None, quiet=True)
+    spec = load_manifest(tmp_path / "q").graph(DECODER_GRAPH)
+    modules = [n["module"] for n in spec.quantization["excluded_nodes"]]  # type: ignore[index]
+    assert sorted(modules) == ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj", "lm_head"]
+    graph = Graph(tmp_path / "q" / spec.file)
+    excluded = {n["node"] for n in spec.quantization["excluded_nodes"]}  # type: ignore[index]
+    for node in graph.nodes:
+        if node.name in excluded:
+            assert not graph.dequantized_inputs(node)
+
+
+def test_int4_vision_is_an_unsupported_component(
+    sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
+) -> None:
+    bundle, _ = sources("nvlm-d")
+    with pytest.raises(InputError, match="Unsupported precision for a component"):
+        quantize_bundle(bundle, tmp_path / "q", fast("int4", components=("vision",)), None)
+    assert not (tmp_path / "q").exists()
+
+
+def test_cli_reports_unsupported_component(
+    sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
+) -> None:
+    import typer
+
+    from nvlm_export.commands.quantize import quantize
+
+    app = typer.Typer()
+    app.command()(quantize)
+    app.command("other")(lambda: None)  # two commands: Typer keeps `quantize` as a subcommand
+    bundle, _ = sources("nvlm-d")
+    args = [
+        "quantize",
+        str(bundle),
+        "-p",
+        "int4",
+        "--components",
+        "vision",
+        "-o",
+        str(tmp_path / "q"),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0
+    assert isinstance(result.exception, InputError)
+
+
+def test_accuracy_outside_budget_leaves_no_bundle_unless_forced(
+    sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
+) -> None:
+    bundle, _ = sources("nvlm-d")
+    impossible = Thresholds(min_cosine=1.01, min_top1=0.0, max_kl=1.0)
+    with pytest.raises(ValidationError, match="cosine"):
+        quantize_bundle(
+            bundle, tmp_path / "q", fast("int4", thresholds=impossible), None, quiet=True
+        )
+    assert not (tmp_path / "q").exists() and not list(tmp_path.iterdir())
+    forced = fast("int4", thresholds=impossible, force=True)
+    quantize_bundle(bundle, tmp_path / "q", forced, None, quiet=True, warn=quiet)
+    report = json.loads((tmp_path / "q" / ACCURACY_FILE).read_text())
+    assert report["passed"] is False and report["failures"]
+    with pytest.raises(InputError, match="already exists"):
+        quantize_bundle(bundle, tmp_path / "q", forced, None, quiet=True)
+
+
+def test_int8_needs_a_calibration_set(
+    sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
+) -> None:
+    bundle, _ = sources("nvlm-d")
+    with pytest.raises(InputError, match="needs a calibration set"):
+        quantize_bundle(bundle, tmp_path / "q", fast("int8"), None)
