@@ -11,11 +11,9 @@ import torch
 from PIL import Image
 
 from nvlm_export.export.architectures import architecture_for_layout
-from nvlm_export.export.bundle import ExportSettings, export_bundle
 from nvlm_export.export.cross import cross_kv_names
 from nvlm_export.export.reference import TorchReference
 from nvlm_export.models.checkpoint import load_checkpoint
-from nvlm_export.models.tiny import make_tiny_checkpoint
 from nvlm_export.runtime.manifest import CROSS_ATTENTION_MASK, CROSS_KV_GRAPH, DECODER_GRAPH
 from nvlm_export.runtime.pipeline import Pipeline
 
@@ -37,18 +35,16 @@ def _lean() -> None:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Pipeline, object]]:
-    """Per layout, exported once: the loaded bundle and the PyTorch reference."""
+def exported(tiny_bundle) -> Callable[[str], tuple[Pipeline, TorchReference]]:
+    """Per layout: the loaded bundle and the PyTorch reference."""
     cache: dict[str, tuple[Pipeline, TorchReference]] = {}
 
     def get(layout: str) -> tuple[Pipeline, TorchReference]:
         if layout not in cache:
-            root = tmp_path_factory.mktemp(layout)
-            make_tiny_checkpoint(root / "ckpt", layout, seed=0)
-            export_bundle(root / "ckpt", root / "bundle", ExportSettings(), quiet=True)
-            model = load_checkpoint(root / "ckpt")
+            checkpoint, bundle = tiny_bundle(layout, max_tiles=6)
+            model = load_checkpoint(checkpoint)
             reference = TorchReference(model, architecture_for_layout(layout))
-            cache[layout] = (Pipeline.load(root / "bundle"), reference)
+            cache[layout] = (Pipeline.load(bundle), reference)
         return cache[layout]
 
     return get
@@ -57,23 +53,10 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[
 def reference_tokens(
     pipe: Pipeline, reference: TorchReference, question: str, images: list, steps: int = STEPS
 ) -> list[int]:
-    """Greedy tokens from the PyTorch model: the whole sequence recomputed at every step, with
-    no cache (the ViT runs once: it dominates the time and does not depend on the step)."""
+    """Greedy tokens from the PyTorch model, the whole sequence recomputed at every step."""
     prepared = pipe.prepare(question, images)
     eos = pipe.manifest.tokenizer.eos_token_ids
-    model = reference.model
-    tiles = [torch.from_numpy(t.pixel_values) for t in prepared.tilings]
-    with torch.no_grad():
-        tokens = model.encode_images(tiles)
-        ids = torch.from_numpy(prepared.prompt.input_ids)[None]
-        generated: list[int] = []
-        for _ in range(steps):
-            token = int(model.forward_encoded(ids, tokens, prepared.prompt)[0, -1].argmax())
-            generated.append(token)
-            if token in eos:
-                break
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return generated
+    return reference.greedy(prepared.prompt, prepared.tilings, steps, eos)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -107,16 +90,18 @@ def test_two_images_in_one_nvlm_h_prompt(exported) -> None:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_validation_reference_agrees(exported, layout: str) -> None:
-    """The registry's reference (what export validation and `verify` use) gives the same tokens."""
-    pipe, reference = exported(layout)
-    images = [noise_image(SIZES[1], seed=5)]
-    prepared = pipe.prepare(QUESTION, images)
-    eos = pipe.manifest.tokenizer.eos_token_ids
-    official = reference.greedy(prepared.prompt, prepared.tilings, 6, eos)
-    assert official == reference_tokens(pipe, reference, QUESTION, images, steps=6)
-    ours = list(pipe.generate(QUESTION, images, max_new_tokens=6).run().token_ids)
-    assert ours == official
+def test_verify_command_passes(tiny_bundle, layout: str) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    checkpoint, bundle = tiny_bundle(layout, max_tiles=6)
+    exe = Path(sys.executable).with_name("nvlm-export")
+    args = [str(exe), "verify", str(checkpoint), str(bundle), "--steps", "8", "--json"]
+    result = subprocess.run(args, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["tokens"]["identical"]
 
 
 def test_manifest_declares_cross_kv_graph_and_decoder_inputs(exported) -> None:
