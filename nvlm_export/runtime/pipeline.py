@@ -235,12 +235,14 @@ class Pipeline:
         max_tiles: int | None = None,
         system: str | None = None,
         raw: bool = False,
+        ignore_eos: bool = False,
     ) -> RequestStream:
         """Answer `prompt` about `images` (paths, bytes, PIL images or HxWx3 uint8 arrays).
 
         Greedy by default; `temperature` > 0 samples (with `top_k` / `top_p`, reproducibly for a
         `seed`). Stops at the end-of-turn token, a `stop` string or `max_new_tokens`. Returns a
         stream of `TokenEvent`s; its `result` holds the full text, token ids and timings.
+        `ignore_eos` generates through end-of-turn tokens (benchmarks need a fixed length).
         """
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
@@ -249,7 +251,7 @@ class Pipeline:
             top_p=top_p,
             seed=seed,
             stop=tuple(stop),
-            eos_token_ids=self.manifest.tokenizer.eos_token_ids,
+            eos_token_ids=() if ignore_eos else self.manifest.tokenizer.eos_token_ids,
         )
         start = time.perf_counter()
         stages: dict[str, float] = {}

@@ -18,7 +18,7 @@ image has only tile 0). Torch-free: numpy and tokenizers only.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -185,22 +185,8 @@ INTERNVL = PromptFormat(
     image_end="</img>",
 )
 # NVLM-X/H have no public release; they share NVLM-D's tokenizer, tags and chat template.
-NVLM_X = PromptFormat(
-    name="nvlm-x",
-    image_layout="cross_tile_tags",
-    chat=NVLM_CHAT,
-    placeholder_token="<|vision_pad|>",
-    image_start="<Image>",
-    image_end="</Image>",
-)
-NVLM_H = PromptFormat(
-    name="nvlm-h",
-    image_layout="hybrid",
-    chat=NVLM_CHAT,
-    placeholder_token="<|vision_pad|>",
-    image_start="<Image>",
-    image_end="</Image>",
-)
+NVLM_X = replace(NVLM_D, name="nvlm-x", image_layout="cross_tile_tags")
+NVLM_H = replace(NVLM_D, name="nvlm-h", image_layout="hybrid")
 PROMPT_FORMATS: dict[str, PromptFormat] = {f.name: f for f in (NVLM_D, INTERNVL, NVLM_X, NVLM_H)}
 
 

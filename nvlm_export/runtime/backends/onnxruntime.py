@@ -2,6 +2,12 @@
 
 IOBinding is not used (not measured to help here): on CPU, `run()` reads numpy inputs in place; its
 real gain is a device-resident KV cache on GPU, which belongs with a preallocated cache object.
+
+Intra-op worker threads do not spin while waiting for work (`allow_spinning=False`, ONNX Runtime's
+default is to spin). A decode step is hundreds of small ops between large matrix products; spinning
+workers burn the CPU time the other threads and processes need whenever the cores are not
+dedicated to us — on a 2-core machine shared with other jobs, a decode step took 550 ms spinning
+and 220-340 ms not (docs/performance.md) — and on a Jetson they burn power for nothing.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class OnnxRuntimeRunner(GraphRunner):
         intra_op_threads: int | None = None,
         optimization_level: str = "all",
         optimized_model_path: Path | None = None,
+        allow_spinning: bool = False,
         validate_inputs: bool = True,
     ) -> None:
         super().__init__(spec, validate_inputs=validate_inputs)
@@ -75,6 +82,7 @@ class OnnxRuntimeRunner(GraphRunner):
         self.intra_op_threads = intra_op_threads
         self.optimization_level = optimization_level
         self.optimized_model_path = optimized_model_path
+        self.allow_spinning = allow_spinning
         self.session: ort.InferenceSession | None = None
 
     @property
@@ -87,6 +95,9 @@ class OnnxRuntimeRunner(GraphRunner):
         options.graph_optimization_level = OPTIMIZATION_LEVELS[self.optimization_level]
         if self.intra_op_threads is not None:
             options.intra_op_num_threads = self.intra_op_threads
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if self.allow_spinning else "0"
+        )
         if self.optimized_model_path is not None:
             # ORT writes the optimised graph here once; load it later with level "disable".
             options.optimized_model_filepath = str(self.optimized_model_path)
