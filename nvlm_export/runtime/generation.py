@@ -214,13 +214,23 @@ def prefill(
     cache: KVCacheLike,
     *,
     extra_feeds: Mapping[str, np.ndarray] | None = None,
+    chunk_tokens: int | None = None,
 ) -> np.ndarray:
     """Run the prompt embeddings [1, T, D] through the decoder; fills `cache`, returns logits [V].
 
-    Positions continue from the cache's length, so a prompt may be prefilled in chunks.
+    Positions continue from the cache's length, so a prompt may be prefilled in chunks:
+    `chunk_tokens` splits it into decoder calls of at most that many tokens, which bounds the
+    activation memory (attention scores grow with chunk x context, not context squared) at the
+    cost of reading the weights once per chunk. `extra_feeds` are given to every chunk unchanged,
+    so they must not have a per-token axis when chunking.
     """
     seq = inputs_embeds.shape[1]
     check_prompt_fits(cache.length + seq, cache.capacity)
+    if chunk_tokens is not None and seq > chunk_tokens:
+        for start in range(0, seq, chunk_tokens):
+            chunk = inputs_embeds[:, start : start + chunk_tokens]  # (1, <=chunk, D)
+            logits = prefill(decoder, chunk, cache, extra_feeds=extra_feeds)
+        return logits
     positions = np.arange(cache.length, cache.length + seq, dtype=np.int64)[None, :]  # (1, T)
     feeds = {INPUTS_EMBEDS: inputs_embeds, POSITION_IDS: positions, **cache.feeds()}
     outputs = decoder({**feeds, **(extra_feeds or {})})

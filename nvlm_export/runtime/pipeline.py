@@ -62,6 +62,11 @@ from nvlm_export.runtime.tiling import Tiling, TilingConfig, tile_image
 
 Features = Mapping[str, np.ndarray]  # one image's vision outputs by name, each [tiles, 256, D]
 
+# Activation memory bounds (docs/performance.md): one tile per vision call, prompts prefilled in
+# chunks of 512 tokens. Neither changes results; both keep peak memory near the weights' size.
+DEFAULT_VISION_TILES_PER_CALL = 1
+DEFAULT_PREFILL_CHUNK_TOKENS = 512
+
 
 @dataclass(frozen=True, eq=False)
 class PreparedRequest:
@@ -119,6 +124,9 @@ class Pipeline:
         runners: dict[str, GraphRunner],
         tokenizer: Tokenizer,
         embedding: np.ndarray,
+        *,
+        vision_tiles_per_call: int | None = DEFAULT_VISION_TILES_PER_CALL,
+        prefill_chunk_tokens: int | None = DEFAULT_PREFILL_CHUNK_TOKENS,
     ) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
@@ -128,6 +136,8 @@ class Pipeline:
         self.tiling = TilingConfig.from_dict(manifest.tiling)
         self.prompt_format = PromptFormat.from_dict(manifest.prompt)
         self._embeds_dtype = np.dtype(manifest.graph(DECODER_GRAPH).input("inputs_embeds").dtype)
+        self.vision_tiles_per_call = vision_tiles_per_call
+        self.prefill_chunk_tokens = prefill_chunk_tokens
 
     @classmethod
     def load(
@@ -135,10 +145,14 @@ class Pipeline:
         bundle: str | Path,
         *,
         backend: str = "onnxruntime",
+        vision_tiles_per_call: int | None = DEFAULT_VISION_TILES_PER_CALL,
+        prefill_chunk_tokens: int | None = DEFAULT_PREFILL_CHUNK_TOKENS,
         **backend_options: object,
     ) -> Pipeline:
         """Load a bundle. `backend_options` go to the backend's runner (for ONNX Runtime:
-        `providers`, `intra_op_threads`, `optimization_level`)."""
+        `providers`, `intra_op_threads`, `optimization_level`, `allow_spinning`,
+        `memory_arena`). `vision_tiles_per_call` and `prefill_chunk_tokens` bound activation
+        memory (None: a whole image / the whole prompt in one call)."""
         bundle_dir = Path(bundle)
         manifest = load_manifest(bundle_dir)
         runner_class = get_backend(backend)
@@ -154,6 +168,8 @@ class Pipeline:
             runners,
             _load_tokenizer(bundle_dir, manifest),
             _load_embedding(bundle_dir, manifest),
+            vision_tiles_per_call=vision_tiles_per_call,
+            prefill_chunk_tokens=prefill_chunk_tokens,
         )
 
     # --- the stages -----------------------------------------------------------------------------
@@ -176,12 +192,24 @@ class Pipeline:
 
     def encode_images(self, tilings: Sequence[Tiling]) -> list[Features]:
         """Run the vision graph on each image's tiles (one call per image keeps the tile count
-        within the range the graph and its TensorRT profile were built for)."""
+        within the range the graph and its TensorRT profile were built for), in calls of at most
+        `vision_tiles_per_call` tiles: tiles are encoded independently, so splitting changes
+        nothing but the activation memory."""
         vision = self.runners[VISION_GRAPH]
         dtype = np.dtype(vision.spec.inputs[0].dtype)
         return [
-            vision.infer({PIXEL_VALUES: t.pixel_values.astype(dtype, copy=False)}) for t in tilings
+            self._encode_tiles(vision, t.pixel_values.astype(dtype, copy=False)) for t in tilings
         ]
+
+    def _encode_tiles(self, vision: GraphRunner, pixel_values: np.ndarray) -> Features:
+        step = self.vision_tiles_per_call or len(pixel_values)
+        if len(pixel_values) <= step:
+            return vision.infer({PIXEL_VALUES: pixel_values})
+        parts = [
+            vision.infer({PIXEL_VALUES: pixel_values[start : start + step]})
+            for start in range(0, len(pixel_values), step)
+        ]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def decoder_inputs(self, prompt: PromptTokens, features: Sequence[Features]) -> DecoderInputs:
         """Embed the prompt, splice image features in, and prepare cross-attention feeds."""
@@ -265,7 +293,12 @@ class Pipeline:
         decoder = self.runners[DECODER_GRAPH].infer
         with _timed(stages, "prefill"):
             first_logits = prefill(
-                decoder, inputs.inputs_embeds, cache, extra_feeds=inputs.prefill_feeds
+                decoder,
+                inputs.inputs_embeds,
+                cache,
+                extra_feeds=inputs.prefill_feeds,
+                # Cross-attention masks have a per-token axis: those prompts go in one call.
+                chunk_tokens=None if inputs.prefill_feeds else self.prefill_chunk_tokens,
             )
         stream = generate(
             decoder,

@@ -1,0 +1,441 @@
+"""The benchmark: nvlm-export's runtime against PyTorch eager, ONNX Runtime GenAI and the
+memory-bandwidth bound, measured side by side in one run on the bench checkpoint.
+
+    .venv/bin/python bench/run.py                 # prints the table, writes docs/performance.md
+
+See bench/README.md for what is measured and how; systems.py for each system.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from systems import Worker
+
+from nvlm_export.profiling.profiler import machine_description
+
+ROOT = Path(__file__).resolve().parent.parent
+GB = 1e9
+
+
+# --- setup: checkpoint, bundles, GenAI models ----------------------------------------------------
+
+
+def ensure_inputs(work: Path, threads: int) -> dict[str, Path]:
+    """The bench checkpoint, its fp32 bundle, its LLM as a HF Qwen2 dir and GenAI's models."""
+    import genai
+
+    paths = {
+        "checkpoint": work / "ckpt",
+        "bundle_fp32": work / "bundle_fp32",
+        "hf": work / "qwen2-hf",
+        "genai_fp32": work / "genai-fp32",
+        "genai_int4": work / "genai-int4",
+    }
+    if not (paths["checkpoint"] / "config.json").is_file():
+        from nvlm_export.models.tiny import make_tiny_checkpoint
+
+        print("making the bench checkpoint (~2 min)...", flush=True)
+        make_tiny_checkpoint(paths["checkpoint"], "internvl", seed=0, size="bench")
+    if not (paths["bundle_fp32"] / "manifest.json").is_file():
+        from nvlm_export.export.bundle import ExportSettings, export_bundle
+
+        print("exporting the fp32 bundle (~5 min)...", flush=True)
+        settings = ExportSettings(dtype="fp32", max_context=2048, validate=False)
+        export_bundle(paths["checkpoint"], paths["bundle_fp32"], settings)
+    genai.save_hf_qwen2(paths["checkpoint"], paths["hf"])
+    for precision in ("fp32", "int4"):
+        genai.build_genai_model(paths["hf"], paths[f"genai_{precision}"], precision, threads)
+    return paths
+
+
+def quantized_bundle(work: Path, precision: str) -> Path | None:
+    """`<work>/bundle_<precision>` from `nvlm-export quantize`, if it exists by the time the
+    quantized phase starts (it may still be being made when the run begins)."""
+    bundle = work / f"bundle_{precision}"
+    return bundle if (bundle / "manifest.json").is_file() else None
+
+
+# --- memory bandwidth ---------------------------------------------------------------------------
+
+
+def read_bandwidth(threads: int, megabytes: int = 1024, repeats: int = 7) -> float:
+    """Streaming-read bandwidth in bytes/s: `threads` threads each sum their part of a buffer much
+    larger than the caches (numpy releases the GIL in reductions). Best of `repeats`."""
+    data = np.ones(megabytes * 1024 * 1024 // 4, dtype=np.float32)
+    parts = np.array_split(data, threads)
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.add.reduce, args=(part,)) for part in parts]
+        start = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        best = max(best, data.nbytes / (time.perf_counter() - start))
+    return best
+
+
+# --- measurements -------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One target: our value, the other side's, and the ratio the target constrains."""
+
+    name: str
+    ours: str
+    other: str
+    ratio: float | None
+    target: str
+    met: bool | None
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        ratio = f"{self.ratio:.2f}" if self.ratio else "-"
+        print(f"  {self.name}: ours {self.ours}, other {self.other}, ratio {ratio}", flush=True)
+
+
+def median(values: list[float]) -> float:
+    return float(np.median(values)) if values else float("nan")
+
+
+def interleaved(workers: dict[str, Worker], method: str, args: tuple, runs: int) -> dict:
+    """`runs` rounds, each calling every worker once in turn (alternating who goes first)."""
+    results: dict[str, list[Any]] = {name: [] for name in workers}
+    names = list(workers)
+    for run in range(runs):
+        order = names if run % 2 == 0 else names[::-1]
+        for name in order:
+            results[name].append(workers[name].call(method, *args))
+    return results
+
+
+def tokens_per_second(results: list[dict]) -> float:
+    """Median over runs of (tokens / decode seconds)."""
+    return median([len(r["decode"]) / sum(r["decode"]) for r in results if r["decode"]])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/nvlm-bench"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3, help="measured rounds per 1-tile case")
+    parser.add_argument("--long-runs", type=int, default=1, help="rounds for the 7-tile case")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--question-tokens", type=int, default=32)
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "performance.md")
+    parser.add_argument("--no-doc", action="store_true")
+    parser.add_argument(
+        "--render-only", action="store_true", help="rewrite the doc from the last results.json"
+    )
+    args = parser.parse_args()
+    if args.render_only:
+        saved = json.loads((args.work / "results.json").read_text())
+        rows = [Row(**row) for row in saved["rows"]]
+        run_args = argparse.Namespace(**saved["args"])
+        write_doc(args.doc, rows, saved["facts"], run_args, saved["started"])
+        print(f"wrote {args.doc}")
+        return
+
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    paths = ensure_inputs(args.work, args.threads)
+    bandwidth = read_bandwidth(args.threads)
+    print(f"read bandwidth ({args.threads} threads): {bandwidth / GB:.1f} GB/s", flush=True)
+    rows: list[Row] = []
+    facts: dict[str, Any] = {"bandwidth_gbs": bandwidth / GB}
+
+    # Phase 1: our runtime against PyTorch eager (vision, TTFT, decode).
+    ours = Worker("ours", str(paths["bundle_fp32"]), args.threads)
+    question = ours.call("question", args.question_tokens)
+    info = ours.call("info")
+    eager = Worker(
+        "eager", str(paths["checkpoint"]), str(paths["hf"]), str(paths["bundle_fp32"]), args.threads
+    )
+    pair = {"ours": ours, "eager": eager}
+    print("vision per tile...", flush=True)
+    interleaved(pair, "vision", (1,), 1)  # warm-up: first calls allocate; not measured
+    vision = interleaved(pair, "vision", (1,), args.runs)
+    rows.append(_speedup_row("vision encode per tile, fp32", vision, 1.2, seconds=True))
+    print("1-tile request (TTFT + decode)...", flush=True)
+    one = interleaved(pair, "request", (1, question, args.new_tokens), args.runs)
+    facts["prompt_tokens_1_tile"] = one["ours"][0]["prompt_tokens"]
+    ttft = {k: [r["ttft"] for r in v] for k, v in one.items()}
+    rows.append(_ratio_row("TTFT, 1 tile, 32-token question", ttft, 0.85))
+    decode = {k: [len(r["decode"]) / sum(r["decode"]) for r in v] for k, v in one.items()}
+    rows.append(_speedup_row("decode tokens/s, fp32 (1-tile context)", decode, 1.05))
+    print("7-tile request (TTFT)...", flush=True)
+    seven = interleaved(pair, "request", (7, question, 2), args.long_runs)
+    facts["prompt_tokens_7_tiles"] = seven["ours"][0]["prompt_tokens"]
+    ttft7 = {k: [r["ttft"] for r in v] for k, v in seven.items()}
+    rows.append(_ratio_row("TTFT, 7 tiles, 32-token question", ttft7, None))
+    peak = ours.call("peak_rss")
+    facts["peak_rss_bytes"] = peak
+    facts["weight_bytes"] = info["weight_bytes"]
+    rows.append(
+        Row(
+            "peak RSS while generating / bundle weight bytes",
+            f"{peak / GB:.2f} GB",
+            f"{info['weight_bytes'] / GB:.2f} GB",
+            peak / info["weight_bytes"],
+            "<= 1.2",
+            peak / info["weight_bytes"] <= 1.2,
+        )
+    )
+    eager.close()
+
+    # Phase 2: decoder against ONNX Runtime GenAI and the bandwidth bound (text-only prompt of
+    # the 1-tile request's length, so the KV cache is as long as in phase 1).
+    prompt_ids = list(
+        np.random.default_rng(0).integers(1000, 100000, facts["prompt_tokens_1_tile"])
+    )
+    prompt_ids = [int(i) for i in prompt_ids]
+    genai = Worker("genai", str(paths["genai_fp32"]))
+    print("decoder vs ORT GenAI fp32...", flush=True)
+    dec = interleaved(
+        {"ours": ours, "genai": genai}, "decoder", (prompt_ids, args.new_tokens), args.runs
+    )
+    genai.close()
+    ours_tps = tokens_per_second(dec["ours"])
+    rows.append(
+        _speedup_row(
+            "decode tokens/s vs ORT GenAI, fp32",
+            {k: [len(r["decode"]) / sum(r["decode"]) for r in v] for k, v in dec.items()},
+            None,
+        )
+    )
+    context = facts["prompt_tokens_1_tile"] + args.new_tokens // 2
+    bytes_per_token = (
+        info["decoder_cost"]["weight_bytes"]
+        + info["decoder_cost"]["kv_bytes_per_position"] * context
+        + info["decoder_cost"]["embedding_row_bytes"]
+    )
+    bound = bandwidth / bytes_per_token
+    facts["bytes_per_token"] = bytes_per_token
+    rows.append(
+        Row(
+            "decode tokens/s vs bandwidth bound, fp32",
+            f"{ours_tps:.2f}",
+            f"{bound:.2f}",
+            ours_tps / bound,
+            ">= 0.9",
+            ours_tps / bound >= 0.9,
+            f"{bytes_per_token / GB:.2f} GB/token at {bandwidth / GB:.1f} GB/s",
+        )
+    )
+
+    # Phase 3: quantized decoders, when their bundles exist.
+    rows += _quantized_rows(args.work, ours, prompt_ids, args, ours_tps)
+    ours.close()
+
+    print_table(rows, facts)
+    results = {
+        "facts": facts,
+        "rows": [asdict(row) for row in rows],
+        "started": started,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": machine_description(),
+    }
+    (args.work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if not args.no_doc:
+        write_doc(args.doc, rows, facts, args, started)
+        print(f"wrote {args.doc}")
+
+
+def _quantized_rows(
+    work: Path, ours: Worker, prompt_ids: list[int], args: Any, fp32_tps: float
+) -> list[Row]:
+    rows = []
+    int4, int8 = quantized_bundle(work, "int4"), quantized_bundle(work, "int8")
+    if int4 is not None:
+        mine = Worker("ours", str(int4), args.threads)
+        theirs = Worker("genai", str(work / "genai-int4"))
+        print("int4 decoder vs ORT GenAI int4...", flush=True)
+        dec = interleaved(
+            {"ours": mine, "genai": theirs}, "decoder", (prompt_ids, args.new_tokens), args.runs
+        )
+        mine.close(), theirs.close()
+        rows.append(
+            _speedup_row(
+                "decode tokens/s, INT4 vs ORT GenAI int4",
+                {k: [len(r["decode"]) / sum(r["decode"]) for r in v] for k, v in dec.items()},
+                1.3,
+            )
+        )
+    else:
+        rows.append(
+            Row(
+                "decode tokens/s, INT4 vs ORT GenAI int4",
+                "pending",
+                "-",
+                None,
+                ">= 1.3",
+                None,
+                "no int4 bundle yet (nvlm-export quantize --precision int4)",
+            )
+        )
+    if int8 is not None:
+        mine = Worker("ours", str(int8), args.threads)
+        print("int8 decoder vs our fp32...", flush=True)
+        dec = interleaved(
+            {"ours": mine, "fp32": ours}, "decoder", (prompt_ids, args.new_tokens), args.runs
+        )
+        mine.close()
+        rows.append(
+            _speedup_row(
+                "decode tokens/s, INT8 vs our fp32",
+                {k: [len(r["decode"]) / sum(r["decode"]) for r in v] for k, v in dec.items()},
+                2.5,
+            )
+        )
+    else:
+        rows.append(
+            Row(
+                "decode tokens/s, INT8 vs our fp32",
+                "pending",
+                f"{fp32_tps:.2f}",
+                None,
+                ">= 2.5",
+                None,
+                "no int8 bundle yet (nvlm-export quantize --precision int8)",
+            )
+        )
+    rows.append(
+        Row(
+            "vision encode per tile, INT8 vs PyTorch eager",
+            "pending",
+            "-",
+            None,
+            ">= 1.8",
+            None,
+            "needs an int8 vision graph",
+        )
+    )
+    return rows
+
+
+def _speedup_row(
+    name: str, values: dict[str, list[float]], target: float | None, *, seconds: bool = False
+) -> Row:
+    """Ours vs the other system; for `seconds` the speed-up is other/ours, else ours/other."""
+    other_name = next(k for k in values if k != "ours")
+    mine, other = median(values["ours"]), median(values[other_name])
+    ratio = other / mine if seconds else mine / other
+    unit = (lambda v: f"{v * 1000:.0f} ms") if seconds else (lambda v: f"{v:.2f}")
+    return Row(
+        name,
+        unit(mine),
+        f"{unit(other)} ({other_name})",
+        ratio,
+        f">= {target}x" if target else "-",
+        ratio >= target if target else None,
+    )
+
+
+def _ratio_row(name: str, values: dict[str, list[float]], target: float | None) -> Row:
+    """Our time / the other's time (lower is better)."""
+    mine, other = median(values["ours"]), median(values["eager"])
+    ratio = mine / other
+    return Row(
+        name,
+        f"{mine * 1000:.0f} ms",
+        f"{other * 1000:.0f} ms (eager)",
+        ratio,
+        f"<= {target}x" if target else "-",
+        ratio <= target if target else None,
+    )
+
+
+def print_table(rows: list[Row], facts: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="nvlm-export bench (medians, same run)", title_justify="left")
+    for column in ("measurement", "ours", "other", "ratio", "target", "met", "note"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row.name,
+            row.ours,
+            row.other,
+            f"{row.ratio:.2f}" if row.ratio else "-",
+            row.target,
+            _met(row),
+            row.note,
+        )
+    Console(width=160).print(table)
+
+
+def _met(row: Row) -> str:
+    if row.met is not None:
+        return "yes" if row.met else "NO"
+    return "-" if row.target == "-" else "pending"  # "-": informational, no target
+
+
+def write_doc(path: Path, rows: list[Row], facts: dict[str, Any], args: Any, started: str) -> None:
+    machine = machine_description()
+    import onnxruntime_genai
+    import torch
+    import transformers
+
+    lines = [
+        "# Performance",
+        "",
+        "Written by `.venv/bin/python bench/run.py` (see bench/README.md); do not edit by hand —",
+        "re-run the bench. Ratios are from one run, systems measured alternately; medians quoted.",
+        "",
+        "## Machine and conditions",
+        "",
+        f"- run started {started}; {args.threads} threads per system; {args.runs} rounds "
+        f"(7-tile case: {args.long_runs}); {args.new_tokens} new tokens; "
+        f"{args.question_tokens}-token question",
+        f"- CPU: {machine['cpu']}, {machine['logical_cores']} logical cores; RAM "
+        f"{(machine['ram_bytes'] or 0) / GB:.1f} GB; {machine['platform']}",
+        f"- python {machine['python']}, numpy {machine['numpy']}, onnxruntime "
+        f"{machine['onnxruntime']}, onnxruntime-genai {onnxruntime_genai.__version__}, torch "
+        f"{torch.__version__}, transformers {transformers.__version__}",
+        f"- measured {args.threads}-thread streaming-read bandwidth: "
+        f"{facts['bandwidth_gbs']:.1f} GB/s",
+        f"- prompts: 1 tile = {facts['prompt_tokens_1_tile']} tokens, 7 tiles = "
+        f"{facts['prompt_tokens_7_tiles']} tokens",
+        "- the machine was shared with other jobs during the run (load average "
+        f"{_load()}); absolute numbers are noisy, ratios less so",
+        "",
+        "## Results",
+        "",
+        "| measurement | ours | other | ratio | target | met | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratio = f"{row.ratio:.2f}" if row.ratio else "-"
+        cells = (row.name, row.ours, row.other, ratio, row.target, _met(row), row.note)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        (ROOT / "bench" / "analysis.md").read_text()
+        if (ROOT / "bench" / "analysis.md").exists()
+        else "",
+    ]
+    path.write_text("\n".join(lines).rstrip() + "\n")
+
+
+def _load() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
+
+
+if __name__ == "__main__":
+    main()

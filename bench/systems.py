@@ -1,0 +1,273 @@
+"""The systems the benchmark compares, each run in its own worker process.
+
+One process per system keeps their thread pools apart: ONNX Runtime's and PyTorch's OpenMP threads
+spin while waiting for work, and two spinning pools in one process on 2 cores slow both down. The
+orchestrator (run.py) sends one measurement at a time and alternates systems, so only the system
+being measured is busy and slow drifts of a shared machine hit both sides alike.
+
+Every system answers the same operations, all timed inside the worker:
+
+    vision(tiles)                       -> seconds to encode that many tiles
+    request(tiles, question, new)       -> TTFT and per-token decode seconds for an image request
+    decoder(prompt_ids, new)            -> prefill seconds and per-token decode seconds, text only
+    peak_rss()                          -> this process's peak resident bytes since it loaded
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nvlm_export.profiling.inputs import image_size_for_tiles, synthetic_image
+from nvlm_export.profiling.memory import peak_rss_bytes, reset_peak_rss
+from nvlm_export.runtime.tiling import TilingConfig, tile_image
+
+
+def test_image(tiles: int, tiling: TilingConfig) -> Any:
+    return synthetic_image(image_size_for_tiles(tiles, tiling), seed=tiles)
+
+
+class OursSystem:
+    """nvlm-export's runtime on a bundle (ONNX Runtime, CPU)."""
+
+    def __init__(self, bundle: str, threads: int) -> None:
+        from nvlm_export.runtime.pipeline import Pipeline
+
+        self.pipe = Pipeline.load(bundle, intra_op_threads=threads)
+        self.weight_bytes = _bundle_weight_bytes(self.pipe)
+        reset_peak_rss()
+
+    def vision(self, tiles: int) -> float:
+        tiling = tile_image(test_image(tiles, self.pipe.tiling), self.pipe.tiling)
+        start = time.perf_counter()
+        self.pipe.encode_images([tiling])
+        return time.perf_counter() - start
+
+    def request(self, tiles: int, question: str, new_tokens: int) -> dict[str, Any]:
+        image = test_image(tiles, self.pipe.tiling)
+        stream = self.pipe.generate(question, [image], max_new_tokens=new_tokens, ignore_eos=True)
+        result = stream.run()
+        return {
+            "ttft": result.timings.time_to_first_token,
+            "decode": list(result.timings.decode_seconds),
+            "prompt_tokens": stream.prepared.prompt.num_tokens,
+        }
+
+    def decoder(self, prompt_ids: list[int], new_tokens: int) -> dict[str, Any]:
+        from nvlm_export.runtime.generation import GenerationConfig, KVCache, generate, prefill
+
+        pipe = self.pipe
+        decoder = pipe.runners["decoder"].infer
+        cache = KVCache.from_spec(pipe.manifest.kv_cache)
+        start = time.perf_counter()
+        logits = prefill(decoder, pipe.embed(np.asarray(prompt_ids)[None, :]), cache)
+        prefill_seconds = time.perf_counter() - start
+        stream = generate(
+            decoder,
+            logits,
+            cache=cache,
+            embed=pipe.embed,
+            tokenizer=pipe.tokenizer,
+            config=GenerationConfig(max_new_tokens=new_tokens),
+        )
+        return {"prefill": prefill_seconds, "decode": list(stream.run().timings.decode_seconds)}
+
+    def question(self, tokens: int) -> str:
+        from nvlm_export.profiling.inputs import question_with_tokens
+
+        return question_with_tokens(self.pipe.tokenizer, tokens)
+
+    def info(self) -> dict[str, Any]:
+        from nvlm_export.profiling.cost import decoder_cost
+
+        cost = decoder_cost(self.pipe.bundle_dir, self.pipe.manifest)
+        return {
+            "weight_bytes": self.weight_bytes,
+            "decoder_cost": cost.to_dict(0),
+            "precision": self.pipe.manifest.precision,
+        }
+
+    def peak_rss(self) -> int:
+        return peak_rss_bytes()
+
+
+class EagerSystem:
+    """PyTorch eager: transformers' Qwen2ForCausalLM.generate (KV cache, default attention) on the
+    same weights, and the reference PyTorch InternViT + projector for the image."""
+
+    def __init__(self, checkpoint: str, hf_dir: str, bundle: str, threads: int) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from nvlm_export.models.checkpoint import load_checkpoint
+        from nvlm_export.runtime.manifest import load_manifest
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        model = load_checkpoint(Path(checkpoint), dtype=torch.float32).eval()
+        self.vision_model = model.vision
+        self.image_token_id = model.image_token_id
+        del model.language_model  # the transformers LM below replaces it (no second copy)
+        self.lm = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        self.embedding = self.lm.get_input_embeddings()
+        self.bundle = Path(bundle)  # for the tiling, prompt format and tokenizer only
+        self.manifest = load_manifest(self.bundle)
+        self.tiling = TilingConfig.from_dict(self.manifest.tiling)
+
+    def vision(self, tiles: int) -> float:
+        tiling = tile_image(test_image(tiles, self.tiling), self.tiling)
+        start = time.perf_counter()
+        with self.torch.no_grad():
+            self.vision_model(self.torch.from_numpy(tiling.pixel_values))
+        return time.perf_counter() - start
+
+    def request(self, tiles: int, question: str, new_tokens: int) -> dict[str, Any]:
+        """Same image decode, tiling and prompt code as the runtime (numpy, shared), then PyTorch:
+        vision, splice, `generate`. Token times come from a logits processor called per step."""
+        from tokenizers import Tokenizer
+
+        from nvlm_export.runtime.prompt import PromptFormat, build_prompt
+
+        torch = self.torch
+        tokenizer = self._tokenizer(Tokenizer)
+        start = time.perf_counter()
+        tiling = tile_image(test_image(tiles, self.tiling), self.tiling)
+        prompt = build_prompt(
+            tokenizer, PromptFormat.from_dict(self.manifest.prompt), question, [tiling]
+        )
+        with torch.no_grad():
+            ids = torch.from_numpy(prompt.input_ids)[None, :]
+            embeds = self.embedding(ids)
+            features = self.vision_model(torch.from_numpy(tiling.pixel_values))
+            slots = (ids == self.image_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(slots, features.reshape(-1, embeds.shape[-1]))
+            stamps = self._generate(embeds, new_tokens)
+        return {
+            "ttft": stamps[0] - start,
+            "decode": list(np.diff(stamps)),
+            "prompt_tokens": int(ids.shape[1]),
+        }
+
+    def decoder(self, prompt_ids: list[int], new_tokens: int) -> dict[str, Any]:
+        torch = self.torch
+        start = time.perf_counter()
+        with torch.no_grad():
+            embeds = self.embedding(torch.tensor([prompt_ids]))
+            stamps = self._generate(embeds, new_tokens)
+        return {"prefill": stamps[0] - start, "decode": list(np.diff(stamps))}
+
+    def _generate(self, embeds: Any, new_tokens: int) -> list[float]:
+        """Greedy generate with the KV cache; the time each token's logits were ready."""
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        stamps: list[float] = []
+
+        class Stamp(LogitsProcessor):
+            def __call__(self, input_ids: Any, scores: Any) -> Any:
+                stamps.append(time.perf_counter())
+                return scores
+
+        self.lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=self.torch.ones(embeds.shape[:2], dtype=self.torch.long),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            logits_processor=LogitsProcessorList([Stamp()]),
+            pad_token_id=0,
+        )
+        return stamps
+
+    def _tokenizer(self, tokenizer_class: Any) -> Any:
+        if not hasattr(self, "_tok"):
+            self._tok = tokenizer_class.from_file(str(self.bundle / self.manifest.tokenizer.file))
+        return self._tok
+
+    def peak_rss(self) -> int:
+        return peak_rss_bytes()
+
+
+class GenAISystem:
+    """ONNX Runtime GenAI on a model its builder wrote from the same LLM weights."""
+
+    def __init__(self, model_dir: str) -> None:
+        from genai import GenAIDecoder
+
+        self.genai = GenAIDecoder(Path(model_dir))
+
+    def decoder(self, prompt_ids: list[int], new_tokens: int) -> dict[str, Any]:
+        prefill, steps = self.genai.decode_seconds(np.asarray(prompt_ids), new_tokens)
+        return {"prefill": prefill, "decode": steps}
+
+    def peak_rss(self) -> int:
+        return peak_rss_bytes()
+
+
+SYSTEMS: dict[str, Callable[..., Any]] = {
+    "ours": OursSystem,
+    "eager": EagerSystem,
+    "genai": GenAISystem,
+}
+
+
+def _bundle_weight_bytes(pipe: Any) -> int:
+    from nvlm_export.profiling.profiler import bundle_weight_bytes
+
+    return bundle_weight_bytes(pipe)
+
+
+def _serve(kind: str, args: tuple[Any, ...], connection: Any) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        system = SYSTEMS[kind](*args)
+        connection.send(("ready", None))
+    except Exception:
+        connection.send(("error", traceback.format_exc()))
+        return
+    while True:
+        message = connection.recv()
+        if message is None:
+            return
+        method, call_args = message
+        try:
+            connection.send(("ok", getattr(system, method)(*call_args)))
+        except Exception:
+            connection.send(("error", traceback.format_exc()))
+
+
+class Worker:
+    """A system in its own process; `call(method, *args)` runs one measurement there."""
+
+    def __init__(self, kind: str, *args: Any) -> None:
+        context = mp.get_context("spawn")
+        self.kind = kind
+        self._connection, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(kind, args, child), daemon=True)
+        self._process.start()
+        self._expect()
+
+    def call(self, method: str, *args: Any) -> Any:
+        self._connection.send((method, args))
+        return self._expect()
+
+    def _expect(self) -> Any:
+        status, value = self._connection.recv()
+        if status == "error":
+            raise RuntimeError(f"{self.kind} worker failed:\n{value}")
+        return value
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._connection.send(None)
+            self._process.join(timeout=30)
+        if self._process.is_alive():
+            self._process.terminate()

@@ -1,0 +1,123 @@
+"""`nvlm-export profile`: where the time and memory of a request go, per stage and tile count."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from nvlm_export.errors import InputError
+
+WORKLOAD = "Workload"
+RUNTIME = "Runtime"
+
+
+def profile(
+    bundle: Annotated[
+        Path, typer.Argument(help="Bundle directory written by `nvlm-export export`.")
+    ],
+    image: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--image",
+            "-i",
+            help="Profile this image (repeatable); default: synthetic images per --tiles.",
+            rich_help_panel=WORKLOAD,
+        ),
+    ] = None,
+    tiles: Annotated[
+        str,
+        typer.Option(
+            help="Tile counts to profile with synthetic images, comma-separated.",
+            rich_help_panel=WORKLOAD,
+        ),
+    ] = "1,3,7",
+    prompt_tokens: Annotated[
+        int, typer.Option(help="Text tokens in the question.", rich_help_panel=WORKLOAD)
+    ] = 32,
+    new_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Tokens to generate per request (end-of-turn is ignored).",
+            rich_help_panel=WORKLOAD,
+        ),
+    ] = 32,
+    runs: Annotated[int, typer.Option(help="Measured requests per case; medians are quoted.")] = 3,
+    warmup: Annotated[int, typer.Option(help="Unmeasured requests per case first.")] = 1,
+    backend: Annotated[
+        str, typer.Option(help="onnxruntime or tensorrt.", rich_help_panel=RUNTIME)
+    ] = "onnxruntime",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="ONNX Runtime CPU threads (default: all cores).", rich_help_panel=RUNTIME
+        ),
+    ] = None,
+    bandwidth_gbs: Annotated[
+        float | None,
+        typer.Option(
+            "--bandwidth-gbs",
+            help="Measured memory bandwidth in GB/s: adds the bandwidth-bound decode tokens/s.",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Write profile.json, profile.csv and profile.png here."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Profile a bundle: per-stage latency (tiling, vision per tile, splice, prefill, TTFT, decode
+    ms/token p50/p90/p99, end to end), peak memory of this process, the analytic decode cost
+    (bytes and FLOPs per token) and, on Jetson, power from tegrastats.
+
+    Examples:
+
+      nvlm-export profile bundle/ --tiles 1,3,7 --runs 5 -o profile/
+
+      nvlm-export profile bundle/ -i photo.jpg --prompt-tokens 64 --new-tokens 128 --json
+    """
+    from nvlm_export.profiling.profiler import ProfileSettings, profile_bundle
+    from nvlm_export.profiling.report import print_report, write_outputs
+
+    settings = ProfileSettings(
+        tiles=_tile_counts(tiles),
+        images=tuple(image or ()),
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        runs=runs,
+        warmup=warmup,
+        bandwidth_gbs=bandwidth_gbs,
+    )
+    options = {"intra_op_threads": threads} if threads is not None else {}
+    stderr = Console(stderr=True)
+    report = profile_bundle(
+        bundle,
+        settings,
+        backend=backend,
+        progress=lambda text: stderr.print(f"[dim]{text}[/]", highlight=False),
+        **options,
+    ).to_dict()
+    written = write_outputs(report, output) if output is not None else {}
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    print_report(report, Console())
+    for path in written.values():
+        stderr.print(f"wrote {path}", highlight=False)
+
+
+def _tile_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise InputError(
+            f"--tiles '{text}' is not a list of whole numbers", fix="Write e.g. --tiles 1,3,7"
+        ) from None
+    if any(count < 1 for count in counts):
+        raise InputError(f"--tiles '{text}' has a count below 1", fix="Use counts >= 1")
+    return counts

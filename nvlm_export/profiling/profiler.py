@@ -1,0 +1,350 @@
+"""Profile a loaded bundle: repeated requests per image size, every stage timed.
+
+    report = profile_bundle("bundle/", ProfileSettings(tiles=(1, 3, 7), runs=5))
+    print(report.to_dict()["cases"][0]["ttft_ms"]["median"])
+
+Each case is one image (a given one, or a synthetic one sized to tile into N tiles) with a
+question of exactly `prompt_tokens` text tokens. After `warmup` unmeasured requests, `runs`
+requests are timed through `Pipeline.generate` — the path users run — with end-of-turn ignored
+so every request decodes exactly `new_tokens` tokens. Stage times come from the pipeline itself:
+
+    prepare  image decode + tiling + prompt assembly      vision   vision graph on every tile
+    splice   embedding lookup + image features spliced    prefill  decoder over the prompt
+    TTFT     request start -> first token chosen          decode   one decoder step per token
+    e2e      request start -> last token
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nvlm_export.errors import InputError
+from nvlm_export.profiling.cost import DecoderCost, decoder_cost
+from nvlm_export.profiling.inputs import (
+    image_size_for_tiles,
+    question_with_tokens,
+    synthetic_image,
+)
+from nvlm_export.profiling.memory import (
+    PeakSampler,
+    current_rss_bytes,
+    gpu_memory_bytes,
+    peak_rss_bytes,
+    reset_peak_rss,
+)
+from nvlm_export.profiling.stats import Distribution
+from nvlm_export.profiling.tegrastats import TegrastatsMonitor, summarize
+from nvlm_export.runtime.images import load_image
+from nvlm_export.runtime.pipeline import Pipeline
+from nvlm_export.runtime.tiling import choose_grid, tile_count
+
+STAGES = ("prepare", "vision", "splice", "prefill")
+MS = 1000.0
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    tiles: tuple[int, ...] = (1, 3, 7)  # synthetic image per tile count (when no images given)
+    images: tuple[Path, ...] = ()  # profile these instead, one case each
+    prompt_tokens: int = 32  # text tokens of the question (image tokens come on top)
+    new_tokens: int = 32
+    runs: int = 3
+    warmup: int = 1
+    bandwidth_gbs: float | None = None  # measured memory bandwidth, for the roofline estimate
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tiles", tuple(self.tiles))
+        object.__setattr__(self, "images", tuple(Path(p) for p in self.images))
+        for name, low in (("prompt_tokens", 1), ("new_tokens", 1), ("runs", 1), ("warmup", 0)):
+            value = getattr(self, name)
+            if value < low:
+                raise InputError(f"{name} must be >= {low}, got {value}")
+        if not self.images and not self.tiles:
+            raise InputError("Nothing to profile", fix="Give --tiles or at least one --image")
+
+
+@dataclass(frozen=True)
+class RunTiming:
+    """One measured request, in seconds."""
+
+    stages: dict[str, float]
+    time_to_first_token: float
+    decode_steps: tuple[float, ...]
+    end_to_end: float
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        total = sum(self.decode_steps)
+        return len(self.decode_steps) / total if total > 0 else 0.0
+
+
+@dataclass
+class CaseProfile:
+    """Every measured run of one image + question."""
+
+    label: str
+    image_size: tuple[int, int]
+    tiles: int
+    prompt_tokens: int  # whole prompt: template + question + image tokens
+    runs: list[RunTiming] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        def dist(values: Sequence[float]) -> dict[str, float | int]:
+            return Distribution.of(values).scaled(MS).to_dict()
+
+        steps = [s for run in self.runs for s in run.decode_steps]
+        vision = [run.stages["vision"] for run in self.runs]
+        return {
+            "label": self.label,
+            "image_size": list(self.image_size),
+            "tiles": self.tiles,
+            "prompt_tokens": self.prompt_tokens,
+            "stages_ms": {s: dist([run.stages[s] for run in self.runs]) for s in STAGES},
+            "vision_ms_per_tile": dist([v / self.tiles for v in vision]) if self.tiles else None,
+            "ttft_ms": dist([run.time_to_first_token for run in self.runs]),
+            "decode_ms_per_token": dist(steps),
+            "decode_tokens_per_second": Distribution.of(
+                [run.decode_tokens_per_second for run in self.runs]
+            ).median,
+            "e2e_ms": dist([run.end_to_end for run in self.runs]),
+            "runs": [
+                {
+                    "stages_ms": {s: run.stages[s] * MS for s in STAGES},
+                    "ttft_ms": run.time_to_first_token * MS,
+                    "decode_ms": [s * MS for s in run.decode_steps],
+                    "e2e_ms": run.end_to_end * MS,
+                }
+                for run in self.runs
+            ],
+        }
+
+
+@dataclass
+class ProfileReport:
+    bundle: Path
+    settings: ProfileSettings
+    pipeline_info: dict[str, Any]
+    cases: list[CaseProfile]
+    memory: dict[str, Any]
+    cost: DecoderCost
+    tegrastats: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        cases = [case.summary() for case in self.cases]
+        context = max((c.prompt_tokens for c in self.cases), default=0) + self.settings.new_tokens
+        analytic = self.cost.to_dict(context, self.settings.bandwidth_gbs)
+        bound = analytic["bandwidth_bound_tokens_per_second"]
+        measured = max((c["decode_tokens_per_second"] for c in cases), default=0.0)
+        analytic["measured_tokens_per_second"] = measured
+        analytic["fraction_of_bound"] = measured / bound if bound else None
+        analytic["measured_bytes_per_second"] = measured * analytic["bytes_per_token"]
+        return {
+            "bundle": str(self.bundle),
+            **self.pipeline_info,
+            "machine": machine_description(),
+            "settings": {
+                "tiles": list(self.settings.tiles),
+                "images": [str(p) for p in self.settings.images],
+                "prompt_tokens": self.settings.prompt_tokens,
+                "new_tokens": self.settings.new_tokens,
+                "runs": self.settings.runs,
+                "warmup": self.settings.warmup,
+            },
+            "cases": cases,
+            "memory": self.memory,
+            "analytic": analytic,
+            "tegrastats": self.tegrastats,
+        }
+
+
+def profile_bundle(
+    bundle: str | Path,
+    settings: ProfileSettings = ProfileSettings(),
+    *,
+    backend: str = "onnxruntime",
+    progress: Callable[[str], None] | None = None,
+    **backend_options: Any,
+) -> ProfileReport:
+    """Load `bundle` and profile it (see the module docstring)."""
+    start_rss = current_rss_bytes()
+    load_start = time.perf_counter()
+    pipe = Pipeline.load(bundle, backend=backend, **backend_options)
+    load_seconds = time.perf_counter() - load_start
+    return profile_pipeline(
+        pipe,
+        settings,
+        progress=progress,
+        extra_info={
+            "load_seconds": load_seconds,
+            "rss_before_load_bytes": start_rss,
+        },
+    )
+
+
+def profile_pipeline(
+    pipe: Pipeline,
+    settings: ProfileSettings,
+    *,
+    progress: Callable[[str], None] | None = None,
+    extra_info: dict[str, Any] | None = None,
+) -> ProfileReport:
+    """Profile an already loaded pipeline."""
+    say = progress or (lambda _: None)
+    question = question_with_tokens(pipe.tokenizer, settings.prompt_tokens)
+    rss_after_load = current_rss_bytes()
+    peak_reset = reset_peak_rss()
+    gpu = _uses_gpu(pipe)
+    with tempfile.TemporaryDirectory(prefix="nvlm-profile-") as scratch:
+        images = _case_images(pipe, settings, Path(scratch))
+        with (
+            TegrastatsMonitor() as tegra,
+            PeakSampler(gpu_memory_bytes if gpu else lambda: None) as gpu_peak,
+        ):
+            cases = []
+            for label, path in images:
+                say(f"profiling {label}")
+                cases.append(_profile_case(pipe, label, path, question, settings))
+    memory = {
+        "rss_after_load_bytes": rss_after_load,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_scope": "generation" if peak_reset else "process lifetime",
+        "bundle_weight_bytes": bundle_weight_bytes(pipe),
+        "gpu_peak_bytes": gpu_peak.peak,
+        "gpu_note": None if gpu else "no GPU in use (CPU execution)",
+    }
+    memory["peak_rss_over_weights"] = memory["peak_rss_bytes"] / memory["bundle_weight_bytes"]
+    return ProfileReport(
+        bundle=pipe.bundle_dir,
+        settings=settings,
+        pipeline_info={
+            "architecture": pipe.manifest.architecture,
+            "precision": pipe.manifest.precision,
+            "graph_precisions": {n: g.precision for n, g in pipe.manifest.graphs.items()},
+            "backend": next(iter(pipe.runners.values())).backend_name,
+            "providers": _providers(pipe),
+            "threads": _threads(pipe),
+            **(extra_info or {}),
+        },
+        cases=cases,
+        memory=memory,
+        cost=decoder_cost(pipe.bundle_dir, pipe.manifest),
+        tegrastats=summarize(tegra.samples) if tegra.samples else None,
+    )
+
+
+def _case_images(
+    pipe: Pipeline, settings: ProfileSettings, scratch: Path
+) -> list[tuple[str, Path]]:
+    """(label, image file) per case: the given images, or synthetic JPEGs (decoding is timed)."""
+    if settings.images:
+        return [(path.name, path) for path in settings.images]
+    cases = []
+    for tiles in settings.tiles:
+        path = scratch / f"tiles-{tiles}.jpg"
+        synthetic_image(image_size_for_tiles(tiles, pipe.tiling), seed=tiles).save(path, quality=90)
+        cases.append((f"{tiles} tile{'s' if tiles > 1 else ''}", path))
+    return cases
+
+
+def _profile_case(
+    pipe: Pipeline, label: str, image: Path, question: str, settings: ProfileSettings
+) -> CaseProfile:
+    size = load_image(image).size
+    tiles = tile_count(choose_grid(*size, pipe.tiling), pipe.tiling)
+    case = CaseProfile(label, size, tiles, prompt_tokens=0)
+    for index in range(settings.warmup + settings.runs):
+        run, prompt_tokens = _one_request(pipe, image, question, settings.new_tokens)
+        case.prompt_tokens = prompt_tokens
+        if index >= settings.warmup:
+            case.runs.append(run)
+    return case
+
+
+def _one_request(
+    pipe: Pipeline, image: Path, question: str, new_tokens: int
+) -> tuple[RunTiming, int]:
+    start = time.perf_counter()
+    stream = pipe.generate(question, [image], max_new_tokens=new_tokens, ignore_eos=True)
+    result = stream.run()
+    end_to_end = time.perf_counter() - start
+    run = RunTiming(
+        stages={name: stream.stage_seconds[name] for name in STAGES},
+        time_to_first_token=result.timings.time_to_first_token,
+        decode_steps=tuple(result.timings.decode_seconds),
+        end_to_end=end_to_end,
+    )
+    return run, stream.prepared.prompt.num_tokens
+
+
+def bundle_weight_bytes(pipe: Pipeline) -> int:
+    """Bytes of every graph (with external data) and of the embedding table."""
+    files: list[Path] = []
+    for graph in pipe.manifest.graphs.values():
+        path = pipe.bundle_dir / graph.file
+        files += [path, *path.parent.glob(path.name + ".data*")]
+    files.append(pipe.bundle_dir / pipe.manifest.embedding.file)
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def _providers(pipe: Pipeline) -> list[str]:
+    providers: list[str] = []
+    for runner in pipe.runners.values():
+        for name in getattr(runner, "providers", []):
+            if name not in providers:
+                providers.append(name)
+    return providers
+
+
+def _uses_gpu(pipe: Pipeline) -> bool:
+    """True when any graph runs on something other than ONNX Runtime's CPU provider."""
+    return any(
+        runner.backend_name != "onnxruntime"
+        or any(p != "CPUExecutionProvider" for p in getattr(runner, "providers", []))
+        for runner in pipe.runners.values()
+    )
+
+
+def _threads(pipe: Pipeline) -> int | None:
+    return next((getattr(r, "intra_op_threads", None) for r in pipe.runners.values()), None)
+
+
+def machine_description() -> dict[str, Any]:
+    """CPU model, core count, RAM and library versions: enough to reproduce a measurement."""
+    import onnxruntime
+
+    return {
+        "cpu": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "ram_bytes": _ram_bytes(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

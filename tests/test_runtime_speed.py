@@ -1,0 +1,89 @@
+"""Speed-related session settings of the ONNX Runtime runner (measured in docs/performance.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nvlm_export.runtime.backends.base import GraphSpec
+from nvlm_export.runtime.backends.onnxruntime import OnnxRuntimeRunner
+from nvlm_export.runtime.generation import KVCache, prefill
+from nvlm_export.runtime.manifest import TensorSpec
+from nvlm_export.runtime.pipeline import Pipeline
+
+SPIN = "session.intra_op.allow_spinning"
+
+
+def runner(**options: object) -> OnnxRuntimeRunner:
+    spec = GraphSpec("g", Path("unused.onnx"), (TensorSpec("x", "float32", (1,)),), ())
+    return OnnxRuntimeRunner(spec, **options)  # type: ignore[arg-type]
+
+
+def test_worker_threads_do_not_spin_and_there_is_no_arena_by_default() -> None:
+    options = runner()._session_options()
+    assert options.get_session_config_entry(SPIN) == "0"
+    assert options.enable_cpu_mem_arena is False
+    assert runner(memory_arena=True)._session_options().enable_cpu_mem_arena is True
+
+
+@pytest.mark.parametrize(("allow", "value"), [(True, "1"), (False, "0")])
+def test_spinning_can_be_chosen(allow: bool, value: str) -> None:
+    options = runner(allow_spinning=allow, intra_op_threads=2)._session_options()
+    assert options.get_session_config_entry(SPIN) == value
+    assert options.intra_op_num_threads == 2
+
+
+# --- memory bounds that must not change results ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from nvlm_export.export.bundle import ExportSettings, export_bundle
+    from nvlm_export.models.tiny import make_tiny_checkpoint
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("speed")
+    make_tiny_checkpoint(root / "ckpt", "internvl", seed=0)
+    settings = ExportSettings(max_tiles=6, validate=False)
+    export_bundle(root / "ckpt", root / "bundle", settings, quiet=True)
+    return root / "bundle"
+
+
+def wide_image() -> np.ndarray:
+    rng = np.random.default_rng(3)
+    return rng.integers(0, 256, size=(896, 1344, 3), dtype=np.uint8)  # 3x2 grid + thumbnail
+
+
+def test_vision_in_one_tile_calls_equals_one_call(bundle: Path) -> None:
+    whole = Pipeline.load(bundle, vision_tiles_per_call=None, intra_op_threads=1)
+    split = Pipeline.load(bundle, vision_tiles_per_call=2, intra_op_threads=1)
+    tiling = whole.prepare("What is it?", [wide_image()]).tilings
+    assert tiling[0].num_tiles == 7  # 2-tile calls: 2 + 2 + 2 + 1
+    (a,), (b,) = whole.encode_images(tiling), split.encode_images(tiling)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_prefill_gives_the_same_cache_logits_and_answer(bundle: Path) -> None:
+    whole = Pipeline.load(bundle, prefill_chunk_tokens=None, intra_op_threads=1)
+    chunked = Pipeline.load(bundle, prefill_chunk_tokens=100, intra_op_threads=1)
+    prepared = whole.prepare("What is it?", [wide_image()])
+    embeds = whole.decoder_inputs(prepared.prompt, whole.encode_images(prepared.tilings))
+    assert embeds.inputs_embeds.shape[1] > 300  # several chunks
+    caches = [KVCache.from_spec(whole.manifest.kv_cache) for _ in range(2)]
+    decoder = whole.runners["decoder"].infer
+    one = prefill(decoder, embeds.inputs_embeds, caches[0])
+    many = prefill(decoder, embeds.inputs_embeds, caches[1], chunk_tokens=100)
+    np.testing.assert_allclose(one, many, rtol=1e-4, atol=1e-4)
+    assert caches[0].length == caches[1].length == embeds.inputs_embeds.shape[1]
+    np.testing.assert_allclose(caches[0].keys[-1], caches[1].keys[-1], rtol=1e-4, atol=1e-4)
+    answers = [
+        pipe.generate("What is it?", [wide_image()], max_new_tokens=8).run().token_ids
+        for pipe in (whole, chunked)
+    ]
+    assert answers[0] == answers[1]
