@@ -186,9 +186,16 @@ def quantize(
 
 
 def build(
-    model_dir: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
-    precision: Annotated[str, typer.Option("--precision", "-p", help="fp16, int8, fp8 or int4.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle directory to write.")],
+    model_dir: Annotated[
+        Path | None,
+        typer.Argument(help="Checkpoint directory (default: the built-in demo model)."),
+    ] = None,
+    precision: Annotated[
+        str, typer.Option("--precision", "-p", help="fp16, int8, fp8 or int4.")
+    ] = ...,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Bundle directory to write.")
+    ] = ...,
     images: ImagesOption = None,
     prompts: PromptsOption = None,
     target: Annotated[
@@ -214,11 +221,17 @@ def build(
     is not redone. TensorRT engines are built only with --backend tensorrt on a machine with
     TensorRT (otherwise the build stops after the ONNX bundle and says so).
 
-    Example:
+    Examples:
+
+      nvlm-export build --precision int8 -o demo-int8/     # the built-in demo model
 
       nvlm-export build ckpt/ --precision int8 --images photos/ --target orin -o bundle-int8/
     """
     require_export_extra()
+    if model_dir is None:
+        from nvlm_export.demo import default_checkpoint
+
+        model_dir = default_checkpoint()
     from nvlm_export.export.build import BuildSettings
     from nvlm_export.export.build import build as run_build
 
