@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from nvlm_export.commands import engine, export, make_tiny, profile, quantize, run, tile
+from nvlm_export.commands import demo, engine, export, make_tiny, profile, quantize, run, tile
 
 RUNTIME = "Run"
 EXPORT = "Export"
@@ -28,4 +28,5 @@ COMMANDS: list[tuple[str, Callable[..., Any], str]] = [
     ("profile", profile.profile, TOOLS),
     ("lint", engine.lint, TOOLS),
     ("make-tiny", make_tiny.make_tiny, TOOLS),
+    ("demo-eval", demo.evaluate_demo, TOOLS),
 ]
