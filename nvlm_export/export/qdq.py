@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import logging
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,6 +111,23 @@ class _FeedReader:
         return dict(next(self._samples, None) or {}) or None
 
 
+@contextmanager
+def _quiet_root_advice() -> Iterator[None]:
+    """onnxruntime's quantizer logs advice to run its shape-inference pre-processing on the root
+    logger, once per graph; our graphs come from the exporter with shapes, so it is only noise
+    in the middle of `build`'s progress."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "pre-processing" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def quantize_static_graph(
     source: Path,
     output: Path,
@@ -122,7 +141,7 @@ def quantize_static_graph(
 
     external = graph_bytes(source) > EXTERNAL_DATA_BYTES
     output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="nvlm-quant-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="nvlm-quant-") as scratch, _quiet_root_advice():
         int8_path = Path(scratch) / "int8.onnx" if precision == "fp8" else output
         quantize_static(
             str(source),
