@@ -233,3 +233,63 @@ def test_generate_drives_an_onnx_decoder_one_token_per_step(tmp_path: Path) -> N
     assert decoder.calls == 1 + 3  # the prefill, then one step per token after the first
     assert cache.length == len(prompt) + 3
     np.testing.assert_array_equal(cache.keys[1][0, 0].argmax(axis=-1), [4, 2, 3, 4, 5])
+
+
+def save_two_int8_matmuls_on_one_input(path: Path) -> Path:
+    """x -> two MatMuls with int8 per-channel weights, each with its own (identical) activation
+    Q/DQ pair: the form nvlm-export quantize writes for q/k/v and gate/up projections."""
+    rng = np.random.default_rng(0)
+    nodes, initializers = (
+        [],
+        [
+            numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"),
+            numpy_helper.from_array(np.array(0, np.int8), "x_zero"),
+        ],
+    )
+    for i in range(2):
+        initializers += [
+            numpy_helper.from_array(rng.integers(-127, 128, (8, 4)).astype(np.int8), f"w{i}"),
+            numpy_helper.from_array(np.full(4, 0.01, np.float32), f"w{i}_scale"),
+            numpy_helper.from_array(np.zeros(4, np.int8), f"w{i}_zero"),
+        ]
+        nodes += [
+            helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], [f"xq{i}"]),
+            helper.make_node("DequantizeLinear", [f"xq{i}", "x_scale", "x_zero"], [f"xd{i}"]),
+            helper.make_node(
+                "DequantizeLinear", [f"w{i}", f"w{i}_scale", f"w{i}_zero"], [f"wd{i}"], axis=1
+            ),
+            helper.make_node("MatMul", [f"xd{i}", f"wd{i}"], [f"y{i}"]),
+        ]
+    graph = helper.make_graph(
+        nodes,
+        "two_int8",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["batch", 4]) for i in (0, 1)],
+        initializers,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_int8_qdq_matmuls_sharing_an_input_run_as_integer_kernels(tmp_path: Path) -> None:
+    """ORT's common-subexpression elimination would merge the identical Q/DQ pairs and its
+    integer MatMul fusion would then skip both MatMuls (float MatMuls on weights dequantized
+    every call); the runner turns CSE off so both become MatMulIntegerToFloat."""
+    path = save_two_int8_matmuls_on_one_input(tmp_path / "int8.onnx")
+    spec = GraphSpec(
+        "int8",
+        path,
+        (TensorSpec("x", "float32", ("batch", 8)),),
+        tuple(TensorSpec(f"y{i}", "float32", ("batch", 4)) for i in (0, 1)),
+    )
+    optimized = tmp_path / "int8.opt.onnx"
+    with OnnxRuntimeRunner(spec, optimized_model_path=optimized) as runner:
+        x = np.linspace(-1, 1, 16, dtype=np.float32).reshape(2, 8)
+        outputs = runner.infer({"x": x})
+    ops = [node.op_type for node in onnx.load(str(optimized)).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 2
+    assert "MatMul" not in ops and "DequantizeLinear" not in ops
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    x_q = np.clip(np.round(x / 0.02), -128, 127) * 0.02
+    for i in (0, 1):
+        np.testing.assert_allclose(outputs[f"y{i}"], x_q @ (weights[f"w{i}"] * 0.01), atol=1e-5)

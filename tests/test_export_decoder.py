@@ -343,3 +343,22 @@ def test_embedding_table_is_a_memory_mappable_npy(tmp_path: Path, dtype: str) ->
     ids = np.array([0, 5, 96])
     expected = weight.detach()[torch.from_numpy(ids)].to(getattr(torch, dtype)).numpy()
     np.testing.assert_array_equal(table[ids], expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# The graph's form lets ONNX Runtime fuse it (speed, docs/decoder-graph.md)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_onnxruntime_fuses_every_rms_norm_into_one_node(qwen2_export, tmp_path: Path) -> None:
+    """Each RMSNorm (2 per layer + the final one) becomes one SimplifiedLayerNormalization with
+    its weight; none of the six small ops it is written with are left to dispatch per step."""
+    _, path, _ = qwen2_export
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    layers = COMMON["num_hidden_layers"]
+    assert ops.count("SimplifiedLayerNormalization") == 2 * layers + 1
+    assert not {"Pow", "ReduceMean", "Sqrt", "Reciprocal", "Div"} & set(ops)
+    assert ops.count("Neg") <= 1  # rotary's sign is folded into the shared sin table

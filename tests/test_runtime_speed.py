@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nvlm_export.errors import InputError
 from nvlm_export.runtime.backends.base import GraphSpec
 from nvlm_export.runtime.backends.onnxruntime import OnnxRuntimeRunner
 from nvlm_export.runtime.generation import KVCache, prefill
@@ -33,6 +34,52 @@ def test_spinning_can_be_chosen(allow: bool, value: str) -> None:
     options = runner(allow_spinning=allow, intra_op_threads=2)._session_options()
     assert options.get_session_config_entry(SPIN) == value
     assert options.intra_op_num_threads == 2
+
+
+def kv_runner() -> OnnxRuntimeRunner:
+    """A decoder-like interface: one fixed axis on the embeddings, two on the cache."""
+    inputs = (
+        TensorSpec("inputs_embeds", "float32", ("batch", "seq", 8)),
+        TensorSpec("past.key", "float32", ("batch", 2, "past", 4)),
+    )
+    spec = GraphSpec("decoder", Path("unused.onnx"), inputs, ())
+    return OnnxRuntimeRunner(spec)
+
+
+def kv_feeds(**shapes: tuple[int, ...]) -> dict[str, np.ndarray]:
+    sizes = {"inputs_embeds": (1, 1, 8), "past.key": (1, 2, 5, 4), **shapes}
+    return {name: np.zeros(shape, np.float32) for name, shape in sizes.items()}
+
+
+def test_the_per_step_feed_check_accepts_good_feeds_and_any_array_subclass(tmp_path: Path) -> None:
+    runner = kv_runner()
+    runner.check_feeds(kv_feeds())
+    table = np.lib.format.open_memmap(tmp_path / "t.npy", "w+", np.float32, (1, 1, 8))
+    runner.check_feeds({**kv_feeds(), "inputs_embeds": table})  # memory-mapped embeddings
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "message"),
+    [
+        ("past.key", (1, 3, 5, 4), "'past.key' .* has size 3 on axis 1"),
+        ("past.key", (1, 2, 5, 6), "'past.key' .* has size 6 on axis 3"),
+        ("inputs_embeds", (1, 1, 9), "'inputs_embeds' .* has size 9 on axis 2"),
+        ("past.key", (1, 2, 4), "'past.key' .* has rank 3"),
+    ],
+)
+def test_the_per_step_feed_check_still_names_a_wrong_fixed_size(
+    name: str, shape: tuple[int, ...], message: str
+) -> None:
+    with pytest.raises(InputError, match=message):
+        kv_runner().check_feeds(kv_feeds(**{name: shape}))
+
+
+def test_wrong_dtypes_and_names_are_still_caught_by_the_per_step_check() -> None:
+    feeds = kv_feeds()
+    with pytest.raises(InputError, match="has dtype float64"):
+        kv_runner().check_feeds({**feeds, "past.key": feeds["past.key"].astype(np.float64)})
+    with pytest.raises(InputError, match="unexpected \\['extra'\\]"):
+        kv_runner().check_feeds({**feeds, "extra": feeds["past.key"]})
 
 
 # --- memory bounds that must not change results ---------------------------------------------------

@@ -196,27 +196,39 @@ def _unsupported(field: str, value: Any, why: str) -> None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm with the statistics in float32 whatever the activation dtype (fp16-safe)."""
+    """RMSNorm with the statistics in float32 whatever the activation dtype (fp16-safe).
+
+    Written as `x / sqrt(mean(x²) + eps)`, not transformers' `x * rsqrt(...)`: the former is the
+    Pow-ReduceMean-Add-Sqrt-Div-Mul chain ONNX Runtime's optimiser fuses into one
+    SimplifiedLayerNormalization node (weight included); the rsqrt form stays six small ops.
+    Same value within float32 rounding.
+    """
     x32 = x.float()
-    inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * (x32 * inv_rms).to(x.dtype)
+    rms = torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+    return weight * (x32 / rms).to(x.dtype)
 
 
 def rotary_cos_sin(
     position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [B, T, head_dim] from positions, computed in float32 then cast."""
+    """cos and *signed* sin tables [B, 1, T, head_dim] from positions: float32, then cast.
+
+    The half-split rotation is x·cos + (-x₂, x₁)·sin. The minus sign is folded into the sin
+    table once, (-sin, sin), so every layer's q and k rotate with (x₂, x₁)·signed_sin and no
+    per-layer Neg (bit-identical: negation is exact). The head axis is added here, once.
+    """
     angles = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (B, T, D)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    cos = torch.cat((cos, cos), dim=-1)  # (B, T, D)
+    signed_sin = torch.cat((-sin, sin), dim=-1)  # (B, T, D)
+    return cos[:, None].to(dtype), signed_sin[:, None].to(dtype)  # (B, 1, T, D)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by the position angles (cos/sin: (B, T, D), the half-split layout)."""
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by the position angles; cos/signed_sin from `rotary_cos_sin`."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)  # (x₂, x₁)
+    return x * cos + swapped * signed_sin
 
 
 def causal_mask(

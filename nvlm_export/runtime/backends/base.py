@@ -9,9 +9,10 @@ call and delegates to `_infer_impl`, `deactivate()` releases. Runners are contex
 
 from __future__ import annotations
 
+import operator
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -73,6 +74,10 @@ class GraphRunner(ABC):
         self.is_active = False
         # numpy dtypes resolved once: `array.dtype.name` is slow Python code on the hot path.
         self._input_dtypes = [_numpy_dtype(t.dtype) for t in spec.inputs]
+        self._input_checks = [
+            _FastCheck.of(t, d) for t, d in zip(spec.inputs, self._input_dtypes, strict=True)
+        ]
+        self._input_names = frozenset(spec.input_names)
 
     # -- life cycle -------------------------------------------------------------------------
     def activate(self) -> GraphRunner:
@@ -112,7 +117,18 @@ class GraphRunner(ABC):
     __call__ = infer
 
     def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
-        """Names, dtypes, ranks and fixed dimensions of `feeds` against the spec."""
+        """Names, dtypes, ranks and fixed dimensions of `feeds` against the spec.
+
+        Runs once per decode step, so the common case (everything right) is a few C-level
+        comparisons per input; only a failing feed goes through the explaining checks.
+        """
+        if feeds.keys() == self._input_names and all(
+            check.passes(feeds[check.name]) for check in self._input_checks
+        ):
+            return
+        self._explain_bad_feeds(feeds)
+
+    def _explain_bad_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
         expected = self.spec.input_names
         if len(feeds) != len(expected) or any(name not in feeds for name in expected):
             missing = [n for n in expected if n not in feeds]
@@ -161,6 +177,35 @@ def _numpy_dtype(name: str) -> np.dtype | None:
         return np.dtype(name)
     except TypeError:
         return None
+
+
+@dataclass(frozen=True)
+class _FastCheck:
+    """One input's dtype, rank and fixed sizes, precomputed for a quick yes/no on the hot path."""
+
+    name: str
+    dtype: np.dtype | None
+    rank: int
+    fixed_axes: Callable[[tuple[int, ...]], Any] | None  # shape -> the sizes on fixed axes
+    fixed_sizes: Any
+
+    @classmethod
+    def of(cls, tensor: TensorSpec, dtype: np.dtype | None) -> _FastCheck:
+        fixed = [(axis, d) for axis, d in enumerate(tensor.shape) if isinstance(d, int) and d >= 0]
+        axes, sizes = [a for a, _ in fixed], tuple(d for _, d in fixed)
+        # itemgetter of one index returns the item, of several a tuple: match that shape.
+        getter = operator.itemgetter(*axes) if axes else None
+        return cls(
+            tensor.name, dtype, len(tensor.shape), getter, sizes[0] if len(sizes) == 1 else sizes
+        )
+
+    def passes(self, array: Any) -> bool:
+        return (
+            isinstance(array, np.ndarray)
+            and (self.dtype is None or array.dtype == self.dtype)
+            and array.ndim == self.rank
+            and (self.fixed_axes is None or self.fixed_axes(array.shape) == self.fixed_sizes)
+        )
 
 
 def _check_array(graph: str, tensor: TensorSpec, dtype: np.dtype | None, array: np.ndarray) -> None:

@@ -1,7 +1,12 @@
 """ONNX Runtime runner: session set-up, load-time interface check, plain `run()`.
 
-IOBinding is not used (not measured to help here): on CPU, `run()` reads numpy inputs in place; its
-real gain is a device-resident KV cache on GPU, which belongs with a preallocated cache object.
+IOBinding is not used (not measured to help here): on CPU, `run()` reads numpy inputs in place and
+hands its outputs to numpy without a copy; the per-step KV copy is the graph's own `Concat`, which
+binding cannot remove. Its real gain is a device-resident KV cache on GPU, which belongs with a
+preallocated cache object. The optimised graph is not cached beside the bundle by default
+(`optimized_model_path` opts in): loading is dominated by reading and pre-packing weights (cached
+vs not: 880 vs 920 ms for a 270 MB decoder), and the saved graph is machine-specific
+(docs/decoder-graph.md).
 
 Intra-op worker threads do not spin while waiting for work (`allow_spinning=False`, ONNX Runtime's
 default is to spin). A decode step is hundreds of small ops between large matrix products; spinning
@@ -15,6 +20,14 @@ including the buffers used while loading and prepacking weights: the bench visio
 peaks of a long prefill stay resident for the process's life. Without it, large buffers go back to
 the OS after each call; no slowdown was measurable (decode steps allocate only small tensors, and
 vision/prefill calls are seconds long).
+
+ONNX Runtime's common-subexpression elimination is switched off (`disabled_optimizers`). Our Q/DQ
+graphs give each quantized MatMul its own QuantizeLinear -> DequantizeLinear pair on the
+activation; q/k/v (and gate/up) read the same RMSNorm output, so their pairs are identical, CSE
+merges them into one pair with several consumers, and ORT's Q/DQ MatMul fusion then refuses that
+pair: on the tiny INT8 decoder only 4 of 14 MatMuls became `MatMulIntegerToFloat` (the other 10 ran
+in float on weights dequantized every call); without CSE all 14 do. On our fp32 and INT4 graphs
+CSE changes nothing (the exporter already shares identical subexpressions), so it is off for all.
 """
 
 from __future__ import annotations
@@ -40,6 +53,9 @@ OPTIMIZATION_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+# Graph optimisers not run (see the module docstring): CSE undoes the per-consumer Q/DQ pairs that
+# ORT's integer MatMul fusions need.
+DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
 # ONNX Runtime's type strings ("tensor(float)") as numpy dtype names.
 ORT_DTYPES = {
     "tensor(float)": "float32",
@@ -78,6 +94,7 @@ class OnnxRuntimeRunner(GraphRunner):
         optimized_model_path: Path | None = None,
         allow_spinning: bool = False,
         memory_arena: bool = False,
+        disabled_optimizers: Sequence[str] = DISABLED_OPTIMIZERS,
         validate_inputs: bool = True,
     ) -> None:
         super().__init__(spec, validate_inputs=validate_inputs)
@@ -92,6 +109,7 @@ class OnnxRuntimeRunner(GraphRunner):
         self.optimized_model_path = optimized_model_path
         self.allow_spinning = allow_spinning
         self.memory_arena = memory_arena
+        self.disabled_optimizers = tuple(disabled_optimizers)
         self.session: ort.InferenceSession | None = None
 
     @property
@@ -122,7 +140,10 @@ class OnnxRuntimeRunner(GraphRunner):
             )
         try:
             self.session = ort.InferenceSession(
-                str(path), sess_options=self._session_options(), providers=self._usable_providers()
+                str(path),
+                sess_options=self._session_options(),
+                providers=self._usable_providers(),
+                disabled_optimizers=list(self.disabled_optimizers),
             )
         except ORT_ERRORS as error:
             raise BundleError(
