@@ -17,6 +17,7 @@ from nvlm_export.calibration import CalibrationOptions, collect_calibration
 from nvlm_export.errors import InputError, ValidationError
 from nvlm_export.export.accuracy import Thresholds
 from nvlm_export.export.lint import lint_model
+from nvlm_export.export.qdq import QUANTIZABLE_OPS, quantize_static_graph
 from nvlm_export.export.quantize import (
     ACCURACY_FILE,
     COMPONENT_PRECISIONS,
@@ -120,8 +121,13 @@ def test_quantized_bundle_runs_and_has_the_tensorrt_qdq_pattern(
         check_qdq(graph, precision, record)
         findings = lint_model(graph.model, graph=name, base_dir=out / spec.file)
         assert not [f for f in findings if f.code.startswith("qdq") or f.code == "dtype"]
-    excluded = manifest.graph(DECODER_GRAPH).quantization["excluded_nodes"]  # type: ignore[index]
-    assert [n["module"] for n in excluded] == ["lm_head"]
+    record = manifest.graph(DECODER_GRAPH).quantization
+    assert record is not None
+    head_quantized = precision == "int4"  # the default per precision (QUANTIZE_LM_HEAD_BY_DEFAULT)
+    assert record["lm_head"]["module"] == "lm_head"
+    assert record["lm_head"]["quantized"] is head_quantized
+    excluded = [n["module"] for n in record["excluded_nodes"]]
+    assert excluded == ([] if head_quantized else ["lm_head"])
     # ONNX Runtime runs the quantized bundle through the normal pipeline.
     pipe = Pipeline.load(out)
     image = np.full((400, 500, 3), 128, dtype=np.uint8)
@@ -133,6 +139,7 @@ def test_quantized_bundle_runs_and_has_the_tensorrt_qdq_pattern(
 
 
 def check_qdq(graph: Graph, precision: str, record: dict) -> None:
+    excluded = {n["node"] for n in record["excluded_nodes"]}
     for node in graph.qdq():
         zero = graph.inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if zero is not None:
@@ -141,11 +148,18 @@ def check_qdq(graph: Graph, precision: str, record: dict) -> None:
             assert want is None or zero.data_type == want
         for consumer in (n for n in graph.nodes if set(n.input) & set(node.output)):
             if node.op_type == "DequantizeLinear":
-                # ONNX Runtime points a graph input's Shape reader at its DQ: same shape, no math.
-                assert consumer.op_type in ("MatMul", "Gemm", "Conv", "Shape"), consumer.op_type
+                # TensorRT's placement: a DQ feeds only the GEMM/conv it was made for; every other
+                # reader of the tensor (Shape, a norm, an excluded layer) reads it in float.
+                assert consumer.op_type in QUANTIZABLE_OPS, consumer.op_type
+                assert consumer.name not in excluded, consumer.name
     for node in graph.nodes:
         if node.op_type in FLOAT_ONLY:
             assert not graph.dequantized_inputs(node), f"{node.op_type} input is quantized"
+        if node.op_type == "MatMul" and graph.dequantized_inputs(node):
+            # Only weight GEMMs: attention's activation x activation MatMuls (Q.K^T, P.V) stay
+            # float; INT8 softmax probabilities would round a long sequence's weights to 0.
+            weight = graph.producer.get(node.input[1])
+            assert weight is not None and weight.input[0] in graph.inits, node.name
     weights = graph.weight_dqs()
     assert len(weights) == record["quantized_nodes"] > 0
     for dq in weights:
@@ -178,7 +192,7 @@ def test_exclude_keeps_matching_nodes_in_float(
     sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
 ) -> None:
     bundle, _ = sources("nvlm-d")
-    settings = fast("int4", exclude=("*mlp.down_proj",))
+    settings = fast("int4", exclude=("*mlp.down_proj",), quantize_lm_head=False)
     quantize_bundle(bundle, tmp_path / "q", settings, None, quiet=True)
     spec = load_manifest(tmp_path / "q").graph(DECODER_GRAPH)
     modules = [n["module"] for n in spec.quantization["excluded_nodes"]]  # type: ignore[index]
@@ -249,3 +263,170 @@ def test_int8_needs_a_calibration_set(
     bundle, _ = sources("nvlm-d")
     with pytest.raises(InputError, match="needs a calibration set"):
         quantize_bundle(bundle, tmp_path / "q", fast("int8"), None)
+
+
+# --- the LM head --------------------------------------------------------------------------------
+
+
+def lm_head_weight_dq(graph: Graph, node_name: str) -> onnx.NodeProto | None:
+    node = next(n for n in graph.nodes if n.name == node_name)
+    weight = graph.producer.get(node.input[1])
+    return weight if weight is not None and weight.op_type == "DequantizeLinear" else None
+
+
+def test_quantize_lm_head_puts_per_channel_int8_qdq_on_the_head(
+    sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
+) -> None:
+    bundle, calib = sources("nvlm-d")
+    settings = fast("int8", quantize_lm_head=True)
+    quantize_bundle(bundle, tmp_path / "q", settings, calib, quiet=True)
+    spec = load_manifest(tmp_path / "q").graph(DECODER_GRAPH)
+    record = spec.quantization
+    assert record is not None and record["lm_head"]["quantized"] is True
+    assert record["excluded_nodes"] == []
+    graph = Graph(tmp_path / "q" / spec.file)
+    dq = lm_head_weight_dq(graph, record["lm_head"]["node"])
+    assert dq is not None, "the LM head's weight is not quantized"
+    weight = graph.inits[dq.input[0]]
+    assert weight.data_type == TensorProto.INT8
+    assert numpy_helper.to_array(graph.inits[dq.input[1]]).size > 1  # per output channel
+    accuracy = json.loads((tmp_path / "q" / ACCURACY_FILE).read_text())
+    assert accuracy["passed"], accuracy["failures"]
+
+
+def test_keep_lm_head_leaves_the_int4_head_in_float(
+    sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
+) -> None:
+    bundle, _ = sources("nvlm-d")
+    quantize_bundle(bundle, tmp_path / "q", fast("int4", quantize_lm_head=False), None, quiet=True)
+    spec = load_manifest(tmp_path / "q").graph(DECODER_GRAPH)
+    record = spec.quantization
+    assert record is not None and record["lm_head"]["quantized"] is False
+    graph = Graph(tmp_path / "q" / spec.file)
+    assert lm_head_weight_dq(graph, record["lm_head"]["node"]) is None
+
+
+def test_lm_head_is_found_by_what_computes_the_logits_not_by_its_name(
+    sources: Callable[[str], tuple[Path, Path]],
+) -> None:
+    """A re-saved graph without the exporter's module names, a renamed node, and a bias and a
+    reshape between the head and the output: the head is still the GEMM behind `logits`."""
+    from onnx import helper
+
+    from nvlm_export.export.qdq import output_projection
+
+    bundle, _ = sources("nvlm-d")
+    model = onnx.load(str(bundle / load_manifest(bundle).graph(DECODER_GRAPH).file))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    head = producer["logits"]
+    assert output_projection(model, "logits").name == head.name  # type: ignore[union-attr]
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    head.name = "renamed_projection"
+    head.output[0] = "head_out"
+    vocab = next(t for t in model.graph.initializer if t.name == head.input[1]).dims[0]
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(vocab, np.float32), "b"))
+    model.graph.node.extend(
+        [
+            helper.make_node("Add", ["head_out", "b"], ["biased"], name="bias"),
+            helper.make_node("Identity", ["biased"], ["logits"], name="same"),
+        ]
+    )
+    found = output_projection(model, "logits")
+    assert found is not None and found.name == "renamed_projection" and found.module == ""
+    assert output_projection(model, "present.0.key") is None
+
+
+def test_gemm_rewritten_as_matmul_computes_the_same() -> None:
+    import onnxruntime as ort
+    from onnx import helper
+
+    from nvlm_export.export.qdq import gemms_as_matmuls
+
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=(5, 3)).astype(np.float32), rng.normal(size=5).astype(np.float32)
+    gemm = helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="head", transB=1)
+    graph = helper.make_graph(
+        [gemm],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.normal(size=(2, 3)).astype(np.float32)
+    rewritten = gemms_as_matmuls(onnx.load_from_string(model.SerializeToString()), exclude=())
+    assert [n.op_type for n in rewritten.graph.node] == ["MatMul", "Add"]
+    assert rewritten.graph.node[0].name == "head"  # exclusion patterns and manifests still match
+    run = ort.InferenceSession(rewritten.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(run, x @ w.T + b, rtol=1e-5, atol=1e-6)
+    kept = gemms_as_matmuls(onnx.load_from_string(model.SerializeToString()), exclude=("head",))
+    assert [n.op_type for n in kept.graph.node] == ["Gemm"]
+
+
+def test_excluding_every_node_is_an_error_not_a_fully_quantized_graph(
+    sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
+) -> None:
+    """ONNX Runtime reads an empty nodes_to_quantize as "all nodes"."""
+    from nvlm_export.errors import ExportError
+
+    bundle, calib = sources("nvlm-d")
+    with pytest.raises(ExportError, match=r"all \d+ MatMul/Gemm/Conv nodes are excluded"):
+        quantize_bundle(
+            bundle, tmp_path / "q", fast("int8", exclude=("*",), components=("vision",)), calib
+        )
+    assert not (tmp_path / "q").exists()
+
+
+def shared_input_graph() -> onnx.ModelProto:
+    """x feeds a projector MatMul, a LayerNorm and a second MatMul (to be excluded): NVLM-H's
+    pixel-shuffled features feeding the tile and the thumbnail projectors, in miniature."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "w_tiles"),
+        numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "w_other"),
+        numpy_helper.from_array(np.ones(8, np.float32), "gamma"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_tiles"], ["tiles"], name="tiles_proj"),
+        helper.make_node("LayerNormalization", ["x", "gamma"], ["thumb"], name="thumb_norm"),
+        helper.make_node("MatMul", ["x", "w_other"], ["other"], name="other_proj"),
+        helper.make_node("Shape", ["x"], ["x_shape"], name="x_shape"),
+    ]
+    outputs = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("tiles", "thumb")
+    ] + [
+        helper.make_tensor_value_info("other", TensorProto.FLOAT, None),
+        helper.make_tensor_value_info("x_shape", TensorProto.INT64, None),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])
+    graph = helper.make_graph(nodes, "shared", [x], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("precision", ("int8", "fp8"))
+def test_a_tensor_with_one_quantized_reader_stays_float_for_its_other_readers(
+    tmp_path: Path, precision: str
+) -> None:
+    import onnxruntime as ort
+
+    source, output = tmp_path / "source.onnx", tmp_path / "q.onnx"
+    onnx.save(shared_input_graph(), str(source))
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.normal(size=(2, 3, 8)).astype(np.float32)} for _ in range(4)]
+    quantize_static_graph(source, output, iter(feeds), precision=precision, exclude=("other_proj",))
+    graph = Graph(output)
+    by_name = {n.name: n for n in graph.nodes}
+    assert graph.dequantized_inputs(by_name["tiles_proj"])  # activation and weight
+    for name in ("thumb_norm", "other_proj", "x_shape"):
+        assert by_name[name].input[0] == "x", name
+    record = {"quantized_nodes": 1, "excluded_nodes": [{"node": "other_proj"}]}
+    check_qdq(graph, precision, record)
+    # The float readers compute exactly what the source does.
+    x = feeds[0]
+    want = ort.InferenceSession(str(source)).run(["thumb", "other"], x)
+    got = ort.InferenceSession(str(output)).run(["thumb", "other"], x)
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(a, b)

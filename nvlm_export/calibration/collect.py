@@ -6,13 +6,18 @@ the decoder prefill and `decode_steps` greedy decode steps. Each graph runner is
 `RecordingRunner` that writes the feeds of every call to the calibration set before running it,
 so the samples have the distribution the engines will see, image-feature positions and KV cache
 included.
+
+A bundle exported with a small `max_context` cannot hold every image at the bundle's full tile
+budget. Each request therefore uses the largest tile budget whose prompt and decode steps fit
+(`fit_to_context`, counted with the real prompt assembly); calibration.json records the budget of
+every request and one line says when images were capped.
 """
 
 from __future__ import annotations
 
 import glob
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ from nvlm_export.calibration.dataset import (
     CalibrationInfo,
     CalibrationSet,
     CalibrationWriter,
+    RequestTiling,
     bundle_fingerprint,
     check_calibration_output,
     move_into_place,
@@ -31,7 +37,8 @@ from nvlm_export.calibration.dataset import (
 from nvlm_export.errors import ImageError, InputError
 from nvlm_export.runtime.images import load_image
 from nvlm_export.runtime.manifest import load_manifest
-from nvlm_export.runtime.pipeline import Pipeline
+from nvlm_export.runtime.pipeline import Pipeline, PreparedRequest
+from nvlm_export.runtime.tiling import TilingConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DEFAULT_MAX_SAMPLES = 32
@@ -63,11 +70,12 @@ class CalibrationOptions:
 
 @dataclass(frozen=True)
 class Request:
-    """One calibration (or accuracy) request: a named image and a prompt."""
+    """One calibration (or accuracy) request: a named image, a prompt and its tile budget."""
 
     name: str
     image: Image.Image
     prompt: str
+    max_tiles: int | None = None  # None: the bundle's; set by `fit_to_context`
 
 
 class RecordingRunner:
@@ -91,10 +99,43 @@ def record_calls(pipe: Pipeline, record: Callable[[str, Mapping[str, np.ndarray]
         pipe.runners[name] = RecordingRunner(runner, lambda feeds, n=name: record(n, feeds))
 
 
-def run_request(pipe: Pipeline, request: Request, new_tokens: int) -> list[int]:
-    """One greedy request through the real pipeline; returns the generated token ids."""
-    stream = pipe.generate(request.prompt, [request.image], max_new_tokens=new_tokens)
-    return list(stream.run().token_ids)
+def fit_to_context(pipe: Pipeline, request: Request, new_tokens: int) -> Request:
+    """The request with the largest tile budget whose prompt and `new_tokens` generated tokens
+    fit the bundle's context (PromptError when not even one tile per image fits)."""
+    budget = pipe.max_tiles_fitting(request.prompt, [request.image], new_tokens=new_tokens)
+    return replace(request, max_tiles=budget)
+
+
+def run_request(pipe: Pipeline, request: Request, new_tokens: int) -> RequestTiling:
+    """One greedy request through the real pipeline, tiled to fit; returns how it was tiled."""
+    request = fit_to_context(pipe, request, new_tokens)
+    stream = pipe.generate(
+        request.prompt, [request.image], max_new_tokens=new_tokens, max_tiles=request.max_tiles
+    )
+    stream.run()
+    return tiling_record(request, stream.prepared)
+
+
+def tiling_record(request: Request, prepared: PreparedRequest) -> RequestTiling:
+    assert request.max_tiles is not None, "fit the request to the context first"
+    tiles = sum(tiling.num_tiles for tiling in prepared.tilings)
+    return RequestTiling(request.name, request.max_tiles, tiles, prepared.prompt.num_tokens)
+
+
+def capped_message(
+    tilings: Sequence[RequestTiling], max_context: int, bundle_max_tiles: int
+) -> str | None:
+    """One line saying how many requests had their images capped to fit the context, if any."""
+    budgets = sorted({t.max_tiles for t in tilings if t.max_tiles < bundle_max_tiles})
+    if not budgets:
+        return None
+    capped = sum(t.max_tiles < bundle_max_tiles for t in tilings)
+    cap = str(budgets[0]) if len(budgets) == 1 else f"{budgets[0]}-{budgets[-1]}"
+    return (
+        f"bundle context {max_context} tokens: images capped at {cap} tiles (the bundle allows "
+        f"{bundle_max_tiles}) in {capped} of {len(tilings)} requests, so prompt and decode steps "
+        "fit"
+    )
 
 
 def collect_calibration(
@@ -121,6 +162,8 @@ def collect_calibration(
         max_samples=options.max_samples,
         source=options.images or "builtin",
         held_out=[str(p) for p in held_out],
+        max_context=manifest.kv_cache.max_context,
+        bundle_max_tiles=TilingConfig.from_dict(manifest.tiling).max_tiles,
     )
     pipe = Pipeline.load(bundle)
     with staging_directory(out) as staging:
@@ -128,10 +171,13 @@ def collect_calibration(
         record_calls(pipe, writer.add)
         requests = _requests(calibration, prompts, options, info, warn)
         for request in _with_progress(requests, options.max_samples, progress):
-            run_request(pipe, request, new_tokens=options.decode_steps + 1)
+            info.tiling.append(run_request(pipe, request, new_tokens=options.decode_steps + 1))
             info.images.append(request.name)
             info.requests += 1
         _check_not_empty(info, options)
+        message = capped_message(info.tiling, info.max_context, info.bundle_max_tiles)
+        if message:
+            warn(message)
         writer.finish()
         move_into_place(staging, out, overwrite=overwrite)
     return CalibrationSet.open(out)

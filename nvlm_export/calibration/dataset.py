@@ -2,7 +2,8 @@
 
     CALIB/
       calibration.json        # format version, bundle (path + manifest fingerprint), seed, images,
-                              # sample counts and bytes per graph, held-out images
+                              # sample counts and bytes per graph, held-out images, and the tile
+                              # budget each request used to fit the bundle's context
       vision/000000.npz       # the feeds of one vision call (pixel_values of one image)
       decoder/000000.npz      # one decoder call: a prefill, or a decode step with its KV cache
       cross_kv/000000.npz     # NVLM-X/H: one request's cross_embeds
@@ -49,6 +50,18 @@ class GraphSamples:
 
 
 @dataclass
+class RequestTiling:
+    """How one request was tiled: the tile budget (`max_tiles`) that let its prompt and decode
+    steps fit the bundle's context, the tiles encoded (thumbnails included) and the prompt's
+    length."""
+
+    request: str
+    max_tiles: int
+    tiles: int
+    prompt_tokens: int
+
+
+@dataclass
 class CalibrationInfo:
     """Everything `calibration.json` records (provenance and contents)."""
 
@@ -63,6 +76,11 @@ class CalibrationInfo:
     skipped: list[dict[str, str]] = field(default_factory=list)  # unreadable: {image, reason}
     requests: int = 0
     graphs: dict[str, GraphSamples] = field(default_factory=dict)
+    # The bundle's context and tile budget, and how each request was tiled to fit that context
+    # (a request's max_tiles below bundle_max_tiles means its images were capped).
+    max_context: int = 0
+    bundle_max_tiles: int = 0
+    tiling: list[RequestTiling] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -72,6 +90,7 @@ class CalibrationInfo:
     def from_dict(cls, data: Mapping[str, Any]) -> CalibrationInfo:
         values = dict(data)
         values["graphs"] = {k: GraphSamples(**v) for k, v in values.get("graphs", {}).items()}
+        values["tiling"] = [RequestTiling(**t) for t in values.get("tiling", [])]
         return cls(**values)
 
 

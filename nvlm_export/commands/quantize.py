@@ -60,7 +60,16 @@ ExcludeOption = Annotated[
     typer.Option(
         "--exclude",
         help="Keep matching nodes in float: a glob over module paths (layers.0.mlp.*, lm_head) "
-        "or node names. Repeatable; lm_head is always kept.",
+        "or node names. Repeatable.",
+    ),
+]
+LmHeadOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--quantize-lm-head/--keep-lm-head",
+        help="Quantize the decoder's LM head too (INT8/FP8 per-channel, INT4 block-wise), or "
+        "keep it in float. Default: kept for int8/fp8, quantized for int4.",
+        show_default=False,
     ),
 ]
 ForceOption = Annotated[
@@ -122,6 +131,7 @@ def quantize(
         ),
     ] = None,
     exclude: ExcludeOption = None,
+    quantize_lm_head: LmHeadOption = None,
     min_cosine: Annotated[
         float | None,
         typer.Option(
@@ -174,6 +184,7 @@ def quantize(
         thresholds=thresholds,
         force=force,
         overwrite=overwrite,
+        quantize_lm_head=quantize_lm_head,
     )
     report = quantize_bundle(bundle, output, settings, calib, warn=_warn)
     if as_json:
@@ -210,6 +221,7 @@ def build(
     max_samples: MaxSamplesOption = 16,
     seed: SeedOption = 0,
     exclude: ExcludeOption = None,
+    quantize_lm_head: LmHeadOption = None,
     force: ForceOption = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
@@ -244,6 +256,7 @@ def build(
         max_samples=max_samples,
         seed=seed,
         exclude=tuple(exclude or ()),
+        quantize_lm_head=quantize_lm_head,
         force=force,
         overwrite=overwrite,
     )
@@ -281,9 +294,25 @@ def print_accuracy(report: AccuracyReport) -> None:
     table.add_row(
         "identical greedy tokens (mean)", f"{d.mean_identical:.1f} / {d.greedy_steps}", ""
     )
+    capped = _capped_tiles(report)
+    if capped:
+        table.add_row(
+            f"tile budget, capped to fit {report.max_context} tokens",
+            capped,
+            f"bundle: {report.bundle_max_tiles}",
+        )
     status = "[green]within budget[/]" if report.passed else "[red]outside budget[/]"
     table.add_row("result", status, "")
     Console(stderr=True).print(table)
+
+
+def _capped_tiles(report: AccuracyReport) -> str | None:
+    """'1-3 in 2 of 4 requests': the tile budgets held-out requests were lowered to, or None."""
+    budgets = sorted(t.max_tiles for t in report.tiling if t.max_tiles < report.bundle_max_tiles)
+    if not budgets:
+        return None
+    cap = f"{budgets[0]}" if budgets[0] == budgets[-1] else f"{budgets[0]}-{budgets[-1]}"
+    return f"{cap} in {len(budgets)} of {len(report.tiling)} requests"
 
 
 def _print_build_summary(report: Any) -> None:

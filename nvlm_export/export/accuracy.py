@@ -10,23 +10,28 @@ For each request (an image and a prompt that calibration never saw):
   continuation: next-token top-1 agreement and KL(reference || quantized) per position;
 - the quantized bundle also decodes greedily on its own: how many leading tokens are identical.
 
+Each request is tiled once, with the largest tile budget whose prompt and `steps` tokens fit the
+bundle's context (a bundle exported with a small max_context cannot hold a 7-tile image); both
+bundles decode from that same preparation, and the report records every request's budget.
+
 Tiny random checkpoints have nearly flat logits, where a small perturbation flips the argmax, so
 top-1 agreement is harsh there; KL and cosine are the steadier measures.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from nvlm_export.calibration.collect import Request
+from nvlm_export.calibration.collect import Request, capped_message, fit_to_context, tiling_record
+from nvlm_export.calibration.dataset import RequestTiling
 from nvlm_export.compare import common_prefix, compare
 from nvlm_export.runtime.generation import INPUTS_EMBEDS, LOGITS, POSITION_IDS, KVCache, prefill
 from nvlm_export.runtime.manifest import DECODER_GRAPH
-from nvlm_export.runtime.pipeline import Pipeline
+from nvlm_export.runtime.pipeline import Pipeline, PreparedRequest
 
 DEFAULT_STEPS = 16
 DEFAULT_REQUESTS = 4
@@ -95,6 +100,10 @@ class AccuracyReport:
     decoder: DecoderAccuracy
     thresholds: Thresholds
     failures: list[str] = field(default_factory=list)
+    # The bundle's context and tile budget, and the tile budget each request used to fit it.
+    max_context: int = 0
+    bundle_max_tiles: int = 0
+    tiling: list[RequestTiling] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -115,27 +124,43 @@ def measure_accuracy(
     precision: str,
     thresholds: Thresholds,
     steps: int = DEFAULT_STEPS,
+    warn: Callable[[str], None] | None = None,
 ) -> AccuracyReport:
-    """Compare `quantized` with `reference` on `requests`; see the module docstring."""
+    """Compare `quantized` with `reference` on `requests`; see the module docstring. `warn` gets
+    one line when images had to be capped to fit the bundle's context."""
     outputs: dict[tuple[str, str], OutputAccuracy] = {}
     _compare_side_graphs(reference, quantized, outputs)
     decoder = DecoderAccuracy(greedy_steps=steps)
     top1_hits, kl_values = 0, []
+    tilings: list[RequestTiling] = []
     for request in requests:
-        tokens, ref_logits = decode(reference, request, steps)
-        _, q_logits = decode(quantized, request, steps, forced=tokens)
+        request = fit_to_context(reference, request, steps)
+        prepared = reference.prepare(request.prompt, [request.image], max_tiles=request.max_tiles)
+        tilings.append(tiling_record(request, prepared))
+        tokens, ref_logits = decode(reference, prepared, steps)
+        _, q_logits = decode(quantized, prepared, steps, forced=tokens)
         top1_hits += int((q_logits.argmax(-1) == ref_logits.argmax(-1)).sum())
         kl_values += list(kl_divergence(ref_logits, q_logits))
-        own, _ = decode(quantized, request, steps)
+        own, _ = decode(quantized, prepared, steps)
         decoder.identical_greedy.append(common_prefix(tokens, own))
     decoder.positions = len(kl_values)
     decoder.top1_agreement = top1_hits / max(decoder.positions, 1)
     decoder.mean_kl = float(np.mean(kl_values)) if kl_values else 0.0
     decoder.max_kl = float(np.max(kl_values)) if kl_values else 0.0
     report = AccuracyReport(
-        precision, [r.name for r in requests], list(outputs.values()), decoder, thresholds
+        precision,
+        [r.name for r in requests],
+        list(outputs.values()),
+        decoder,
+        thresholds,
+        max_context=reference.manifest.kv_cache.max_context,
+        bundle_max_tiles=reference.tiling.max_tiles,
+        tiling=tilings,
     )
     report.failures = check_thresholds(report)
+    message = capped_message(tilings, report.max_context, report.bundle_max_tiles)
+    if message and warn is not None:
+        warn(message)
     return report
 
 
@@ -154,14 +179,14 @@ def check_thresholds(report: AccuracyReport) -> list[str]:
 
 
 def decode(
-    pipe: Pipeline, request: Request, steps: int, *, forced: Sequence[int] | None = None
+    pipe: Pipeline, prepared: PreparedRequest, steps: int, *, forced: Sequence[int] | None = None
 ) -> tuple[list[int], np.ndarray]:
-    """Greedy (or, with `forced`, teacher-forced) decoding through the pipeline's own stages.
+    """Greedy (or, with `forced`, teacher-forced) decoding of a prepared request (tiles and
+    prompt) through the pipeline's own stages: its vision graph, splice and decoder.
 
     Returns the tokens and the logits [n, V] that predicted each of them. Greedy decoding stops at
     an end-of-turn token, like `Pipeline.generate` at temperature 0.
     """
-    prepared = pipe.prepare(request.prompt, [request.image])
     inputs = pipe.decoder_inputs(prepared.prompt, pipe.encode_images(prepared.tilings))
     cache = KVCache.from_spec(pipe.manifest.kv_cache)
     decoder = pipe.runners[DECODER_GRAPH].infer

@@ -41,6 +41,7 @@ class BuildSettings:
     max_tiles: int | None = None
     max_context: int | None = None
     exclude: tuple[str, ...] = ()
+    quantize_lm_head: bool | None = None  # None: the precision's default (export/quantize.py)
     force: bool = False
     overwrite: bool = False
     accuracy_requests: int = DEFAULT_REQUESTS
@@ -181,6 +182,7 @@ def _calibrate_and_quantize(
     quantize = QuantizeSettings(
         settings.precision,
         exclude=settings.exclude,
+        quantize_lm_head=settings.quantize_lm_head,
         force=settings.force,
         overwrite=True,
         accuracy_requests=settings.accuracy_requests,

@@ -11,8 +11,11 @@ Three schemes, all in the form TensorRT builds for explicit quantization (docs/q
 - INT4: weight-only, block-wise symmetric along the input channel (`MatMulNBitsQuantizer` in QDQ
   format: blocked DequantizeLinear, opset 21), activations stay in float.
 
-Nodes are selected by module path (the exporter's `pkg.torch.onnx.name_scopes` metadata, e.g.
-`layers.3.mlp.down_proj`, `lm_head`) or node name; `excluded` patterns keep nodes in float.
+The nodes to quantize are always named explicitly (`quantizable_nodes` minus exclusions), never
+left to ONNX Runtime's op-type rules, which in QDQ format also quantize attention's activation x
+activation MatMuls. Exclusions are selected by module path (the exporter's
+`pkg.torch.onnx.name_scopes` metadata, e.g. `layers.3.mlp.down_proj`) or node name; the LM head
+is found by what it computes (`output_projection`: the GEMM behind the `logits` output).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ if TYPE_CHECKING:
     import onnx
 
 QUANTIZABLE_OPS = ("MatMul", "Gemm", "Conv")
+# Ops between a projection and a graph output that keep it "the projection's output" (a bias,
+# a reshape to [batch, seq, vocab], the last position's slice, an fp16/fp32 cast).
+PASS_THROUGH_OPS = {"Add", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Slice", "Gather", "Identity"}
 INT8_MAX = 127.0  # symmetric INT8: [-127, 127]
 FP8_E4M3_MAX = 448.0
 INT4_BLOCK_SIZES = (128, 64, 32, 16)  # largest first: 128 is TensorRT's usual INT4 block
@@ -84,6 +90,29 @@ def select_excluded(
 ) -> list[QuantizableNode]:
     patterns = tuple(patterns)
     return [n for n in nodes if any(n.matches(p) for p in patterns)]
+
+
+def output_projection(model: onnx.ModelProto, output: str) -> QuantizableNode | None:
+    """The GEMM that computes graph output `output` (the decoder's lm_head for `logits`).
+
+    Found from the graph itself, not from a name: walk back from the output through ops that
+    only reshape, cast, slice or add a bias, to the first MatMul/Gemm. None if there is none.
+    """
+    quantizable = {n.name: n for n in quantizable_nodes(model)}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    tensor = output
+    while (node := producer.get(tensor)) is not None:
+        if node.name in quantizable:
+            return quantizable[node.name]
+        if node.op_type not in PASS_THROUGH_OPS:
+            return None
+        data = [i for i in node.input if i and i not in constants and i in producer]
+        if len(data) != 1:
+            return None
+        tensor = data[0]
+    return None
 
 
 def _module_path(node: Any) -> str:
@@ -137,18 +166,33 @@ def quantize_static_graph(
     exclude: Sequence[str],
 ) -> None:
     """INT8 or FP8 Q/DQ on the MatMul/Gemm/Conv inputs of `source`, written to `output`."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    # The nodes to quantize are named explicitly: ONNX Runtime honours `MatMulConstBOnly` only in
+    # QOperator format, so in QDQ format it would also quantize attention's activation x
+    # activation MatMuls (Q.K^T and softmax.V). INT8 softmax probabilities with a symmetric
+    # per-tensor scale (1/127) round most of a long sequence's weights to zero.
+    skipped = set(exclude)
+    nodes = quantizable_nodes(onnx.load(str(source), load_external_data=False))
+    targets = [n.name for n in nodes if n.name not in skipped]
+    if not targets:  # an empty list would mean "every node" to ONNX Runtime
+        raise ExportError(
+            f"Nothing to quantize in {source.name}: all {len(nodes)} MatMul/Gemm/Conv nodes "
+            "are excluded",
+            fix="Exclude fewer nodes, or leave this graph out of --components",
+        )
     external = graph_bytes(source) > EXTERNAL_DATA_BYTES
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="nvlm-quant-") as scratch, _quiet_root_advice():
-        int8_path = Path(scratch) / "int8.onnx" if precision == "fp8" else output
+        int8_path = Path(scratch) / "int8.onnx"
         quantize_static(
             str(source),
             str(int8_path),
             _FeedReader(samples),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZABLE_OPS),
+            nodes_to_quantize=targets,
             per_channel=True,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
@@ -159,8 +203,8 @@ def quantize_static_graph(
                 "ActivationSymmetric": True,
                 "WeightSymmetric": True,
                 "MatMulConstBOnly": True,
-                # One Q/DQ pair per quantized consumer: other readers (Shape, residual Add) keep
-                # the float tensor.
+                # One Q/DQ pair per quantized consumer when there are several; with a single
+                # quantized reader the other readers still share its DQ (see float_readers_off_qdq).
                 "DedicatedQDQPair": True,
                 # Q/DQ on inputs only (TensorRT fuses them into the GEMM/conv); outputs stay float.
                 "OpTypesToExcludeOutputQuantization": list(QUANTIZABLE_OPS),
@@ -169,12 +213,46 @@ def quantize_static_graph(
                 "CalibMaxIntermediateOutputs": CALIBRATION_FLUSH,
             },
         )
+        model = onnx.load(str(int8_path))
+        float_readers_off_qdq(model, targets)
         if precision == "fp8":
-            retype_to_fp8(int8_path, source, output, external=external)
+            retype_to_fp8(model, source)
+        save_model(model, output, external=external)
 
 
-def retype_to_fp8(int8_path: Path, source: Path, output: Path, *, external: bool) -> None:
-    """Turn symmetric INT8 Q/DQ into FP8 E4M3FN Q/DQ with amax scales.
+def float_readers_off_qdq(model: onnx.ModelProto, quantized: Iterable[str]) -> int:
+    """Point every reader of an activation's DequantizeLinear that is not a quantized node back
+    at the float tensor the QuantizeLinear reads; returns how many inputs were rewired.
+
+    ONNX Runtime makes a dedicated Q/DQ pair per reader only when a tensor has more than one
+    *quantized* reader. With one, it rewires every reader to the single DQ output: NVLM-H's
+    pixel-shuffled features feed the tile projector (MatMul, quantized) and the thumbnail
+    projector (LayerNorm first), so the LayerNorm read a quantized input. TensorRT's placement
+    rule is Q/DQ on the inputs of MatMul/Gemm/Conv only; a Q/DQ elsewhere runs that op on
+    rounded values (or, for a Shape reader, is at best useless). Weight Q/DQ are left alone.
+    """
+    targets = set(quantized)
+    inits = {t.name for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    # DQ output -> the float tensor its activation QuantizeLinear reads
+    float_of: dict[str, str] = {}
+    for node in model.graph.node:
+        q = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in inits:
+            float_of[node.output[0]] = q.input[0]
+    rewired = 0
+    for node in model.graph.node:
+        if node.name in targets:
+            continue
+        for i, name in enumerate(node.input):
+            if name in float_of:
+                node.input[i] = float_of[name]
+                rewired += 1
+    return rewired
+
+
+def retype_to_fp8(model: onnx.ModelProto, source: Path) -> None:
+    """Turn the symmetric INT8 Q/DQ of `model` into FP8 E4M3FN Q/DQ with amax scales, in place.
 
     Activations: INT8 symmetric scale is amax / 127, so the FP8 scale is scale * 127 / 448.
     Weights: re-quantized from the source's float weights, per output channel, scale amax / 448.
@@ -182,7 +260,6 @@ def retype_to_fp8(int8_path: Path, source: Path, output: Path, *, external: bool
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(int8_path))
     weights = {t.name: t for t in onnx.load(str(source)).graph.initializer}
     inits = {t.name: t for t in model.graph.initializer}
     done: set[str] = set()
@@ -211,7 +288,6 @@ def retype_to_fp8(int8_path: Path, source: Path, output: Path, *, external: bool
             entry.version = max(entry.version, FP8_MIN_OPSET)
     # Shape inference recorded INT8 element types for the Q outputs; let it infer them again.
     del model.graph.value_info[:]
-    save_model(model, output, external=external)
 
 
 def fp8_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -267,11 +343,72 @@ def int4_block_size(model: onnx.ModelProto, nodes: Sequence[QuantizableNode]) ->
     )
 
 
+def gemms_as_matmuls(model: onnx.ModelProto, exclude: Sequence[str]) -> onnx.ModelProto:
+    """Rewrite each plain Gemm with a constant weight (not in `exclude`) as MatMul (+ Add bias).
+
+    ONNX Runtime's block-wise INT4 quantizer takes MatMul only, and the exporter writes a linear
+    layer on a 2-D input (the decoder's lm_head) as Gemm(x, W, b, transB=1). The MatMul keeps
+    the Gemm's name and metadata, so manifests and --exclude patterns still name it.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    skipped = set(exclude)
+    rewritten = []
+    for node in model.graph.node:
+        if node.op_type == "Gemm" and node.name not in skipped and _is_plain_linear(node, inits):
+            rewritten += _gemm_as_matmul(node, inits[node.input[1]], model)
+        else:
+            rewritten.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(rewritten)
+    _drop_unused_initializers(model)
+    return model
+
+
+def _is_plain_linear(node: Any, inits: Mapping[str, Any]) -> bool:
+    """Gemm computing x @ W(^T) + b: alpha = beta = 1, no transposed x, a constant W."""
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    scaled = attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0
+    return not scaled and not attrs.get("transA", 0) and node.input[1] in inits
+
+
+def _gemm_as_matmul(node: Any, weight: Any, model: onnx.ModelProto) -> list[Any]:
+    from onnx import helper, numpy_helper
+
+    kn = numpy_helper.to_array(weight)
+    if any(a.name == "transB" and a.i for a in node.attribute):
+        kn = kn.T  # [N, K] -> [K, N]
+    name = f"{weight.name}_kn"
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(kn), name))
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+    matmul = helper.make_node("MatMul", [node.input[0], name], [product], name=node.name)
+    matmul.metadata_props.extend(node.metadata_props)
+    if not has_bias:
+        return [matmul]
+    bias = helper.make_node(
+        "Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"
+    )
+    return [matmul, bias]
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
 def quantize_int4_graph(
-    source: Path, output: Path, *, exclude: Sequence[str], block_size: int
+    model: onnx.ModelProto,
+    output: Path,
+    *,
+    exclude: Sequence[str],
+    block_size: int,
+    external: bool,
 ) -> None:
-    """INT4 weight-only block-wise Q/DQ (symmetric) on the constant-weight MatMuls of `source`."""
-    import onnx
+    """INT4 weight-only block-wise Q/DQ (symmetric) on the constant-weight MatMuls of `model`."""
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
@@ -285,11 +422,9 @@ def quantize_int4_graph(
         op_types_to_quantize=("MatMul",),
         quant_axes=(("MatMul", 0),),  # blocks run along K, the input channel of a [K, N] weight
     )
-    quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(source)), nodes_to_exclude=list(exclude), algo_config=config
-    )
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=list(exclude), algo_config=config)
     quantizer.process()
-    save_model(quantizer.model.model, output, external=graph_bytes(source) > EXTERNAL_DATA_BYTES)
+    save_model(quantizer.model.model, output, external=external)
 
 
 # --- files --------------------------------------------------------------------------------------

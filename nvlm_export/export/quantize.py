@@ -20,7 +20,7 @@ from typing import Any
 
 from nvlm_export.calibration.collect import held_out_requests
 from nvlm_export.calibration.dataset import CalibrationSet
-from nvlm_export.errors import InputError, ValidationError
+from nvlm_export.errors import ExportError, InputError, ValidationError
 from nvlm_export.export.accuracy import (
     DEFAULT_REQUESTS,
     DEFAULT_STEPS,
@@ -31,6 +31,7 @@ from nvlm_export.export.accuracy import (
 )
 from nvlm_export.export.bundle import check_output_path, replace_output, staging_directory
 from nvlm_export.progress import Stages
+from nvlm_export.runtime.generation import LOGITS
 from nvlm_export.runtime.manifest import (
     CROSS_KV_GRAPH,
     DECODER_GRAPH,
@@ -51,9 +52,15 @@ COMPONENT_PRECISIONS: dict[str, tuple[str, ...]] = {
     DECODER_GRAPH: ("int8", "fp8", "int4"),
     CROSS_KV_GRAPH: ("int8", "fp8", "int4"),
 }
-# Kept in float unless the user asks otherwise: the output projection decides every token and
-# its logits feed sampling directly (the embedding table is outside the graphs already).
-DEFAULT_EXCLUDES: dict[str, tuple[str, ...]] = {DECODER_GRAPH: ("lm_head",)}
+# The graph output each graph's LM head computes. The head is found from the graph's structure
+# (`qdq.output_projection`: the GEMM that writes `logits`), not from a module or file name.
+LM_HEAD_OUTPUTS: dict[str, str] = {DECODER_GRAPH: LOGITS}
+# Whether the LM head is quantized when neither --quantize-lm-head nor --keep-lm-head is given.
+# INT8/FP8 keep it in float, like ModelOpt and TensorRT-LLM: it decides every token and its
+# logits feed sampling directly. INT4 quantizes it, like ONNX Runtime GenAI: an INT4 bundle is
+# chosen for memory bandwidth, and in one-token decode steps the head is the largest single
+# weight read (vocab x hidden). docs/quantization.md has the measurements.
+QUANTIZE_LM_HEAD_BY_DEFAULT: dict[str, bool] = {"int8": False, "fp8": False, "int4": True}
 METHODS = {
     "int8": "static Q/DQ: int8 symmetric, per-channel weights, per-tensor activations (MinMax)",
     "fp8": "static Q/DQ: fp8 e4m3fn, amax scales, per-channel weights, per-tensor activations",
@@ -71,6 +78,7 @@ class QuantizeSettings:
     accuracy_steps: int = DEFAULT_STEPS
     force: bool = False
     overwrite: bool = False
+    quantize_lm_head: bool | None = None  # None: QUANTIZE_LM_HEAD_BY_DEFAULT[precision]
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -82,6 +90,12 @@ class QuantizeSettings:
     @property
     def budget(self) -> Thresholds:
         return self.thresholds or DEFAULT_THRESHOLDS[self.precision]
+
+    @property
+    def lm_head_quantized(self) -> bool:
+        if self.quantize_lm_head is None:
+            return QUANTIZE_LM_HEAD_BY_DEFAULT[self.precision]
+        return self.quantize_lm_head
 
 
 @dataclass
@@ -182,6 +196,23 @@ def _open_calibration(
     return calib
 
 
+def _lm_head(model: Any, graph: str) -> Any:
+    """The graph's LM head node (a `qdq.QuantizableNode`), or None for graphs without one."""
+    from nvlm_export.export import qdq
+
+    output = LM_HEAD_OUTPUTS.get(graph)
+    if output is None:
+        return None
+    head = qdq.output_projection(model, output)
+    if head is None:
+        raise ExportError(
+            f"Cannot find the LM head in the {graph} graph",
+            why=f"no MatMul/Gemm computes its '{output}' output",
+            fix="Re-export the bundle with this version of nvlm-export",
+        )
+    return head
+
+
 def _quantize_graph(
     bundle: Path,
     staging: Path,
@@ -196,22 +227,32 @@ def _quantize_graph(
 
     graph = manifest.graphs[name]
     source = bundle / graph.file
-    nodes = qdq.quantizable_nodes(onnx.load(str(source), load_external_data=False))
-    patterns = (*DEFAULT_EXCLUDES.get(name, ()), *settings.exclude)
-    excluded = qdq.select_excluded(nodes, patterns)
+    model = onnx.load(str(source), load_external_data=False)
+    nodes = qdq.quantizable_nodes(model)
+    excluded = qdq.select_excluded(nodes, settings.exclude)
+    head = _lm_head(model, name)
+    if head is not None and not settings.lm_head_quantized and head not in excluded:
+        excluded.insert(0, head)
     names = [n.name for n in excluded]
     record: dict[str, Any] = {
         "method": METHODS[settings.precision],
         "library": _library(),
         "quantized_ops": list(qdq.QUANTIZABLE_OPS),
         "quantized_nodes": len(nodes) - len(excluded),
-        "exclude_patterns": list(patterns),
+        "exclude_patterns": list(settings.exclude),
         "excluded_nodes": [n.to_dict() for n in excluded],
     }
+    if head is not None:
+        record["lm_head"] = head.to_dict() | {"quantized": head not in excluded}
     if settings.precision == "int4":
-        kept = [n for n in nodes if n.name not in set(names) and n.op_type == "MatMul"]
-        block = qdq.int4_block_size(onnx.load(str(source)), kept)
-        qdq.quantize_int4_graph(source, staging / graph.file, exclude=names, block_size=block)
+        full = qdq.gemms_as_matmuls(onnx.load(str(source)), exclude=names)
+        kept = [n for n in qdq.quantizable_nodes(full) if n.name not in names]
+        kept = [n for n in kept if n.op_type == "MatMul"]
+        block = qdq.int4_block_size(full, kept)
+        external = qdq.graph_bytes(source) > qdq.EXTERNAL_DATA_BYTES
+        qdq.quantize_int4_graph(
+            full, staging / graph.file, exclude=names, block_size=block, external=external
+        )
         record["block_size"] = block
         record["quantized_nodes"] = len(kept)
     else:
@@ -254,6 +295,7 @@ def _accuracy(
         precision=settings.precision,
         thresholds=settings.budget,
         steps=settings.accuracy_steps,
+        warn=warn,  # one line when held-out images had to be capped to fit the context
     )
 
 

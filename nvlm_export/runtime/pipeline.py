@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from nvlm_export.errors import BundleError
+from nvlm_export.errors import BundleError, PromptError
 from nvlm_export.runtime.backends import GraphRunner, GraphSpec, get_backend
 from nvlm_export.runtime.generation import (
     GenerationConfig,
@@ -57,8 +57,14 @@ from nvlm_export.runtime.manifest import (
     Manifest,
     load_manifest,
 )
-from nvlm_export.runtime.prompt import PromptFormat, PromptTokens, Slot, build_prompt
-from nvlm_export.runtime.tiling import Tiling, TilingConfig, tile_image
+from nvlm_export.runtime.prompt import (
+    PromptFormat,
+    PromptTokens,
+    Slot,
+    build_prompt,
+    count_prompt_tokens,
+)
+from nvlm_export.runtime.tiling import Tiling, TilingConfig, choose_grid, tile_count, tile_image
 
 Features = Mapping[str, np.ndarray]  # one image's vision outputs by name, each [tiles, 256, D]
 
@@ -74,6 +80,14 @@ class PreparedRequest:
 
     tilings: tuple[Tiling, ...]
     prompt: PromptTokens
+
+
+@dataclass(frozen=True)
+class TileCount:
+    """How many tiles an image gets, without its pixels: all that prompt assembly needs."""
+
+    num_tiles: int
+    has_thumbnail: bool
 
 
 @dataclass(frozen=True, eq=False)
@@ -182,13 +196,91 @@ class Pipeline:
         system: str | None = None,
         raw: bool = False,
     ) -> PreparedRequest:
-        """Tile the images and assemble the prompt; refuses a prompt that overflows the context."""
-        tilings = tuple(tile_image(load_image(image), self.tiling, max_tiles) for image in images)
+        """Tile the images and assemble the prompt; refuses a prompt that overflows the context
+        (naming the largest `max_tiles` that would fit, when there is one)."""
+        loaded = [load_image(image) for image in images]
+        tilings = tuple(tile_image(image, self.tiling, max_tiles) for image in loaded)
         tokens = build_prompt(
             self.tokenizer, self.prompt_format, prompt, tilings, system=system, raw=raw
         )
-        check_prompt_fits(tokens.num_tokens, self.manifest.kv_cache.max_context)
+        try:
+            check_prompt_fits(tokens.num_tokens, self.manifest.kv_cache.max_context)
+        except PromptError as error:
+            fix = self._fewer_tiles_fix(prompt, loaded, system=system, raw=raw)
+            if fix is None:
+                raise
+            raise PromptError(error.what, why=error.why, fix=fix) from None
         return PreparedRequest(tilings, tokens)
+
+    def max_tiles_fitting(
+        self,
+        prompt: str,
+        images: Sequence[ImageSource] = (),
+        *,
+        new_tokens: int = 1,
+        system: str | None = None,
+        raw: bool = False,
+    ) -> int:
+        """The largest tile budget (`max_tiles` of `prepare` / `generate`) with which the prompt
+        plus `new_tokens` generated tokens fit the bundle's context; the bundle's own budget when
+        nothing needs capping. `run` and `generate` never cap on their own: callers that prefer
+        fewer tiles to a context error (calibration, the accuracy report) ask here first.
+
+        Counts tokens with the real prompt assembly and tokenizer; tile counts come from each
+        image's size (no pixels are resized). Raises PromptError when even `min_tiles` per image
+        does not fit.
+        """
+        sizes = [load_image(image).size for image in images]
+        capacity = self.manifest.kv_cache.max_context
+        budgets = range(self.tiling.max_tiles, self.tiling.min_tiles - 1, -1) if sizes else [None]
+        for budget in budgets:
+            length = self._prompt_length(prompt, sizes, budget, system=system, raw=raw)
+            if length + new_tokens <= capacity:
+                return budget or self.tiling.max_tiles
+        least = self.tiling.min_tiles
+        tiles = f" even with {least} tile{'s' if least > 1 else ''} per image" if sizes else ""
+        raise PromptError(
+            f"The prompt does not fit the bundle's context{tiles}",
+            why=f"it is {length} tokens long and {new_tokens} more are to be generated; the "
+            f"context holds {capacity} tokens",
+            fix="Use a shorter question or fewer images, or export the bundle with a larger "
+            "--max-context",
+        )
+
+    def _prompt_length(
+        self,
+        prompt: str,
+        sizes: Sequence[tuple[int, int]],
+        max_tiles: int | None,
+        *,
+        system: str | None,
+        raw: bool,
+    ) -> int:
+        """Prompt tokens for images of these (width, height) sizes under a tile budget."""
+        counts = []
+        for width, height in sizes:
+            grid = choose_grid(width, height, self.tiling, max_tiles)
+            tiles = tile_count(grid, self.tiling)
+            counts.append(TileCount(tiles, has_thumbnail=tiles > grid[0] * grid[1]))
+        return count_prompt_tokens(
+            self.tokenizer, self.prompt_format, prompt, counts, system=system, raw=raw
+        )
+
+    def _fewer_tiles_fix(
+        self, prompt: str, images: Sequence[ImageSource], *, system: str | None, raw: bool
+    ) -> str | None:
+        """The advice for an overflowing prompt with images: the tile budget that fits, if any."""
+        if not images:
+            return None
+        try:
+            budget = self.max_tiles_fitting(prompt, images, system=system, raw=raw)
+        except PromptError:
+            return None
+        tiles = "1 tile" if budget == 1 else f"{budget} tiles"
+        return (
+            f"Use at most {tiles} per image (max_tiles={budget}, --max-tiles {budget} on the "
+            "command line), fewer images or a shorter question"
+        )
 
     def encode_images(self, tilings: Sequence[Tiling]) -> list[Features]:
         """Run the vision graph on each image's tiles (one call per image keeps the tile count
