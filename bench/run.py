@@ -236,7 +236,7 @@ def main() -> None:
     )
 
     # Phase 3: quantized decoders, when their bundles exist.
-    rows += _quantized_rows(args.work, ours, prompt_ids, args, ours_tps)
+    rows += _quantized_rows(args.work, paths, ours, prompt_ids, args, ours_tps)
     ours.close()
 
     print_table(rows, facts)
@@ -254,7 +254,12 @@ def main() -> None:
 
 
 def _quantized_rows(
-    work: Path, ours: Worker, prompt_ids: list[int], args: Any, fp32_tps: float
+    work: Path,
+    paths: dict[str, Path],
+    ours: Worker,
+    prompt_ids: list[int],
+    args: Any,
+    fp32_tps: float,
 ) -> list[Row]:
     rows = []
     int4, int8 = quantized_bundle(work, "int4"), quantized_bundle(work, "int8")
@@ -311,18 +316,26 @@ def _quantized_rows(
                 "no int8 bundle yet (nvlm-export quantize --precision int8)",
             )
         )
-    rows.append(
-        Row(
-            "vision encode per tile, INT8 vs PyTorch eager",
-            "pending",
-            "-",
-            None,
-            ">= 1.8",
-            None,
-            "needs an int8 vision graph",
-        )
-    )
+    rows.append(_int8_vision_row(int8, paths, args))
     return rows
+
+
+def _int8_vision_row(int8: Path | None, paths: dict[str, Path], args: Any) -> Row:
+    """The INT8 vision graph against PyTorch eager (fp32, the only precision eager runs on a
+    CPU), per tile, interleaved like the fp32 row."""
+    name = "vision encode per tile, INT8 vs PyTorch eager"
+    if int8 is None:
+        return Row(name, "pending", "-", None, ">= 1.8", None, "no int8 bundle yet")
+    mine = Worker("ours", str(int8), args.threads)
+    eager = Worker(
+        "eager", str(paths["checkpoint"]), str(paths["hf"]), str(paths["bundle_fp32"]), args.threads
+    )
+    pair = {"ours": mine, "eager": eager}
+    print("int8 vision per tile...", flush=True)
+    interleaved(pair, "vision", (1,), 1)  # warm-up
+    vision = interleaved(pair, "vision", (1,), args.runs)
+    mine.close(), eager.close()
+    return _speedup_row(name, vision, 1.8, seconds=True)
 
 
 def _speedup_row(
