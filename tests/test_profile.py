@@ -34,7 +34,7 @@ from nvlm_export.runtime.pipeline import Pipeline
 from nvlm_export.runtime.tiling import TilingConfig, choose_grid, tile_count
 
 FIXTURES = Path(__file__).parent / "fixtures"
-LAYOUTS = ("nvlm-d", "internvl")  # NVLM-X/H and quantized bundles: add them here when they land
+LAYOUTS = ("nvlm-d", "internvl")  # quantized and NVLM-X bundles: test_quantize.py
 NEW_TOKENS = 4
 PROMPT_TOKENS = 12
 

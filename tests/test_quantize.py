@@ -24,6 +24,7 @@ from nvlm_export.export.quantize import (
     QuantizeSettings,
     quantize_bundle,
 )
+from nvlm_export.profiling.profiler import ProfileSettings, profile_bundle
 from nvlm_export.runtime.manifest import DECODER_GRAPH, VISION_GRAPH, load_manifest
 from nvlm_export.runtime.pipeline import Pipeline
 
@@ -430,3 +431,21 @@ def test_a_tensor_with_one_quantized_reader_stays_float_for_its_other_readers(
     got = ort.InferenceSession(str(output)).run(["thumb", "other"], x)
     for a, b in zip(want, got, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("layout", ["nvlm-d", "nvlm-x"])
+def test_profile_breaks_down_a_quantized_bundle(
+    quantized: Callable[[str, str], Path], layout: str, precision: str
+) -> None:
+    """`nvlm-export profile` on quantized bundles of a decoder-only and a cross-attention model:
+    every stage timed, and the totals consistent with their parts."""
+    settings = ProfileSettings(tiles=(1,), prompt_tokens=8, new_tokens=3, runs=1, warmup=0)
+    report = profile_bundle(quantized(layout, precision), settings, intra_op_threads=1).to_dict()
+    (case,) = report["cases"]
+    for stage in ("prepare", "vision", "prefill"):
+        assert case["stages_ms"][stage]["median"] > 0
+    (run,) = case["runs"]
+    assert run["ttft_ms"] >= run["stages_ms"]["vision"] + run["stages_ms"]["prefill"]
+    assert run["e2e_ms"] >= run["ttft_ms"] + sum(run["decode_ms"])
+    assert len(run["decode_ms"]) == 2 and case["decode_tokens_per_second"] > 0
