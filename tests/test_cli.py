@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from nvlm_export import __version__
-from nvlm_export.cli import app
+from nvlm_export.cli import app, reflowed
 
 runner = CliRunner()
 
@@ -80,3 +80,34 @@ def test_runtime_commands_work_without_the_export_extra(tmp_path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert '"num_tiles"' in result.stdout or '"tiles"' in result.stdout
+
+
+def test_help_prose_wraps_to_the_terminal_and_examples_keep_their_lines() -> None:
+    """Docstrings are wrapped at 100 columns in the source; at 80 columns `--help` must not break
+    every sentence twice (once at 100, again at 80)."""
+    doc = """Summary line.
+
+    First sentence wraps here
+    and goes on here.
+
+    - one item
+      continued
+    - two
+
+    Example:
+
+      nvlm-export run b/ --image x.png
+      nvlm-export run b/ --image y.png
+    """
+    assert reflowed(doc).split("\n\n") == [
+        "Summary line.",
+        "First sentence wraps here and goes on here.",
+        "- one item continued\n- two",
+        "Example:",
+        "  nvlm-export run b/ --image x.png\n  nvlm-export run b/ --image y.png",
+    ]
+    result = runner.invoke(app, ["quantize", "--help"], terminal_width=80, env={"COLUMNS": "80"})
+    lines = [line.strip() for line in result.output.splitlines()]
+    # The docstring's line break after "(vision-feature" (at 100 columns) is gone.
+    assert not any(line.endswith("(vision-feature") for line in lines)
+    assert "nvlm-export quantize bundle/ --precision int8 --calib calib/ -o bundle-int8/" in lines

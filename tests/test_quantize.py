@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -14,6 +15,7 @@ from test_calibration import tiny_bundle
 from typer.testing import CliRunner
 
 from nvlm_export.calibration import CalibrationOptions, collect_calibration
+from nvlm_export.cli import app as cli_app
 from nvlm_export.errors import InputError, ValidationError
 from nvlm_export.export.accuracy import Thresholds
 from nvlm_export.export.lint import lint_model
@@ -244,8 +246,8 @@ def test_accuracy_outside_budget_leaves_no_bundle_unless_forced(
     sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
 ) -> None:
     bundle, _ = sources("nvlm-d")
-    impossible = Thresholds(min_cosine=1.01, min_top1=0.0, max_kl=1.0)
-    with pytest.raises(ValidationError, match="cosine"):
+    impossible = Thresholds(min_cosine=0.0, min_top1=1.01, max_kl=1.0)
+    with pytest.raises(ValidationError, match="top-1 agreement"):
         quantize_bundle(
             bundle, tmp_path / "q", fast("int4", thresholds=impossible), None, quiet=True
         )
@@ -449,3 +451,40 @@ def test_profile_breaks_down_a_quantized_bundle(
     assert run["ttft_ms"] >= run["stages_ms"]["vision"] + run["stages_ms"]["prefill"]
     assert run["e2e_ms"] >= run["ttft_ms"] + sum(run["decode_ms"])
     assert len(run["decode_ms"]) == 2 and case["decode_tokens_per_second"] > 0
+
+
+def test_an_unchanged_vision_graph_is_shared_and_run_once_per_request(
+    sources: Callable[[str], tuple[Path, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """INT4 leaves the vision graph as it is: the accuracy check must not load it twice nor run
+    it for both bundles (it dominated quantize's time on the bench model), and says so."""
+    from nvlm_export.runtime.backends.base import GraphRunner
+
+    bundle, _ = sources("nvlm-d")  # made (and calibrated) before the vision graph is watched
+    vision_tiles = []
+    infer = GraphRunner.infer
+
+    def counting(self: GraphRunner, feeds: Any, out: Any = None) -> Any:
+        if self.spec.name == VISION_GRAPH:
+            vision_tiles.append(len(feeds["pixel_values"]))
+        return infer(self, feeds, out)
+
+    monkeypatch.setattr(GraphRunner, "infer", counting)
+    settings = QuantizeSettings("int4", accuracy_requests=1, accuracy_steps=8)
+    quantize_bundle(bundle, tmp_path / "q", settings, None, quiet=True)
+    report = json.loads((tmp_path / "q" / ACCURACY_FILE).read_text())
+    assert report["unchanged_graphs"] == [VISION_GRAPH]
+    assert [o["graph"] for o in report["outputs"]] == []
+    assert len(report["requests"]) == 1
+    assert sum(vision_tiles) == report["tiling"][0]["tiles"]  # the reference's one encode
+
+
+def test_cli_accuracy_requests_sets_how_many_requests_are_checked(
+    sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
+) -> None:
+    bundle, _ = sources("nvlm-d")
+    args = ["quantize", str(bundle), "-p", "int4", "--accuracy-requests", "1", "-o"]
+    result = CliRunner().invoke(cli_app, [*args, str(tmp_path / "q")])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((tmp_path / "q" / ACCURACY_FILE).read_text())["requests"]) == 1
+    assert "not quantized" in result.output  # the vision row of the accuracy table

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from nvlm_export.errors import require_export_extra
+from nvlm_export.export.accuracy import DEFAULT_REQUESTS
 
 if TYPE_CHECKING:
     from nvlm_export.export.accuracy import AccuracyReport
@@ -74,6 +75,16 @@ LmHeadOption = Annotated[
 ]
 ForceOption = Annotated[
     bool, typer.Option("--force", help="Keep the output even when accuracy is outside the budget.")
+]
+AccuracyRequestsOption = Annotated[
+    int,
+    typer.Option(
+        "--accuracy-requests",
+        min=1,
+        help="Held-out requests the accuracy check runs (each: the reference and the quantized "
+        "bundle decode 16 tokens). Fewer is faster on large models; the report says how many.",
+        rich_help_panel=PANEL_BUDGET,
+    ),
 ]
 
 
@@ -146,6 +157,7 @@ def quantize(
         float | None,
         typer.Option(help="Highest mean KL divergence per token.", rich_help_panel=PANEL_BUDGET),
     ] = None,
+    accuracy_requests: AccuracyRequestsOption = DEFAULT_REQUESTS,
     force: ForceOption = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
     as_json: Annotated[
@@ -185,6 +197,7 @@ def quantize(
         force=force,
         overwrite=overwrite,
         quantize_lm_head=quantize_lm_head,
+        accuracy_requests=accuracy_requests,
     )
     report = quantize_bundle(bundle, output, settings, calib, warn=_warn)
     if as_json:
@@ -222,6 +235,7 @@ def build(
     seed: SeedOption = 0,
     exclude: ExcludeOption = None,
     quantize_lm_head: LmHeadOption = None,
+    accuracy_requests: AccuracyRequestsOption = DEFAULT_REQUESTS,
     force: ForceOption = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
@@ -257,6 +271,7 @@ def build(
         seed=seed,
         exclude=tuple(exclude or ()),
         quantize_lm_head=quantize_lm_head,
+        accuracy_requests=accuracy_requests,
         force=force,
         overwrite=overwrite,
     )
@@ -286,6 +301,8 @@ def print_accuracy(report: AccuracyReport) -> None:
             f">= {limits.min_cosine}",
         )
         table.add_row(f"{out.graph}.{out.output} max rel error", f"{out.max_rel_error:.4f}", "")
+    for graph in report.unchanged_graphs:
+        table.add_row(f"{graph}", "not quantized (identical to the source)", "")
     d = report.decoder
     table.add_row("next-token top-1 agreement", f"{d.top1_agreement:.3f}", f">= {limits.min_top1}")
     table.add_row(
@@ -326,11 +343,11 @@ def _print_build_summary(report: Any) -> None:
     )
     if report.accuracy:
         d = report.accuracy["decoder"]
-        cosines = ", ".join(
-            f"{o['graph']} {o['min_cosine']:.4f}" for o in report.accuracy["outputs"]
+        cosines = "".join(
+            f"{o['graph']} cosine {o['min_cosine']:.4f}; " for o in report.accuracy["outputs"]
         )
         typer.echo(
-            f"Accuracy: cosine {cosines}; top-1 {d['top1_agreement']:.3f}; "
+            f"Accuracy: {cosines}top-1 {d['top1_agreement']:.3f}; "
             f"KL {d['mean_kl']:.4f}; passed {report.accuracy['passed']}"
         )
     for note in report.notes:

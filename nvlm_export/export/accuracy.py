@@ -30,8 +30,8 @@ from nvlm_export.calibration.collect import Request, capped_message, fit_to_cont
 from nvlm_export.calibration.dataset import RequestTiling
 from nvlm_export.compare import common_prefix, compare
 from nvlm_export.runtime.generation import INPUTS_EMBEDS, LOGITS, POSITION_IDS, KVCache, prefill
-from nvlm_export.runtime.manifest import DECODER_GRAPH
-from nvlm_export.runtime.pipeline import Pipeline, PreparedRequest
+from nvlm_export.runtime.manifest import DECODER_GRAPH, VISION_GRAPH
+from nvlm_export.runtime.pipeline import Features, Pipeline, PreparedRequest
 
 DEFAULT_STEPS = 16
 DEFAULT_REQUESTS = 4
@@ -104,6 +104,8 @@ class AccuracyReport:
     max_context: int = 0
     bundle_max_tiles: int = 0
     tiling: list[RequestTiling] = field(default_factory=list)
+    # Graphs the quantized bundle holds unchanged (not quantized): nothing to compare.
+    unchanged_graphs: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -137,11 +139,19 @@ def measure_accuracy(
         request = fit_to_context(reference, request, steps)
         prepared = reference.prepare(request.prompt, [request.image], max_tiles=request.max_tiles)
         tilings.append(tiling_record(request, prepared))
-        tokens, ref_logits = decode(reference, prepared, steps)
-        _, q_logits = decode(quantized, prepared, steps, forced=tokens)
+        ref_features = reference.encode_images(prepared.tilings)
+        tokens, ref_logits = decode(reference, prepared, steps, features=ref_features)
+        # The quantized vision features, once for both of its decodes (the reference's when the
+        # two bundles share the vision graph unchanged).
+        q_features = (
+            ref_features
+            if quantized.runners[VISION_GRAPH] is reference.runners[VISION_GRAPH]
+            else quantized.encode_images(prepared.tilings)
+        )
+        _, q_logits = decode(quantized, prepared, steps, forced=tokens, features=q_features)
         top1_hits += int((q_logits.argmax(-1) == ref_logits.argmax(-1)).sum())
         kl_values += list(kl_divergence(ref_logits, q_logits))
-        own, _ = decode(quantized, prepared, steps)
+        own, _ = decode(quantized, prepared, steps, features=q_features)
         decoder.identical_greedy.append(common_prefix(tokens, own))
     decoder.positions = len(kl_values)
     decoder.top1_agreement = top1_hits / max(decoder.positions, 1)
@@ -156,6 +166,7 @@ def measure_accuracy(
         max_context=reference.manifest.kv_cache.max_context,
         bundle_max_tiles=reference.tiling.max_tiles,
         tiling=tilings,
+        unchanged_graphs=[n for n, r in reference.runners.items() if quantized.runners[n] is r],
     )
     report.failures = check_thresholds(report)
     message = capped_message(tilings, report.max_context, report.bundle_max_tiles)
@@ -179,15 +190,23 @@ def check_thresholds(report: AccuracyReport) -> list[str]:
 
 
 def decode(
-    pipe: Pipeline, prepared: PreparedRequest, steps: int, *, forced: Sequence[int] | None = None
+    pipe: Pipeline,
+    prepared: PreparedRequest,
+    steps: int,
+    *,
+    forced: Sequence[int] | None = None,
+    features: Sequence[Features] | None = None,
 ) -> tuple[list[int], np.ndarray]:
     """Greedy (or, with `forced`, teacher-forced) decoding of a prepared request (tiles and
-    prompt) through the pipeline's own stages: its vision graph, splice and decoder.
+    prompt) through the pipeline's own stages: its vision graph (unless its `features` are
+    given), splice and decoder.
 
     Returns the tokens and the logits [n, V] that predicted each of them. Greedy decoding stops at
     an end-of-turn token, like `Pipeline.generate` at temperature 0.
     """
-    inputs = pipe.decoder_inputs(prepared.prompt, pipe.encode_images(prepared.tilings))
+    if features is None:
+        features = pipe.encode_images(prepared.tilings)
+    inputs = pipe.decoder_inputs(prepared.prompt, features)
     cache = KVCache.from_spec(pipe.manifest.kv_cache)
     decoder = pipe.runners[DECODER_GRAPH].infer
     eos = set(pipe.manifest.tokenizer.eos_token_ids)
@@ -232,8 +251,10 @@ class _ComparingRunner:
         self.name, self.inner, self.quantized, self.table = name, reference, quantized, table
         self.spec = reference.spec
 
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        expected = self.inner.infer(feeds)
+    def infer(
+        self, feeds: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        expected = self.inner.infer(feeds, out)
         actual = self.quantized.infer(feeds)
         for output, value in expected.items():
             key = (self.name, output)
@@ -244,6 +265,8 @@ class _ComparingRunner:
 
 
 def _compare_side_graphs(reference: Pipeline, quantized: Pipeline, table: dict) -> None:
+    """Wrap the reference's non-decoder runners so each call also runs and scores the quantized
+    graph; a graph both pipelines share (copied unchanged) has nothing to score."""
     for name, runner in list(reference.runners.items()):
-        if name != DECODER_GRAPH:
+        if name != DECODER_GRAPH and quantized.runners[name] is not runner:
             reference.runners[name] = _ComparingRunner(name, runner, quantized.runners[name], table)

@@ -288,9 +288,17 @@ def _accuracy(
 
     info = calib.info if calib else CalibrationInfo("", "", 0, 0, 0, "builtin")
     requests = held_out_requests(info, settings.accuracy_requests, warn)
+    reference = Pipeline.load(bundle)
+    # Graphs copied unchanged (int4's vision, or those left out by --components) compute exactly
+    # what the reference does: share its runners instead of loading and running them twice.
+    unchanged = {
+        name: reference.runners[name]
+        for name, graph in load_manifest(staging).graphs.items()
+        if graph.quantization is None
+    }
     return measure_accuracy(
-        Pipeline.load(bundle),
-        Pipeline.load(staging),
+        reference,
+        Pipeline.load(staging, shared_runners=unchanged),
         requests,
         precision=settings.precision,
         thresholds=settings.budget,

@@ -38,7 +38,7 @@ from nvlm_export.runtime.generation import (
     GenerationConfig,
     GenerationResult,
     GenerationStream,
-    KVCache,
+    PreallocatedKVCache,
     TokenEvent,
     check_prompt_fits,
     generate,
@@ -161,17 +161,22 @@ class Pipeline:
         backend: str = "onnxruntime",
         vision_tiles_per_call: int | None = DEFAULT_VISION_TILES_PER_CALL,
         prefill_chunk_tokens: int | None = DEFAULT_PREFILL_CHUNK_TOKENS,
+        shared_runners: Mapping[str, GraphRunner] | None = None,
         **backend_options: object,
     ) -> Pipeline:
         """Load a bundle. `backend_options` go to the backend's runner (for ONNX Runtime:
         `providers`, `intra_op_threads`, `optimization_level`, `allow_spinning`,
         `memory_arena`). `vision_tiles_per_call` and `prefill_chunk_tokens` bound activation
-        memory (None: a whole image / the whole prompt in one call)."""
+        memory (None: a whole image / the whole prompt in one call). `shared_runners` are used
+        for their graphs instead of loading them again: another pipeline's runners for graphs the
+        two bundles share unchanged (runners hold no per-request state)."""
         bundle_dir = Path(bundle)
         manifest = load_manifest(bundle_dir)
         runner_class = get_backend(backend)
+        shared = shared_runners or {}
         runners = {
-            name: runner_class(GraphSpec.from_manifest(name, graph, bundle_dir), **backend_options)
+            name: shared.get(name)
+            or runner_class(GraphSpec.from_manifest(name, graph, bundle_dir), **backend_options)
             for name, graph in manifest.graphs.items()
         }
         for runner in runners.values():
@@ -341,6 +346,11 @@ class Pipeline:
         )
 
     # --- the whole request ------------------------------------------------------------------
+    def new_kv_cache(self) -> PreallocatedKVCache:
+        """An empty KV cache for one request, laid out as the manifest declares, whose presents
+        the decoder writes in place (no per-step allocation; see PreallocatedKVCache)."""
+        return PreallocatedKVCache.from_spec(self.manifest.kv_cache)
+
     def generate(
         self,
         prompt: str,
@@ -381,7 +391,7 @@ class Pipeline:
             features = self.encode_images(prepared.tilings)
         with _timed(stages, "splice"):
             inputs = self.decoder_inputs(prepared.prompt, features)
-        cache = KVCache.from_spec(self.manifest.kv_cache)
+        cache = self.new_kv_cache()
         decoder = self.runners[DECODER_GRAPH].infer
         with _timed(stages, "prefill"):
             first_logits = prefill(
