@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +13,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from nvlm_export.errors import BundleError, InputError
 from nvlm_export.runtime.backends import GraphSpec, TensorSpec, available_backends, get_backend
-from nvlm_export.runtime.backends.base import GraphRunner
 from nvlm_export.runtime.backends.onnxruntime import OnnxRuntimeRunner
-from nvlm_export.runtime.generation import (
-    GenerationConfig,
-    KVCache,
-    PreallocatedKVCache,
-    generate,
-    prefill,
-)
+from nvlm_export.runtime.generation import GenerationConfig, KVCache, generate, prefill
 from nvlm_export.runtime.manifest import GraphSpec as ManifestGraph
 
 WEIGHT = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
@@ -301,74 +293,3 @@ def test_int8_qdq_matmuls_sharing_an_input_run_as_integer_kernels(tmp_path: Path
     x_q = np.clip(np.round(x / 0.02), -128, 127) * 0.02
     for i in (0, 1):
         np.testing.assert_allclose(outputs[f"y{i}"], x_q @ (weights[f"w{i}"] * 0.01), atol=1e-5)
-
-
-def test_the_preallocated_cache_has_the_decoder_write_presents_in_place(tmp_path: Path) -> None:
-    """With I/O binding the presents land in the cache's own buffers: the same tokens as the
-    allocating cache, and every step's cache lives at the same two addresses (no new arrays)."""
-    table = np.eye(VOCAB, dtype=np.float32)
-    spec = save_toy_decoder(tmp_path / "decoder.onnx")
-    caches = {
-        "allocating": KVCache.empty(LAYERS, 1, VOCAB, capacity=32),
-        "in place": PreallocatedKVCache(*_empty_kv(), capacity=32),
-    }
-    addresses: set[int] = set()
-    results = {}
-    for name, cache in caches.items():
-        with OnnxRuntimeRunner(spec) as decoder:
-            prefill(decoder.infer, table[np.array([[4, 2, 1]])], cache)
-            for token in (5, 0, 3):
-                buffers = cache.present_buffers(1)
-                outputs = decoder.infer(
-                    {
-                        "inputs_embeds": table[np.array([[token]])],
-                        "position_ids": np.array([[cache.length]], np.int64),
-                        **cache.feeds(),
-                    },
-                    out=buffers,
-                )
-                assert all(outputs[k] is v for k, v in buffers.items())
-                cache.update(outputs)
-                if name == "in place":
-                    addresses.add(cache.keys[1].ctypes.data)
-        results[name] = [k[0, 0].argmax(axis=-1).tolist() for k in cache.keys]
-    assert results["in place"] == results["allocating"] == [[4, 2, 1, 5, 0, 3]] * LAYERS
-    assert len(addresses) == 2  # the two ping-pong buffers, nothing else
-
-
-def test_output_buffers_of_the_wrong_shape_are_refused(affine: Path) -> None:
-    runner = OnnxRuntimeRunner(affine_spec(affine))
-    x = np.ones((2, 3), np.float32)
-    into = np.zeros((2, 4), np.float32)
-    assert runner.infer({"x": x}, out={"y": into})["y"] is into
-    np.testing.assert_allclose(into, x @ WEIGHT + BIAS, rtol=1e-6)
-    with pytest.raises(InputError, match="affine"):
-        runner.infer({"x": x}, out={"y": np.zeros((1, 4), np.float32)})
-
-
-def _empty_kv() -> tuple[list[np.ndarray], list[np.ndarray]]:
-    empty = KVCache.empty(LAYERS, 1, VOCAB, capacity=32)
-    return empty.keys, empty.values
-
-
-class NumpyAffineRunner(GraphRunner):
-    """A backend without output binding (like the TensorRT runner): the base class copies."""
-
-    def _activate_impl(self) -> None:
-        pass
-
-    def _infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"y": feeds["x"] @ WEIGHT + BIAS}
-
-
-def test_a_backend_without_binding_copies_into_the_buffers_and_checks_their_shape(
-    affine: Path,
-) -> None:
-    runner = NumpyAffineRunner(affine_spec(affine))
-    x = np.ones((2, 3), np.float32)
-    into = np.zeros((2, 4), np.float32)
-    assert runner.infer({"x": x}, out={"y": into})["y"] is into
-    np.testing.assert_allclose(into, x @ WEIGHT + BIAS)
-    # A (1, 4) buffer would broadcast silently in np.copyto; it must be refused instead.
-    with pytest.raises(BundleError, match="has shape \\(2, 4\\)"):
-        runner.infer({"x": x}, out={"y": np.zeros((1, 4), np.float32)})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import pytest
@@ -132,9 +131,9 @@ def test_cross_kv_runs_once_and_decode_inputs_do_not_grow(exported, monkeypatch)
     def recording(runner, calls: list):
         infer = runner.infer
 
-        def record(feeds: dict[str, np.ndarray], out: Any = None) -> dict[str, np.ndarray]:
+        def record(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             calls.append({name: tuple(value.shape) for name, value in feeds.items()})
-            return infer(feeds, out)
+            return infer(feeds)
 
         return record
 

@@ -14,7 +14,6 @@ from nvlm_export.runtime.generation import (
     GenerationConfig,
     GenerationResult,
     KVCache,
-    PreallocatedKVCache,
     check_prompt_fits,
     generate,
     prefill,
@@ -88,22 +87,13 @@ class MockDecoder:
 class Setup:
     """Prompt, prefill and wiring, the way the pipeline does it."""
 
-    def __init__(
-        self,
-        tokenizer: Tokenizer,
-        answer_ids: list[int],
-        capacity: int = 512,
-        *,
-        decoder: type[MockDecoder] = MockDecoder,
-        cache: type[KVCache] = KVCache,
-    ) -> None:
+    def __init__(self, tokenizer: Tokenizer, answer_ids: list[int], capacity: int = 512) -> None:
         self.tokenizer = tokenizer
         self.vocab = tokenizer.get_vocab_size()
         self.prompt_ids = tokenizer.encode(PROMPT).ids
         self.table = np.eye(self.vocab, dtype=np.float32)  # token embeddings (V, D=V)
-        self.decoder = decoder(answer_ids, self.vocab, len(self.prompt_ids))
-        empty = KVCache.empty(LAYERS, KV_HEADS, HEAD_DIM, capacity=capacity)
-        self.cache = cache(empty.keys, empty.values, capacity)
+        self.decoder = MockDecoder(answer_ids, self.vocab, len(self.prompt_ids))
+        self.cache = KVCache.empty(LAYERS, KV_HEADS, HEAD_DIM, capacity=capacity)
         prompt_embeds = self.table[np.array([self.prompt_ids])]  # (1, T, D)
         self.first_logits = prefill(self.decoder, prompt_embeds, self.cache)
 
@@ -140,52 +130,6 @@ def test_greedy_follows_the_model_and_stops_at_eos(tokenizer: Tokenizer) -> None
     assert setup.decoder.steps == len(script) - 1 == len(result.timings.decode_seconds)
     assert setup.cached_tokens() == setup.prompt_ids + script[:-1]
     assert result.timings.time_to_first_token > 0
-
-
-class BufferTakingDecoder(MockDecoder):
-    """Accepts the cache's present buffers like `GraphRunner.infer`; `writes` says whether it
-    fills them (a backend with I/O binding) or returns arrays of its own (one without)."""
-
-    writes = True
-
-    def __call__(
-        self, feeds: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray] | None = None
-    ) -> dict[str, np.ndarray]:
-        outputs = super().__call__(feeds)
-        for name, target in (out or {}).items() if self.writes else ():
-            target[...] = outputs[name]
-            outputs[name] = target
-        return outputs
-
-
-class BufferIgnoringDecoder(BufferTakingDecoder):
-    writes = False
-
-
-@pytest.mark.parametrize("decoder", [BufferTakingDecoder, BufferIgnoringDecoder])
-def test_the_preallocated_cache_generates_what_the_allocating_one_does(
-    tokenizer: Tokenizer, decoder: type[MockDecoder]
-) -> None:
-    script = [*tokenizer.encode("The answer is 42.").ids, eos_id(tokenizer)]
-    setup = Setup(tokenizer, script, decoder=decoder, cache=PreallocatedKVCache)
-    result, _ = setup.run(eos_token_ids=(eos_id(tokenizer),))
-    assert result.token_ids == tuple(script)
-    assert setup.cached_tokens() == setup.prompt_ids + script[:-1]
-    buffers = setup.cache._buffers[0]
-    assert any(np.may_share_memory(setup.cache.keys[0], b) for b in buffers)
-
-
-def test_the_preallocated_cache_ends_at_capacity_like_the_allocating_one(
-    tokenizer: Tokenizer,
-) -> None:
-    runs = {}
-    for cache in (KVCache, PreallocatedKVCache):
-        setup = Setup(tokenizer, [5] * 50, capacity=12, decoder=BufferTakingDecoder, cache=cache)
-        result, _ = setup.run(max_new_tokens=40)
-        runs[cache] = (result.token_ids, result.finish_reason, setup.cache.length)
-    assert runs[PreallocatedKVCache] == runs[KVCache]
-    assert runs[KVCache][1] == "length"
-    assert setup.cache.present_buffers(100) == {}  # past capacity: no buffers to write into
 
 
 def test_stop_string_across_tokens_ends_generation_without_emitting_it(

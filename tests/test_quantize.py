@@ -464,10 +464,10 @@ def test_an_unchanged_vision_graph_is_shared_and_run_once_per_request(
     vision_tiles = []
     infer = GraphRunner.infer
 
-    def counting(self: GraphRunner, feeds: Any, out: Any = None) -> Any:
+    def counting(self: GraphRunner, feeds: Any) -> Any:
         if self.spec.name == VISION_GRAPH:
             vision_tiles.append(len(feeds["pixel_values"]))
-        return infer(self, feeds, out)
+        return infer(self, feeds)
 
     monkeypatch.setattr(GraphRunner, "infer", counting)
     settings = QuantizeSettings("int4", accuracy_requests=1, accuracy_steps=8)

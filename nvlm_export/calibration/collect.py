@@ -86,11 +86,9 @@ class RecordingRunner:
         self.spec = runner.spec
         self.record = record
 
-    def infer(
-        self, feeds: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray] | None = None
-    ) -> dict[str, np.ndarray]:
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.record(feeds)
-        return self.inner.infer(feeds, out)
+        return self.inner.infer(feeds)
 
     __call__ = infer
 

@@ -251,10 +251,8 @@ class _ComparingRunner:
         self.name, self.inner, self.quantized, self.table = name, reference, quantized, table
         self.spec = reference.spec
 
-    def infer(
-        self, feeds: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray] | None = None
-    ) -> dict[str, np.ndarray]:
-        expected = self.inner.infer(feeds, out)
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        expected = self.inner.infer(feeds)
         actual = self.quantized.infer(feeds)
         for output, value in expected.items():
             key = (self.name, output)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -32,9 +32,7 @@ from nvlm_export.runtime.sampling import check_sampling_options, sample_next_tok
 from nvlm_export.runtime.streaming import TextStream
 
 FinishReason = Literal["eos", "stop", "length"]
-# feeds -> outputs; called as `decoder(feeds, out=buffers)` when the cache offers buffers for the
-# presents (`GraphRunner.infer` writes those outputs into them), else as `decoder(feeds)`.
-DecoderStep = Callable[..., Mapping[str, np.ndarray]]
+DecoderStep = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 # Token ids [B, S] int64 -> embeddings [B, S, D]; a memory-mapped table's `__getitem__` qualifies.
 EmbedTokens = Callable[[np.ndarray], np.ndarray]
 
@@ -84,8 +82,6 @@ class KVCacheLike(Protocol):
     def capacity(self) -> int: ...
 
     def feeds(self) -> dict[str, np.ndarray]: ...
-
-    def present_buffers(self, new_tokens: int) -> dict[str, np.ndarray]: ...
 
     def update(self, outputs: Mapping[str, np.ndarray]) -> None: ...
 
@@ -183,10 +179,6 @@ class KVCache:
             feeds[value_name] = value
         return feeds
 
-    def present_buffers(self, new_tokens: int) -> dict[str, np.ndarray]:
-        """Arrays the next step should write its presents into; none: the decoder allocates."""
-        return {}
-
     def update(self, outputs: Mapping[str, np.ndarray]) -> None:
         """Take the step's presents; they must extend the cache without passing its capacity."""
         new_length = outputs[self._present[0][0]].shape[2] if self._present else 0
@@ -204,93 +196,6 @@ class KVCache:
             )
         self.keys = [outputs[key_name] for key_name, _ in self._present]
         self.values = [outputs[value_name] for _, value_name in self._present]
-
-
-class PreallocatedKVCache(KVCache):
-    """A KVCache whose arrays live in two buffers per tensor, each `capacity` positions long.
-
-    The decoder graph's contract is "present = concat(past, new)" (standard ops, so TensorRT and
-    every ONNX Runtime provider run it). Left to itself a runtime allocates a fresh present per
-    layer and step: at a 460-token context on the bench model that is 48 new arrays and 11 MB of
-    freshly faulted-in pages per token. Here each step reads its past from one buffer and writes
-    its presents straight into the other (`present_buffers`), then the two swap: the concat copy
-    stays, the allocations go. The buffers are `np.empty`, so only positions that are used take
-    memory.
-    """
-
-    def __init__(
-        self, keys: list[np.ndarray], values: list[np.ndarray], capacity: int, **kwargs: Any
-    ) -> None:
-        super().__init__(keys, values, capacity, **kwargs)
-        # Per tensor (keys first, then values): two flat buffers; `_front` indexes the one whose
-        # leading elements hold the current cache.
-        self._buffers = [
-            (np.empty(_positions(t, capacity), t.dtype), np.empty(_positions(t, capacity), t.dtype))
-            for t in (*keys, *values)
-        ]
-        self._front = 0
-        self._load([*keys, *values], self._front)
-
-    @classmethod
-    def from_spec(cls, spec: KVCacheSpec, *, batch: int = 1) -> PreallocatedKVCache:
-        cache = KVCache.from_spec(spec, batch=batch)
-        return cls(cache.keys, cache.values, cache.capacity, names=spec)
-
-    def present_buffers(self, new_tokens: int) -> dict[str, np.ndarray]:
-        length = self.length + new_tokens
-        if length > self.capacity:
-            return {}  # let the step run; `update` then reports the overflow as usual
-        back = 1 - self._front
-        names = [key for key, _ in self._present] + [value for _, value in self._present]
-        current = [*self.keys, *self.values]
-        return {
-            name: _view(buffers[back], _with_length(array.shape, length))
-            for name, buffers, array in zip(names, self._buffers, current, strict=True)
-        }
-
-    def update(self, outputs: Mapping[str, np.ndarray]) -> None:
-        super().update(outputs)
-        presents = [*self.keys, *self.values]
-        back = 1 - self._front
-        pairs = zip(presents, self._buffers, strict=True)
-        if all(np.may_share_memory(present, buffers[back]) for present, buffers in pairs):
-            self._front = back  # the step wrote into the back buffers: they hold the cache now
-        else:
-            self._load(presents, self._front)  # a decoder that ignored the buffers
-
-    def _load(self, arrays: list[np.ndarray], index: int) -> None:
-        """Copy `arrays` into buffer `index` and make the cache views of it."""
-        views = []
-        for array, buffers in zip(arrays, self._buffers, strict=True):
-            view = _view(buffers[index], array.shape)
-            view[...] = array
-            views.append(view)
-        self.keys, self.values = views[: len(self.keys)], views[len(self.keys) :]
-
-
-def _positions(array: np.ndarray, capacity: int) -> int:
-    """Elements of `array` ([B, heads, length, head_dim]) at `capacity` positions."""
-    batch, heads, _, head_dim = array.shape
-    return batch * heads * capacity * head_dim
-
-
-def _with_length(shape: tuple[int, ...], length: int) -> tuple[int, ...]:
-    return (*shape[:2], length, *shape[3:])
-
-
-def _view(buffer: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """The leading elements of a flat buffer as a C-contiguous array of `shape` (no copy)."""
-    return buffer[: int(np.prod(shape))].reshape(shape)
-
-
-def _run_step(
-    decoder: DecoderStep, feeds: Mapping[str, np.ndarray], cache: KVCacheLike, new_tokens: int
-) -> Mapping[str, np.ndarray]:
-    """One decoder call that writes its presents where the cache wants them, if anywhere."""
-    buffers = cache.present_buffers(new_tokens)
-    outputs = decoder(feeds, out=buffers) if buffers else decoder(feeds)
-    cache.update(outputs)
-    return outputs
 
 
 def check_prompt_fits(prompt_length: int, capacity: int) -> None:
@@ -328,7 +233,8 @@ def prefill(
         return logits
     positions = np.arange(cache.length, cache.length + seq, dtype=np.int64)[None, :]  # (1, T)
     feeds = {INPUTS_EMBEDS: inputs_embeds, POSITION_IDS: positions, **cache.feeds()}
-    outputs = _run_step(decoder, {**feeds, **(extra_feeds or {})}, cache, seq)
+    outputs = decoder({**feeds, **(extra_feeds or {})})
+    cache.update(outputs)
     return outputs[LOGITS][0]
 
 
@@ -495,10 +401,13 @@ class _DecodeStep:
     def __call__(self, token: int) -> np.ndarray:
         token_ids = np.array([[token]], dtype=np.int64)  # (1, 1)
         position_ids = np.array([[self.cache.length]], dtype=np.int64)  # (1, 1)
-        feeds = {
-            INPUTS_EMBEDS: self.embed(token_ids),  # (1, 1, D)
-            POSITION_IDS: position_ids,
-            **self.cache.feeds(),
-            **self.extra_feeds,
-        }
-        return _run_step(self.decoder, feeds, self.cache, 1)[LOGITS][0]
+        outputs = self.decoder(
+            {
+                INPUTS_EMBEDS: self.embed(token_ids),  # (1, 1, D)
+                POSITION_IDS: position_ids,
+                **self.cache.feeds(),
+                **self.extra_feeds,
+            }
+        )
+        self.cache.update(outputs)
+        return outputs[LOGITS][0]

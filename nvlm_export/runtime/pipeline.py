@@ -38,7 +38,7 @@ from nvlm_export.runtime.generation import (
     GenerationConfig,
     GenerationResult,
     GenerationStream,
-    PreallocatedKVCache,
+    KVCache,
     TokenEvent,
     check_prompt_fits,
     generate,
@@ -346,10 +346,9 @@ class Pipeline:
         )
 
     # --- the whole request ------------------------------------------------------------------
-    def new_kv_cache(self) -> PreallocatedKVCache:
-        """An empty KV cache for one request, laid out as the manifest declares, whose presents
-        the decoder writes in place (no per-step allocation; see PreallocatedKVCache)."""
-        return PreallocatedKVCache.from_spec(self.manifest.kv_cache)
+    def new_kv_cache(self) -> KVCache:
+        """An empty KV cache for one request, laid out as the manifest declares."""
+        return KVCache.from_spec(self.manifest.kv_cache)
 
     def generate(
         self,

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from nvlm_export.errors import BundleError, InputError
+from nvlm_export.errors import InputError
 from nvlm_export.runtime.manifest import Dim, TensorSpec
 from nvlm_export.runtime.manifest import GraphSpec as ManifestGraph
 
@@ -103,21 +103,14 @@ class GraphRunner(ABC):
         self.deactivate()
 
     # -- inference --------------------------------------------------------------------------
-    def infer(
-        self, feeds: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray] | None = None
-    ) -> dict[str, np.ndarray]:
-        """Run the graph once; returns every declared output by name.
-
-        Outputs named in `out` are written into those arrays (C-contiguous, of exactly the
-        output's shape) and returned in their place, so the caller decides where they live: the
-        KV cache keeps its presents in preallocated buffers this way.
-        """
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph once; returns every declared output by name."""
         if not self.is_active:
             self.activate()
         if self.validate_inputs:
             self.check_feeds(feeds)
         start = time.perf_counter()
-        outputs = self._infer_into(feeds, out) if out else self._infer_impl(feeds)
+        outputs = self._infer_impl(feeds)
         self.call_seconds.append(time.perf_counter() - start)
         return outputs
 
@@ -173,24 +166,6 @@ class GraphRunner(ABC):
 
     @abstractmethod
     def _infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-    def _infer_into(
-        self, feeds: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
-        """`_infer_impl`, then a copy into `out`; a backend that can bind its outputs to the
-        caller's memory overrides this to skip the copy."""
-        outputs = self._infer_impl(feeds)
-        for name, target in out.items():
-            result = outputs[name]
-            if result.shape != target.shape:  # copyto would broadcast a wrong shape silently
-                raise BundleError(
-                    f"The {self.spec.name} graph's output '{name}' has shape {result.shape}",
-                    why=f"the caller's buffer for it has shape {target.shape}",
-                    fix="The graph breaks the bundle contract; re-export the bundle",
-                )
-            np.copyto(target, result)
-            outputs[name] = target
-        return outputs
 
     def _deactivate_impl(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         pass

@@ -185,32 +185,6 @@ class OnnxRuntimeRunner(GraphRunner):
             ) from None
         return dict(zip(self._output_names, values, strict=True))
 
-    def _infer_into(
-        self, feeds: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
-        """I/O binding: ONNX Runtime writes the outputs named in `out` straight into them."""
-        assert self.session is not None
-        binding = self.session.io_binding()
-        for name, value in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        allocated = [name for name in self._output_names if name not in out]
-        for name in allocated:
-            binding.bind_output(name, "cpu")
-        for name, target in out.items():
-            shape = list(target.shape)
-            binding.bind_output(name, "cpu", 0, target.dtype, shape, target.ctypes.data)
-        try:
-            self.session.run_with_iobinding(binding)
-        except ORT_ERRORS as error:
-            raise InputError(
-                f"ONNX Runtime failed to run the {self.spec.name} graph",
-                why=_first_line(error),
-            ) from None
-        # Outputs come back in binding order; only the ones ORT allocated need converting.
-        values = binding.get_outputs()
-        outputs = {name: values[i].numpy() for i, name in enumerate(allocated)}
-        return {name: outputs.get(name, out.get(name)) for name in self._output_names}
-
     def _deactivate_impl(self) -> None:
         self.session = None
 
