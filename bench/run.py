@@ -61,10 +61,10 @@ def ensure_inputs(work: Path, threads: int) -> dict[str, Path]:
     return paths
 
 
-def quantized_bundle(work: Path, precision: str) -> Path | None:
-    """`<work>/bundle_<precision>` from `nvlm-export quantize`, if it exists by the time the
-    quantized phase starts (it may still be being made when the run begins)."""
-    bundle = work / f"bundle_{precision}"
+def quantized_bundle(work: Path, name: str) -> Path | None:
+    """`<work>/bundle_<name>` (int4, int8, int8_head) from `nvlm-export quantize`, if it exists by
+    the time the quantized phase starts (it may still be being made when the run begins)."""
+    bundle = work / f"bundle_{name}"
     return bundle if (bundle / "manifest.json").is_file() else None
 
 
@@ -110,11 +110,15 @@ def matmul_read_bandwidth(threads: int, rows: int, cols: int, layers: int = 8) -
         [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    options = ort.SessionOptions()
+    options = ort.SessionOptions()  # as OnnxRuntimeRunner sets it up
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_cpu_mem_arena = False
     session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        model.SerializeToString(),
+        options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=["CommonSubexpressionElimination"],
     )
     feed = {"y0": np.ones((1, rows), np.float32)}
     for _ in range(3):
@@ -124,12 +128,26 @@ def matmul_read_bandwidth(threads: int, rows: int, cols: int, layers: int = 8) -
         start = time.perf_counter()
         session.run(None, feed)
         seconds.append(time.perf_counter() - start)
-    return sum(w.nbytes for w in weights) / median(seconds)
+    # Best run, like `read_bandwidth`: both are "how fast can this read", not typical latency.
+    return sum(w.nbytes for w in weights) / min(seconds)
 
 
 def usable_cores() -> int:
     """Cores this process may run on (its CPU affinity), which can be fewer than the machine's."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def require_cores(threads: int) -> int:
+    """The usable core count; exits when it is below `threads`. Seen here: a process tree pinned
+    to one core ran "2 threads" on it, and every row described another machine than the doc."""
+    cores = usable_cores()
+    if cores < threads:
+        sys.exit(
+            f"bench: this process may run on {cores} core(s) but --threads is {threads}, so the "
+            "threads would share cores and every row would be off; widen the CPU affinity "
+            f"(`taskset -c 0-{threads - 1} ...`; `taskset -p $$` shows it) or lower --threads"
+        )
+    return cores
 
 
 # --- measurements -------------------------------------------------------------------------------
@@ -194,15 +212,7 @@ def main() -> None:
         print(f"wrote {args.doc}")
         return
 
-    cores = usable_cores()
-    if cores < args.threads:
-        # Seen here: a process tree pinned to one core ran "2 threads" on it, and every row
-        # measured a different machine than the doc described.
-        sys.exit(
-            f"bench: this process may run on {cores} core(s) but --threads is {args.threads}, so "
-            "the threads would share cores and every row would be off; widen the CPU affinity "
-            f"(`taskset -c 0-{args.threads - 1} ...`; `taskset -p $$` shows it) or lower --threads"
-        )
+    cores = require_cores(args.threads)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     paths = ensure_inputs(args.work, args.threads)
     bandwidth = read_bandwidth(args.threads)
@@ -304,7 +314,6 @@ def main() -> None:
         "rows": [asdict(row) for row in rows],
         "started": started,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": machine_description(),
     }
     (args.work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if not args.no_doc:
@@ -344,7 +353,7 @@ def _quantized_rows(
                 "pending",
                 "-",
                 None,
-                ">= 1.3",
+                ">= 1.3x",
                 None,
                 "no int4 bundle yet (nvlm-export quantize --precision int4)",
             )
@@ -359,7 +368,7 @@ def _quantized_rows(
 class Int8Decoder:
     """One INT8 bundle the bench compares with our fp32 decoder, and how it is made."""
 
-    bundle: str  # `<work>/bundle_<bundle>`
+    name: str  # the bundle is `<work>/bundle_<name>`
     row: str
     make: str  # the nvlm-export command, for the "pending" note
 
@@ -388,12 +397,12 @@ def _int8_decoder_row(
     args: Any,
     fp32_tps: float,
 ) -> Row:
-    bundle = quantized_bundle(work, variant.bundle)
+    bundle = quantized_bundle(work, variant.name)
     if bundle is None:
-        note = f"no bundle_{variant.bundle} yet ({variant.make})"
-        return Row(variant.row, "pending", f"{fp32_tps:.2f}", None, ">= 2.5", None, note)
+        note = f"no bundle_{variant.name} yet ({variant.make})"
+        return Row(variant.row, "pending", f"{fp32_tps:.2f}", None, ">= 2.5x", None, note)
     mine = Worker("ours", str(bundle), args.threads)
-    print(f"{variant.bundle} decoder vs our fp32...", flush=True)
+    print(f"{variant.name} decoder vs our fp32...", flush=True)
     dec = interleaved(
         {"ours": mine, "fp32": ours}, "decoder", (prompt_ids, args.new_tokens), args.runs
     )
@@ -423,7 +432,7 @@ def _int8_vision_row(int8: Path | None, paths: dict[str, Path], args: Any) -> Ro
     CPU), per tile, interleaved like the fp32 row."""
     name = "vision encode per tile, INT8 vs PyTorch eager"
     if int8 is None:
-        return Row(name, "pending", "-", None, ">= 1.8", None, "no int8 bundle yet")
+        return Row(name, "pending", "-", None, ">= 1.8x", None, "no int8 bundle yet")
     mine = Worker("ours", str(int8), args.threads)
     eager = Worker(
         "eager", str(paths["checkpoint"]), str(paths["hf"]), str(paths["bundle_fp32"]), args.threads

@@ -8,7 +8,6 @@ Results go to stdout (tables or `--json`), diagnostics to stderr.
 from __future__ import annotations
 
 import functools
-import inspect
 import sys
 import traceback
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from nvlm_export import __version__
+from nvlm_export.commands.helptext import reflowed
 from nvlm_export.errors import NvlmError
 
 app = typer.Typer(
@@ -76,28 +76,6 @@ def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(130) from None
 
     return wrapper
-
-
-def reflowed(doc: str | None) -> str:
-    """A docstring as `--help` text that wraps to any terminal width.
-
-    Docstrings are wrapped at 100 columns for the source; Typer (rich mode) keeps their line
-    breaks, so an 80-column terminal showed every line broken twice. Here the lines of each prose
-    paragraph are joined (a "- " line still starts a new list item); indented paragraphs, the
-    examples, keep their lines.
-    """
-    paragraphs = inspect.cleandoc(doc or "").split("\n\n")
-    return "\n\n".join(_reflow_paragraph(p) for p in paragraphs)
-
-
-def _reflow_paragraph(paragraph: str) -> str:
-    if paragraph.startswith((" ", "\b")):
-        return paragraph
-    text = ""
-    for line in paragraph.splitlines():
-        starts_item = line.startswith(("- ", "* "))
-        text += ("\n" if starts_item and text else " " if text else "") + line.strip()
-    return text
 
 
 def _register() -> None:

@@ -85,3 +85,31 @@ def test_build_refuses_to_overwrite_a_foreign_bundle(checkpoint: Path, tmp_path:
     (out / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="not a bundle"):
         build(checkpoint, out, settings(), quiet=True)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "expected"),
+    [
+        ([], "Accuracy: top-1 0.750; KL 0.0100; passed True"),
+        (
+            [{"graph": "vision", "min_cosine": 0.99871}],
+            "Accuracy: vision cosine 0.9987; top-1 0.750; KL 0.0100; passed True",
+        ),
+    ],
+    ids=["nothing-compared", "vision-compared"],
+)
+def test_build_summary_names_each_compared_graph(
+    outputs: list[dict], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """INT4 leaves vision unchanged, so nothing but the decoder is compared: the summary line
+    must still read well."""
+    from nvlm_export.commands.quantize import _print_build_summary
+    from nvlm_export.export.build import BuildReport
+
+    accuracy = {
+        "outputs": outputs,
+        "decoder": {"top1_agreement": 0.75, "mean_kl": 0.01},
+        "passed": True,
+    }
+    _print_build_summary(BuildReport(Path("b"), Path("w"), accuracy=accuracy))
+    assert expected in capsys.readouterr().out.splitlines()

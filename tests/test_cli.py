@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from nvlm_export import __version__
-from nvlm_export.cli import app, reflowed
+from nvlm_export.cli import app
+from nvlm_export.commands.helptext import reflowed
 
 runner = CliRunner()
 

@@ -260,6 +260,28 @@ def test_accuracy_outside_budget_leaves_no_bundle_unless_forced(
         quantize_bundle(bundle, tmp_path / "q", forced, None, quiet=True)
 
 
+def test_a_quantized_vision_graph_outside_the_cosine_budget_is_refused(
+    sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
+) -> None:
+    bundle, calib = sources("nvlm-d")
+    impossible = Thresholds(min_cosine=1.01, min_top1=0.0, max_kl=100.0)
+    settings = fast("int8", components=(VISION_GRAPH,), thresholds=impossible)
+    with pytest.raises(ValidationError, match=r"vision\.image_features cosine"):
+        quantize_bundle(bundle, tmp_path / "q", settings, calib, quiet=True)
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_shared_runner_must_match_the_backend_and_the_graph(
+    sources: Callable[[str], tuple[Path, Path]],
+) -> None:
+    bundle, _ = sources("nvlm-d")
+    reference = Pipeline.load(bundle)
+    shared = Pipeline.load(bundle, shared_runners={VISION_GRAPH: reference.runners[VISION_GRAPH]})
+    assert shared.runners[VISION_GRAPH] is reference.runners[VISION_GRAPH]
+    with pytest.raises(InputError, match="another interface"):
+        Pipeline.load(bundle, shared_runners={VISION_GRAPH: reference.runners[DECODER_GRAPH]})
+
+
 def test_int8_needs_a_calibration_set(
     sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
 ) -> None:

@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from nvlm_export.commands.helptext import reflowed
+
 
 def capi_build(
     output: Annotated[
@@ -48,9 +50,9 @@ def make_capi_app(
 ) -> typer.Typer:
     """The `capi` command group; `wrap` is applied to every command (the CLI passes its error
     guard, so project errors print as one line)."""
-    app = typer.Typer(name="capi", no_args_is_help=True)
+    app = typer.Typer(name="capi", no_args_is_help=True, rich_markup_mode="rich")
     app.callback()(_capi_group)  # a group even with one command: `capi build`, not `capi`
-    app.command("build")(wrap(capi_build))
+    app.command("build", help=reflowed(capi_build.__doc__))(wrap(capi_build))
     return app
 
 

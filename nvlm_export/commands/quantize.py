@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from nvlm_export.errors import require_export_extra
-from nvlm_export.export.accuracy import DEFAULT_REQUESTS
+from nvlm_export.export.defaults import ACCURACY_REQUESTS
 
 if TYPE_CHECKING:
     from nvlm_export.export.accuracy import AccuracyReport
@@ -157,7 +157,7 @@ def quantize(
         float | None,
         typer.Option(help="Highest mean KL divergence per token.", rich_help_panel=PANEL_BUDGET),
     ] = None,
-    accuracy_requests: AccuracyRequestsOption = DEFAULT_REQUESTS,
+    accuracy_requests: AccuracyRequestsOption = ACCURACY_REQUESTS,
     force: ForceOption = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
     as_json: Annotated[
@@ -166,10 +166,10 @@ def quantize(
 ) -> None:
     """Quantize a bundle with explicit Q/DQ (INT8, FP8 or INT4 weight-only) and measure it.
 
-    Every run compares the quantized bundle with its source on held-out requests (vision-feature
-    cosine, next-token top-1 agreement, KL divergence, identical greedy tokens), writes
-    accuracy.json into the output and fails, leaving no output, when the budget is exceeded
-    (defaults per precision; see docs/quantization.md) unless --force.
+    Every run compares the quantized bundle with its source on held-out requests (cosine of each
+    quantized vision/cross_kv output, next-token top-1 agreement, KL divergence, identical greedy
+    tokens), writes accuracy.json into the output and fails, leaving no output, when the budget
+    is exceeded (defaults per precision; see docs/quantization.md) unless --force.
 
     Example:
 
@@ -235,7 +235,7 @@ def build(
     seed: SeedOption = 0,
     exclude: ExcludeOption = None,
     quantize_lm_head: LmHeadOption = None,
-    accuracy_requests: AccuracyRequestsOption = DEFAULT_REQUESTS,
+    accuracy_requests: AccuracyRequestsOption = ACCURACY_REQUESTS,
     force: ForceOption = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
@@ -302,7 +302,7 @@ def print_accuracy(report: AccuracyReport) -> None:
         )
         table.add_row(f"{out.graph}.{out.output} max rel error", f"{out.max_rel_error:.4f}", "")
     for graph in report.unchanged_graphs:
-        table.add_row(f"{graph}", "not quantized (identical to the source)", "")
+        table.add_row(graph, "not quantized (identical to the source)", "")
     d = report.decoder
     table.add_row("next-token top-1 agreement", f"{d.top1_agreement:.3f}", f">= {limits.min_top1}")
     table.add_row(

@@ -29,12 +29,13 @@ import numpy as np
 from nvlm_export.calibration.collect import Request, capped_message, fit_to_context, tiling_record
 from nvlm_export.calibration.dataset import RequestTiling
 from nvlm_export.compare import common_prefix, compare
+from nvlm_export.export.defaults import ACCURACY_REQUESTS, ACCURACY_STEPS
 from nvlm_export.runtime.generation import INPUTS_EMBEDS, LOGITS, POSITION_IDS, KVCache, prefill
 from nvlm_export.runtime.manifest import DECODER_GRAPH, VISION_GRAPH
 from nvlm_export.runtime.pipeline import Features, Pipeline, PreparedRequest
 
-DEFAULT_STEPS = 16
-DEFAULT_REQUESTS = 4
+DEFAULT_STEPS = ACCURACY_STEPS
+DEFAULT_REQUESTS = ACCURACY_REQUESTS
 
 
 @dataclass(frozen=True)
@@ -139,15 +140,8 @@ def measure_accuracy(
         request = fit_to_context(reference, request, steps)
         prepared = reference.prepare(request.prompt, [request.image], max_tiles=request.max_tiles)
         tilings.append(tiling_record(request, prepared))
-        ref_features = reference.encode_images(prepared.tilings)
+        ref_features, q_features = _vision_features(reference, quantized, prepared, outputs)
         tokens, ref_logits = decode(reference, prepared, steps, features=ref_features)
-        # The quantized vision features, once for both of its decodes (the reference's when the
-        # two bundles share the vision graph unchanged).
-        q_features = (
-            ref_features
-            if quantized.runners[VISION_GRAPH] is reference.runners[VISION_GRAPH]
-            else quantized.encode_images(prepared.tilings)
-        )
         _, q_logits = decode(quantized, prepared, steps, forced=tokens, features=q_features)
         top1_hits += int((q_logits.argmax(-1) == ref_logits.argmax(-1)).sum())
         kl_values += list(kl_divergence(ref_logits, q_logits))
@@ -232,6 +226,24 @@ def decode(
         logits.append(outputs[LOGITS][0])
 
 
+def _vision_features(
+    reference: Pipeline, quantized: Pipeline, prepared: PreparedRequest, table: dict
+) -> tuple[list[Features], list[Features]]:
+    """Both bundles' vision features for one request, each vision graph run once (the features
+    serve the teacher-forced and the free decode alike). A quantized vision graph's outputs are
+    scored per tile against the reference's; a shared (unchanged) one has nothing to score."""
+    ref = reference.encode_images(prepared.tilings)
+    if quantized.runners[VISION_GRAPH] is reference.runners[VISION_GRAPH]:
+        return ref, ref
+    ours = quantized.encode_images(prepared.tilings)
+    for expected, actual in zip(ref, ours, strict=True):
+        for output, value in expected.items():
+            record = table.setdefault((VISION_GRAPH, output), OutputAccuracy(VISION_GRAPH, output))
+            for tile in range(len(value)):  # the budget holds for the worst tile
+                record.add(value[tile], actual[output][tile])
+    return ref, ours
+
+
 def kl_divergence(reference: np.ndarray, quantized: np.ndarray) -> np.ndarray:
     """KL(softmax(reference) || softmax(quantized)) per row, in nats."""
     log_p = _log_softmax(reference.astype(np.float64))
@@ -263,8 +275,10 @@ class _ComparingRunner:
 
 
 def _compare_side_graphs(reference: Pipeline, quantized: Pipeline, table: dict) -> None:
-    """Wrap the reference's non-decoder runners so each call also runs and scores the quantized
-    graph; a graph both pipelines share (copied unchanged) has nothing to score."""
+    """Wrap the reference's cross_kv-like runners (those that run inside `decoder_inputs`) so each
+    call also runs and scores the quantized graph. The vision graph is scored where its features
+    are computed (`_vision_features`); a graph both pipelines share has nothing to score."""
     for name, runner in list(reference.runners.items()):
-        if name != DECODER_GRAPH and quantized.runners[name] is not runner:
-            reference.runners[name] = _ComparingRunner(name, runner, quantized.runners[name], table)
+        if name in (DECODER_GRAPH, VISION_GRAPH) or quantized.runners[name] is runner:
+            continue
+        reference.runners[name] = _ComparingRunner(name, runner, quantized.runners[name], table)

@@ -156,7 +156,8 @@ def quantize_bundle(
         quantized = replace(manifest, graphs=graphs, precision=settings.precision, engines={})
         quantized.save(staging)
         with stages.stage("accuracy on held-out requests"):
-            accuracy = _accuracy(bundle, staging, calib, settings, warn)
+            unchanged = set(manifest.graphs) - set(components)
+            accuracy = _accuracy(bundle, staging, calib, settings, unchanged, warn)
         (staging / ACCURACY_FILE).write_text(json.dumps(accuracy.to_dict(), indent=2) + "\n")
         _enforce_budget(accuracy, settings, warn)
         replace_output(staging, out)
@@ -281,24 +282,22 @@ def _accuracy(
     staging: Path,
     calib: CalibrationSet | None,
     settings: QuantizeSettings,
+    unchanged: set[str],
     warn: Callable[[str], None],
 ) -> AccuracyReport:
+    """The accuracy report of `staging` against `bundle`. `unchanged` graphs were copied as they
+    are, so they compute exactly what the reference does: the quantized pipeline borrows the
+    reference's runners for them instead of loading and running them a second time."""
     from nvlm_export.calibration.dataset import CalibrationInfo
     from nvlm_export.runtime.pipeline import Pipeline
 
     info = calib.info if calib else CalibrationInfo("", "", 0, 0, 0, "builtin")
     requests = held_out_requests(info, settings.accuracy_requests, warn)
     reference = Pipeline.load(bundle)
-    # Graphs copied unchanged (int4's vision, or those left out by --components) compute exactly
-    # what the reference does: share its runners instead of loading and running them twice.
-    unchanged = {
-        name: reference.runners[name]
-        for name, graph in load_manifest(staging).graphs.items()
-        if graph.quantization is None
-    }
+    shared = {name: reference.runners[name] for name in unchanged}
     return measure_accuracy(
         reference,
-        Pipeline.load(staging, shared_runners=unchanged),
+        Pipeline.load(staging, shared_runners=shared),
         requests,
         precision=settings.precision,
         thresholds=settings.budget,

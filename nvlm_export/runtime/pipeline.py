@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from nvlm_export.errors import BundleError, PromptError
+from nvlm_export.errors import BundleError, InputError, PromptError
 from nvlm_export.runtime.backends import GraphRunner, GraphSpec, get_backend
 from nvlm_export.runtime.generation import (
     GenerationConfig,
@@ -174,11 +174,13 @@ class Pipeline:
         manifest = load_manifest(bundle_dir)
         runner_class = get_backend(backend)
         shared = shared_runners or {}
-        runners = {
-            name: shared.get(name)
-            or runner_class(GraphSpec.from_manifest(name, graph, bundle_dir), **backend_options)
-            for name, graph in manifest.graphs.items()
-        }
+        runners = {}
+        for name, graph in manifest.graphs.items():
+            spec = GraphSpec.from_manifest(name, graph, bundle_dir)
+            if name in shared:
+                runners[name] = _check_shared(shared[name], spec, runner_class)
+            else:
+                runners[name] = runner_class(spec, **backend_options)
         for runner in runners.values():
             runner.activate()
         return cls(
@@ -346,10 +348,6 @@ class Pipeline:
         )
 
     # --- the whole request ------------------------------------------------------------------
-    def new_kv_cache(self) -> KVCache:
-        """An empty KV cache for one request, laid out as the manifest declares."""
-        return KVCache.from_spec(self.manifest.kv_cache)
-
     def generate(
         self,
         prompt: str,
@@ -390,7 +388,7 @@ class Pipeline:
             features = self.encode_images(prepared.tilings)
         with _timed(stages, "splice"):
             inputs = self.decoder_inputs(prepared.prompt, features)
-        cache = self.new_kv_cache()
+        cache = KVCache.from_spec(self.manifest.kv_cache)
         decoder = self.runners[DECODER_GRAPH].infer
         with _timed(stages, "prefill"):
             first_logits = prefill(
@@ -413,6 +411,21 @@ class Pipeline:
             start_time=start,
         )
         return RequestStream(stream, prepared, stages)
+
+
+def _check_shared(runner: GraphRunner, spec: GraphSpec, runner_class: type) -> GraphRunner:
+    """A runner another pipeline lends for `spec`'s graph: same backend, same interface."""
+    if not isinstance(runner, runner_class):
+        raise InputError(
+            f"The shared runner for the {spec.name} graph is a {runner.backend_name} runner",
+            why=f"this pipeline loads its graphs with {runner_class.backend_name}",
+        )
+    if (runner.spec.inputs, runner.spec.outputs) != (spec.inputs, spec.outputs):
+        raise InputError(
+            f"The shared runner for the {spec.name} graph has another interface",
+            why="its inputs or outputs differ from this bundle's manifest",
+        )
+    return runner
 
 
 class _timed:
