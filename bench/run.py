@@ -112,7 +112,7 @@ def matmul_read_bandwidth(threads: int, rows: int, cols: int, layers: int = 8) -
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     options = ort.SessionOptions()  # as OnnxRuntimeRunner sets it up
     options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
     options.enable_cpu_mem_arena = False
     session = ort.InferenceSession(
         model.SerializeToString(),

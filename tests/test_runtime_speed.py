@@ -22,9 +22,9 @@ def runner(**options: object) -> OnnxRuntimeRunner:
     return OnnxRuntimeRunner(spec, **options)  # type: ignore[arg-type]
 
 
-def test_worker_threads_do_not_spin_and_there_is_no_arena_by_default() -> None:
+def test_worker_threads_spin_and_there_is_no_arena_by_default() -> None:
     options = runner()._session_options()
-    assert options.get_session_config_entry(SPIN) == "0"
+    assert options.get_session_config_entry(SPIN) == "1"
     assert options.enable_cpu_mem_arena is False
     assert runner(memory_arena=True)._session_options().enable_cpu_mem_arena is True
 

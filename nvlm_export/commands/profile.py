@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -56,6 +56,14 @@ def profile(
             help="ONNX Runtime CPU threads (default: all cores).", rich_help_panel=RUNTIME
         ),
     ] = None,
+    spin: Annotated[
+        bool,
+        typer.Option(
+            help="ONNX Runtime's worker threads spin between ops (its default, fastest on cores "
+            "of your own); --no-spin on a machine shared with other jobs.",
+            rich_help_panel=RUNTIME,
+        ),
+    ] = True,
     bandwidth_gbs: Annotated[
         float | None,
         typer.Option(
@@ -93,7 +101,9 @@ def profile(
         warmup=warmup,
         bandwidth_gbs=bandwidth_gbs,
     )
-    options = {"intra_op_threads": threads} if threads is not None else {}
+    options: dict[str, Any] = {"intra_op_threads": threads} if threads is not None else {}
+    if not spin:
+        options["allow_spinning"] = False  # an ONNX Runtime option: only passed when asked for
     stderr = Console(stderr=True)
     report = profile_bundle(
         bundle,

@@ -54,6 +54,13 @@ def run(
     threads: Annotated[
         int | None, typer.Option(help="CPU threads for ONNX Runtime (default: all cores).")
     ] = None,
+    spin: Annotated[
+        bool,
+        typer.Option(
+            help="ONNX Runtime's worker threads spin between ops (fastest on cores of your own); "
+            "--no-spin on a machine shared with other jobs, or to save power."
+        ),
+    ] = True,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print text, token ids and timings as JSON at the end.")
     ] = False,
@@ -68,7 +75,7 @@ def run(
     """
     from nvlm_export.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(bundle, intra_op_threads=threads)
+    pipeline = Pipeline.load(bundle, intra_op_threads=threads, allow_spinning=spin)
     stream = pipeline.generate(
         prompt,
         images=list(image or []),

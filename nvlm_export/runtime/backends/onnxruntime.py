@@ -8,11 +8,13 @@ preallocated cache object. The optimised graph is not cached beside the bundle b
 vs not: 880 vs 920 ms for a 270 MB decoder), and the saved graph is machine-specific
 (docs/decoder-graph.md).
 
-Intra-op worker threads do not spin while waiting for work (`allow_spinning=False`, ONNX Runtime's
-default is to spin). A decode step is hundreds of small ops between large matrix products; spinning
-workers burn the CPU time the other threads and processes need whenever the cores are not
-dedicated to us — on a 2-core machine shared with other jobs, a decode step took 550 ms spinning
-and 220-340 ms not (docs/performance.md) — and on a Jetson they burn power for nothing.
+Intra-op worker threads spin while waiting for work by default (`allow_spinning=True`, ONNX
+Runtime's own default). A decode step is hundreds of ops, each matrix product split across the
+workers; a sleeping worker has to be woken for every one. On an idle 2-core machine the bench fp32
+decoder decoded 18.2 tokens/s spinning and 11.4-14.1 not (INT8 with an INT8 LM head: 34-39 vs
+31-35). Spinning burns the CPU time other processes need, though: on a 2-core machine shared with
+other jobs a decode step took 550 ms spinning and 220-340 ms not, and on a Jetson idle spinning
+costs power. `allow_spinning=False` (`--no-spin` on `run` and `profile`) is for those machines.
 
 The CPU memory arena is off (`memory_arena=False`). The arena keeps every block it ever allocated,
 including the buffers used while loading and prepacking weights: the bench vision graph held
@@ -92,7 +94,7 @@ class OnnxRuntimeRunner(GraphRunner):
         intra_op_threads: int | None = None,
         optimization_level: str = "all",
         optimized_model_path: Path | None = None,
-        allow_spinning: bool = False,
+        allow_spinning: bool = True,
         memory_arena: bool = False,
         disabled_optimizers: Sequence[str] = DISABLED_OPTIMIZERS,
         validate_inputs: bool = True,
