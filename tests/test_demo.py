@@ -28,10 +28,16 @@ from nvlm_export.demo.evaluate import (
     READ_ONE_TILE,
     READ_TILED,
     BundleAnswerer,
+    EvalReport,
     TorchAnswerer,
     evaluate,
 )
-from nvlm_export.demo.model import fused_attention, load_for_training, with_dummy_heads
+from nvlm_export.demo.model import (
+    QK_NORM_INIT,
+    fused_attention,
+    load_for_training,
+    with_dummy_heads,
+)
 from nvlm_export.demo.train import answer_ids, answer_loss, encode_sample, new_model
 from nvlm_export.export.bundle import ExportSettings, export_bundle
 from nvlm_export.models.checkpoint import load_checkpoint
@@ -41,11 +47,12 @@ from nvlm_export.runtime.tiling import TilingConfig, tile_image
 
 MAX_FILE_BYTES = 2 * 1024**2
 
-# The acceptance level of issue 10 (docs/demo.md). The checkpoint shipped now is undertrained: it
-# has not learnt to use the image yet, so these are strict expected failures; they turn into
-# XPASS errors the day a retrained checkpoint reaches the level, and then the mark goes.
-NOT_YET_TRAINED = pytest.mark.xfail(
-    strict=True, reason="the shipped demo checkpoint is undertrained (docs/demo.md, Status)"
+# The acceptance level of issue 10 for reading (docs/demo.md). The checkpoint shipped now answers
+# colour, shape and count questions but reads the digit at chance, so the reading checks are
+# strict expected failures; they turn into XPASS errors the day a retrained checkpoint reads,
+# and then the mark goes.
+CANNOT_READ_YET = pytest.mark.xfail(
+    strict=True, reason="the shipped demo checkpoint reads the digit at chance (docs/demo.md)"
 )
 
 
@@ -165,6 +172,27 @@ def test_fused_training_attention_is_the_exported_function(tokenizer) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_training_starts_with_2d_sincos_positions(tokenizer) -> None:
+    """A fresh model's position embeddings know the patch grid: a patch's embedding is closer to
+    its neighbours' than to far patches', across rows as well as within one (the locality prior
+    the ViT needs to find shape outlines), and the class position is zero."""
+    model = new_model(tokenizer, seed=0)
+    table = model.vision.vit.embeddings.position_embedding[0].detach()  # (1 + 32*32, C)
+    grid = table[1:].reshape(32, 32, -1)
+    assert torch.count_nonzero(table[0]) == 0
+
+    def similarity(a: tuple[int, int], b: tuple[int, int]) -> float:
+        return float(torch.cosine_similarity(grid[a], grid[b], dim=0))
+
+    for centre in ((5, 5), (16, 20), (30, 2)):
+        r, c = centre
+        near = (similarity(centre, (r, c + 1)), similarity(centre, (r + 1 if r < 31 else r - 1, c)))
+        far = (similarity(centre, (r, (c + 12) % 32)), similarity(centre, ((r + 12) % 32, c)))
+        assert min(near) > max(far), (centre, near, far)
+    qk = model.vision.vit.layers[0].attn.q_norm.weight
+    assert torch.all(qk == QK_NORM_INIT)
+
+
 def test_zero_dummy_heads_change_nothing(tokenizer) -> None:
     trained = new_model(tokenizer, seed=2).eval()
     padded = with_dummy_heads(trained, 7).eval()
@@ -238,13 +266,20 @@ def test_bundle_gives_the_pytorch_models_answers(bundle_answerer: BundleAnswerer
         assert bundle_answerer(sample.image, read, 1) == reference(sample.image, read, 1)
 
 
-@NOT_YET_TRAINED
-def test_bundle_answers_held_out_questions(bundle_answerer: BundleAnswerer) -> None:
+@pytest.fixture(scope="module")
+def held_out_report(bundle_answerer: BundleAnswerer) -> EvalReport:
+    return evaluate(bundle_answerer, ds.held_out(8))
+
+
+def test_bundle_answers_held_out_questions(held_out_report: EvalReport) -> None:
     """A regression in tiling, prompt assembly, export or the runtime shows as wrong answers."""
-    report = evaluate(bundle_answerer, ds.held_out(8))
-    for kind in ("color", "shape"):
-        assert report.accuracy(kind) >= 0.85, (kind, report.mistakes)
-    assert report.accuracy("read") >= 0.3, report.mistakes  # chance: 0.1
+    for kind in ("color", "shape", "count"):
+        assert held_out_report.accuracy(kind) >= 0.85, (kind, held_out_report.mistakes)
+
+
+@CANNOT_READ_YET
+def test_bundle_reads_held_out_digits(held_out_report: EvalReport) -> None:
+    assert held_out_report.accuracy("read") >= 0.3, held_out_report.mistakes  # chance: 0.1
 
 
 def test_shipped_example_image_is_the_generated_sample() -> None:
@@ -253,14 +288,21 @@ def test_shipped_example_image_is_the_generated_sample() -> None:
     assert tile_image(Image.open(example_image()).convert("RGB")).num_tiles == 3
 
 
-@NOT_YET_TRAINED
 def test_bundle_answers_the_example_questions(bundle_answerer: BundleAnswerer) -> None:
     image = Image.open(example_image()).convert("RGB")
     for question, answer in example_questions():
-        assert bundle_answerer(image, question, None).strip() == answer, question
+        if question != ds.QUESTIONS["read"]:
+            assert bundle_answerer(image, question, None).strip() == answer, question
 
 
-@NOT_YET_TRAINED
+@CANNOT_READ_YET
+def test_bundle_reads_the_example_digit(bundle_answerer: BundleAnswerer) -> None:
+    image = Image.open(example_image()).convert("RGB")
+    truth = dict(example_questions())[ds.QUESTIONS["read"]]
+    assert bundle_answerer(image, ds.QUESTIONS["read"], None).strip() == truth
+
+
+@CANNOT_READ_YET
 def test_tiles_matter_for_reading(bundle_answerer: BundleAnswerer) -> None:
     multi = [s for s in ds.held_out(40) if s.image_kind.tiles > 1][:12]
     report = evaluate(bundle_answerer, multi)

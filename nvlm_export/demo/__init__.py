@@ -3,8 +3,8 @@
 No real NVLM weights can be downloaded in every environment, so the package carries a tiny model
 at real geometry trained to answer questions about coloured shapes and a small rendered digit,
 so a first run shows sensible text, tiling can matter (the digit is only legible in the
-high-resolution tiles) and quantization has a task metric. The checkpoint shipped now is
-undertrained (docs/demo.md, Status): it counts exactly but is weak on the other questions.
+high-resolution tiles) and quantization has a task metric. The checkpoint shipped now answers
+colour, shape and count questions but reads the digit at chance (docs/demo.md, Status).
 
     from nvlm_export.demo import default_checkpoint, example_image
     # nvlm-export export $(default_checkpoint) -o bundle/
@@ -24,7 +24,8 @@ CHECKPOINT_DIR = PACKAGE_DIR / "checkpoint"
 EXAMPLE_IMAGE = PACKAGE_DIR / "example.png"
 
 # The shipped example.png is sample EXAMPLE_INDEX of the example split (seed 2), a 3-tile image;
-# the model answers all its questions right (tests/test_demo.py checks it through a bundle).
+# the model answers all its questions right but the digit (tests/test_demo.py checks it through a
+# bundle).
 EXAMPLE_INDEX = 0
 EXAMPLE_KIND = "wide"
 
@@ -41,7 +42,8 @@ def default_checkpoint() -> Path:
 
 
 def example_image() -> Path:
-    """A synthetic image the demo model answers `example_questions()` about correctly."""
+    """A synthetic image the demo model answers `example_questions()` about correctly (all but
+    the digit, which it cannot read yet)."""
     return EXAMPLE_IMAGE
 
 

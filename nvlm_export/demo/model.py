@@ -83,13 +83,40 @@ def training_config(config: ModelConfig) -> ModelConfig:
     return config.with_dummy_heads(0)
 
 
+# QK-norm scales q and k to unit RMS, so with weights 1 an attention logit is at most
+# sqrt(head_dim) (5.7 for 32-wide heads): too flat to single out a few neighbours among 1025
+# tokens. Starting the norm weights at QK_NORM_INIT raises that ceiling by QK_NORM_INIT**2.
+QK_NORM_INIT = 2.0
+
+
 def init_for_training(model: VisionLanguageModel, seed: int) -> None:
-    """Small random position/class embeddings (zeros would give the ViT no sense of place)."""
+    """Position embeddings start as a fixed 2-D sin-cos table over the patch grid (MAE-style; the
+    class position zero), still learnt afterwards: random ones give a ViT trained from scratch on
+    little data no notion of which patches are neighbours, and the shapes' outlines span several
+    patches. The class embedding starts small and random; the QK-norm weights at QK_NORM_INIT."""
     generator = torch.Generator().manual_seed(seed)
     embeddings = model.vision.vit.embeddings
     with torch.no_grad():
-        for param in (embeddings.position_embedding, embeddings.class_embedding):
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        table = sincos_positions_2d(embeddings.position_embedding.shape[-1], embeddings.grid_size)
+        embeddings.position_embedding.copy_(table[None])
+        cls = embeddings.class_embedding
+        cls.copy_(torch.randn(cls.shape, generator=generator) * 0.02)
+        for layer in model.vision.vit.layers:
+            layer.attn.q_norm.weight.fill_(QK_NORM_INIT)
+            layer.attn.k_norm.weight.fill_(QK_NORM_INIT)
+
+
+def sincos_positions_2d(channels: int, grid: int) -> torch.Tensor:
+    """(1 + grid*grid, channels): row 0 (the class position) zero, then per patch (row-major)
+    [sin(y w), cos(y w), sin(x w), cos(x w)] with channels/4 frequencies w = 10000^(-i/(C/4))."""
+    quarter = channels // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (C/4,)
+    y, x = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    angles_y = y.reshape(-1, 1) * omega  # (G*G, C/4)
+    angles_x = x.reshape(-1, 1) * omega
+    table = torch.cat([angles_y.sin(), angles_y.cos(), angles_x.sin(), angles_x.cos()], dim=1)
+    table = torch.cat([torch.zeros(1, channels, dtype=table.dtype), table])  # (1 + G*G, C)
+    return table.float()
 
 
 def with_dummy_heads(trained: VisionLanguageModel, num_dummy_heads: int) -> VisionLanguageModel:

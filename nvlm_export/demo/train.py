@@ -1,6 +1,7 @@
 """Train the demo model on synthetic visual questions (CPU, minutes) and save it as NVLM-D.
 
-    python -m nvlm_export.demo.train --steps 500 -o nvlm_export/demo/checkpoint
+    # the shipped run (docs/demo.md, Training)
+    python -m nvlm_export.demo.train -o DIR --steps 12000 --single-tile-steps 7000 --threads 1
 
 The inputs are exactly what the runtime builds: images tiled by `tile_image`, prompts assembled by
 `build_prompt` with the NVLM-D format and the tiny tokenizer. The loss is the cross-entropy of the
@@ -18,7 +19,7 @@ import argparse
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ from nvlm_export.runtime.tiling import TilingConfig, tile_image
 class TrainSettings:
     steps: int = 500
     images_per_step: int = 2
-    lr: float = 3e-3
+    lr: float = 1e-3  # 3e-3 learnt the answers more slowly (docs/demo.md, How it got unstuck)
     warmup_steps: int = 30
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -62,6 +63,7 @@ class TrainSettings:
     max_minutes: float | None = None  # stop early (and save) when the wall clock runs out
     init_from: Path | None = None  # go on training a saved demo checkpoint (a new schedule)
     first_index: int = 0  # first training sample (continue where an earlier run stopped)
+    single_tile_steps: int = 0  # a curriculum: the first steps use single-tile images only
     aux_loss: bool = True  # the per-image-token probe loss (see AUX_WEIGHT)
 
 
@@ -143,6 +145,7 @@ def answer_loss(
     encoded: EncodedImage,
     pad_id: int,
     probe: torch.nn.Module | None = None,
+    probe_score: ProbeScore | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over all answer tokens of one image, and which first tokens are right.
 
@@ -177,7 +180,7 @@ def answer_loss(
     loss = F.cross_entropy(logits.float(), target, reduction="sum")
     first_right = (logits[first].argmax(-1) == target[first]).detach()
     if probe is not None:
-        loss = loss + AUX_WEIGHT * aux_loss(probe, features, encoded.token_labels)
+        loss = loss + AUX_WEIGHT * aux_loss(probe, features, encoded.token_labels, probe_score)
     return loss, first_right
 
 
@@ -192,11 +195,53 @@ def new_probe(model: VisionLanguageModel) -> torch.nn.Module:
     return torch.nn.Linear(model.config.llm_hidden_size, len(dataset.LABELS))
 
 
-def aux_loss(probe: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def aux_loss(
+    probe: torch.nn.Module,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    score: ProbeScore | None = None,
+) -> torch.Tensor:
     weights = torch.ones(len(dataset.LABELS))
     weights[0] = BACKGROUND_WEIGHT
     logits = probe(features.reshape(-1, features.shape[-1]))  # (N*256, classes)
+    if score is not None:
+        score.add(logits.detach().argmax(-1), labels.reshape(-1))
     return F.cross_entropy(logits, labels.reshape(-1), weight=weights)
+
+
+# What each LABELS index is: (shape, colour) for shape cells, the digit for digit cells.
+_LABEL_SHAPE = [next((s for s in dataset.SHAPES if s in name), "") for name in dataset.LABELS]
+_LABEL_COLOR = [next((c for c in dataset.COLORS if c in name), "") for name in dataset.LABELS]
+_LABEL_DIGIT = [name.removeprefix("digit ") if "digit" in name else "" for name in dataset.LABELS]
+
+
+@dataclass
+class ProbeScore:
+    """How well the auxiliary probe reads the image tokens, per true shape, and for colour and
+    digits: whether the ViT encodes what the answers need, long before the answers show it."""
+
+    right: dict[str, int] = field(default_factory=dict)
+    total: dict[str, int] = field(default_factory=dict)
+
+    def add(self, predicted: torch.Tensor, labels: torch.Tensor) -> None:
+        for want, got in zip(labels.tolist(), predicted.tolist(), strict=True):
+            if _LABEL_SHAPE[want]:
+                self._count(_LABEL_SHAPE[want], _LABEL_SHAPE[got] == _LABEL_SHAPE[want])
+                self._count("color", _LABEL_COLOR[got] == _LABEL_COLOR[want])
+            elif _LABEL_DIGIT[want]:
+                self._count("digit", got == want)
+
+    def _count(self, row: str, right: bool) -> None:
+        self.right[row] = self.right.get(row, 0) + int(right)
+        self.total[row] = self.total.get(row, 0) + 1
+
+    def summary(self) -> str:
+        rows = (*dataset.SHAPES, "color", "digit")
+        return " ".join(
+            f"{row} {self.right.get(row, 0) / self.total[row]:.2f}"
+            for row in rows
+            if self.total.get(row)
+        )
 
 
 def lr_at(step: int, settings: TrainSettings) -> float:
@@ -238,6 +283,7 @@ def train(output: Path, settings: TrainSettings = TrainSettings()) -> dict[str, 
     )
     start = time.perf_counter()
     recent: list[tuple[float, int, int]] = []  # (loss, answer tokens, first tokens right)
+    probe_score = ProbeScore()
     index, steps_done = settings.first_index, 0
     with fused_attention(model):
         for step in range(settings.steps):
@@ -245,13 +291,15 @@ def train(output: Path, settings: TrainSettings = TrainSettings()) -> dict[str, 
                 group["lr"] = lr_at(step, settings)
             batch = []
             for _ in range(settings.images_per_step):
-                batch.append(encode_sample(tokenizer, dataset.make_sample(settings.seed, index)))
+                kind = dataset.IMAGE_KINDS[0] if step < settings.single_tile_steps else None
+                sample = dataset.make_sample(settings.seed, index, kind)
+                batch.append(encode_sample(tokenizer, sample))
                 index += 1
             tokens = sum(sum(e.answer_lengths) for e in batch)
             optimizer.zero_grad(set_to_none=True)
             step_loss, right, asked = 0.0, 0, 0
             for encoded in batch:
-                loss, first_right = answer_loss(model, encoded, pad_id, probe)
+                loss, first_right = answer_loss(model, encoded, pad_id, probe, probe_score)
                 (loss / tokens).backward()  # per-image backward keeps one image's graph alive
                 step_loss += float(loss.detach())
                 right += int(first_right.sum())
@@ -260,8 +308,8 @@ def train(output: Path, settings: TrainSettings = TrainSettings()) -> dict[str, 
             optimizer.step()
             recent.append((step_loss / tokens, right, asked))
             if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
-                _log(step + 1, settings, recent, time.perf_counter() - start)
-                recent = []
+                _log(step + 1, settings, recent, time.perf_counter() - start, probe_score)
+                recent, probe_score = [], ProbeScore()
             if (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
                 save_demo(model, output)
             steps_done = step + 1
@@ -280,13 +328,19 @@ def save_demo(trained: VisionLanguageModel, output: Path) -> list[Path]:
 
 
 def _log(
-    step: int, settings: TrainSettings, recent: list[tuple[float, int, int]], seconds: float
+    step: int,
+    settings: TrainSettings,
+    recent: list[tuple[float, int, int]],
+    seconds: float,
+    probe_score: ProbeScore,
 ) -> None:
     loss = float(np.mean([r[0] for r in recent]))
     accuracy = sum(r[1] for r in recent) / max(1, sum(r[2] for r in recent))
+    probe = f"  probe: {probe_score.summary()}" if probe_score.total else ""
     print(
         f"step {step}/{settings.steps}  loss {loss:.3f}  first-token acc {accuracy:.2f}  "
-        f"lr {lr_at(step - 1, settings):.2e}  {seconds / step:.2f} s/step  {seconds / 60:.1f} min",
+        f"lr {lr_at(step - 1, settings):.2e}  {seconds / step:.2f} s/step  {seconds / 60:.1f} min"
+        f"{probe}",
         flush=True,
     )
 
@@ -304,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--init-from", type=Path, default=None, help="continue from a checkpoint")
     parser.add_argument("--first-index", type=int, default=0, help="first training sample")
+    parser.add_argument(
+        "--single-tile-steps", type=int, default=0, help="first steps on single-tile images only"
+    )
     parser.add_argument("--no-aux-loss", action="store_true", help="answer tokens only")
     args = parser.parse_args(argv)
     settings = TrainSettings(
@@ -316,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         warmup_steps=args.warmup_steps,
         init_from=args.init_from,
         first_index=args.first_index,
+        single_tile_steps=args.single_tile_steps,
         aux_loss=not args.no_aux_loss,
     )
     summary = train(args.output, settings)
