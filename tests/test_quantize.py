@@ -464,8 +464,12 @@ def test_profile_breaks_down_a_quantized_bundle(
 ) -> None:
     """`nvlm-export profile` on quantized bundles of a decoder-only and a cross-attention model:
     every stage timed, and the totals consistent with their parts."""
+    check_profile(quantized(layout, precision))
+
+
+def check_profile(bundle: Path) -> None:
     settings = ProfileSettings(tiles=(1,), prompt_tokens=8, new_tokens=3, runs=1, warmup=0)
-    report = profile_bundle(quantized(layout, precision), settings, intra_op_threads=1).to_dict()
+    report = profile_bundle(bundle, settings, intra_op_threads=1).to_dict()
     (case,) = report["cases"]
     for stage in ("prepare", "vision", "prefill"):
         assert case["stages_ms"][stage]["median"] > 0

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_quantize import Graph, check_qdq, fast
+from test_quantize import Graph, check_profile, check_qdq, fast
 from typer.testing import CliRunner, Result
 
 from nvlm_export.calibration import CalibrationOptions, CalibrationSet, collect_calibration
@@ -318,3 +318,12 @@ def test_cli_unsupported_precision_for_a_component_fails_and_writes_nothing(
     assert "Unsupported precision for a component" in result.stderr
     assert "vision supports int8, fp8" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("precision", NVLM_H_PRECISIONS)
+def test_profile_breaks_down_a_quantized_nvlm_h_bundle(
+    nvlm_h_quantized: Callable[[str], Path], precision: str
+) -> None:
+    """The hybrid architecture (thumbnail in the decoder, tiles in cross-attention) profiles like
+    the others: every stage timed, totals consistent with their parts."""
+    check_profile(nvlm_h_quantized(precision))
