@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 import time
@@ -132,22 +131,17 @@ def matmul_read_bandwidth(threads: int, rows: int, cols: int, layers: int = 8) -
     return sum(w.nbytes for w in weights) / min(seconds)
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity), which can be fewer than the machine's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def require_cores(threads: int) -> int:
-    """The usable core count; exits when it is below `threads`. Seen here: a process tree pinned
-    to one core ran "2 threads" on it, and every row described another machine than the doc."""
-    cores = usable_cores()
+def require_usable_cores(threads: int, machine: dict[str, Any]) -> None:
+    """Exit when this process may run on fewer cores than `threads` (`machine_description()`'s
+    usable cores, i.e. its CPU affinity). Seen here: a process tree pinned to one core ran
+    "2 threads" on it, and every row described another machine than the doc."""
+    cores = machine["usable_cores"] or threads
     if cores < threads:
         sys.exit(
             f"bench: this process may run on {cores} core(s) but --threads is {threads}, so the "
             "threads would share cores and every row would be off; widen the CPU affinity "
             f"(`taskset -c 0-{threads - 1} ...`; `taskset -p $$` shows it) or lower --threads"
         )
-    return cores
 
 
 # --- measurements -------------------------------------------------------------------------------
@@ -212,7 +206,8 @@ def main() -> None:
         print(f"wrote {args.doc}")
         return
 
-    cores = require_cores(args.threads)
+    machine = machine_description()
+    require_usable_cores(args.threads, machine)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     paths = ensure_inputs(args.work, args.threads)
     bandwidth = read_bandwidth(args.threads)
@@ -220,8 +215,7 @@ def main() -> None:
     rows: list[Row] = []
     facts: dict[str, Any] = {
         "bandwidth_gbs": bandwidth / GB,
-        "usable_cores": cores,
-        "machine": machine_description(),
+        "machine": machine,
     }
 
     # Phase 1: our runtime against PyTorch eager (vision, TTFT, decode).
@@ -532,7 +526,7 @@ def write_doc(path: Path, rows: list[Row], facts: dict[str, Any], args: Any, sta
         f"(7-tile case: {args.long_runs}); {args.new_tokens} new tokens; "
         f"{args.question_tokens}-token question",
         f"- CPU: {machine['cpu']}, {machine['logical_cores']} logical cores "
-        f"({facts.get('usable_cores', '?')} usable by the bench); RAM "
+        f"({machine.get('usable_cores') or '?'} usable by the bench); RAM "
         f"{(machine['ram_bytes'] or 0) / GB:.1f} GB; {machine['platform']}",
         f"- python {machine['python']}, numpy {machine['numpy']}, onnxruntime "
         f"{machine['onnxruntime']}, onnxruntime-genai {onnxruntime_genai.__version__}, torch "

@@ -29,13 +29,10 @@ import numpy as np
 from nvlm_export.calibration.collect import Request, capped_message, fit_to_context, tiling_record
 from nvlm_export.calibration.dataset import RequestTiling
 from nvlm_export.compare import common_prefix, compare
-from nvlm_export.export.defaults import ACCURACY_REQUESTS, ACCURACY_STEPS
+from nvlm_export.export.defaults import ACCURACY_STEPS
 from nvlm_export.runtime.generation import INPUTS_EMBEDS, LOGITS, POSITION_IDS, KVCache, prefill
 from nvlm_export.runtime.manifest import DECODER_GRAPH, VISION_GRAPH
 from nvlm_export.runtime.pipeline import Features, Pipeline, PreparedRequest
-
-DEFAULT_STEPS = ACCURACY_STEPS
-DEFAULT_REQUESTS = ACCURACY_REQUESTS
 
 
 @dataclass(frozen=True)
@@ -126,7 +123,7 @@ def measure_accuracy(
     *,
     precision: str,
     thresholds: Thresholds,
-    steps: int = DEFAULT_STEPS,
+    steps: int = ACCURACY_STEPS,
     warn: Callable[[str], None] | None = None,
 ) -> AccuracyReport:
     """Compare `quantized` with `reference` on `requests`; see the module docstring. `warn` gets

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nvlm_export.errors import InputError
-from nvlm_export.export.accuracy import DEFAULT_REQUESTS, DEFAULT_STEPS
+from nvlm_export.export.defaults import ACCURACY_REQUESTS, ACCURACY_STEPS
 
 STATE_FILE = "state.json"
 BUILD_PRECISIONS = ("fp16", "int8", "fp8", "int4")
@@ -44,8 +44,8 @@ class BuildSettings:
     quantize_lm_head: bool | None = None  # None: the precision's default (export/quantize.py)
     force: bool = False
     overwrite: bool = False
-    accuracy_requests: int = DEFAULT_REQUESTS
-    accuracy_steps: int = DEFAULT_STEPS
+    accuracy_requests: int = ACCURACY_REQUESTS
+    accuracy_steps: int = ACCURACY_STEPS
 
     def __post_init__(self) -> None:
         if self.precision not in BUILD_PRECISIONS:

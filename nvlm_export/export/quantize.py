@@ -22,14 +22,13 @@ from nvlm_export.calibration.collect import held_out_requests
 from nvlm_export.calibration.dataset import CalibrationSet
 from nvlm_export.errors import ExportError, InputError, ValidationError
 from nvlm_export.export.accuracy import (
-    DEFAULT_REQUESTS,
-    DEFAULT_STEPS,
     DEFAULT_THRESHOLDS,
     AccuracyReport,
     Thresholds,
     measure_accuracy,
 )
 from nvlm_export.export.bundle import check_output_path, replace_output, staging_directory
+from nvlm_export.export.defaults import ACCURACY_REQUESTS, ACCURACY_STEPS
 from nvlm_export.progress import Stages
 from nvlm_export.runtime.generation import LOGITS
 from nvlm_export.runtime.manifest import (
@@ -74,8 +73,8 @@ class QuantizeSettings:
     components: tuple[str, ...] | None = None  # None: every graph that supports the precision
     exclude: tuple[str, ...] = ()
     thresholds: Thresholds | None = None  # None: DEFAULT_THRESHOLDS[precision]
-    accuracy_requests: int = DEFAULT_REQUESTS
-    accuracy_steps: int = DEFAULT_STEPS
+    accuracy_requests: int = ACCURACY_REQUESTS
+    accuracy_steps: int = ACCURACY_STEPS
     force: bool = False
     overwrite: bool = False
     quantize_lm_head: bool | None = None  # None: QUANTIZE_LM_HEAD_BY_DEFAULT[precision]
