@@ -38,22 +38,22 @@ from nvlm_export.demo.model import (
     load_for_training,
     with_dummy_heads,
 )
-from nvlm_export.demo.train import answer_ids, answer_loss, encode_sample, new_model
+from nvlm_export.demo.train import (
+    DIGIT_LABELS_START,
+    HINT_HEAD,
+    answer_ids,
+    answer_loss,
+    encode_sample,
+    new_model,
+    token_labels,
+)
 from nvlm_export.export.bundle import ExportSettings, export_bundle
 from nvlm_export.models.checkpoint import load_checkpoint
 from nvlm_export.models.tokenizer import EOS_TOKEN, PAD_TOKEN, build_tiny_tokenizer
 from nvlm_export.runtime.prompt import NVLM_D, build_prompt
-from nvlm_export.runtime.tiling import TilingConfig, tile_image
+from nvlm_export.runtime.tiling import IMAGENET_MEAN, IMAGENET_STD, TilingConfig, tile_image
 
 MAX_FILE_BYTES = 2 * 1024**2
-
-# The acceptance level of issue 10 for reading (docs/demo.md). The checkpoint shipped now answers
-# colour, shape and count questions but reads the digit at chance, so the reading checks are
-# strict expected failures; they turn into XPASS errors the day a retrained checkpoint reads,
-# and then the mark goes.
-CANNOT_READ_YET = pytest.mark.xfail(
-    strict=True, reason="the shipped demo checkpoint reads the digit at chance (docs/demo.md)"
-)
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +97,22 @@ def test_digit_is_resolved_in_tiles_but_not_in_the_thumbnail(kind: ds.ImageKind)
     assert thumb_w * thumb_h <= 5 * 14 * 1.02
 
 
-def test_digit_stays_inside_one_tile() -> None:
-    for index in range(20):
-        sample = ds.make_sample(ds.TRAIN_SEED, index)
-        cols, rows = sample.image_kind.grid
-        tile_w, tile_h = sample.image.width / cols, sample.image.height / rows
-        x0, y0, x1, y1 = sample.digit_box
-        assert int(x0 // tile_w) == int((x1 - 1e-6) // tile_w)
-        assert int(y0 // tile_h) == int((y1 - 1e-6) // tile_h)
+@pytest.mark.parametrize("kind", ds.IMAGE_KINDS, ids=lambda k: k.name)
+def test_digit_ink_lands_inside_one_vit_patch_of_the_tiles(kind: ds.ImageKind) -> None:
+    """The reading task's contract with the ViT: in the tiles the runtime cuts, the glyph's ink
+    sits inside one 14 px patch (never split by a tile cut or a patch border)."""
+    for index in range(4):
+        sample = ds.make_sample(ds.TRAIN_SEED, index, kind)
+        tiles = tile_image(sample.image).pixel_values[: kind.grid[0] * kind.grid[1]]
+        rgb = (
+            tiles * np.asarray(IMAGENET_STD)[:, None, None]
+            + np.asarray(IMAGENET_MEAN)[:, None, None]
+        )
+        # Ink is dark grey; every shape colour has a channel above 0.55, the background all.
+        tile, rows, cols = np.nonzero(rgb.max(axis=1) < 0.4)
+        assert len(tile) >= 20, "the glyph's ink is missing from the tiles"
+        assert len(set(tile)) == 1
+        assert len(set(rows // ds.PATCH)) == 1 and len(set(cols // ds.PATCH)) == 1
 
 
 def test_answers_match_the_scene() -> None:
@@ -120,6 +128,22 @@ def test_answers_match_the_scene() -> None:
 
 
 # --- training maths ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ds.IMAGE_KINDS, ids=lambda k: k.name)
+def test_probe_labels_one_digit_token_and_skip_the_thumbnails(kind: ds.ImageKind) -> None:
+    """The auxiliary probe learns the digit from exactly one image token of the tiles, and is not
+    asked to read the thumbnail's illegible sliver."""
+    for index in range(3):
+        sample = ds.make_sample(ds.TRAIN_SEED, index, kind)
+        tiled = tile_image(sample.image)
+        labels = token_labels(sample, tiled.grid, tiled.has_thumbnail)
+        digit_label = ds.LABELS.index(f"digit {sample.digit}")
+        tiles = kind.grid[0] * kind.grid[1]
+        assert int((labels[:tiles] == digit_label).sum()) == 1
+        assert int((labels[:tiles] >= DIGIT_LABELS_START).sum()) == 1
+        if tiled.has_thumbnail:
+            assert not bool((labels[tiles:] >= DIGIT_LABELS_START).any())
 
 
 def test_training_tokens_are_the_runtime_prompt_plus_the_answer(tokenizer) -> None:
@@ -156,6 +180,42 @@ def test_shared_prefix_loss_equals_separate_full_prompts(tokenizer) -> None:
                 logits[-n - 1 : -1], ids[0, -n:], reduction="sum"
             )
     assert float(shared) == pytest.approx(float(separate), rel=1e-4)
+
+
+def test_read_weight_scales_only_the_reading_answers(tokenizer) -> None:
+    model = new_model(tokenizer, seed=0).eval()
+    encoded = encode_sample(tokenizer, ds.make_sample(ds.TRAIN_SEED, 2, ds.IMAGE_KINDS[0]))
+    pad = tokenizer.token_to_id(PAD_TOKEN)
+    others_off = {kind: 0.0 for kind in ds.KINDS if kind != "read"}
+    with torch.no_grad():
+        plain, _ = answer_loss(model, encoded, pad)
+        read_only, _ = answer_loss(model, encoded, pad, kind_weights=others_off)
+        weighted, _ = answer_loss(model, encoded, pad, kind_weights={"read": 3.0})
+    assert 0 < float(read_only) < float(plain)
+    assert float(weighted) == pytest.approx(float(plain) + 2 * float(read_only), rel=1e-5)
+
+
+def test_attention_hint_is_the_decoders_real_attention_on_the_digit(tokenizer) -> None:
+    """The retrieval hint's loss is -log of what the hinted head actually pays to the digit's
+    token when the reading question is answered (checked against eager attention weights)."""
+    model = new_model(tokenizer, seed=4).eval()
+    encoded = encode_sample(tokenizer, ds.make_sample(ds.TRAIN_SEED, 1, ds.IMAGE_KINDS[1]))
+    pad = tokenizer.token_to_id(PAD_TOKEN)
+    with torch.no_grad(), fused_attention(model):
+        plain, _ = answer_loss(model, encoded, pad)
+        hinted, _ = answer_loss(model, encoded, pad, hint_weight=1.0)
+    row = encoded.kinds.index("read")
+    question = encoded.suffix_ids[row][: -encoded.answer_lengths[row]]
+    ids = torch.cat([encoded.prefix_ids, torch.tensor(question)])[None]
+    with torch.no_grad():
+        embeds = model.embed_tokens(ids)
+        slots = ids[0] == model.image_token_id
+        embeds[0, slots] = model.image_features(encoded.pixel_values).reshape(-1, embeds.shape[-1])
+        attentions = model.language_model(inputs_embeds=embeds, output_attentions=True).attentions
+    digit = torch.nonzero(slots).flatten()[encoded.token_labels.reshape(-1) >= DIGIT_LABELS_START]
+    assert len(digit) == 1
+    weight = attentions[-1][0, HINT_HEAD, -1, digit].sum()
+    assert float(hinted - plain) == pytest.approx(float(-torch.log(weight)), rel=1e-4)
 
 
 def test_fused_training_attention_is_the_exported_function(tokenizer) -> None:
@@ -277,9 +337,8 @@ def test_bundle_answers_held_out_questions(held_out_report: EvalReport) -> None:
         assert held_out_report.accuracy(kind) >= 0.85, (kind, held_out_report.mistakes)
 
 
-@CANNOT_READ_YET
 def test_bundle_reads_held_out_digits(held_out_report: EvalReport) -> None:
-    assert held_out_report.accuracy("read") >= 0.3, held_out_report.mistakes  # chance: 0.1
+    assert held_out_report.accuracy("read") >= 0.75, held_out_report.mistakes  # chance: 0.1
 
 
 def test_shipped_example_image_is_the_generated_sample() -> None:
@@ -295,18 +354,19 @@ def test_bundle_answers_the_example_questions(bundle_answerer: BundleAnswerer) -
             assert bundle_answerer(image, question, None).strip() == answer, question
 
 
-@CANNOT_READ_YET
 def test_bundle_reads_the_example_digit(bundle_answerer: BundleAnswerer) -> None:
     image = Image.open(example_image()).convert("RGB")
     truth = dict(example_questions())[ds.QUESTIONS["read"]]
     assert bundle_answerer(image, ds.QUESTIONS["read"], None).strip() == truth
 
 
-@CANNOT_READ_YET
 def test_tiles_matter_for_reading(bundle_answerer: BundleAnswerer) -> None:
     multi = [s for s in ds.held_out(40) if s.image_kind.tiles > 1][:12]
     report = evaluate(bundle_answerer, multi)
-    assert report.accuracy(READ_TILED) > report.accuracy(READ_ONE_TILE)
+    # The shipped model reads 38/38 held-out multi-tile digits from its tiles and 1/38 squeezed
+    # into one tile (docs/demo.md): the digit is illegible in the thumbnail's view.
+    assert report.accuracy(READ_TILED) >= 0.75
+    assert report.accuracy(READ_ONE_TILE) <= 0.5
 
 
 def test_demo_eval_command_scores_a_bundle(demo_bundle: Path) -> None:

@@ -13,11 +13,13 @@ Image sizes are chosen so dynamic high-resolution tiling picks a known grid:
     large     448*3s x 448*2s (or 2s x 3s) (3, 2)  7
 
 with s in [1, 1.25]. The digit is drawn with dots of `DOT_PX` pixels *at tile resolution* (a
-10x14 px glyph, about one ViT patch) and kept inside one tile. The thumbnail shrinks it by the
-grid's columns across and rows down: to 1 px per dot column or less (5x14 px for the wide grid,
-5x7 px or smaller for the others), a sliver inside one patch: reading it needs the tiles. On
-single-tile images the digit is legible at tile resolution, which is where reading is learnt
-cheaply.
+10x14 px glyph) and placed, at tile resolution, inside one 14 px ViT patch of one tile: the patch
+grid is where a tile's pixels meet the model, and a glyph that straddles up to four patches at any
+offset was more than the demo's 2-layer, 64-wide ViT learnt to read in an hour (docs/demo.md). The
+thumbnail shrinks it by the grid's columns across and rows down: to 1 px per dot column or less
+(5x14 px for the wide grid, 5x7 px or smaller for the others), a sliver inside one patch: reading
+it needs the tiles. On single-tile images the digit is legible at tile resolution, which is where
+reading is learnt cheaply.
 
 Torch-free (numpy + pillow), so a runtime-only install can build the evaluation set.
 """
@@ -39,6 +41,8 @@ EXAMPLE_SEED = 2
 TILE = 448
 DOT_PX = 2  # glyph dot size at tile resolution
 GLYPH_COLS, GLYPH_ROWS = 5, 7
+PATCH = 14  # the ViT's patch size: the glyph (10x14 px at tile resolution) sits inside one patch
+GLYPH_X_IN_PATCH = 2  # the glyph's left edge inside its patch (it is 10 px wide, the patch 14)
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -136,7 +140,9 @@ def make_sample(seed: int, index: int, kind: ImageKind | None = None) -> Sample:
     """The `index`-th sample of split `seed` (optionally forcing its image kind)."""
     rng = np.random.default_rng([seed, index])
     kind = kind or _pick_kind(rng)
-    size, scale = _image_size(kind, rng)
+    size = _image_size(kind, rng)
+    scale_xy = _tile_scale(kind, size)
+    scale = max(scale_xy)
     background = tuple(int(v) for v in rng.integers(222, 250, size=3))
     image = Image.new("RGB", size, background)
     draw = ImageDraw.Draw(image)
@@ -144,9 +150,10 @@ def make_sample(seed: int, index: int, kind: ImageKind | None = None) -> Sample:
     for shape in shapes:
         _draw_shape(draw, shape, _jitter(rng, COLORS[shape.color]))
     digit = str(rng.integers(0, 10))
-    digit_box = _place_digit(rng, kind, size, scale, [s.box for s in shapes])
+    digit_box = _place_digit(rng, kind, scale_xy, [s.box for s in shapes])
     ink = int(rng.integers(0, 60))
-    _draw_digit(draw, digit, digit_box[:2], DOT_PX * scale, (ink, ink, ink))
+    dot = (DOT_PX * scale_xy[0], DOT_PX * scale_xy[1])
+    _draw_digit(draw, digit, digit_box[:2], dot, (ink, ink, ink))
     _check_grid(image, kind)
     return Sample(
         image=image,
@@ -203,16 +210,22 @@ def _pick_kind(rng: np.random.Generator) -> ImageKind:
     return IMAGE_KINDS[int(rng.choice(len(IMAGE_KINDS), p=weights / weights.sum()))]
 
 
-def _image_size(kind: ImageKind, rng: np.random.Generator) -> tuple[tuple[int, int], float]:
-    """(width, height) and the image-to-tile scale (image pixels per tile pixel)."""
+def _image_size(kind: ImageKind, rng: np.random.Generator) -> tuple[int, int]:
+    """(width, height) of an image that tiles into `kind.grid`."""
     if kind.grid == (1, 1):
         side = float(rng.uniform(400, 520))
         aspect = float(rng.uniform(0.85, 1.18))
-        width, height = round(side * aspect**0.5), round(side / aspect**0.5)
-        return (width, height), max(width, height) / TILE
+        return round(side * aspect**0.5), round(side / aspect**0.5)
     scale = float(rng.uniform(1.0, 1.25))
     cols, rows = kind.grid
-    return (round(TILE * cols * scale), round(TILE * rows * scale)), scale
+    return round(TILE * cols * scale), round(TILE * rows * scale)
+
+
+def _tile_scale(kind: ImageKind, size: tuple[int, int]) -> tuple[float, float]:
+    """Image pixels per tile pixel, across and down: tiling resizes the image to the grid's
+    (cols * 448, rows * 448), so a single-tile image is stretched to a square."""
+    cols, rows = kind.grid
+    return size[0] / (TILE * cols), size[1] / (TILE * rows)
 
 
 def _place_shapes(rng: np.random.Generator, size: tuple[int, int], scale: float) -> list[Shape]:
@@ -239,22 +252,24 @@ def _place_shapes(rng: np.random.Generator, size: tuple[int, int], scale: float)
 def _place_digit(
     rng: np.random.Generator,
     kind: ImageKind,
-    size: tuple[int, int],
-    scale: float,
+    scale_xy: tuple[float, float],
     taken: list[tuple[float, float, float, float]],
 ) -> tuple[float, float, float, float]:
-    """A free spot for the digit, entirely inside one tile (so no tile cut splits the glyph)."""
-    glyph_w, glyph_h = GLYPH_COLS * DOT_PX * scale, GLYPH_ROWS * DOT_PX * scale
+    """A free spot for the digit: at tile resolution, inside one ViT patch of one tile (never on
+    the tile's border patches), in image pixels."""
+    sx, sy = scale_xy
+    glyph_w, glyph_h = GLYPH_COLS * DOT_PX, GLYPH_ROWS * DOT_PX  # at tile resolution
     cols, rows = kind.grid
-    tile_w, tile_h = size[0] / cols, size[1] / rows
-    margin = 6 * scale
-    box = (margin, margin, margin + glyph_w, margin + glyph_h)
+    patches = TILE // PATCH
+    box = (0.0, 0.0, 0.0, 0.0)
     for _ in range(200):
         col, row = int(rng.integers(0, cols)), int(rng.integers(0, rows))
-        x0 = col * tile_w + float(rng.uniform(margin, tile_w - glyph_w - margin))
-        y0 = row * tile_h + float(rng.uniform(margin, tile_h - glyph_h - margin))
-        box = (x0, y0, x0 + glyph_w, y0 + glyph_h)
-        if not any(_overlaps(box, other, margin=margin) for other in taken):
+        px, py = (int(v) for v in rng.integers(1, patches - 1, size=2))
+        x0 = col * TILE + px * PATCH + GLYPH_X_IN_PATCH
+        y0 = row * TILE + py * PATCH
+        box = (x0 * sx, y0 * sy, (x0 + glyph_w) * sx, (y0 + glyph_h) * sy)
+        # A full token cell (28 px) of room, so the digit's token shows the digit alone.
+        if not any(_overlaps(box, other, margin=2 * PATCH * max(sx, sy)) for other in taken):
             return box
     return box
 
@@ -298,15 +313,16 @@ def _draw_digit(
     draw: ImageDraw.ImageDraw,
     digit: str,
     origin: tuple[float, float],
-    dot: float,
+    dot: tuple[float, float],
     ink: tuple[int, int, int],
 ) -> None:
     x0, y0 = origin
+    dx, dy = dot
     for r, row in enumerate(DIGIT_GLYPHS[digit]):
         for c, cell in enumerate(row):
             if cell == "#":
-                left, top = round(x0 + c * dot), round(y0 + r * dot)
-                right, bottom = round(x0 + (c + 1) * dot) - 1, round(y0 + (r + 1) * dot) - 1
+                left, top = round(x0 + c * dx), round(y0 + r * dy)
+                right, bottom = round(x0 + (c + 1) * dx) - 1, round(y0 + (r + 1) * dy) - 1
                 draw.rectangle((left, top, right, bottom), fill=ink)
 
 

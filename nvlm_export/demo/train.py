@@ -1,7 +1,10 @@
 """Train the demo model on synthetic visual questions (CPU, minutes) and save it as NVLM-D.
 
-    # the shipped run (docs/demo.md, Training)
-    python -m nvlm_export.demo.train -o DIR --steps 12000 --single-tile-steps 7000 --threads 1
+    # the shipped run, two stages (docs/demo.md, The shipped run)
+    python -m nvlm_export.demo.train -o STAGE1 --steps 10000 --single-tile-steps 3500 \
+        --stop-after 5600 --threads 1
+    python -m nvlm_export.demo.train -o DIR --init-from STAGE1 --first-index 11200 \
+        --steps 4000 --single-tile-steps 1000 --attention-hint 1 --lr 5e-4 --threads 1
 
 The inputs are exactly what the runtime builds: images tiled by `tile_image`, prompts assembled by
 `build_prompt` with the NVLM-D format and the tiny tokenizer. The loss is the cross-entropy of the
@@ -16,9 +19,10 @@ check it), just several times cheaper.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from tokenizers import Tokenizer
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from nvlm_export.demo import dataset
 from nvlm_export.demo.model import (
@@ -61,10 +67,15 @@ class TrainSettings:
     log_every: int = 10
     save_every: int = 100
     max_minutes: float | None = None  # stop early (and save) when the wall clock runs out
+    stop_after: int | None = None  # stop (and save) after this many steps of the `steps` schedule
     init_from: Path | None = None  # go on training a saved demo checkpoint (a new schedule)
     first_index: int = 0  # first training sample (continue where an earlier run stopped)
     single_tile_steps: int = 0  # a curriculum: the first steps use single-tile images only
     aux_loss: bool = True  # the per-image-token probe loss (see AUX_WEIGHT)
+    # Loss weight of the reading answers. Weighting them 4x did not get the decoder to look at
+    # the digit (docs/demo.md, How it got unstuck: run C); the attention hint did.
+    read_weight: float = 1.0
+    attention_hint: float = 0.0  # weight of the retrieval hint for reading (see AttentionHint)
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,6 +110,10 @@ def encode_sample(tokenizer: Tokenizer, sample: dataset.Sample) -> EncodedImage:
     )
 
 
+DIGIT_LABELS_START = dataset.LABELS.index("digit 0")
+IGNORE_LABEL = -100  # cross_entropy's ignore_index
+
+
 def token_labels(sample: dataset.Sample, grid: tuple[int, int], thumbnail: bool) -> torch.Tensor:
     """(tiles, 256): per pixel-shuffled token (a 28x28 px cell of a tile), the object covering
     at least 1/25 of the cell, else background. Tiles are cut like `tile_image` cuts them,
@@ -123,6 +138,9 @@ def token_labels(sample: dataset.Sample, grid: tuple[int, int], thumbnail: bool)
             counts[0] = 0
             if counts.max() >= values.size // 25:
                 labels[t, c] = int(counts.argmax())
+    if thumbnail:  # the thumbnail shrinks the digit past legibility: nothing to learn there
+        thumb = labels[-1]
+        thumb[thumb >= DIGIT_LABELS_START] = IGNORE_LABEL
     return torch.from_numpy(labels)
 
 
@@ -146,11 +164,14 @@ def answer_loss(
     pad_id: int,
     probe: torch.nn.Module | None = None,
     probe_score: ProbeScore | None = None,
+    kind_weights: dict[str, float] | None = None,
+    hint_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over all answer tokens of one image, and which first tokens are right.
 
     ViT once, decoder once over the shared prefix, then every question's suffix from a copy of
-    the prefix's KV cache.
+    the prefix's KV cache. `kind_weights` scales the loss of some question kinds (default 1);
+    `hint_weight` adds the retrieval hint for the reading question (AttentionHint).
     """
     lm = model.language_model
     features = model.image_features(encoded.pixel_values)  # (N, 256, D)
@@ -166,22 +187,105 @@ def answer_loss(
     for row, ids in enumerate(encoded.suffix_ids):
         suffix[row, : len(ids)] = torch.tensor(ids)
     # Right padding: padded positions come after every answer token, so causality hides them.
-    hidden = lm.model(inputs_embeds=model.embed_tokens(suffix), cache=cache).last_hidden_state
-    rows, cols, targets, first = [], [], [], []
-    for row, (ids, n) in enumerate(zip(encoded.suffix_ids, encoded.answer_lengths, strict=True)):
+    hint = reading_hint(model, encoded) if hint_weight else None
+    with hinting(lm, hint):
+        hidden = lm.model(inputs_embeds=model.embed_tokens(suffix), cache=cache).last_hidden_state
+    rows, cols, targets, first, weights = [], [], [], [], []
+    answers = zip(encoded.suffix_ids, encoded.answer_lengths, encoded.kinds, strict=True)
+    for row, (ids, n, kind) in enumerate(answers):
         start = len(ids) - n  # first answer token; it is predicted from the position before it
         first.append(len(targets))
         for j in range(n):
             rows.append(row)
             cols.append(start - 1 + j)
             targets.append(ids[start + j])
+            weights.append((kind_weights or {}).get(kind, 1.0))
     logits = lm.lm_head(hidden[rows, cols])  # (answer tokens, vocab)
     target = torch.tensor(targets)
-    loss = F.cross_entropy(logits.float(), target, reduction="sum")
+    per_token = F.cross_entropy(logits.float(), target, reduction="none")
+    loss = (per_token * torch.tensor(weights)).sum()
     first_right = (logits[first].argmax(-1) == target[first]).detach()
     if probe is not None:
         loss = loss + AUX_WEIGHT * aux_loss(probe, features, encoded.token_labels, probe_score)
+    if hint is not None and hint.loss is not None:
+        loss = loss + hint_weight * hint.loss
+        if probe_score is not None:
+            probe_score.hint.append(float(torch.exp(-hint.loss.detach())))
     return loss, first_right
+
+
+# The retrieval hint. Reading hangs on one image token among 256-1792. At the start the decoder's
+# attention gives that token a weight of ~1/N, so the answer's gradient barely reaches the keys
+# and queries that would single it out: a plateau. After 7600 steps of session 4's run the image
+# tokens carried the digit perfectly (probe 1.00) while no last-layer head gave the digit's token
+# more than 0.013 of its attention, and reading stayed near chance. The hint adds -log(the
+# attention one head of the last layer pays to the digit's token, at the position that answers the
+# reading question). Like the probe it only shapes training: model and export are unchanged.
+HINT_HEAD = 0
+_HINTED_ATTENTION = "demo_hinted_sdpa"
+
+
+@dataclass(eq=False)
+class AttentionHint:
+    layer: int  # the decoder layer whose head is hinted
+    row: int  # the reading question's row in the suffix batch
+    column: int  # its query position that predicts the first answer token
+    visible_keys: int  # keys that position sees (prefix + suffix up to itself)
+    targets: torch.Tensor  # key positions of the digit's image token(s)
+    loss: torch.Tensor | None = None
+
+
+def reading_hint(model: VisionLanguageModel, encoded: EncodedImage) -> AttentionHint | None:
+    if "read" not in encoded.kinds:
+        return None
+    row = encoded.kinds.index("read")
+    column = len(encoded.suffix_ids[row]) - encoded.answer_lengths[row] - 1
+    slots = torch.nonzero(encoded.prefix_ids == model.image_token_id).flatten()
+    targets = slots[encoded.token_labels.reshape(-1) >= DIGIT_LABELS_START]
+    if len(targets) == 0:
+        return None
+    layers = model.language_model.config.num_hidden_layers
+    return AttentionHint(layers - 1, row, column, len(encoded.prefix_ids) + column + 1, targets)
+
+
+_active_hint: AttentionHint | None = None
+
+
+@contextlib.contextmanager
+def hinting(lm: torch.nn.Module, hint: AttentionHint | None) -> Iterator[None]:
+    """Run the decoder with attention that records `hint.loss` (sdpa otherwise unchanged)."""
+    global _active_hint
+    if hint is None:
+        yield
+        return
+    previous = lm.config._attn_implementation
+    _active_hint, lm.config._attn_implementation = hint, _HINTED_ATTENTION
+    try:
+        yield
+    finally:
+        _active_hint, lm.config._attn_implementation = None, previous
+
+
+def _hinted_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # (B, heads, Q, D), rotated
+    key: torch.Tensor,  # (B, kv heads, K, D), rotated, with the cache
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    hint = _active_hint
+    if hint is not None and module.layer_idx == hint.layer:
+        group = query.shape[1] // key.shape[1]
+        q = query[hint.row, HINT_HEAD, hint.column]  # (D,)
+        k = key[hint.row, HINT_HEAD // group, : hint.visible_keys]  # (K, D)
+        log_weights = torch.log_softmax((k @ q) * module.scaling, dim=-1)
+        hint.loss = -torch.logsumexp(log_weights[hint.targets], dim=0)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(_HINTED_ATTENTION, _hinted_sdpa)
+AttentionMaskInterface.register(_HINTED_ATTENTION, sdpa_mask)
 
 
 # The auxiliary loss: a linear probe on every image token predicts what the token shows (colour +
@@ -206,7 +310,7 @@ def aux_loss(
     logits = probe(features.reshape(-1, features.shape[-1]))  # (N*256, classes)
     if score is not None:
         score.add(logits.detach().argmax(-1), labels.reshape(-1))
-    return F.cross_entropy(logits, labels.reshape(-1), weight=weights)
+    return F.cross_entropy(logits, labels.reshape(-1), weight=weights, ignore_index=IGNORE_LABEL)
 
 
 # What each LABELS index is: (shape, colour) for shape cells, the digit for digit cells.
@@ -222,9 +326,12 @@ class ProbeScore:
 
     right: dict[str, int] = field(default_factory=dict)
     total: dict[str, int] = field(default_factory=dict)
+    hint: list[float] = field(default_factory=list)  # the hinted head's weight on the digit
 
     def add(self, predicted: torch.Tensor, labels: torch.Tensor) -> None:
         for want, got in zip(labels.tolist(), predicted.tolist(), strict=True):
+            if want == IGNORE_LABEL:
+                continue
             if _LABEL_SHAPE[want]:
                 self._count(_LABEL_SHAPE[want], _LABEL_SHAPE[got] == _LABEL_SHAPE[want])
                 self._count("color", _LABEL_COLOR[got] == _LABEL_COLOR[want])
@@ -237,11 +344,14 @@ class ProbeScore:
 
     def summary(self) -> str:
         rows = (*dataset.SHAPES, "color", "digit")
-        return " ".join(
+        scores = [
             f"{row} {self.right.get(row, 0) / self.total[row]:.2f}"
             for row in rows
             if self.total.get(row)
-        )
+        ]
+        if self.hint:
+            scores.append(f"hint attention {np.mean(self.hint):.2f}")
+        return " ".join(scores)
 
 
 def lr_at(step: int, settings: TrainSettings) -> float:
@@ -299,7 +409,15 @@ def train(output: Path, settings: TrainSettings = TrainSettings()) -> dict[str, 
             optimizer.zero_grad(set_to_none=True)
             step_loss, right, asked = 0.0, 0, 0
             for encoded in batch:
-                loss, first_right = answer_loss(model, encoded, pad_id, probe, probe_score)
+                loss, first_right = answer_loss(
+                    model,
+                    encoded,
+                    pad_id,
+                    probe,
+                    probe_score,
+                    {"read": settings.read_weight},
+                    settings.attention_hint,
+                )
                 (loss / tokens).backward()  # per-image backward keeps one image's graph alive
                 step_loss += float(loss.detach())
                 right += int(first_right.sum())
@@ -313,6 +431,8 @@ def train(output: Path, settings: TrainSettings = TrainSettings()) -> dict[str, 
             if (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
                 save_demo(model, output)
             steps_done = step + 1
+            if steps_done == settings.stop_after:
+                break
             if settings.max_minutes and time.perf_counter() - start > 60 * settings.max_minutes:
                 print(f"time budget reached after {steps_done} steps", flush=True)
                 break
@@ -355,6 +475,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--max-minutes", type=float, default=None)
+    parser.add_argument(
+        "--stop-after", type=int, default=None, help="stop after N steps of the --steps schedule"
+    )
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--init-from", type=Path, default=None, help="continue from a checkpoint")
     parser.add_argument("--first-index", type=int, default=0, help="first training sample")
@@ -362,6 +485,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--single-tile-steps", type=int, default=0, help="first steps on single-tile images only"
     )
     parser.add_argument("--no-aux-loss", action="store_true", help="answer tokens only")
+    parser.add_argument(
+        "--read-weight", type=float, default=defaults.read_weight, help="loss weight of reading"
+    )
+    parser.add_argument(
+        "--attention-hint",
+        type=float,
+        default=defaults.attention_hint,
+        help="weight of the retrieval hint for reading (0: off)",
+    )
     args = parser.parse_args(argv)
     settings = TrainSettings(
         steps=args.steps,
@@ -370,11 +502,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         seed=args.seed,
         threads=args.threads,
         max_minutes=args.max_minutes,
+        stop_after=args.stop_after,
         warmup_steps=args.warmup_steps,
         init_from=args.init_from,
         first_index=args.first_index,
         single_tile_steps=args.single_tile_steps,
         aux_loss=not args.no_aux_loss,
+        read_weight=args.read_weight,
+        attention_hint=args.attention_hint,
     )
     summary = train(args.output, settings)
     print(
