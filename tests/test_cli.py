@@ -6,7 +6,9 @@ import subprocess
 import sys
 import textwrap
 
+import click
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from nvlm_export import __version__
@@ -102,7 +104,7 @@ def test_help_prose_wraps_to_the_terminal_and_examples_keep_their_lines() -> Non
     """
     assert reflowed(doc).split("\n\n") == [
         "Summary line.",
-        "First sentence wraps here and goes on here.",
+        "\nFirst sentence wraps here and goes on here.",  # the newline: see the next test
         "- one item continued\n- two",
         "Example:",
         "  nvlm-export run b/ --image x.png\n  nvlm-export run b/ --image y.png",
@@ -112,3 +114,30 @@ def test_help_prose_wraps_to_the_terminal_and_examples_keep_their_lines() -> Non
     # The docstring's line break after "(vision-feature" (at 100 columns) is gone.
     assert not any(line.endswith("(vision-feature") for line in lines)
     assert "nvlm-export quantize bundle/ --precision int8 --calib calib/ -o bundle-int8/" in lines
+
+
+def _commands(
+    group: click.Command, path: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], click.Command]]:
+    found = [(path, group)] if path else []
+    for name, command in getattr(group, "commands", {}).items():
+        found += _commands(command, (*path, name))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("path", "command"),
+    _commands(typer.main.get_command(app)),
+    ids=lambda value: " ".join(value) if isinstance(value, tuple) else "help",
+)
+def test_help_examples_keep_their_indentation(
+    path: tuple[str, ...], command: click.Command
+) -> None:
+    """Typer dedents the text after the summary line as one block: with nothing but a heading
+    line before them, the examples lost their indentation (`run`, `profile`, `capi build`)."""
+    examples = [line for line in (command.help or "").splitlines() if line.startswith("  ")]
+    result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    shown = result.output.splitlines()
+    for example in examples:
+        assert any(line.startswith(" " + example.rstrip()) for line in shown), example

@@ -13,8 +13,14 @@ def reflowed(doc: str | None) -> str:
     paragraph are joined (a "- " line still starts a new list item); indented paragraphs, the
     examples, keep their lines.
     """
-    paragraphs = inspect.cleandoc(doc or "").split("\n\n")
-    return "\n\n".join(_reflow_paragraph(p) for p in paragraphs)
+    summary, *rest = (_reflow_paragraph(p) for p in inspect.cleandoc(doc or "").split("\n\n"))
+    if not rest:
+        return summary
+    # Typer (rich mode) runs `inspect.cleandoc` over the text after the summary, which strips the
+    # indentation that all its lines but the first share: the examples after a lone "Examples:"
+    # line lost theirs. One more newline makes that text start with an empty first line, so the
+    # heading counts and nothing is stripped (cleandoc then drops the empty line itself).
+    return summary + "\n\n\n" + "\n\n".join(rest)
 
 
 def _reflow_paragraph(paragraph: str) -> str:
