@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
-import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+from nvlm_export.runtime import nvidia_smi
 
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -60,23 +60,10 @@ def reset_peak_rss() -> bool:
 
 def gpu_memory_bytes(pid: int | None = None) -> int | None:
     """GPU memory used by process `pid` (default: this one) per nvidia-smi; None if unknown."""
-    if shutil.which("nvidia-smi") is None:
+    out = nvidia_smi.query("compute-apps", ("pid", "used_memory"), timeout=5)
+    if out is None:
         return None
     pid = os.getpid() if pid is None else pid
-    try:
-        out = subprocess.run(
-            [
-                "nvidia-smi",
-                "--query-compute-apps=pid,used_memory",
-                "--format=csv,noheader,nounits",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
     used = [
         int(mib) * 1024 * 1024
         for row_pid, mib in (line.split(",")[:2] for line in out.splitlines() if "," in line)

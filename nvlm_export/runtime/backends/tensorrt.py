@@ -28,8 +28,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from nvlm_export.errors import BundleError, InputError, MissingExtraError
+from nvlm_export.runtime import nvidia_smi
 from nvlm_export.runtime.backends.base import GraphRunner, GraphSpec
 
 GiB = 2**30
@@ -319,20 +318,8 @@ def detect_local_gpu(model_file: Path = JETSON_MODEL_FILE) -> LocalGpu | None:
 
 
 def _gpu_from_nvidia_smi() -> LocalGpu | None:
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    try:
-        out = subprocess.run(
-            [exe, "--query-gpu=name,compute_cap,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return parse_nvidia_smi(out)
+    out = nvidia_smi.query("gpu", ("name", "compute_cap", "memory.total"), timeout=20)
+    return None if out is None else parse_nvidia_smi(out)
 
 
 def parse_nvidia_smi(text: str) -> LocalGpu | None:
