@@ -131,7 +131,9 @@ int nvlm_request_set_prompt(nvlm_request* request, const char* prompt);
 /* Replace the chat template's default system message (NULL restores the default). */
 int nvlm_request_set_system(nvlm_request* request, const char* system);
 
-/* raw != 0: the prompt is fully formed; no chat template is applied. */
+/* raw != 0: the prompt is fully formed and trusted; no chat template is applied and its special
+ * tokens are honoured. Otherwise prompt and system text are data: special-token strings in them
+ * are tokenized as plain text, never as control or image tokens. */
 int nvlm_request_set_raw(nvlm_request* request, int raw);
 
 /* Append an encoded image (JPEG, PNG, WebP, ...). It is decoded now, so a corrupt or truncated

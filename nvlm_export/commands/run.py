@@ -16,7 +16,15 @@ def run(
     bundle: Annotated[
         Path, typer.Argument(help="Bundle directory written by `nvlm-export export`.")
     ],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question (or raw prompt).")],
+    prompt: Annotated[
+        str,
+        typer.Option(
+            "--prompt",
+            "-p",
+            help="The question (or raw prompt). Its text is data: special-token strings in it "
+            "stay plain text.",
+        ),
+    ],
     image: Annotated[
         list[Path] | None,
         typer.Option(
@@ -49,7 +57,13 @@ def run(
         str | None, typer.Option(help="Replace the chat template's default system message.")
     ] = None,
     raw: Annotated[
-        bool, typer.Option("--raw", help="The prompt is fully formed: apply no chat template.")
+        bool,
+        typer.Option(
+            "--raw",
+            help="The prompt is fully formed and trusted: no chat template is applied and its "
+            "special tokens (<|im_start|>, ...) are honoured. Never pass untrusted text with "
+            "--raw.",
+        ),
     ] = False,
     threads: Annotated[
         int | None, typer.Option(help="CPU threads for ONNX Runtime (default: all cores).")

@@ -7,9 +7,15 @@ tiles go — into the decoder's token sequence (NVLM-D, InternVL), into the cros
 sequence (NVLM-X), or the thumbnail into the decoder and the regular tiles into cross-attention
 (NVLM-H) — and each is declared once, as data, in `IMAGE_LAYOUTS`.
 
-The whole prompt string is tokenized in one call, because byte-level BPE merges across tag
-boundaries ("<Image><tile_1>" gives "<Image", "><", "tile", ...); the tokenizer's character offsets
-then map tags to tokens, and visual slots are found by the placeholder token id.
+User text is data. The prompt is assembled from `TextPiece`s that say who wrote them: the chat
+template's parts and the image blocks are trusted, so their special-token strings become control and
+image ids; the question and the system message are not, and no added token is recognised in them
+(`<|im_end|>` typed by a user is just characters). A `raw` prompt is trusted as a whole.
+
+The prompt is tokenized as one text, split only at the trusted added tokens (which the tokenizer
+splits at anyway), because byte-level BPE merges across tag boundaries ("<Image><tile_1>" gives
+"<Image", "><", "tile", ...); the tokenizer's character offsets then map tags to tokens, and visual
+slots are found by the placeholder token id.
 
 Tile indices follow the tiling order: regular tiles 0..n-2, then the thumbnail n-1 (a single-tile
 image has only tile 0). Torch-free: numpy and tokenizers only.
@@ -17,6 +23,9 @@ image has only tile 0). Torch-free: numpy and tokenizers only.
 
 from __future__ import annotations
 
+import json
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, Protocol
@@ -40,6 +49,29 @@ class TiledImage(Protocol):
 
 
 @dataclass(frozen=True)
+class TextPiece:
+    """A run of prompt text and whether its author is trusted.
+
+    Trusted pieces (the chat template's own parts, image blocks, a `raw` prompt) may contain
+    special-token strings that become control or image ids. Untrusted pieces (prompt text, system
+    messages: anything a user typed) are data: no added token is recognised in them.
+    """
+
+    text: str
+    trusted: bool
+
+
+def template_text(text: str) -> TextPiece:
+    """Text written by the chat template or the bundle author: special tokens are honoured."""
+    return TextPiece(text, trusted=True)
+
+
+def user_text(text: str) -> TextPiece:
+    """Text a user supplied: tokenized as plain characters, never as control or image tokens."""
+    return TextPiece(text, trusted=False)
+
+
+@dataclass(frozen=True)
 class ChatTemplate:
     """An MPT-style chatml conversation: every turn is `turn_prefix` + text + `turn_end`.
 
@@ -51,16 +83,22 @@ class ChatTemplate:
     turn_end: str
     turn_prefix: str = "<|im_start|>{role}\n"
 
-    def turn(self, role: str, text: str) -> str:
-        return self.turn_prefix.replace("{role}", role) + text + self.turn_end
+    def turn(self, role: str, text: str) -> list[TextPiece]:
+        """One turn: the template's prefix and end around `text`, which is user data."""
+        return [self.start(role), user_text(text), template_text(self.turn_end)]
+
+    def start(self, role: str) -> TextPiece:
+        """The opening of a `role` turn (the prompt ends with the assistant's)."""
+        return template_text(self.turn_prefix.replace("{role}", role))
+
+    def pieces(self, question: str, system: str | None = None) -> list[TextPiece]:
+        """The whole single-turn prompt: system turn, user turn, then the assistant's opening."""
+        system_message = self.default_system if system is None else system
+        system_turn, user_turn = self.turn("system", system_message), self.turn("user", question)
+        return [*system_turn, *user_turn, self.start("assistant")]
 
     def render(self, question: str, system: str | None = None) -> str:
-        system_message = self.default_system if system is None else system
-        return (
-            self.turn("system", system_message)
-            + self.turn("user", question)
-            + self.turn_prefix.replace("{role}", "assistant")
-        )
+        return "".join(piece.text for piece in self.pieces(question, system))
 
 
 # NVLM-D's `chatml` conversation (MPT separator style): no newline after <|im_end|>.
@@ -225,10 +263,14 @@ class _TagSpan:
 
 @dataclass(frozen=True)
 class _PromptText:
-    text: str
+    pieces: tuple[TextPiece, ...]
     image_starts: tuple[int, ...]  # character offset of each image block
     tags: tuple[_TagSpan, ...]
     decoder_slots: tuple[Slot, ...]
+
+    @property
+    def text(self) -> str:
+        return "".join(piece.text for piece in self.pieces)
 
 
 def build_prompt(
@@ -248,7 +290,7 @@ def build_prompt(
     fully formed prompt string and only replaces its `<image>` markers, which must match exactly.
     """
     assembled = _assemble_text(fmt, question, images, system=system, raw=raw)
-    encoding = tokenizer.encode(assembled.text, add_special_tokens=False)
+    encoding = encode_pieces(tokenizer, assembled.pieces)
     input_ids = np.asarray(encoding.ids, dtype=np.int64)
     token_ends = np.asarray([end for _, end in encoding.offsets], dtype=np.int64)
     placeholder_id = _placeholder_id(tokenizer, fmt)
@@ -284,8 +326,8 @@ def count_prompt_tokens(
 ) -> int:
     """The decoder length `build_prompt` would produce, without building masks (for an early
     "context overflow" check before any image is encoded)."""
-    text = _assemble_text(fmt, question, images, system=system, raw=raw).text
-    return len(tokenizer.encode(text, add_special_tokens=False).ids)
+    pieces = _assemble_text(fmt, question, images, system=system, raw=raw).pieces
+    return len(encode_pieces(tokenizer, pieces).ids)
 
 
 def prompt_text(
@@ -314,18 +356,26 @@ def _assemble_text(
     if not raw and images and fmt.image_marker not in question:
         # InternVL's and NVLM's own chat() prepend the marker the same way.
         question = f"{fmt.image_marker}\n" * len(images) + question
-    template_text = question if raw else fmt.chat.render(question, system)
-    pieces = template_text.split(fmt.image_marker)
-    _check_marker_count(fmt, len(pieces) - 1, len(images), raw=raw)
+    pieces = [template_text(question)] if raw else fmt.chat.pieces(question, system)
+    split = [(piece, piece.text.split(fmt.image_marker)) for piece in pieces]
+    _check_marker_count(fmt, sum(len(parts) - 1 for _, parts in split), len(images), raw=raw)
 
-    text, image_starts, tags, decoder_slots = pieces[0], [], [], []
-    for index, (image, after) in enumerate(zip(images, pieces[1:], strict=True)):
-        image_starts.append(len(text))
-        block, block_tags, block_slots = _image_block(fmt, index, image, offset=len(text))
-        text += block + after
-        tags += block_tags
-        decoder_slots += block_slots
-    return _PromptText(text, tuple(image_starts), tuple(tags), tuple(decoder_slots))
+    out: list[TextPiece] = []
+    length, image_starts, tags, decoder_slots = 0, [], [], []
+    blocks = iter(enumerate(images))
+    for piece, parts in split:
+        for number, part in enumerate(parts):
+            if number:  # an `<image>` marker stood here: the next image's block replaces it
+                index, image = next(blocks)
+                image_starts.append(length)
+                block, block_tags, block_slots = _image_block(fmt, index, image, offset=length)
+                out.append(template_text(block))
+                length += len(block)
+                tags += block_tags
+                decoder_slots += block_slots
+            out.append(TextPiece(part, piece.trusted))
+            length += len(part)
+    return _PromptText(tuple(out), tuple(image_starts), tuple(tags), tuple(decoder_slots))
 
 
 def _image_block(
@@ -440,6 +490,84 @@ def _tag_tokens(offsets: list[tuple[int, int]], tags: Sequence[_TagSpan]) -> dic
     return owners
 
 
+# --- tokenization: control tokens only where the template put them -------------------------------
+
+
+@dataclass(frozen=True)
+class PromptEncoding:
+    """Token ids of a prompt and each token's character span in the prompt text."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+
+
+def encode_pieces(tokenizer: Tokenizer, pieces: Sequence[TextPiece]) -> PromptEncoding:
+    """Tokenize the concatenated pieces; added tokens are recognised in trusted pieces only.
+
+    The text is cut at the trusted pieces' added tokens (control and image tokens), where the
+    tokenizer cuts anyway, and every run between them is encoded with no added token recognised.
+    A prompt whose untrusted text contains no added-token string therefore gets exactly the ids
+    of one `tokenizer.encode` call over the whole text; one that does gets those strings as
+    plain characters.
+    """
+    text = "".join(piece.text for piece in pieces)
+    data = _data_tokenizer(tokenizer)
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    cursor = 0
+    for start, end, token_id in [*_trusted_added_tokens(tokenizer, pieces), (len(text), 0, -1)]:
+        if start > cursor:
+            run = data.encode(text[cursor:start], add_special_tokens=False)
+            ids += run.ids
+            offsets += [(cursor + s, cursor + e) for s, e in run.offsets]
+        if token_id >= 0:
+            ids.append(token_id)
+            offsets.append((start, end))
+            cursor = end
+    return PromptEncoding(ids, offsets)
+
+
+def _trusted_added_tokens(
+    tokenizer: Tokenizer, pieces: Sequence[TextPiece]
+) -> list[tuple[int, int, int]]:
+    """(start, end, id) of every added token the tokenizer finds inside a trusted piece."""
+    added = set(tokenizer.get_added_tokens_decoder())
+    found, offset = [], 0
+    for piece in pieces:
+        if piece.trusted and piece.text:
+            encoding = tokenizer.encode(piece.text, add_special_tokens=False)
+            found += [
+                (offset + start, offset + end, token_id)
+                for token_id, (start, end) in zip(encoding.ids, encoding.offsets, strict=True)
+                if token_id in added
+            ]
+        offset += len(piece.text)
+    return found
+
+
+# A copy of each tokenizer that recognises no added token, made once per tokenizer object.
+_DATA_TOKENIZERS: weakref.WeakKeyDictionary[Tokenizer, Tokenizer] = weakref.WeakKeyDictionary()
+_DATA_TOKENIZERS_LOCK = threading.Lock()
+
+
+def _data_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
+    """`tokenizer` with every added token marked special and special-token matching off.
+
+    `encode_special_tokens` alone would still match added tokens not flagged special; marking
+    them all special first makes the copy treat every added-token string as text.
+    """
+    with _DATA_TOKENIZERS_LOCK:
+        data = _DATA_TOKENIZERS.get(tokenizer)
+        if data is None:
+            spec = json.loads(tokenizer.to_str())
+            for token in spec.get("added_tokens") or []:
+                token["special"] = True
+            data = Tokenizer.from_str(json.dumps(spec))
+            data.encode_special_tokens = True
+            _DATA_TOKENIZERS[tokenizer] = data
+    return data
+
+
 # --- checks --------------------------------------------------------------------------------------
 
 
@@ -473,7 +601,7 @@ def _check_placeholder_count(fmt: PromptFormat, positions: np.ndarray, slots: in
         raise PromptError(
             f"The prompt has {len(positions)} '{fmt.placeholder_token}' tokens where the images "
             f"need {expected}",
-            why="the question or system text contains the reserved image token itself",
+            why="the raw prompt contains the reserved image token itself",
             fix=f"Remove '{fmt.placeholder_token}' from the text",
         )
 
