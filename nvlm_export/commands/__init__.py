@@ -9,7 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from nvlm_export.commands import demo, engine, export, make_tiny, profile, quantize, run, tile
+from nvlm_export.commands import (
+    demo,
+    engine,
+    export,
+    handoff,
+    make_tiny,
+    profile,
+    quantize,
+    run,
+    tile,
+)
 
 RUNTIME = "Run"
 EXPORT = "Export"
@@ -25,6 +35,7 @@ COMMANDS: list[tuple[str, Callable[..., Any], str]] = [
     ("calibrate", quantize.calibrate, EXPORT),
     ("quantize", quantize.quantize, EXPORT),
     ("engine", engine.engine, EXPORT),
+    ("handoff", handoff.handoff, EXPORT),
     ("profile", profile.profile, TOOLS),
     ("lint", engine.lint, TOOLS),
     ("make-tiny", make_tiny.make_tiny, TOOLS),

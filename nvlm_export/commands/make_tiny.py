@@ -24,6 +24,7 @@ class Layout(str, enum.Enum):
 
 class Size(str, enum.Enum):
     tiny = "tiny"
+    tiny_engine = "tiny-engine"
     bench = "bench"
 
 
@@ -47,8 +48,10 @@ def make_tiny(
         Size,
         typer.Option(
             "--size",
-            help="tiny: a few MB, fp32, for tests. bench: InternVL2-1B-shaped (InternViT-300M + "
-            "Qwen2-0.5B), bf16, 1.7 GB, for performance work (internvl layouts only).",
+            help="tiny: a few MB, fp32, for tests. tiny-engine: tiny with a decoder of head size "
+            "32, the smallest vLLM's CPU backend serves (nvlm-d, internvl; hand-off tests). "
+            "bench: InternVL2-1B-shaped (InternViT-300M + Qwen2-0.5B), bf16, 1.7 GB, for "
+            "performance work (internvl layouts only).",
             case_sensitive=False,
         ),
     ] = Size.tiny,

@@ -56,6 +56,10 @@ _TINY_LLM = {
     "vocab_size": None,
 }
 
+# The tiny decoder widened to head_dim 32, the smallest head size vLLM's CPU attention kernels
+# take (its CPU backend supports 32..512): the `tiny-engine` size, for hand-off tests.
+_TINY_ENGINE_LLM = {**_TINY_LLM, "hidden_size": 128, "intermediate_size": 256}
+
 # InternViT-6B style (NVLM-D): RMSNorm, QK-norm, no qkv bias, 4 real heads + 7 dummy heads.
 _TINY_VIT_6B = VisionConfig(
     hidden_size=64,
@@ -113,6 +117,12 @@ SHAPES: dict[tuple[str, str], TinyShape] = {
     ("tiny", "internvl-hf"): TinyShape(
         _TINY_VIT_300M, _TINY_LLM, torch.float32, 512 * 1024, "internvl2_5", 12
     ),
+    ("tiny-engine", "nvlm-d"): TinyShape(
+        _TINY_VIT_6B, _TINY_ENGINE_LLM, torch.float32, 512 * 1024, "chatml", 6, "llama"
+    ),
+    ("tiny-engine", "internvl"): TinyShape(
+        _TINY_VIT_300M, _TINY_ENGINE_LLM, torch.float32, 1 << 30, "internvl2_5", 12
+    ),
     **{
         ("bench", layout): TinyShape(
             _BENCH_VIT, _BENCH_LLM, torch.bfloat16, 512 * 1024**2, "internvl2_5", 12, init="bench"
@@ -120,7 +130,7 @@ SHAPES: dict[tuple[str, str], TinyShape] = {
         for layout in BENCH_LAYOUTS
     },
 }
-SIZES = ("tiny", "bench")
+SIZES = ("tiny", "tiny-engine", "bench")
 
 # Initial spread per parameter role, first match wins: (name pattern, mean, std).
 # Tiny models get large, sharp weights so that tokens depend visibly on prompt and image.

