@@ -104,3 +104,28 @@ def test_bench_geometry_is_internvl2_1b() -> None:
     assert 0.29e9 < vit < 0.32e9  # InternViT-300M
     assert 0.60e9 < llm < 0.66e9  # Qwen2-0.5B body + untied 151655-row head
     assert model.language_model.model.layers[0].self_attn.k_proj.weight.shape == (128, 896)
+
+
+def test_3b_geometry_is_qwen2_5_3b_with_internvit_300m() -> None:
+    config = tiny_config("3b", "internvl", vocab_size=1000, image_token_id=999, eos_id=995)
+    with torch.device("meta"):
+        model = build_model(config)
+    vit = sum(p.numel() for p in model.vision.vit.parameters())
+    llm = sum(p.numel() for p in model.language_model.parameters())  # tied head counted once
+    embedding = model.language_model.model.embed_tokens.weight
+    assert 0.29e9 < vit < 0.32e9
+    assert llm == 3_085_938_688  # Qwen2.5-3B: 3.09B parameters, 2.77B without the embedding
+    assert llm - embedding.numel() == 2_774_773_760
+    assert model.language_model.lm_head.weight is embedding
+    assert model.language_model.model.layers[0].self_attn.k_proj.weight.shape == (256, 2048)
+
+
+def test_layers_sets_the_decoder_depth_at_the_same_width(tmp_path: Path) -> None:
+    result = _run("--layout", "internvl", "-o", str(tmp_path / "deep"), "--layers", "5")
+    assert result.exit_code == 0, result.output
+    assert "5 decoder layers" in result.output
+    deep = load_checkpoint(tmp_path / "deep")
+    assert len(deep.language_model.model.layers) == 5
+    default = tiny_config("tiny", "internvl", vocab_size=1000, image_token_id=999, eos_id=995)
+    assert deep.config.llm_hidden_size == default.llm_hidden_size
+    assert deep.config.vision == default.vision

@@ -13,6 +13,10 @@ from rich.table import Table
 from nvlm_export.errors import ValidationError, require_export_extra
 
 LIMITS = "Limits"
+DRY_RUN_HELP = (
+    "Print the memory plan (peak RSS, disk and output size of every stage, predicted from "
+    "config.json) and stop."
+)
 
 
 def export(
@@ -46,6 +50,7 @@ def export(
         ),
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help=DRY_RUN_HELP)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Export a checkpoint's vision encoder and language decoder to ONNX, as a runnable bundle.
@@ -61,6 +66,14 @@ def export(
     require_export_extra()
     from nvlm_export.export.bundle import ExportSettings, export_bundle
 
+    if dry_run:
+        from nvlm_export.commands.plan import print_memory_plan
+        from nvlm_export.export.memory_plan import available_memory, plan
+
+        memory = plan(model_dir, max_tiles, max_context, available_memory())
+        stage = f"export {dtype}" + ("" if no_validate else " + validation")
+        print_memory_plan(memory, [memory.stages[stage]], as_json)
+        return
     settings = ExportSettings(
         dtype=dtype,
         max_tiles=max_tiles,

@@ -26,6 +26,7 @@ class Size(str, enum.Enum):
     tiny = "tiny"
     tiny_engine = "tiny-engine"
     bench = "bench"
+    qwen_3b = "3b"
 
 
 def make_tiny(
@@ -51,10 +52,20 @@ def make_tiny(
             help="tiny: a few MB, fp32, for tests. tiny-engine: tiny with a decoder of head size "
             "32, the smallest vLLM's CPU backend serves (nvlm-d, internvl; hand-off tests). "
             "bench: InternVL2-1B-shaped (InternViT-300M + Qwen2-0.5B), bf16, 1.7 GB, for "
-            "performance work (internvl layouts only).",
+            "performance work. 3b: InternViT-300M + Qwen2.5-3B-shaped decoder, bf16, 6.8 GB, for "
+            "memory scaling (bench and 3b: internvl layouts only).",
             case_sensitive=False,
         ),
     ] = Size.tiny,
+    layers: Annotated[
+        int | None,
+        typer.Option(
+            "--layers",
+            min=1,
+            help="Decoder layers (default: the size's own). Changes depth at fixed width, e.g. "
+            "to show how a stage's memory grows with depth.",
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists and is not empty.")
     ] = False,
@@ -64,7 +75,8 @@ def make_tiny(
     The checkpoint has config.json, safetensors weights and a tiny byte-level BPE tokenizer, and
     loads like the real model it imitates. Weights are deterministic for a seed. The NVLM vision
     encoders keep the 7 padded "dummy" attention heads, with non-zero weights; NVLM-X/H get a
-    gated cross-attention block after every decoder layer, with non-zero gates.
+    gated cross-attention block after every decoder layer, with non-zero gates. Tensors are drawn
+    and written one shard at a time, so even the 3b size needs only about 3 GB of memory.
 
     Examples:
 
@@ -75,21 +87,20 @@ def make_tiny(
         nvlm-export make-tiny --layout nvlm-x -o ckpt/tiny-nvlm-x
 
         nvlm-export make-tiny --layout internvl --size bench -o ckpt/bench
+
+        nvlm-export make-tiny --layout internvl --size 3b --layers 72 -o ckpt/3b-deep
     """
     require_export_extra()
-    import torch
-
     from nvlm_export.models.tiny import make_tiny_checkpoint, shape_for
 
     shape_for(size.value, layout.value)  # reject an unsupported size/layout pair before any work
     output = Path(output)
     _check_output(output, overwrite)
-    torch.set_grad_enabled(False)
     output.parent.mkdir(parents=True, exist_ok=True)
     # Build in a sibling temp directory and rename: a crash never leaves a half-written checkpoint.
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        model, files = make_tiny_checkpoint(staging, layout.value, seed, size.value)
+        made = make_tiny_checkpoint(staging, layout.value, seed, size.value, layers)
         _apply_umask(staging)
         if output.exists():
             shutil.rmtree(output)
@@ -98,10 +109,10 @@ def make_tiny(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     total = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
-    params = sum(p.numel() for p in model.parameters())
+    depth = made.config.llm_config["num_hidden_layers"]
     typer.echo(
-        f"Wrote {size.value} {layout.value} checkpoint to {output}: {len(files)} files, "
-        f"{_human(total)}, {params:,} parameters (seed {seed})."
+        f"Wrote {size.value} {layout.value} checkpoint to {output}: {len(made.files)} files, "
+        f"{_human(total)}, {made.parameters:,} parameters, {depth} decoder layers (seed {seed})."
     )
 
 

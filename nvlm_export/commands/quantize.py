@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from nvlm_export.commands.export import DRY_RUN_HELP
 from nvlm_export.errors import require_export_extra
 from nvlm_export.export.defaults import ACCURACY_REQUESTS
 
@@ -236,8 +237,16 @@ def build(
     exclude: ExcludeOption = None,
     quantize_lm_head: LmHeadOption = None,
     accuracy_requests: AccuracyRequestsOption = ACCURACY_REQUESTS,
-    force: ForceOption = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Keep the output even when accuracy is outside the budget, and start even when "
+            "the memory plan predicts more memory than this machine has available.",
+        ),
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help=DRY_RUN_HELP)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Checkpoint to deployable bundle in one command: export, calibrate, quantize, engines.
@@ -245,11 +254,15 @@ def build(
     Stages run in a work directory beside the output (.OUTPUT.build/) and are recorded with the
     fingerprints of their inputs: rerunning after an interruption resumes, and a finished stage
     is not redone. TensorRT engines are built only with --backend tensorrt on a machine with
-    TensorRT (otherwise the build stops after the ONNX bundle and says so).
+    TensorRT (otherwise the build stops after the ONNX bundle and says so). Before any work the
+    memory plan predicts every stage's peak from config.json; a build that would not fit in the
+    available memory is refused unless --force (--dry-run prints the plan, docs/memory.md).
 
     Examples:
 
       nvlm-export build --precision int8 -o demo-int8/     # the built-in demo model
+
+      nvlm-export build ckpt/ --precision int4 -o bundle-int4/ --dry-run
 
       nvlm-export build ckpt/ --precision int8 --images photos/ --target orin -o bundle-int8/
     """
@@ -261,6 +274,14 @@ def build(
     from nvlm_export.export.build import BuildSettings
     from nvlm_export.export.build import build as run_build
 
+    if dry_run:
+        from nvlm_export.commands.plan import print_memory_plan
+        from nvlm_export.export.memory_plan import available_memory, plan
+
+        BuildSettings(precision=precision, backend=backend)  # reject a bad precision first
+        memory = plan(model_dir, available_bytes=available_memory())
+        print_memory_plan(memory, memory.build_stages(precision), as_json)
+        return
     settings = BuildSettings(
         precision=precision,
         images=images,

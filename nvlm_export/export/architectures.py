@@ -11,6 +11,7 @@ layout and never branches on a name. An entry says:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import nn
 from nvlm_export.errors import CheckpointError
 from nvlm_export.export.decoder import export_decoder_onnx
 from nvlm_export.export.onnx_utils import GraphIO
-from nvlm_export.runtime.manifest import IMAGE_FEATURES
+from nvlm_export.runtime.manifest import DECODER_GRAPH, IMAGE_FEATURES, VISION_GRAPH
 from nvlm_export.runtime.prompt import INTERNVL, NVLM_D, PromptFormat, PromptTokens
 
 # (model, prompt, token ids so far [1, T], tiles of every image [N, 3, S, S] or None) -> logits [V]
@@ -42,6 +43,16 @@ class ArchitectureExport:
     reference_logits: ReferenceLogits
     # facts the runtime strategy reads from manifest.extras (cross-attention layout)
     manifest_extras: Callable[[nn.Module], dict[str, Any]] = lambda model: {}
+    # which bundle graph (or the "embedding" table) holds each state-dict entry: (name pattern,
+    # graph), first match wins; the memory plan (export/memory_plan.py) sizes graphs from it
+    graph_parameters: tuple[tuple[str, str], ...] = (
+        (r"vision\..*", VISION_GRAPH),
+        (r"language_model\.model\.embed_tokens\..*", "embedding"),
+        (r".*", DECODER_GRAPH),
+    )
+
+    def graph_of(self, parameter: str) -> str:
+        return next(g for pattern, g in self.graph_parameters if re.fullmatch(pattern, parameter))
 
 
 def _decoder_only_language(

@@ -253,7 +253,16 @@ def _check_before_work(model_dir: Path, out: Path, settings: BuildSettings) -> A
     state = BuildState(work_directory(out))
     if not any(Path(e["output"]) == out for e in state.stages.values()):
         check_output_path(out, settings.overwrite)
+    if not settings.force:
+        _check_memory(model_dir, settings)
     return target
+
+
+def _check_memory(model_dir: Path, settings: BuildSettings) -> None:
+    from nvlm_export.export.memory_plan import available_memory, check_fits, plan
+
+    memory = plan(model_dir, settings.max_tiles, settings.max_context, available_memory())
+    check_fits(memory, memory.build_stages(settings.precision), "nvlm-export build")
 
 
 def _export(model_dir: Path, bundle: Path, settings: BuildSettings, quiet: bool) -> None:

@@ -52,6 +52,7 @@ from nvlm_export.runtime.manifest import (
     CROSS_KV_GRAPH,
     DECODER_GRAPH,
     IMAGE_FEATURES,
+    VISION_GRAPH,
 )
 from nvlm_export.runtime.prompt import NVLM_H, NVLM_X, PromptTokens
 
@@ -318,6 +319,13 @@ CROSS_ATTENTION = dict(
     export_language=_cross_language,
     reference_logits=_cross_reference,
     manifest_extras=_cross_extras,
+    # the blocks' key/value projections run once per image, in the cross_kv graph
+    graph_parameters=(
+        (r"vision\..*", VISION_GRAPH),
+        (r"cross_layers\.\d+\.cross_attn\.[kv]_proj\..*", CROSS_KV_GRAPH),
+        (r"language_model\.model\.embed_tokens\..*", "embedding"),
+        (r".*", DECODER_GRAPH),
+    ),
 )
 
 register_architecture(

@@ -7,5 +7,5 @@ Kept import-free so the torch-free modules (`config`, `tokenizer`) load without 
 - language: transformers decoders built from `llm_config`.
 - model: `VisionTower`, `VisionLanguageModel`, `build_model`.
 - checkpoint: `load_checkpoint`, `save_checkpoint`, per-layout key tables.
-- tiny: random `tiny` / `bench` checkpoints (`make_tiny_checkpoint`).
+- tiny: random `tiny` / `bench` / `3b` checkpoints (`make_tiny_checkpoint`, written shard by shard).
 """

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -343,16 +344,6 @@ def _read(stored: StoredTensors, name: str, shape: tuple[int, ...]) -> torch.Ten
 # --- writing ------------------------------------------------------------------------------------
 
 
-def stored_tensors(
-    model: AnyVisionLanguageModel, layout: str
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """(stored name, tensor) pairs of `model` in `layout`, fused tensors split as stored."""
-    for key, tensor in canonical_parameters(model).items():
-        names = stored_names(layout, key)
-        parts = tensor.detach().chunk(len(names), dim=0) if len(names) > 1 else [tensor.detach()]
-        yield from zip(names, parts, strict=True)
-
-
 def _plan_shards(entries: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
     shards: list[list[str]] = [[]]
     size = 0
@@ -379,33 +370,77 @@ def save_checkpoint(
     model.safetensors.index.json. Shards are converted and written one at a time, so peak memory
     is the model plus one shard. Returns the files written.
     """
+    parameters = canonical_parameters(model)
+    return save_weights(
+        model.config,
+        {name: t.shape for name, t in parameters.items()},
+        lambda name, shape: parameters[name].detach(),
+        directory,
+        layout,
+        dtype,
+        max_shard_bytes,
+        tokenizer_from,
+    )
+
+
+def save_weights(
+    config: ModelConfig,
+    shapes: Mapping[str, torch.Size],
+    value_of: Callable[[str, torch.Size], torch.Tensor],
+    directory: Path | str,
+    layout: str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tokenizer_from: Path | str | None = None,
+) -> list[Path]:
+    """`save_checkpoint` for weights that need not exist yet: only one shard is ever held.
+
+    `shapes` lists the canonical parameters in writing order; `value_of(name, shape)` is called
+    once per parameter, in that order, so a seeded generator can make the values on the way.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    layout = layout or model.config.layout
-    config = convert_layout(model.config, layout)
-    tensors = dict(stored_tensors(model, layout))
+    layout = layout or config.layout
     itemsize = torch.empty((), dtype=dtype).element_size()
-    sizes = [(name, t.numel() * itemsize) for name, t in tensors.items()]
+    sizes = []
+    for name, shape in shapes.items():
+        names = stored_names(layout, name)
+        sizes += [(stored, math.prod(shape) // len(names) * itemsize) for stored in names]
     shards = _plan_shards(sizes, max_shard_bytes)
     files = _shard_names(len(shards))
-    written = []
-    for file, names in zip(files, shards, strict=True):
-        payload = {n: tensors[n].to(dtype).contiguous().clone() for n in names}
-        save_file(payload, str(directory / file), metadata={"format": "pt"})
-        _readable(directory / file)
-        written.append(directory / file)
-        del payload
+    written: list[Path] = []
+    payload: dict[str, torch.Tensor] = {}
+    for name, part in _stored_parts(layout, shapes, value_of):
+        payload[name] = part.to(dtype).contiguous().clone()
+        if len(payload) == len(shards[len(written)]):
+            file = directory / files[len(written)]
+            save_file(payload, str(file), metadata={"format": "pt"})
+            _readable(file)
+            written.append(file)
+            payload = {}
     if len(shards) > 1:
         weight_map = {n: file for file, names in zip(files, shards, strict=True) for n in names}
         index = {"metadata": {"total_size": sum(s for _, s in sizes)}, "weight_map": weight_map}
         _write_json(directory / INDEX_FILE, index)
         written.append(directory / INDEX_FILE)
-    rendered = render_config(config) | {"torch_dtype": _dtype_name(dtype)}
+    rendered = render_config(convert_layout(config, layout)) | {"torch_dtype": _dtype_name(dtype)}
     _write_json(directory / CONFIG_FILE, rendered)
     written.append(directory / CONFIG_FILE)
     if tokenizer_from is not None:
         written += _copy_tokenizer(Path(tokenizer_from), directory)
     return written
+
+
+def _stored_parts(
+    layout: str,
+    shapes: Mapping[str, torch.Size],
+    value_of: Callable[[str, torch.Size], torch.Tensor],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(stored name, tensor) pairs in writing order, fused tensors split as stored."""
+    for key, shape in shapes.items():
+        names = stored_names(layout, key)
+        tensor = value_of(key, shape)
+        yield from zip(names, tensor.chunk(len(names), dim=0), strict=True)
 
 
 def _readable(path: Path) -> None:

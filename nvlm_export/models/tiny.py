@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from nvlm_export.errors import InputError
-from nvlm_export.models.checkpoint import canonical_parameters, default_dtype, save_checkpoint
+from nvlm_export.models.checkpoint import canonical_parameters, default_dtype, save_weights
 from nvlm_export.models.config import (
     NVLM_D_DUMMY_HEADS,
     ModelConfig,
@@ -29,7 +30,7 @@ from nvlm_export.models.config import (
     decoder_projector_config,
     layout_spec,
 )
-from nvlm_export.models.model import AnyVisionLanguageModel, build_model
+from nvlm_export.models.model import build_model
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,18 @@ _BENCH_LLM = {
     "num_key_value_heads": 2,
     "vocab_size": 151655,
 }
+# Qwen2.5-3B (Qwen2.5-3B's config.json: 16 query heads, 2 KV heads, head_dim 128, rope theta 1e6,
+# tied embeddings) with InternViT-300M: 6.8 GB in bf16, twice the bench model's depth-free tensors
+# (the embedding) and 7x its layers' bytes, for measuring how memory scales.
+_3B_LLM = {
+    "hidden_size": 2048,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+}
 BENCH_LAYOUTS = ("internvl", "internvl-hf")
 
 SHAPES: dict[tuple[str, str], TinyShape] = {
@@ -129,8 +142,14 @@ SHAPES: dict[tuple[str, str], TinyShape] = {
         )
         for layout in BENCH_LAYOUTS
     },
+    **{
+        ("3b", layout): TinyShape(
+            _BENCH_VIT, _3B_LLM, torch.bfloat16, 1024**3, "internvl2_5", 12, init="bench"
+        )
+        for layout in BENCH_LAYOUTS
+    },
 }
-SIZES = ("tiny", "tiny-engine", "bench")
+SIZES = ("tiny", "tiny-engine", "bench", "3b")
 
 # Initial spread per parameter role, first match wins: (name pattern, mean, std).
 # Tiny models get large, sharp weights so that tokens depend visibly on prompt and image.
@@ -185,14 +204,14 @@ def llm_config(shape: TinyShape, vocab_size: int, eos_id: int) -> dict[str, Any]
     config = {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": shape.llm_model_type,
-        **shape.llm,
-        "vocab_size": shape.llm["vocab_size"] or vocab_size,
         "attention_bias": True,
         "hidden_act": "silu",
         "max_position_embeddings": 32768,
         "rms_norm_eps": 1e-6,
         "rope_theta": 1000000.0,
         "tie_word_embeddings": False,
+        **shape.llm,
+        "vocab_size": shape.llm["vocab_size"] or vocab_size,
         "bos_token_id": eos_id,
         "eos_token_id": eos_id,
     }
@@ -200,11 +219,19 @@ def llm_config(shape: TinyShape, vocab_size: int, eos_id: int) -> dict[str, Any]
 
 
 def tiny_config(
-    size: str, layout: str, vocab_size: int, image_token_id: int, eos_id: int
+    size: str,
+    layout: str,
+    vocab_size: int,
+    image_token_id: int,
+    eos_id: int,
+    layers: int | None = None,
 ) -> ModelConfig:
+    """The config of a generated checkpoint; `layers` overrides the decoder's depth."""
     shape = shape_for(size, layout)
     spec = layout_spec(layout)
     llm = llm_config(shape, _round_up(vocab_size, 64), eos_id)
+    if layers is not None:
+        llm["num_hidden_layers"] = layers
     ratio = ModelConfig.downsample_ratio
     cross = spec.family == "cross-attention"
     return ModelConfig(
@@ -229,21 +256,47 @@ def _round_up(value: int, multiple: int) -> int:
     return math.ceil(value / multiple) * multiple
 
 
-def randomize(model: torch.nn.Module, seed: int, init: str = "tiny") -> None:
-    """Fill every parameter from a seeded generator, following INIT_RULES[init]."""
+def random_values(seed: int, init: str = "tiny") -> Callable[[str, torch.Size], torch.Tensor]:
+    """name, shape -> seeded random values following INIT_RULES[init]; call in parameter order."""
     generator = torch.Generator().manual_seed(seed)
     rules = INIT_RULES[init]
+
+    def value_of(name: str, shape: torch.Size) -> torch.Tensor:
+        mean, std = next((m, s) for pattern, m, s in rules if re.fullmatch(pattern, name))
+        values = torch.randn(shape, generator=generator, dtype=torch.float32)
+        return values.mul_(std).add_(mean)  # in place: one fp32 copy of the largest tensor
+
+    return value_of
+
+
+def randomize(model: torch.nn.Module, seed: int, init: str = "tiny") -> None:
+    """Fill every parameter from a seeded generator, following INIT_RULES[init]."""
+    value_of = random_values(seed, init)
     with torch.no_grad():
         for name, tensor in canonical_parameters(model).items():
-            mean, std = next((m, s) for pattern, m, s in rules if re.fullmatch(pattern, name))
-            values = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
-            tensor.copy_(values * std + mean)
+            tensor.copy_(value_of(name, tensor.shape))
+
+
+@dataclass(frozen=True)
+class TinyCheckpoint:
+    config: ModelConfig
+    parameters: int
+    files: list[Path]
 
 
 def make_tiny_checkpoint(
-    directory: Path, layout: str, seed: int = 0, size: str = "tiny"
-) -> tuple[AnyVisionLanguageModel, list[Path]]:
-    """Write a random checkpoint (weights, config.json, tiny tokenizer) into `directory`."""
+    directory: Path,
+    layout: str,
+    seed: int = 0,
+    size: str = "tiny",
+    layers: int | None = None,
+) -> TinyCheckpoint:
+    """Write a random checkpoint (weights, config.json, tiny tokenizer) into `directory`.
+
+    The model is built on the meta device (shapes only) and each tensor is drawn just before its
+    shard is written, so peak memory is one shard however large the model; the values are the
+    ones `randomize` would put into a real model.
+    """
     from nvlm_export.models.tokenizer import save_tiny_tokenizer
 
     shape = shape_for(size, layout)
@@ -251,12 +304,16 @@ def make_tiny_checkpoint(
     tokenizer = save_tiny_tokenizer(directory, layout)
     image_token_id = tokenizer.token_to_id(layout_spec(layout).image_token)
     eos_id = tokenizer.token_to_id("<|im_end|>")
-    config = tiny_config(size, layout, tokenizer.get_vocab_size(), image_token_id, eos_id)
-    with default_dtype(shape.dtype):  # bench: build in bf16, half the memory of fp32
-        model = build_model(config)
-    randomize(model, seed, shape.init)
-    files = save_checkpoint(model, directory, layout, shape.dtype, shape.max_shard_bytes)
+    vocab = tokenizer.get_vocab_size()
+    config = tiny_config(size, layout, vocab, image_token_id, eos_id, layers)
+    with torch.device("meta"), default_dtype(shape.dtype):
+        shapes = {n: t.shape for n, t in canonical_parameters(build_model(config)).items()}
+    value_of = random_values(seed, shape.init)
+    files = save_weights(
+        config, shapes, value_of, directory, layout, shape.dtype, shape.max_shard_bytes
+    )
     tokenizer_files = [
         p for p in directory.iterdir() if p.name.startswith(("tokenizer", "special"))
     ]
-    return model, files + sorted(tokenizer_files)
+    parameters = sum(math.prod(s) for s in shapes.values())
+    return TinyCheckpoint(config, parameters, files + sorted(tokenizer_files))

@@ -1,0 +1,373 @@
+"""The memory plan: peak RSS, disk and output size of every build stage, predicted from config.json.
+
+    config.json ──meta-device model (shapes, no weights)──▶ Inventory ──stage formulas──▶ StagePlan
+
+The inventory counts, per bundle graph, the weights it will hold (which graph holds which
+parameter is the architecture's `graph_parameters` table, `export/architectures.py`), plus the
+few sizes the formulas need: the largest single tensor, the largest layer, the KV cache per token.
+Each stage's prediction is then a short sum of named terms, one function per stage below, with the
+reasoning in its docstring. The constants are measured (docs/memory.md has the table they come
+from and `bench/memory.py` re-measures them): they are what this toolchain holds, not guesses.
+
+Two kinds of stage:
+- stages that only move weights (export without validation, weight-only INT4 without its
+  accuracy check, the dry-run itself) stream one tensor at a time: their peak is a fixed overhead
+  plus a few copies of the largest tensor, independent of depth;
+- stages that run the model (export validation, calibration, the accuracy check, INT8/FP8
+  quantization, which calibrates) hold the weights of the graphs they run once, plus activations.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GiB = 1024**3
+
+# The Python process with torch, onnx and onnxruntime imported and a few graphs' worth of
+# bookkeeping: what a stage costs before it holds any weight.
+BASE_OVERHEAD = int(0.9 * GiB)
+# Streaming stages hold the tensor being converted in the checkpoint's dtype (mmap pages), in
+# fp32, and in the output encoding: about three fp32-sized copies of the largest tensor.
+STREAM_COPIES = 3.0
+# ONNX Runtime holds an initializer once when it reads external data; activations, the arena and
+# the KV cache come on top (below). Measured ratios of peak to graph bytes sit at 1.05-1.15.
+RUN_WEIGHT_COPIES = 1.1
+# Activation working set of one ViT tile batch, in fp32 values per tile and ViT width:
+# (1025 positions) x (4 * intermediate + qkv) transients; we keep a round factor.
+VISION_ACTIVATION_VALUES_PER_TILE = 1025 * 12
+# Bytes per weight of each encoding (scales included: INT4 blocks of 128 share one fp32 scale).
+WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5 + 4 / 128}
+# The prompt around the image tokens, for sizing calibration and the accuracy check.
+PROMPT_TOKENS = 64
+
+STAGES = (
+    "export fp32",
+    "export fp32 + validation",
+    "export fp16",
+    "export fp16 + validation",
+    "calibrate",
+    "quantize int8",
+    "quantize int8 + accuracy check",
+    "quantize fp8",
+    "quantize fp8 + accuracy check",
+    "quantize int4",
+    "quantize int4 + accuracy check",
+    "dry-run",
+)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What the formulas need to know about one model, in parameter counts."""
+
+    graph_parameters: dict[str, int]  # bundle graph (or "embedding" table) -> parameters
+    gemm_parameters: dict[str, int]  # graph -> parameters in 2-D weights (the quantizable GEMMs)
+    lm_head_parameters: int
+    largest_tensor: int
+    largest_layer: int
+    vision_width: int
+    llm_width: int
+    kv_values_per_token: int  # keys + values over all decoder layers, per token
+    tokens_per_tile: int
+    max_tiles: int
+    max_context: int
+    source_bytes: int  # the checkpoint's weights on disk (its dtype)
+
+    @property
+    def graphs(self) -> list[str]:
+        return [g for g in self.graph_parameters if g != EMBEDDING]
+
+    def run_parameters(self) -> int:
+        """Weights the runtime holds to answer a request: every graph plus the embedding table."""
+        return sum(self.graph_parameters.values())
+
+
+EMBEDDING = "embedding"
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: str
+    peak_bytes: int
+    output_bytes: int
+    runs_model: bool
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    model: str
+    inventory: Inventory
+    stages: dict[str, StagePlan]
+    available_bytes: int | None
+    accuracy_check: str  # where the accuracy check can run (one sentence)
+    notes: list[str] = field(default_factory=list)
+
+    def build_stages(self, precision: str, accuracy_check: bool = True) -> list[StagePlan]:
+        """The stages `build --precision P` runs, in order."""
+        if precision == "fp16":
+            return [self.stages["export fp16 + validation"]]
+        names = ["export fp32 + validation"]
+        if precision != "int4":
+            names.append("calibrate")
+        names.append(f"quantize {precision}" + (" + accuracy check" if accuracy_check else ""))
+        return [self.stages[n] for n in names]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "available_bytes": self.available_bytes,
+            "accuracy_check": self.accuracy_check,
+            "stages": {
+                name: {
+                    "peak_bytes": s.peak_bytes,
+                    "output_bytes": s.output_bytes,
+                    "runs_model": s.runs_model,
+                }
+                for name, s in self.stages.items()
+            },
+            "notes": self.notes,
+        }
+
+
+# --- inventory -----------------------------------------------------------------------------------
+
+
+def inventory(
+    checkpoint: Path, max_tiles: int | None = None, max_context: int | None = None
+) -> Inventory:
+    """Count the weights of `checkpoint` per bundle graph, from its config.json alone."""
+    import torch
+
+    from nvlm_export.export.architectures import architecture_for_layout
+    from nvlm_export.export.bundle import DEFAULT_MAX_CONTEXT
+    from nvlm_export.models.config import read_config
+    from nvlm_export.models.model import build_model
+
+    config = read_config(checkpoint)
+    arch = architecture_for_layout(config.layout)
+    with torch.device("meta"):
+        model = build_model(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    graph_parameters: dict[str, int] = defaultdict(int)
+    gemm_parameters: dict[str, int] = defaultdict(int)
+    layers: dict[str, int] = defaultdict(int)
+    for name, shape in shapes.items():
+        graph = arch.graph_of(name)
+        graph_parameters[graph] += math.prod(shape)
+        if graph != EMBEDDING and len(shape) == 2 and name.endswith(".weight"):
+            gemm_parameters[graph] += math.prod(shape)
+        layer = re.match(r"(.*layers\.\d+)\.", name)
+        if layer:
+            layers[layer.group(1)] += math.prod(shape)
+    llm = config.llm_config
+    head_dim = int(llm.get("head_dim") or llm["hidden_size"] // llm["num_attention_heads"])
+    kv_heads = int(llm.get("num_key_value_heads", llm["num_attention_heads"]))
+    longest = int(llm.get("max_position_embeddings", 32768))
+    context = max_context or min(DEFAULT_MAX_CONTEXT, longest)
+    return Inventory(
+        graph_parameters=dict(graph_parameters),
+        gemm_parameters=dict(gemm_parameters),
+        lm_head_parameters=int(llm["vocab_size"]) * int(llm["hidden_size"]),
+        largest_tensor=max(math.prod(s) for s in shapes.values()),
+        largest_layer=max(layers.values(), default=0),
+        vision_width=config.vision.hidden_size,
+        llm_width=int(llm["hidden_size"]),
+        kv_values_per_token=2 * int(llm["num_hidden_layers"]) * kv_heads * head_dim,
+        tokens_per_tile=config.tokens_per_tile,
+        max_tiles=max_tiles or config.max_dynamic_patch,
+        max_context=context,
+        source_bytes=_weights_on_disk(Path(checkpoint)),
+    )
+
+
+def _weights_on_disk(checkpoint: Path) -> int:
+    return sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+
+
+# --- the stages ----------------------------------------------------------------------------------
+
+
+def bundle_bytes(inv: Inventory, dtype: str) -> int:
+    """An exported bundle: every graph's weights and the embedding table in `dtype`."""
+    return int(inv.run_parameters() * WEIGHT_BYTES[dtype])
+
+
+def streamed_export(inv: Inventory, dtype: str) -> int:
+    """Export without validation: trace with stand-in weights, copy tensors one at a time.
+
+    The graphs are traced without real weights, and each initializer goes from the memory-mapped
+    safetensors shard through one fp32 conversion into the external-data file, so what is held at
+    once is the overhead plus the few copies of the tensor in flight: the largest one decides.
+    """
+    return int(BASE_OVERHEAD + STREAM_COPIES * inv.largest_tensor * WEIGHT_BYTES["fp32"])
+
+
+def running(inv: Inventory, dtype: str, tiles: int) -> int:
+    """A stage that runs the bundle once: weights held once, plus activations and KV cache.
+
+    ONNX Runtime holds each graph's initializers once (external data read into its arena); on top
+    come the ViT activations of one tile batch and the decoder's KV cache for a full context.
+    """
+    weights = RUN_WEIGHT_COPIES * bundle_bytes(inv, dtype)
+    vision = tiles * VISION_ACTIVATION_VALUES_PER_TILE * inv.vision_width * WEIGHT_BYTES["fp32"]
+    kv_cache = inv.kv_values_per_token * inv.max_context * WEIGHT_BYTES[dtype]
+    return int(BASE_OVERHEAD + weights + vision + kv_cache)
+
+
+def validated_export(inv: Inventory, dtype: str) -> int:
+    """Export with validation: the written bundle runs once next to the PyTorch reference.
+
+    Validation compares ONNX Runtime with PyTorch; both hold the weights unless the reference runs
+    layer by layer, so the plan counts the bundle run plus one more copy of the largest layer.
+    """
+    layer = inv.largest_layer * WEIGHT_BYTES[dtype]
+    return max(streamed_export(inv, dtype), int(running(inv, dtype, tiles=1) + layer))
+
+
+def calibrate(inv: Inventory) -> int:
+    """Calibration runs the fp32 bundle on each request; the feeds are streamed to disk."""
+    return running(inv, "fp32", tiles=inv.max_tiles + 1)
+
+
+def quantized_bytes(inv: Inventory, precision: str, lm_head: bool) -> int:
+    """The quantized bundle: GEMM weights in `precision` where the graph takes it, the rest fp32."""
+    from nvlm_export.export.quantize import COMPONENT_PRECISIONS, QUANTIZE_LM_HEAD_BY_DEFAULT
+
+    del lm_head  # the default per precision is what build uses
+    keep_head = not QUANTIZE_LM_HEAD_BY_DEFAULT[precision]
+    total = 0.0
+    for graph, params in inv.graph_parameters.items():
+        gemm = inv.gemm_parameters.get(graph, 0)
+        if graph == EMBEDDING or precision not in COMPONENT_PRECISIONS.get(graph, ()):
+            total += params * WEIGHT_BYTES["fp32"]
+            continue
+        head = inv.lm_head_parameters if keep_head and graph == "decoder" else 0
+        total += (gemm - head) * WEIGHT_BYTES[precision] + (params - gemm + head) * 4
+    return int(total)
+
+
+def quantize(inv: Inventory, precision: str) -> int:
+    """Weight quantization without the accuracy check.
+
+    INT4 is weight-only: one initializer is read, quantized and written at a time (a streaming
+    stage). INT8 and FP8 also run the fp32 graphs over the calibration set to fit activation
+    scales from running statistics, so they hold the fp32 weights once, like calibration.
+    """
+    streamed = streamed_export(inv, "fp32")
+    if precision == "int4":
+        return streamed
+    return max(streamed, running(inv, "fp32", tiles=inv.max_tiles + 1))
+
+
+def accuracy_check(inv: Inventory, precision: str) -> int:
+    """The accuracy check decodes held-out requests with the fp32 and the quantized bundle.
+
+    Both run side by side, graph by graph, so both sets of weights are resident.
+    """
+    quantized = quantized_bytes(inv, precision, lm_head=False)
+    return int(running(inv, "fp32", tiles=inv.max_tiles + 1) + RUN_WEIGHT_COPIES * quantized)
+
+
+def calibration_bytes(inv: Inventory, requests: int = 16, decode_steps: int = 4) -> int:
+    """The calibration set on disk: every graph call's feeds, in fp32.
+
+    Per request: the tiles (3 x 448 x 448), the prompt's embeddings, and per decode step the whole
+    KV cache of the prompt so far (that is what the decoder is fed).
+    """
+    tokens = (inv.max_tiles + 1) * inv.tokens_per_tile + PROMPT_TOKENS
+    tiles = (inv.max_tiles + 1) * 3 * 448 * 448
+    embeds = tokens * inv.llm_width
+    kv = decode_steps * inv.kv_values_per_token * tokens
+    return int(requests * (tiles + embeds + kv) * WEIGHT_BYTES["fp32"])
+
+
+def plan(
+    checkpoint: Path,
+    max_tiles: int | None = None,
+    max_context: int | None = None,
+    available_bytes: int | None = None,
+) -> MemoryPlan:
+    """Predict every stage of `checkpoint`'s build (see the module docstring)."""
+    inv = inventory(checkpoint, max_tiles, max_context)
+    fp32, fp16 = bundle_bytes(inv, "fp32"), bundle_bytes(inv, "fp16")
+    stages = [
+        StagePlan("export fp32", streamed_export(inv, "fp32"), fp32, False),
+        StagePlan("export fp32 + validation", validated_export(inv, "fp32"), fp32, True),
+        StagePlan("export fp16", streamed_export(inv, "fp16"), fp16, False),
+        StagePlan("export fp16 + validation", validated_export(inv, "fp16"), fp16, True),
+        StagePlan("calibrate", calibrate(inv), calibration_bytes(inv), True),
+    ]
+    for precision in ("int8", "fp8", "int4"):
+        out = quantized_bytes(inv, precision, lm_head=False)
+        name = f"quantize {precision}"
+        stages.append(StagePlan(name, quantize(inv, precision), out, precision != "int4"))
+        check = max(quantize(inv, precision), accuracy_check(inv, precision))
+        stages.append(StagePlan(f"{name} + accuracy check", check, out, True))
+    stages.append(StagePlan("dry-run", BASE_OVERHEAD, 0, False))
+    by_name = {s.stage: s for s in stages}
+    weight_only = max(by_name["export fp32"].peak_bytes, by_name["quantize int4"].peak_bytes)
+    return MemoryPlan(
+        model=str(checkpoint),
+        inventory=inv,
+        stages=by_name,
+        available_bytes=available_bytes,
+        accuracy_check=where_accuracy_runs(inv, by_name, available_bytes),
+        notes=[
+            f"INT4 weight-only path (export without validation, quantize int4 without the "
+            f"accuracy check): peak {gib(weight_only)}, disk "
+            f"{gib(by_name['export fp32'].output_bytes + by_name['quantize int4'].output_bytes)}."
+        ],
+    )
+
+
+def where_accuracy_runs(inv: Inventory, stages: dict[str, StagePlan], available: int | None) -> str:
+    """Where the INT4 accuracy check fits: here, on a larger machine, or layer by layer."""
+    check = stages["quantize int4 + accuracy check"].peak_bytes
+    if available is None or check <= available:
+        return f"here (the INT4 check needs {gib(check)})"
+    layer = inv.largest_layer * WEIGHT_BYTES["fp32"] + BASE_OVERHEAD
+    return (
+        f"not here: the INT4 check needs {gib(check)} with the fp32 and the quantized bundle "
+        f"resident; run quantize where that fits, or skip the check with a warning; layer by "
+        f"layer (one block of each resident, not implemented yet) it would need about "
+        f"{gib(int(layer + inv.largest_tensor * 4))}"
+    )
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (memory a new process can use without swapping)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else None
+    return int(pages * os.sysconf("SC_PAGE_SIZE")) if pages else None
+
+
+def gib(nbytes: int | float) -> str:
+    return f"{nbytes / GiB:.1f} GiB"
+
+
+def check_fits(plan: MemoryPlan, stages: list[StagePlan], command: str) -> None:
+    """Refuse (one line) a build whose predicted peak exceeds the memory available here."""
+    from nvlm_export.errors import InputError
+
+    if plan.available_bytes is None or not stages:
+        return
+    worst = max(stages, key=lambda s: s.peak_bytes)
+    if worst.peak_bytes <= plan.available_bytes:
+        return
+    raise InputError(
+        f"This build needs about {gib(worst.peak_bytes)} of memory ({worst.stage}) but "
+        f"{gib(plan.available_bytes)} is available",
+        why="the memory plan predicts the peak of every stage from config.json",
+        fix=f"See `{command} --dry-run`, free memory or use a larger machine, or pass --force",
+    )

@@ -1,0 +1,114 @@
+"""The memory plan: each stage's peak RSS, disk and output size, predicted from config.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from nvlm_export.cli import app
+from nvlm_export.errors import InputError
+from nvlm_export.export import memory_plan
+from nvlm_export.export.build import BuildSettings, build
+from nvlm_export.export.memory_plan import GiB, plan
+from nvlm_export.models.config import render_config
+from nvlm_export.models.tiny import make_tiny_checkpoint, tiny_config
+
+NVLM_D_72B = Path(__file__).parent / "fixtures" / "nvlm-d-72b"
+runner = CliRunner()
+
+
+def _config_only(directory: Path, config: dict) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def _deeper(source: Path, target: Path, factor: int) -> Path:
+    config = json.loads((source / "config.json").read_text())
+    config["llm_config"]["num_hidden_layers"] *= factor
+    return _config_only(target, config)
+
+
+def test_nvlm_d_72b_int4_weight_only_build_fits_in_32_gib() -> None:
+    memory = plan(NVLM_D_72B)
+    inv = memory.inventory
+    assert 79.0e9 < inv.run_parameters() < 79.8e9  # NVLM-D-72B: 79.4B parameters
+    weight_only = [memory.stages["export fp32"], memory.stages["quantize int4"]]
+    assert max(s.peak_bytes for s in weight_only) < 32 * GiB
+    assert not any(s.runs_model for s in weight_only)
+    # Disk: the fp32 bundle is 4 bytes per weight; INT4 keeps the ViT and embedding in fp32.
+    assert memory.stages["export fp32"].output_bytes == pytest.approx(4 * 79.4e9, rel=0.01)
+    int4 = memory.stages["quantize int4"].output_bytes
+    assert 4 * (6.7e9 + 1.25e9) < int4 < memory.stages["export fp16"].output_bytes
+
+
+def test_accuracy_check_that_does_not_fit_says_where_it_can_run() -> None:
+    memory = plan(NVLM_D_72B, available_bytes=24 * GiB)
+    assert memory.stages["quantize int4 + accuracy check"].peak_bytes > 128 * GiB
+    assert memory.accuracy_check.startswith("not here")
+    assert "skip" in memory.accuracy_check and "layer by layer" in memory.accuracy_check
+    small = plan(NVLM_D_72B, available_bytes=1024 * GiB)
+    assert small.accuracy_check.startswith("here")
+
+
+def test_streaming_stages_are_flat_in_depth_and_running_stages_grow(tmp_path: Path) -> None:
+    base, deep = plan(NVLM_D_72B), plan(_deeper(NVLM_D_72B, tmp_path / "deep", 2))
+    assert deep.inventory.run_parameters() > 1.8 * base.inventory.run_parameters()
+    for stage in ("export fp32", "export fp16", "quantize int4", "dry-run"):
+        assert deep.stages[stage].peak_bytes == base.stages[stage].peak_bytes
+    for stage in ("calibrate", "quantize int8", "export fp32 + validation"):
+        assert deep.stages[stage].peak_bytes > 1.5 * base.stages[stage].peak_bytes
+
+
+def test_a_tied_lm_head_is_counted_in_the_decoder_and_the_embedding_table(tmp_path: Path) -> None:
+    config = tiny_config("3b", "internvl", vocab_size=1000, image_token_id=999, eos_id=995)
+    memory = plan(_config_only(tmp_path / "3b", render_config(config)))
+    embedding = 151936 * 2048
+    assert memory.inventory.graph_parameters["embedding"] == embedding
+    assert memory.inventory.largest_tensor == embedding
+    # 3.40B parameters, the tied head written twice: once in decoder.onnx, once as the table
+    expected = 4 * (3_402_546_176 + embedding)
+    assert memory.stages["export fp32"].output_bytes == expected
+
+
+def test_cross_attention_models_get_a_cross_kv_graph(tmp_path: Path) -> None:
+    made = make_tiny_checkpoint(tmp_path / "x", "nvlm-x", seed=0)
+    graphs = plan(tmp_path / "x").inventory.graph_parameters
+    assert set(graphs) == {"vision", "decoder", "cross_kv", "embedding"}
+    assert sum(graphs.values()) == made.parameters
+
+
+def test_build_refuses_a_plan_larger_than_available_memory_unless_forced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_tiny_checkpoint(tmp_path / "ckpt", "nvlm-d", seed=0)
+    monkeypatch.setattr(memory_plan, "available_memory", lambda: 1024**2)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="--force") as refused:
+        build(tmp_path / "ckpt", out, BuildSettings("int4"), quiet=True)
+    assert "1.0 MiB" not in str(refused.value) and "0.0 GiB is available" in str(refused.value)
+    assert not out.exists()
+
+    result = runner.invoke(app, ["build", str(tmp_path / "ckpt"), "-p", "int4", "-o", str(out)])
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1 and "--force" in result.output
+
+
+def test_dry_run_prints_every_stage_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    result = runner.invoke(
+        app, ["build", str(NVLM_D_72B), "-p", "int4", "-o", str(out), "--dry-run", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert set(shown["stages"]) == set(memory_plan.STAGES)
+    assert shown["runs"] == ["export fp32 + validation", "quantize int4 + accuracy check"]
+    assert not out.exists()
+
+    result = runner.invoke(app, ["export", str(NVLM_D_72B), "-o", str(out), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "quantize int8 + accuracy check" in result.output and "Accuracy check" in result.output
+    assert not out.exists()
