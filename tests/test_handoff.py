@@ -209,3 +209,55 @@ def test_cli_refuses_to_replace_a_hand_off_without_overwrite(handed_off) -> None
     result = CliRunner().invoke(app, [*args, "--overwrite", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["engine"] == "vllm"
+
+
+NVLM_D_72B = Path(__file__).parent / "fixtures" / "nvlm-d-72b" / "config.json"
+
+
+def test_decoder_memory_counts_nvlm_d_72b_exactly() -> None:
+    """docs/scale-out.md's per-GPU table comes from this count: it must equal the parameters of
+    the decoder built from the real config (on the meta device, no memory)."""
+    from nvlm_export.handoff.memory import decoder_memory
+    from nvlm_export.models.language import build_decoder
+
+    llm_config = json.loads(NVLM_D_72B.read_text())["llm_config"]
+    with torch.device("meta"):
+        decoder = build_decoder(llm_config)
+    count = sum(p.numel() for p in decoder.parameters())
+    memory = decoder_memory(llm_config, tensor_parallel_size=8)
+    assert memory.parameters == count == 72_706_203_648
+    assert memory.weight_bytes_per_gpu(2) == pytest.approx(18.18e9, rel=1e-3)
+    assert memory.kv_heads_per_gpu == 1  # 8 key/value heads over 8 GPUs
+    assert memory.kv_bytes_per_token_per_gpu(2) == 2 * 80 * 128 * 2
+    assert decoder_memory(llm_config, 16).kv_heads_per_gpu == 1  # copied, not split further
+
+
+def _run(bundle: Path, *extra: str) -> object:
+    args = ["run", str(bundle), "-p", "Hi", "-n", "2", *extra]
+    return CliRunner().invoke(app, args)
+
+
+def test_run_with_vllm_needs_a_hand_off(tiny_bundle) -> None:
+    _, bundle = tiny_bundle("internvl")
+    result = _run(bundle, "--llm-engine", "vllm")
+    assert result.exit_code == 2
+    assert "has no language model handed off" in result.output
+    assert "nvlm-export handoff" in result.output
+
+
+def test_run_with_vllm_says_how_to_install_it(handed_off) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    _, bundle = handed_off("internvl")
+    result = _run(bundle, "--llm-engine", "vllm")
+    assert result.exit_code == 3
+    assert "pip install 'nvlm-export[vllm]'" in result.output
+
+
+def test_tensor_parallelism_needs_the_vllm_engine(tiny_bundle) -> None:
+    _, bundle = tiny_bundle("internvl")
+    result = _run(bundle, "--tp", "2")
+    assert result.exit_code == 2
+    assert "--tensor-parallel-size needs --llm-engine vllm" in result.output

@@ -8,7 +8,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
+from nvlm_export.commands.run import TensorParallelSize
 from nvlm_export.errors import InputError
 
 WORKLOAD = "Workload"
@@ -77,6 +79,22 @@ def profile(
             "--output", "-o", help="Write profile.json, profile.csv and profile.png here."
         ),
     ] = None,
+    llm_engine: Annotated[
+        str,
+        typer.Option(
+            help="bundle: the bundle's decoder graph, one request at a time. vllm: the hand-off "
+            "served by vLLM; profiles --concurrency requests at once.",
+            rich_help_panel=RUNTIME,
+        ),
+    ] = "bundle",
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            help="vLLM: concurrent requests per case (aggregate tokens/s, TTFT per request).",
+            rich_help_panel=WORKLOAD,
+        ),
+    ] = 8,
+    tensor_parallel_size: TensorParallelSize = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Profile a bundle: per-stage latency (tiling, vision per tile, splice, prefill, TTFT, decode
@@ -88,6 +106,8 @@ def profile(
       nvlm-export profile bundle/ --tiles 1,3,7 --runs 5 -o profile/
 
       nvlm-export profile bundle/ -i photo.jpg --prompt-tokens 64 --new-tokens 128 --json
+
+      nvlm-export profile bundle/ --llm-engine vllm --concurrency 8 --tiles 1 --json
     """
     from nvlm_export.profiling.profiler import ProfileSettings, profile_bundle
     from nvlm_export.profiling.report import print_report, write_outputs
@@ -105,6 +125,10 @@ def profile(
     if not spin:
         options["allow_spinning"] = False  # an ONNX Runtime option: only passed when asked for
     stderr = Console(stderr=True)
+    if llm_engine != "bundle":
+        engine = (llm_engine, concurrency, tensor_parallel_size)
+        _profile_concurrent(bundle, settings, *engine, as_json)
+        return
     report = profile_bundle(
         bundle,
         settings,
@@ -119,6 +143,51 @@ def profile(
     print_report(report, Console())
     for path in written.values():
         stderr.print(f"wrote {path}", highlight=False)
+
+
+def _profile_concurrent(
+    bundle: Path,
+    settings: Any,
+    llm_engine: str,
+    concurrency: int,
+    tensor_parallel_size: int | None,
+    as_json: bool,
+) -> None:
+    """The "N concurrent requests" case through a serving engine (nvlm_export/handoff)."""
+    from nvlm_export.commands.run import load_pipeline
+    from nvlm_export.handoff.concurrency import ConcurrencySettings, profile_concurrency
+
+    if concurrency < 1:
+        raise InputError(f"--concurrency {concurrency} is below 1", fix="Use 1 or more")
+    engine = load_pipeline(bundle, llm_engine, tensor_parallel_size)
+    case_settings = ConcurrencySettings(
+        tiles=settings.tiles,
+        concurrency=concurrency,
+        prompt_tokens=settings.prompt_tokens,
+        new_tokens=settings.new_tokens,
+        runs=settings.runs,
+        warmup=settings.warmup,
+    )
+    stderr = Console(stderr=True)
+    report = profile_concurrency(
+        engine, case_settings, progress=lambda text: stderr.print(f"[dim]{text}[/]")
+    )
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"{concurrency} concurrent requests through {llm_engine}")
+    for column in ("tiles", "aggregate tok/s", "decode tok/s", "TTFT p50 s", "TTFT max s"):
+        table.add_column(column)
+    for case in report["cases"]:
+        ttft = sorted(case["time_to_first_token_seconds"])
+        table.add_row(
+            str(case["tiles"]),
+            f"{case['aggregate_tokens_per_second']:.1f}",
+            f"{case['aggregate_decode_tokens_per_second']:.1f}",
+            f"{ttft[len(ttft) // 2]:.2f}",
+            f"{ttft[-1]:.2f}",
+        )
+    Console().print(table)
 
 
 def _tile_counts(text: str) -> tuple[int, ...]:

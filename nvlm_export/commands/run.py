@@ -5,11 +5,49 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 SAMPLING = "Sampling"
+ENGINE = "Language engine"
+LLM_ENGINES = ("bundle", "vllm")
+# `run` and `profile` both take it.
+TensorParallelSize = Annotated[
+    int | None,
+    typer.Option(
+        "--tensor-parallel-size",
+        "--tp",
+        help="vLLM: devices to split the decoder across (default: the manifest's).",
+        rich_help_panel=ENGINE,
+    ),
+]
+
+
+def load_pipeline(
+    bundle: Path, llm_engine: str, tensor_parallel_size: int | None, **backend_options: Any
+) -> Any:
+    """The bundle's own decoder graph (`bundle`), or its hand-off served by vLLM (`vllm`); both
+    give the same `generate` interface."""
+    from nvlm_export.errors import InputError
+
+    if llm_engine == "vllm":
+        from nvlm_export.handoff.vllm_engine import VLLMPipeline
+
+        return VLLMPipeline.load(
+            bundle, tensor_parallel_size=tensor_parallel_size, **backend_options
+        )
+    if llm_engine != "bundle":
+        choices = ", ".join(LLM_ENGINES)
+        raise InputError(f"Unknown language engine '{llm_engine}'", fix=f"Choose one of: {choices}")
+    if tensor_parallel_size is not None:
+        raise InputError(
+            "--tensor-parallel-size needs --llm-engine vllm",
+            why="the bundle's own decoder runs on one device",
+        )
+    from nvlm_export.runtime.pipeline import Pipeline
+
+    return Pipeline.load(bundle, **backend_options)
 
 
 def run(
@@ -75,6 +113,15 @@ def run(
             "--no-spin on a machine shared with other jobs, or to save power."
         ),
     ] = True,
+    llm_engine: Annotated[
+        str,
+        typer.Option(
+            help="bundle: the bundle's decoder graph. vllm: the decoder handed off with "
+            "`nvlm-export handoff`, served by vLLM (needs the vllm extra).",
+            rich_help_panel=ENGINE,
+        ),
+    ] = "bundle",
+    tensor_parallel_size: TensorParallelSize = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print text, token ids and timings as JSON at the end.")
     ] = False,
@@ -86,10 +133,12 @@ def run(
       nvlm-export run bundle/ --image photo.jpg --prompt "What is in the picture?"
 
       nvlm-export run bundle/ -i a.png -i b.png -p "<image> vs <image>: what changed?" --json
-    """
-    from nvlm_export.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(bundle, intra_op_threads=threads, allow_spinning=spin)
+      nvlm-export run bundle/ -i photo.jpg -p "Describe it." --llm-engine vllm --tp 2
+    """
+    pipeline = load_pipeline(
+        bundle, llm_engine, tensor_parallel_size, intra_op_threads=threads, allow_spinning=spin
+    )
     stream = pipeline.generate(
         prompt,
         images=list(image or []),

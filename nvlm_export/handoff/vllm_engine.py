@@ -114,10 +114,13 @@ def import_vllm() -> Any:
 class VLLMPipeline:
     """A handed-off bundle: the vision side on our runtime, the decoder on vLLM."""
 
-    def __init__(self, pipeline: Pipeline, llm: Any, spec: LanguageEngineSpec) -> None:
+    def __init__(
+        self, pipeline: Pipeline, llm: Any, spec: LanguageEngineSpec, tensor_parallel_size: int
+    ) -> None:
         self.pipeline = pipeline
         self.llm = llm
         self.spec = spec
+        self.tensor_parallel_size = tensor_parallel_size
         self._ids = itertools.count()
 
     @classmethod
@@ -147,20 +150,19 @@ class VLLMPipeline:
             )
         vllm = import_vllm()
         os.environ.setdefault(CPU_KV_CACHE_VARIABLE, f"{cpu_kv_cache_gib:g}")
+        tensor_parallel_size = tensor_parallel_size or spec.tensor_parallel_size
         options: dict[str, Any] = {
             "model": str(Path(bundle) / spec.checkpoint),
             "dtype": spec.dtype,
-            "tensor_parallel_size": tensor_parallel_size or spec.tensor_parallel_size,
+            "tensor_parallel_size": tensor_parallel_size,
             "max_model_len": spec.max_context,
             "enable_prompt_embeds": True,
-            # We tokenize and detokenize with the bundle's tokenizer (prompt assembly needs it).
-            "skip_tokenizer_init": True,
             "seed": 0,
         }
         if max_num_seqs is not None:
             options["max_num_seqs"] = max_num_seqs
         options.update(engine_options or {})
-        return cls(pipeline, vllm.LLM(**options), spec)
+        return cls(pipeline, vllm.LLM(**options), spec, tensor_parallel_size)
 
     # --- one request --------------------------------------------------------------------------
     def prompt_embeds(
@@ -292,6 +294,7 @@ class VLLMPipeline:
             seed=config.seed,
             stop_token_ids=list(config.eos_token_ids),
             ignore_eos=not config.eos_token_ids,
+            # Text comes from the bundle's tokenizer and our TextStream, as in our runtime.
             detokenize=False,
         )
         dtype = getattr(torch, self.spec.dtype)
