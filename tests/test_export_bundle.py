@@ -18,7 +18,7 @@ from nvlm_export.export.architectures import architecture_for_layout
 from nvlm_export.export.bundle import ExportSettings, export_bundle
 from nvlm_export.export.reference import TorchReference
 from nvlm_export.models.checkpoint import load_checkpoint
-from nvlm_export.runtime.manifest import MANIFEST_NAME
+from nvlm_export.runtime.manifest import MANIFEST_NAME, Manifest
 from nvlm_export.runtime.pipeline import Pipeline
 
 STEPS = 24
@@ -192,7 +192,28 @@ def test_cli_bad_bundle_path(tmp_path: Path) -> None:
 def test_cli_corrupt_onnx(exported, tmp_path: Path) -> None:
     bundle = copy_bundle(exported("nvlm-d")[1], tmp_path / "b")
     (bundle / "decoder.onnx").write_bytes(b"\x00garbage")
+    _rerecord(bundle)  # as a careless writer would: sizes and hashes match the garbage
     assert_one_line_error(cli("run", str(bundle), "-p", "x"), "cannot load the decoder graph")
+
+
+def _rerecord(bundle: Path) -> None:
+    """Record the bundle's files as they are now, as a writer of a bad bundle would."""
+    data = json.loads((bundle / MANIFEST_NAME).read_text())
+    Manifest.from_dict(data).save(bundle)
+
+
+def test_cli_changed_weights_are_caught_naming_the_file(exported, tmp_path: Path) -> None:
+    bundle = copy_bundle(exported("nvlm-d")[1], tmp_path / "b")
+    with open(bundle / "embed_tokens.npy", "ab") as f:
+        f.write(b"\0")  # appended bytes: every load checks sizes
+    assert_one_line_error(cli("run", str(bundle), "-p", "x"), "'embed_tokens.npy' is")
+    bundle = copy_bundle(exported("nvlm-d")[1], tmp_path / "c")
+    data = bytearray((bundle / "decoder.onnx").read_bytes())
+    data[-1] ^= 0xFF  # a flipped byte: same size, caught by the hashes lint checks
+    (bundle / "decoder.onnx").write_bytes(bytes(data))
+    assert_one_line_error(
+        cli("lint", str(bundle)), "'decoder.onnx' does not match its recorded SHA-256"
+    )
 
 
 def test_cli_unknown_schema(exported, tmp_path: Path) -> None:

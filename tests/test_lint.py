@@ -115,6 +115,7 @@ def test_fixed_input_dims_that_contradict_the_profiles_are_found(tmp_path: Path)
     vision = interface_model(manifest.graphs["vision"])
     vision.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
     onnx.save(vision, str(bundle / "vision.onnx"))
+    manifest.save(bundle)  # record the new graph file, as a writer does
     (finding,) = lint_bundle(bundle)
     assert (finding.graph, finding.code, finding.where) == ("vision", "profile", "pixel_values")
     assert "1..7" in finding.message
@@ -140,6 +141,7 @@ def test_lint_command_exits_non_zero_on_errors_and_prints_json(tmp_path: Path) -
     broken = interface_model(manifest.graphs["cross_kv"])
     broken.graph.node.append(helper.make_node("StringSplit", ["cross_embeds"], ["s"], name="ss"))
     onnx.save(broken, str(bundle / "cross_kv.onnx"))
+    manifest.save(bundle)
     result = CliRunner().invoke(app, [str(bundle), "--json"])
     assert result.exit_code == 1
     (finding,) = json.loads(result.stdout)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,11 @@ from nvlm_export.runtime.manifest import (
 
 
 def _manifest() -> Manifest:
+    vision = GraphSpec(
+        file="vision.onnx",
+        inputs=(TensorSpec("pixel_values", "float32", ("tiles", 3, 448, 448)),),
+        outputs=(TensorSpec("image_features", "float32", ("tiles", 256, 64)),),
+    )
     decoder = GraphSpec(
         file="decoder.onnx",
         inputs=(
@@ -34,7 +42,7 @@ def _manifest() -> Manifest:
     return Manifest(
         architecture="nvlm-d",
         source=SourceSpec(checkpoint="/ckpt", layout="nvlm-d", settings={"dtype": "fp32"}),
-        graphs={"decoder": decoder},
+        graphs={"vision": vision, "decoder": decoder},
         embedding=EmbeddingSpec(file="embed_tokens.npy", vocab_size=512, hidden_size=64),
         kv_cache=KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=16, max_context=4096),
         tokenizer=TokenizerSpec(file="tokenizer.json", eos_token_ids=(3,), placeholder_token_id=5),
@@ -43,10 +51,13 @@ def _manifest() -> Manifest:
     )
 
 
+BUNDLE_FILES = ("vision.onnx", "decoder.onnx", "embed_tokens.npy", "tokenizer.json")
+
+
 @pytest.fixture
 def bundle(tmp_path: Path) -> Path:
     manifest = _manifest()
-    for name in ("decoder.onnx", "embed_tokens.npy", "tokenizer.json"):
+    for name in BUNDLE_FILES:
         (tmp_path / name).write_bytes(b"x")
     manifest.save(tmp_path)
     return tmp_path
@@ -60,15 +71,17 @@ def _rewrite(bundle: Path, **changes: object) -> None:
 
 
 def test_round_trip_is_exact(bundle: Path) -> None:
-    assert load_manifest(bundle) == _manifest()
+    loaded = load_manifest(bundle)
+    assert replace(loaded, files={}) == _manifest()
+    assert loaded == _manifest().save(bundle)
 
 
 def test_graph_specs_answer_by_name(bundle: Path) -> None:
     decoder = load_manifest(bundle).graph("decoder")
     assert decoder.input("position_ids").dtype == "int64"
     assert decoder.input("inputs_embeds").shape == (1, "seq", 64)
-    with pytest.raises(BundleError, match="no 'vision' graph"):
-        load_manifest(bundle).graph("vision")
+    with pytest.raises(BundleError, match="no 'cross_kv' graph"):
+        load_manifest(bundle).graph("cross_kv")
 
 
 def test_newer_major_schema_is_refused_with_upgrade_hint(bundle: Path) -> None:
@@ -109,3 +122,145 @@ def test_broken_bundles_give_one_clear_error(bundle: Path, setup, message: str) 
 def test_missing_bundle_directory(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="does not exist"):
         load_manifest(tmp_path / "nope")
+
+
+# --- containment (issue #16, finding 4) ----------------------------------------------------------
+
+
+def _rewrite_nested(bundle: Path, path: tuple[str | int, ...], value: object) -> None:
+    manifest = bundle / MANIFEST_NAME
+    data = json.loads(manifest.read_text())
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    manifest.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [
+        (("graphs", "decoder", "file"), "graphs.decoder.file"),
+        (("embedding", "file"), "embedding.file"),
+        (("tokenizer", "file"), "tokenizer.file"),
+        (("tokenizer", "config_files"), "tokenizer.config_files[0]"),
+        (("engines",), "engines.decoder.file"),
+    ],
+)
+@pytest.mark.parametrize("outside", ["../outside.bin", "/etc/passwd"])
+def test_paths_outside_the_bundle_are_refused_naming_the_key(
+    tmp_path: Path, path: tuple[str, ...], key: str, outside: str
+) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for name in BUNDLE_FILES:
+        (bundle / name).write_bytes(b"x")
+    _manifest().save(bundle)
+    (tmp_path / "outside.bin").write_bytes(b"x")
+    value: object = outside
+    if path[-1] == "config_files":
+        value = [outside]
+    elif path == ("engines",):
+        value = {"decoder": {"file": outside}}
+    _rewrite_nested(bundle, path, value)
+    with pytest.raises(BundleError, match=f"{re.escape(key)} points outside the bundle"):
+        load_manifest(bundle)
+
+
+def test_a_symlink_out_of_the_bundle_is_refused(bundle: Path, tmp_path_factory) -> None:
+    secret = tmp_path_factory.mktemp("elsewhere") / "secret.onnx"
+    secret.write_bytes(b"x")
+    (bundle / "decoder.onnx").unlink()
+    (bundle / "decoder.onnx").symlink_to(secret)
+    with pytest.raises(
+        BundleError, match=re.escape("graphs.decoder.file points outside the bundle")
+    ):
+        load_manifest(bundle)
+
+
+def test_a_symlink_within_the_bundle_is_fine(bundle: Path) -> None:
+    (bundle / "weights").mkdir()
+    (bundle / "decoder.onnx").rename(bundle / "weights" / "decoder.onnx")
+    (bundle / "decoder.onnx").symlink_to(Path("weights") / "decoder.onnx")
+    _manifest().save(bundle)
+    assert "weights/decoder.onnx" in load_manifest(bundle).files
+
+
+# --- integrity (issue #16, finding 5) ------------------------------------------------------------
+
+
+def test_every_file_is_recorded_with_size_and_sha256(bundle: Path) -> None:
+    (bundle / "decoder.onnx.data").write_bytes(b"weights")  # external data: named by no key
+    files = _manifest().save(bundle).files
+    assert set(files) == {*BUNDLE_FILES, "decoder.onnx.data"}
+    assert files["decoder.onnx.data"].size == 7
+    assert files["decoder.onnx.data"].sha256 == hashlib.sha256(b"weights").hexdigest()
+
+
+def test_appended_bytes_are_caught_on_every_load(bundle: Path) -> None:
+    with open(bundle / "embed_tokens.npy", "ab") as f:
+        f.write(b"more")
+    with pytest.raises(BundleError, match=re.escape("'embed_tokens.npy' is 5 bytes, not the 1")):
+        load_manifest(bundle)
+
+
+def test_flipped_bytes_are_caught_when_hashes_are_verified(bundle: Path) -> None:
+    (bundle / "vision.onnx").write_bytes(b"y")  # same size, other bytes
+    load_manifest(bundle)  # sizes only: cheap, passes
+    with pytest.raises(
+        BundleError, match=re.escape("'vision.onnx' does not match its recorded SHA-256")
+    ):
+        load_manifest(bundle, verify_hashes=True)
+
+
+def test_a_named_file_without_record_is_refused(bundle: Path) -> None:
+    (bundle / "other.npy").write_bytes(b"x")
+    _rewrite_nested(bundle, ("embedding", "file"), "other.npy")
+    with pytest.raises(
+        BundleError, match=re.escape("embedding.file names 'other.npy', which has no file")
+    ):
+        load_manifest(bundle)
+
+
+def test_a_schema_1_manifest_without_records_asks_for_a_re_export(bundle: Path) -> None:
+    _rewrite(bundle, schema_version="1.0")
+    with pytest.raises(BundleError, match=re.escape("old manifest schema 1.0")):
+        load_manifest(bundle)
+
+
+# --- crafted manifests (issue #16, finding 7b) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("graphs",), {"decoder": None}, "expected an object for GraphSpec"),
+        (("graphs",), [], "graphs must be an object, not a list"),
+        (("tokenizer", "eos_token_ids"), "3", "eos_token_ids has the wrong type"),
+        (("tokenizer", "eos_token_ids"), [3, True], "eos_token_ids has the wrong type"),
+        (("tokenizer", "eos_token_ids"), [9999], "outside the vocabulary"),
+        (("tokenizer", "placeholder_token_id"), -1, "outside the vocabulary"),
+        (("kv_cache", "max_context"), 0, "max_context is 0"),
+        (("kv_cache", "num_layers"), "2", "num_layers has the wrong type"),
+        (("embedding", "vocab_size"), 2.5, "vocab_size has the wrong type"),
+        (("architecture",), None, "architecture has the wrong type"),
+        (("graphs", "decoder", "inputs"), {"a": 1}, "inputs must be a list"),
+        (("files",), [], "files must be an object"),
+        (("files", "vision.onnx", "size"), "1", "size has the wrong type"),
+    ],
+)
+def test_crafted_fields_give_one_bundle_error(
+    bundle: Path, path: tuple[str, ...], value: object, message: str
+) -> None:
+    _rewrite_nested(bundle, path, value)
+    with pytest.raises(BundleError, match=re.escape(message)) as info:
+        load_manifest(bundle)
+    assert "\n" not in str(info.value)
+
+
+def test_a_bundle_without_a_vision_graph_is_refused(bundle: Path) -> None:
+    data = json.loads((bundle / MANIFEST_NAME).read_text())
+    del data["graphs"]["vision"]
+    (bundle / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="has no 'vision' graph"):
+        load_manifest(bundle)

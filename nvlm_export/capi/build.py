@@ -79,6 +79,7 @@ int nvlm_py_request_set_max_new_tokens(nvlm_request*, int32_t);
 int nvlm_py_request_set_sampling(nvlm_request*, float, int32_t, float);
 int nvlm_py_request_set_seed(nvlm_request*, uint64_t);
 int nvlm_py_request_set_max_tiles(nvlm_request*, int32_t);
+int nvlm_py_request_set_max_image_bytes(nvlm_request*, uint64_t);
 const char* nvlm_py_result_text(const nvlm_result*);
 const char* nvlm_py_result_finish_reason(const nvlm_result*);
 const int32_t* nvlm_py_result_token_ids(const nvlm_result*, size_t*);

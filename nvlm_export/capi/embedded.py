@@ -41,7 +41,8 @@ from nvlm_export.errors import (
     NvlmError,
     PromptError,
 )
-from nvlm_export.runtime.images import load_image
+from nvlm_export.runtime.images import check_encoded_size, load_image
+from nvlm_export.runtime.limits import DEFAULT_MAX_IMAGE_BYTES
 from nvlm_export.runtime.sampling import check_sampling_options
 
 Cdata = Any  # a cffi pointer (cffi has no static types)
@@ -135,6 +136,7 @@ class Request:
     max_tiles: int | None = None
     system: str | None = None
     raw: bool = False
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # for images added from now on
 
     def generate_arguments(self) -> dict[str, Any]:
         """A snapshot for one generate call, so the request may change while it runs."""
@@ -163,6 +165,7 @@ class Session:
         self._ffi = ffi
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread running a request, if any
+        self.closed = False  # set under the lock by close
         self.last_error: Cdata = ffi.new("char[]", b"")
 
     @contextmanager
@@ -174,6 +177,13 @@ class Session:
                 fix="Return from the callback first; use another session for nested requests",
             )
         with self._lock:
+            # A caller that looked the session up before a concurrent close and then waited here
+            # must not run on it: the close released its runners.
+            if self.closed:
+                raise InputError(
+                    "The session was closed while this call waited for it",
+                    fix="Do not close a session that other threads still use",
+                )
             self._owner = threading.get_ident()
             try:
                 yield
@@ -298,6 +308,7 @@ class CApi:
         session = self.handles.get(handle, Session)
         with session.busy():  # waits for a running request; refuses a close from its callback
             self.handles.remove(handle, Session)
+            session.closed = True
             session.release()
 
     def session_last_error(self, handle: Cdata) -> Cdata:
@@ -380,13 +391,15 @@ class CApi:
         request = self.handles.get(handle, Request)
         if data == self.ffi.NULL:
             raise InputError("The image data pointer is NULL")
+        check_encoded_size(size, request.max_image_bytes, "The image data")  # before copying
         encoded = bytes(self.ffi.buffer(self.ffi.cast("char *", data), size))
-        request.images.append(load_image(encoded))
+        request.images.append(load_image(encoded, max_bytes=request.max_image_bytes))
         return Status.OK
 
     def request_add_image_file(self, handle: Cdata, path: Cdata) -> Status:
         request = self.handles.get(handle, Request)
-        request.images.append(load_image(self.text(path, "image path")))
+        path_text = self.text(path, "image path")
+        request.images.append(load_image(path_text, max_bytes=request.max_image_bytes))
         return Status.OK
 
     def request_add_image_pixels(
@@ -418,6 +431,11 @@ class CApi:
 
     def request_set_seed(self, handle: Cdata, seed: int) -> Status:
         self.handles.get(handle, Request).seed = int(seed)
+        return Status.OK
+
+    def request_set_max_image_bytes(self, handle: Cdata, max_bytes: int) -> Status:
+        request = self.handles.get(handle, Request)
+        request.max_image_bytes = max_bytes or DEFAULT_MAX_IMAGE_BYTES
         return Status.OK
 
     def request_set_max_tiles(self, handle: Cdata, max_tiles: int) -> Status:
@@ -508,6 +526,7 @@ ENTRY_POINTS: dict[str, str] = {
     "request_set_sampling": "status",
     "request_set_seed": "status",
     "request_set_max_tiles": "status",
+    "request_set_max_image_bytes": "status",
     "result_text": "null",
     "result_finish_reason": "null",
     "result_token_ids": "null",

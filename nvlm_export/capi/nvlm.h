@@ -96,6 +96,8 @@ typedef struct nvlm_session nvlm_session;
  *   providers=A,B                  ONNX Runtime execution providers in priority order
  *                                  (default CPUExecutionProvider)
  *   optimization_level=L           ONNX Runtime graph optimisation: disable|basic|extended|all
+ *   verify_hashes=1                check every bundle file's SHA-256 against the manifest
+ *                                  (reads the whole bundle; sizes are always checked)
  * Unknown keys are refused (NVLM_ERR_INVALID_ARGUMENT). On success *out_session is a new session
  * the caller closes with nvlm_session_close. */
 int nvlm_session_open(const char* bundle_path, const char* options, nvlm_session** out_session);
@@ -135,6 +137,10 @@ int nvlm_request_set_system(nvlm_request* request, const char* system);
  * tokens are honoured. Otherwise prompt and system text are data: special-token strings in them
  * are tokenized as plain text, never as control or image tokens. */
 int nvlm_request_set_raw(nvlm_request* request, int raw);
+
+/* Refuse image files and encoded images added after this call that are larger than max_bytes
+ * (NVLM_ERR_IMAGE), before a byte is read. 0 restores the default, 64 MiB. */
+int nvlm_request_set_max_image_bytes(nvlm_request* request, uint64_t max_bytes);
 
 /* Append an encoded image (JPEG, PNG, WebP, ...). It is decoded now, so a corrupt or truncated
  * image fails here with NVLM_ERR_IMAGE. The bytes are copied. */

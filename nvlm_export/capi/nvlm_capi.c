@@ -38,6 +38,7 @@ static int nvlm_py_request_set_max_new_tokens(nvlm_request*, int32_t);
 static int nvlm_py_request_set_sampling(nvlm_request*, float, int32_t, float);
 static int nvlm_py_request_set_seed(nvlm_request*, uint64_t);
 static int nvlm_py_request_set_max_tiles(nvlm_request*, int32_t);
+static int nvlm_py_request_set_max_image_bytes(nvlm_request*, uint64_t);
 static int nvlm_py_session_generate(nvlm_session*, const nvlm_request*, nvlm_token_callback,
                                     void*, nvlm_result**);
 static const char* nvlm_py_result_text(const nvlm_result*);
@@ -249,6 +250,11 @@ int nvlm_request_set_seed(nvlm_request* request, uint64_t seed) {
 int nvlm_request_set_max_tiles(nvlm_request* request, int32_t max_tiles) {
     ENTER_OR_RETURN_STATUS();
     return nvlm_py_request_set_max_tiles(request, max_tiles);
+}
+
+int nvlm_request_set_max_image_bytes(nvlm_request* request, uint64_t max_bytes) {
+    ENTER_OR_RETURN_STATUS();
+    return nvlm_py_request_set_max_image_bytes(request, max_bytes);
 }
 
 /* ---- results ------------------------------------------------------------------------------ */

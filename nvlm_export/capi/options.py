@@ -34,6 +34,12 @@ def _name_list(key: str, text: str) -> tuple[str, ...]:
     return names
 
 
+def _flag(key: str, text: str) -> bool:
+    if text not in ("0", "1"):
+        raise InputError(f"Option {key}={text} is invalid", fix=f"Use {key}=1 or {key}=0")
+    return text == "1"
+
+
 def _word(key: str, text: str) -> str:
     if not text:
         raise InputError(f"Option {key} is empty", fix=f"Give {key} a value or leave it out")
@@ -54,6 +60,8 @@ OPTIONS: dict[str, SessionOption] = {
         SessionOption("threads", "intra_op_threads", _positive_int, ("onnxruntime",)),
         SessionOption("providers", "providers", _name_list, ("onnxruntime",)),
         SessionOption("optimization_level", "optimization_level", _word, ("onnxruntime",)),
+        # Pipeline options, for every backend.
+        SessionOption("verify_hashes", "verify_hashes", _flag, ("onnxruntime", "tensorrt")),
     )
 }
 

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from nvlm_export.runtime.limits import MAX_TILE_SIZE, MAX_TILES
+
 if TYPE_CHECKING:
     from nvlm_export.runtime.tiling import Tiling
 
@@ -29,6 +31,7 @@ def tile(
         typer.Option(
             "--max-tiles",
             min=1,
+            max=MAX_TILES,
             help="Largest number of regular tiles (NVLM-D: 6, InternVL2: 12).",
             rich_help_panel=PANEL_TILING,
         ),
@@ -36,7 +39,11 @@ def tile(
     tile_size: Annotated[
         int,
         typer.Option(
-            "--tile-size", min=1, help="Tile side in pixels.", rich_help_panel=PANEL_TILING
+            "--tile-size",
+            min=1,
+            max=MAX_TILE_SIZE,
+            help="Tile side in pixels.",
+            rich_help_panel=PANEL_TILING,
         ),
     ] = 448,
     min_tiles: Annotated[
@@ -44,6 +51,7 @@ def tile(
         typer.Option(
             "--min-tiles",
             min=1,
+            max=MAX_TILES,
             help="Smallest number of regular tiles.",
             rich_help_panel=PANEL_TILING,
         ),

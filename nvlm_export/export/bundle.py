@@ -155,8 +155,7 @@ def _write_bundle(
         precision=settings.dtype,
         extras=arch.manifest_extras(model),
     )
-    manifest.save(bundle)
-    return manifest
+    return manifest.save(bundle)  # records every file written above
 
 
 def graph_spec(io: GraphIO, precision: str) -> GraphSpec:

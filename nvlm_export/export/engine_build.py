@@ -103,8 +103,7 @@ def build_engines(
         b.graph: engine_record(plan.engine(b.graph), plan, b, trt.__version__, device)
         for b in built
     }
-    updated = replace(manifest, engines={**manifest.engines, **engines})
-    updated.save(bundle_dir)
+    updated = replace(manifest, engines={**manifest.engines, **engines}).save(bundle_dir)
     return updated, built
 
 

@@ -91,11 +91,13 @@ class Finding:
 
 
 def lint_bundle(bundle_dir: str | Path, target: Target | None = None) -> list[Finding]:
-    """Lint every graph a bundle's manifest names, against the profiles a build would use."""
+    """Lint every graph a bundle's manifest names, against the profiles a build would use.
+
+    The bundle's files are first checked against the SHA-256 recorded in its manifest."""
     import onnx
 
     bundle = Path(bundle_dir)
-    manifest = load_manifest(bundle)
+    manifest = load_manifest(bundle, verify_hashes=True)
     axes = axis_ranges(manifest, PlanOptions())
     findings: list[Finding] = []
     for name, graph in manifest.graphs.items():

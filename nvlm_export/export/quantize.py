@@ -153,12 +153,13 @@ def quantize_bundle(
         for name in set(manifest.graphs) - set(components):
             _copy_graph(bundle, staging, manifest.graphs[name].file)
         quantized = replace(manifest, graphs=graphs, precision=settings.precision, engines={})
-        quantized.save(staging)
+        quantized.save(staging)  # the accuracy check loads the staged bundle
         with stages.stage("accuracy on held-out requests"):
             unchanged = set(manifest.graphs) - set(components)
             accuracy = _accuracy(bundle, staging, calib, settings, unchanged, warn)
         (staging / ACCURACY_FILE).write_text(json.dumps(accuracy.to_dict(), indent=2) + "\n")
         _enforce_budget(accuracy, settings, warn)
+        quantized = quantized.save(staging)  # again, to record accuracy.json too
         replace_output(staging, out)
     return QuantizeReport(out, quantized, accuracy, components, dict(stages.seconds))
 

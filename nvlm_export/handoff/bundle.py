@@ -96,9 +96,7 @@ def handoff_bundle(checkpoint: Path, bundle: Path, settings: HandoffSettings) ->
         spec = _with_tensorrt_llm_commands(spec, manifest, settings.max_batch_size)
     else:
         spec = replace(spec, engine_version=VLLM_VERSION)
-    updated = replace(manifest, language_engine=spec)
-    updated.save(bundle)
-    return updated
+    return replace(manifest, language_engine=spec).save(bundle)  # records llm/ too
 
 
 def _check_bundle(manifest: Manifest, bundle: Path, settings: HandoffSettings) -> None:

@@ -10,6 +10,9 @@ frames; H×W×4 and H×W too). Every mode becomes RGB:
   colour hides under transparent pixels (often black); white is what a viewer shows and what a
   document or a logo on a page looks like, so transparent regions do not become black blocks.
 
+A path is opened without blocking and checked before a byte is read: only regular files are
+accepted (a FIFO, a device such as /dev/zero or a socket is refused), and files and encoded bytes
+larger than `max_bytes` (default `limits.DEFAULT_MAX_IMAGE_BYTES`, 64 MiB) are refused.
 Files and bytes are fully decoded (`.load()`), so a truncated file fails here, not later. A
 decompression-bomb guard uses Pillow's own MAX_IMAGE_PIXELS check with its warning turned into an
 error; the limit applies to encoded input (paths and bytes), which is where the risk lies.
@@ -19,6 +22,8 @@ EXIF orientation is ignored by default, like the reference; pass `exif_transpose
 from __future__ import annotations
 
 import io
+import os
+import stat
 import threading
 import warnings
 from pathlib import Path
@@ -28,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nvlm_export.errors import ImageError
+from nvlm_export.runtime.limits import DEFAULT_MAX_IMAGE_BYTES
 
 # 64 megapixels: bigger than any phone or Jetson camera frame (a 48 MP sensor fits), small enough
 # that a crafted file cannot make us allocate gigabytes before we notice.
@@ -40,21 +46,28 @@ _PIXEL_LIMIT_LOCK = threading.Lock()
 
 
 def load_image(
-    source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = False
+    source: ImageSource,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    exif_transpose: bool = False,
 ) -> Image.Image:
     """Return `source` as an RGB image (transparency composited on white).
 
-    Raises ImageError with a one-line message for a missing file, a directory, data that is not an
-    image, a truncated file, an empty image, or an encoded image with more than `max_pixels` pixels.
+    Raises ImageError with a one-line message for a missing file, a directory or other non-regular
+    file, a file or bytes above `max_bytes`, data that is not an image, a truncated file, an empty
+    image, or an encoded image with more than `max_pixels` pixels.
     """
     if isinstance(source, Image.Image):
         image = _loaded(source)
     elif isinstance(source, np.ndarray):
         image = _image_from_array(source)
     elif isinstance(source, (bytes, bytearray)):
+        check_encoded_size(len(source), max_bytes, "The image data")
         image = _decode(io.BytesIO(bytes(source)), "the image bytes", max_pixels)
     elif isinstance(source, (str, Path)):
-        image = _decode(io.BytesIO(_read_file(Path(source))), str(source), max_pixels)
+        data = _read_file(Path(source), max_bytes)
+        image = _decode(io.BytesIO(data), str(source), max_pixels)
     else:
         raise ImageError(
             f"Cannot read an image from a {type(source).__name__}",
@@ -67,16 +80,52 @@ def load_image(
     return to_rgb(image)
 
 
-def _read_file(path: Path) -> bytes:
+def _read_file(path: Path, max_bytes: int) -> bytes:
+    """The whole file, refused unless it is a regular file of at most `max_bytes`.
+
+    It is opened non-blocking (opening a FIFO for reading would otherwise wait for a writer) and
+    checked with fstat on the open descriptor, so the file checked is the file read.
+    """
     # Reading the bytes up front leaves no file handle open behind a lazily loaded image.
-    if path.is_dir():
-        raise ImageError(f"{path} is a directory, not an image file", fix="Pass an image file")
-    if not path.exists():
-        raise ImageError(f"Image file {path} does not exist", fix="Check the path")
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ImageError(f"Image file {path} does not exist", fix="Check the path") from None
     except OSError as error:
         raise ImageError(f"Cannot read {path}", why=_first_line(error)) from error
+    try:
+        _check_regular_file(path, os.fstat(fd), max_bytes)
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            data = file.read(max_bytes + 1)  # the file may grow after the check
+    except OSError as error:
+        raise ImageError(f"Cannot read {path}", why=_first_line(error)) from error
+    finally:
+        os.close(fd)
+    check_encoded_size(len(data), max_bytes, str(path))
+    return data
+
+
+def _check_regular_file(path: Path, info: os.stat_result, max_bytes: int) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageError(f"{path} is a directory, not an image file", fix="Pass an image file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageError(
+            f"{path} is not a regular file",
+            why="devices, FIFOs and sockets can block or never end",
+            fix="Pass an image file, or read the data yourself and pass the bytes",
+        )
+    check_encoded_size(info.st_size, max_bytes, str(path))
+
+
+def check_encoded_size(size: int, max_bytes: int, name: str) -> None:
+    """Refuse encoded image data (a file's or a buffer's) above `max_bytes`."""
+    if size > max_bytes:
+        raise ImageError(
+            f"{name} is {size} bytes, above the {max_bytes}-byte limit for encoded images",
+            why="the limit bounds memory and decoding time for untrusted input",
+            fix="Recompress or downscale the image, or raise the limit (max_bytes / "
+            "max_image_bytes in Python, nvlm_request_set_max_image_bytes in C)",
+        )
 
 
 def _loaded(image: Image.Image) -> Image.Image:

@@ -8,22 +8,30 @@ never guesses from file names. The schema is versioned `MAJOR.MINOR`:
 - within a major version, a newer MINOR may only add optional keys, which an older runtime ignores;
 - for a MINOR it knows, unknown keys are an error (they are typos or corruption, not extensions).
 
+Every path in a manifest must resolve, after symlinks, inside the bundle directory, and the
+manifest records the size and SHA-256 of every file of the bundle: loading checks sizes always and
+hashes on request (`verify_hashes=True`, `nvlm-export lint`).
+
 `docs/bundle.md` documents every field; keep it in step with this module.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from nvlm_export import __version__
 from nvlm_export.errors import BundleError
 
-SCHEMA_VERSION = "1.1"  # 1.1: the optional `language_engine` hand-off section
+SCHEMA_VERSION = "2.0"  # 1.1: the optional `language_engine` section; 2.0: file records required
 MANIFEST_NAME = "manifest.json"
 
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
@@ -155,6 +163,14 @@ class LanguageEngineSpec:
 
 
 @dataclass(frozen=True)
+class FileRecord:
+    """A bundle file's size in bytes and SHA-256 (hex), as recorded when the bundle was written."""
+
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     architecture: str
     source: SourceSpec
@@ -172,6 +188,8 @@ class Manifest:
     engines: dict[str, Any] = field(default_factory=dict)
     # The decoder handed off to a serving engine (vLLM, TensorRT-LLM); None without a hand-off.
     language_engine: LanguageEngineSpec | None = None
+    # Every file of the bundle but manifest.json, by path relative to the bundle; `save` fills it.
+    files: dict[str, FileRecord] = field(default_factory=dict)
     schema_version: str = SCHEMA_VERSION
 
     def graph(self, name: str) -> GraphSpec:
@@ -192,7 +210,9 @@ class Manifest:
         version = data.get("schema_version")
         lenient = _check_schema_version(version, where)
         try:
-            return _build(cls, data, where, lenient)
+            manifest = _build(cls, data, where, lenient)
+            _check_values(manifest, where)
+            return manifest
         except BundleError:
             raise
         except (TypeError, ValueError, KeyError) as error:
@@ -200,19 +220,61 @@ class Manifest:
                 f"{where} is malformed", why=str(error), fix="Re-export the bundle"
             ) from error
 
-    def save(self, bundle_dir: Path) -> Path:
-        """Write manifest.json atomically (a crash never leaves a half-written manifest)."""
+    def save(self, bundle_dir: Path) -> Manifest:
+        """Record every file of `bundle_dir` (size and SHA-256) and write manifest.json atomically
+        (a crash never leaves a half-written manifest). Call it when every other file is written:
+        files added later are not part of the bundle. Returns the manifest as written."""
+        recorded = replace(self, files=record_files(bundle_dir))
         path = Path(bundle_dir) / MANIFEST_NAME
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        text = json.dumps(recorded.to_dict(), indent=2) + "\n"
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
             f.write(text)
         os.chmod(f.name, 0o644)  # NamedTemporaryFile creates 0600; a bundle is meant to be shared
         os.replace(f.name, path)
-        return path
+        return recorded
 
 
-def load_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
-    """Read and validate a bundle's manifest; every failure is one BundleError line."""
+# --- file records ---------------------------------------------------------------------------------
+
+_HASH_CHUNK = 1 << 20
+
+
+def record_files(bundle_dir: str | os.PathLike[str]) -> dict[str, FileRecord]:
+    """Size and SHA-256 of every regular file under `bundle_dir` except manifest.json and hidden
+    files (locks, editor and temporary files), keyed by POSIX path relative to the bundle."""
+    root = Path(bundle_dir)
+    records = {}
+    for path in sorted(_bundle_files(root)):
+        records[path.relative_to(root).as_posix()] = FileRecord(
+            path.stat().st_size, file_sha256(path)
+        )
+    return records
+
+
+def _bundle_files(root: Path) -> Iterator[Path]:
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        for name in names:
+            path = Path(directory) / name
+            if name.startswith(".") or (Path(directory) == root and name == MANIFEST_NAME):
+                continue
+            if path.is_file():
+                yield path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_manifest(bundle_dir: str | os.PathLike[str], *, verify_hashes: bool = False) -> Manifest:
+    """Read and validate a bundle's manifest; every failure is one BundleError line.
+
+    Every path it names must stay inside the bundle, and every recorded file must exist with its
+    recorded size; `verify_hashes` also compares each file's SHA-256 (reads the whole bundle)."""
     bundle = Path(bundle_dir)
     if not bundle.exists():
         raise BundleError(
@@ -240,7 +302,7 @@ def load_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
     if not isinstance(data, dict):
         raise BundleError(f"{path} is not a JSON object", fix="Re-export the bundle")
     manifest = Manifest.from_dict(data, where=str(path))
-    _check_files_exist(manifest, bundle)
+    check_bundle_files(manifest, bundle, verify_hashes=verify_hashes)
     return manifest
 
 
@@ -287,7 +349,39 @@ def _build(cls: type[T], data: dict[str, Any], where: str, lenient: bool) -> T:
             fix="Check the file for typos or re-export the bundle",
         )
     values = {k: _convert(cls, k, v, where, lenient) for k, v in data.items() if k in known}
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if not _matches(value, hints[key]):
+            raise BundleError(
+                f"{where}: {key} has the wrong type ({type(value).__name__}: {value!r:.60})",
+                why=f"{cls.__name__}.{key} is {_type_name(hints[key])}",
+                fix="Check the file or re-export the bundle",
+            )
     return cls(**values)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value (lists already tuples) fits a field's type hint."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint in (int, float):  # JSON booleans are ints in Python; a count is never true/false
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(
+            value, bool
+        )
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_matches(item, args[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and _matches(v, args[1]) for k, v in value.items()
+        )
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 # How the nested fields of each dataclass are built from JSON: a dataclass, or a mapping / list of
@@ -299,6 +393,7 @@ _NESTED: dict[tuple[type, str], tuple[str, type]] = {
     (Manifest, "tokenizer"): ("one", TokenizerSpec),
     (Manifest, "graphs"): ("mapping", GraphSpec),
     (Manifest, "language_engine"): ("optional", LanguageEngineSpec),
+    (Manifest, "files"): ("mapping", FileRecord),
     (GraphSpec, "inputs"): ("list", TensorSpec),
     (GraphSpec, "outputs"): ("list", TensorSpec),
 }
@@ -310,10 +405,58 @@ def _convert(cls: type, key: str, value: Any, where: str, lenient: bool) -> Any:
     if kind == "one" or (kind == "optional" and value is not None):
         return _build(nested, value, here, lenient)
     if kind == "mapping":
+        if not isinstance(value, dict):
+            raise BundleError(
+                f"{here} must be an object, not a {type(value).__name__}", fix=_REEXPORT
+            )
         return {name: _build(nested, v, f"{here}.{name}", lenient) for name, v in value.items()}
     if kind == "list":
+        if not isinstance(value, list):
+            raise BundleError(f"{here} must be a list, not a {type(value).__name__}", fix=_REEXPORT)
         return tuple(_build(nested, v, here, lenient) for v in value)
     return tuple(value) if isinstance(value, list) else value
+
+
+REQUIRED_GRAPHS = (VISION_GRAPH, DECODER_GRAPH)
+
+
+def _check_values(manifest: Manifest, where: str) -> None:
+    """Ranges of the fields that size work and memory, and the graphs every bundle has."""
+    missing = [name for name in REQUIRED_GRAPHS if name not in manifest.graphs]
+    if missing:
+        raise BundleError(
+            f"{where} has no {' or '.join(repr(m) for m in missing)} graph",
+            why=f"every bundle has {' and '.join(REQUIRED_GRAPHS)}; "
+            f"it lists {sorted(manifest.graphs)}",
+            fix=_REEXPORT,
+        )
+    positive = {
+        "embedding.vocab_size": manifest.embedding.vocab_size,
+        "embedding.hidden_size": manifest.embedding.hidden_size,
+        "kv_cache.num_layers": manifest.kv_cache.num_layers,
+        "kv_cache.num_kv_heads": manifest.kv_cache.num_kv_heads,
+        "kv_cache.head_dim": manifest.kv_cache.head_dim,
+        "kv_cache.max_context": manifest.kv_cache.max_context,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise BundleError(f"{where}: {key} is {value}", why="it must be >= 1", fix=_REEXPORT)
+    vocab = manifest.embedding.vocab_size
+    ids = {"tokenizer.placeholder_token_id": (manifest.tokenizer.placeholder_token_id,)}
+    ids["tokenizer.eos_token_ids"] = manifest.tokenizer.eos_token_ids
+    for key, values in ids.items():
+        if any(not 0 <= value < vocab for value in values):
+            raise BundleError(
+                f"{where}: {key} {list(values)} is outside the vocabulary",
+                why=f"token ids run from 0 to {vocab - 1}",
+                fix=_REEXPORT,
+            )
+    for key, name in (
+        ("embedding.dtype", manifest.embedding.dtype),
+        ("kv_cache.dtype", manifest.kv_cache.dtype),
+    ):
+        if name not in DTYPES:
+            raise BundleError(f"{where}: {key} '{name}' is not a known dtype", fix=_REEXPORT)
 
 
 def _by_name(specs: tuple[TensorSpec, ...], name: str, where: str) -> TensorSpec:
@@ -323,15 +466,75 @@ def _by_name(specs: tuple[TensorSpec, ...], name: str, where: str) -> TensorSpec
     raise BundleError(f"{where} has no tensor named '{name}'", fix="Re-export the bundle")
 
 
-def _check_files_exist(manifest: Manifest, bundle: Path) -> None:
-    files = [g.file for g in manifest.graphs.values()]
-    files += [manifest.embedding.file, manifest.tokenizer.file, *manifest.tokenizer.config_files]
+def named_paths(manifest: Manifest) -> Iterator[tuple[str, str]]:
+    """(manifest key, path) of every file the manifest names, records included."""
+    for name, graph in manifest.graphs.items():
+        yield f"graphs.{name}.file", graph.file
+    yield "embedding.file", manifest.embedding.file
+    yield "tokenizer.file", manifest.tokenizer.file
+    for index, name in enumerate(manifest.tokenizer.config_files):
+        yield f"tokenizer.config_files[{index}]", name
+    for name, engine in manifest.engines.items():
+        if isinstance(engine, dict) and "file" in engine:
+            yield f"engines.{name}.file", engine["file"]
     if manifest.language_engine is not None:
-        files.append(f"{manifest.language_engine.checkpoint}/config.json")
-    for name in files:
-        if not (bundle / name).is_file():
+        yield "language_engine.checkpoint", f"{manifest.language_engine.checkpoint}/config.json"
+    for name in manifest.files:
+        yield f"files[{name!r}]", name
+
+
+def inside_bundle(bundle: Path, key: str, name: object) -> Path:
+    """`bundle / name`, refused unless it resolves (symlinks followed) inside the bundle."""
+    if not isinstance(name, str) or not name:
+        raise BundleError(f"The manifest's {key} is not a file name: {name!r}", fix=_REEXPORT)
+    root = bundle.resolve()
+    resolved = (root / name).resolve()
+    if not resolved.is_relative_to(root) or resolved == root:
+        raise BundleError(
+            f"The manifest's {key} points outside the bundle",
+            why=f"'{name}' resolves to {resolved}, which is not inside {root}",
+            fix="A bundle names only files inside its own directory; re-export it",
+        )
+    return resolved
+
+
+def check_bundle_files(manifest: Manifest, bundle: Path, *, verify_hashes: bool = False) -> None:
+    """Containment of every named path, then each recorded file's size (and SHA-256)."""
+    for key, name in named_paths(manifest):
+        inside_bundle(bundle, key, name)
+        if name not in manifest.files:
             raise BundleError(
-                f"Bundle '{bundle}' is incomplete",
-                why=f"its manifest names '{name}', which is missing",
-                fix="Re-export the bundle",
+                f"The manifest's {key} names '{name}', which has no file record",
+                why="every file of a bundle is recorded with its size and SHA-256",
+                fix=_REEXPORT,
             )
+    if not manifest.files:
+        raise BundleError(f"The manifest of '{bundle}' records no files", fix=_REEXPORT)
+    for name, record in manifest.files.items():
+        _check_record(bundle, name, record, verify_hashes)
+
+
+def _check_record(bundle: Path, name: str, record: FileRecord, verify_hashes: bool) -> None:
+    path = bundle / name
+    if not path.is_file():
+        raise BundleError(
+            f"Bundle '{bundle}' is incomplete",
+            why=f"its manifest names '{name}', which is missing",
+            fix="Copy the bundle again or re-export it",
+        )
+    size = path.stat().st_size
+    if size != record.size:
+        raise BundleError(
+            f"Bundle file '{name}' is {size} bytes, not the {record.size} its manifest records",
+            why="it was truncated, appended to or replaced after the bundle was written",
+            fix="Copy the bundle again or re-export it",
+        )
+    if verify_hashes and file_sha256(path) != record.sha256:
+        raise BundleError(
+            f"Bundle file '{name}' does not match its recorded SHA-256",
+            why="its bytes changed after the bundle was written (corruption or an edit)",
+            fix="Copy the bundle again or re-export it",
+        )
+
+
+_REEXPORT = "Re-export the bundle with this version of nvlm-export"

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tokenizers import Tokenizer
 
 from nvlm_export.errors import BundleError, InputError, PromptError
@@ -45,6 +46,7 @@ from nvlm_export.runtime.generation import (
     prefill,
 )
 from nvlm_export.runtime.images import ImageSource, load_image
+from nvlm_export.runtime.limits import DEFAULT_MAX_IMAGE_BYTES
 from nvlm_export.runtime.manifest import (
     CROSS_ATTENTION_MASK,
     CROSS_EMBEDS,
@@ -141,17 +143,20 @@ class Pipeline:
         *,
         vision_tiles_per_call: int | None = DEFAULT_VISION_TILES_PER_CALL,
         prefill_chunk_tokens: int | None = DEFAULT_PREFILL_CHUNK_TOKENS,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     ) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.runners = runners
         self.tokenizer = tokenizer
         self.embedding = embedding  # [vocab, D], memory-mapped
-        self.tiling = TilingConfig.from_dict(manifest.tiling)
+        self.tiling = _manifest_tiling(manifest)
         self.prompt_format = PromptFormat.from_dict(manifest.prompt)
+        _check_vision_shapes(manifest, self.tiling, self.prompt_format)
         self._embeds_dtype = np.dtype(manifest.graph(DECODER_GRAPH).input("inputs_embeds").dtype)
         self.vision_tiles_per_call = vision_tiles_per_call
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.max_image_bytes = max_image_bytes  # image files and bytes above this are refused
 
     @classmethod
     def load(
@@ -163,6 +168,8 @@ class Pipeline:
         prefill_chunk_tokens: int | None = DEFAULT_PREFILL_CHUNK_TOKENS,
         shared_runners: Mapping[str, GraphRunner] | None = None,
         graphs: Collection[str] | None = None,
+        verify_hashes: bool = False,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         **backend_options: object,
     ) -> Pipeline:
         """Load a bundle. `backend_options` go to the backend's runner (for ONNX Runtime:
@@ -172,9 +179,12 @@ class Pipeline:
         for their graphs instead of loading them again: another pipeline's runners for graphs the
         two bundles share unchanged (runners hold no per-request state). `graphs` names the
         graphs to load (default: all): a language engine that serves the decoder itself needs
-        only the vision side (see nvlm_export/handoff)."""
+        only the vision side (see nvlm_export/handoff). Every file's size is
+        checked against the manifest's records; `verify_hashes` checks their SHA-256 too (reads
+        the whole bundle once). Image files and encoded bytes above `max_image_bytes` are refused
+        before they are read."""
         bundle_dir = Path(bundle)
-        manifest = load_manifest(bundle_dir)
+        manifest = load_manifest(bundle_dir, verify_hashes=verify_hashes)
         runner_class = get_backend(backend)
         shared = shared_runners or {}
         runners = {}
@@ -196,6 +206,7 @@ class Pipeline:
             _load_embedding(bundle_dir, manifest),
             vision_tiles_per_call=vision_tiles_per_call,
             prefill_chunk_tokens=prefill_chunk_tokens,
+            max_image_bytes=max_image_bytes,
         )
 
     # --- the stages -----------------------------------------------------------------------------
@@ -210,7 +221,7 @@ class Pipeline:
     ) -> PreparedRequest:
         """Tile the images and assemble the prompt; refuses a prompt that overflows the context
         (naming the largest `max_tiles` that would fit, when there is one)."""
-        loaded = [load_image(image) for image in images]
+        loaded = [self.load_image(image) for image in images]
         tilings = tuple(tile_image(image, self.tiling, max_tiles) for image in loaded)
         tokens = build_prompt(
             self.tokenizer, self.prompt_format, prompt, tilings, system=system, raw=raw
@@ -223,6 +234,10 @@ class Pipeline:
                 raise
             raise PromptError(error.what, why=error.why, fix=fix) from None
         return PreparedRequest(tilings, tokens)
+
+    def load_image(self, image: ImageSource) -> Image.Image:
+        """An image source as RGB, with this pipeline's limit on encoded size."""
+        return load_image(image, max_bytes=self.max_image_bytes)
 
     def max_tiles_fitting(
         self,
@@ -242,7 +257,7 @@ class Pipeline:
         image's size (no pixels are resized). Raises PromptError when even `min_tiles` per image
         does not fit.
         """
-        sizes = [load_image(image).size for image in images]
+        sizes = [self.load_image(image).size for image in images]
         capacity = self.manifest.kv_cache.max_context
         budgets = range(self.tiling.max_tiles, self.tiling.min_tiles - 1, -1) if sizes else [None]
         for budget in budgets:
@@ -444,6 +459,35 @@ class _timed:
 
     def __exit__(self, *_: object) -> None:
         self.stages[self.name] = self.stages.get(self.name, 0.0) + time.perf_counter() - self.start
+
+
+def _manifest_tiling(manifest: Manifest) -> TilingConfig:
+    try:
+        return TilingConfig.from_dict(manifest.tiling)
+    except (InputError, TypeError) as error:
+        why = error.what if isinstance(error, InputError) else str(error)
+        raise BundleError(
+            "The manifest's tiling settings are invalid", why=why, fix="Re-export the bundle"
+        ) from None
+
+
+def _check_vision_shapes(manifest: Manifest, tiling: TilingConfig, fmt: PromptFormat) -> None:
+    """The prompt's tokens per tile and the tile size must be what the vision graph computes:
+    otherwise features would be spliced into the wrong number of slots."""
+    vision = manifest.graph(VISION_GRAPH)
+    expected = {
+        f"{PIXEL_VALUES} height": (vision.input(PIXEL_VALUES).shape[-2:-1], tiling.tile_size),
+        f"{PIXEL_VALUES} width": (vision.input(PIXEL_VALUES).shape[-1:], tiling.tile_size),
+    }
+    for output in vision.outputs:
+        expected[f"{output.name} tokens"] = (output.shape[1:2], fmt.tokens_per_tile)
+    for what, (dims, value) in expected.items():
+        if dims and isinstance(dims[0], int) and dims[0] != value:
+            raise BundleError(
+                "The manifest's tiling or prompt settings do not match the vision graph",
+                why=f"the graph's {what} is {dims[0]}, the settings say {value}",
+                fix="Re-export the bundle",
+            )
 
 
 def _gather(features: Sequence[Features], output: str, slots: Sequence[Slot]) -> np.ndarray:

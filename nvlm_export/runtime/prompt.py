@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, Protocol
 
@@ -196,6 +196,14 @@ class PromptFormat:
         _require_exact_keys(
             "prompt format chat", data["chat"], {f.name for f in fields(ChatTemplate)}
         )
+        _require_strings("prompt format chat", data["chat"], data["chat"])
+        _require_strings("prompt format", data, set(data) - {"chat", "tokens_per_tile"})
+        per_tile = data["tokens_per_tile"]
+        if isinstance(per_tile, bool) or not isinstance(per_tile, int) or per_tile < 1:
+            raise BundleError(
+                f"The prompt format's tokens_per_tile {per_tile!r} is not a positive integer",
+                fix="Re-export the bundle with this version of nvlm-export",
+            )
         fmt = cls(**{**data, "chat": ChatTemplate(**data["chat"])})
         if fmt.image_layout not in IMAGE_LAYOUTS:
             raise BundleError(
@@ -294,6 +302,12 @@ def build_prompt(
     input_ids = np.asarray(encoding.ids, dtype=np.int64)
     token_ends = np.asarray([end for _, end in encoding.offsets], dtype=np.int64)
     placeholder_id = _placeholder_id(tokenizer, fmt)
+    if not encoding.ids:
+        raise PromptError(
+            "The prompt is empty",
+            why="the decoder needs at least one token",
+            fix="Pass a non-empty prompt (a raw prompt is used exactly as given)",
+        )
 
     decoder_positions = np.flatnonzero(input_ids == placeholder_id).astype(np.int64)
     _check_placeholder_count(fmt, decoder_positions, len(assembled.decoder_slots))
@@ -353,6 +367,9 @@ def _assemble_text(
     system: str | None,
     raw: bool,
 ) -> _PromptText:
+    _check_text("prompt", question)
+    if system is not None:
+        _check_text("system message", system)
     if not raw and images and fmt.image_marker not in question:
         # InternVL's and NVLM's own chat() prepend the marker the same way.
         question = f"{fmt.image_marker}\n" * len(images) + question
@@ -582,6 +599,20 @@ def _placeholder_id(tokenizer: Tokenizer, fmt: PromptFormat) -> int:
     return token_id
 
 
+def _check_text(what: str, text: object) -> None:
+    if not isinstance(text, str):
+        raise PromptError(f"The {what} must be text, not a {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        # Python keeps undecodable command-line bytes as lone surrogates (PEP 383).
+        raise PromptError(
+            f"The {what} is not valid UTF-8 text",
+            why=f"it holds an undecodable byte or lone surrogate at character {error.start}",
+            fix="Pass UTF-8 text (check the terminal's or the file's encoding)",
+        ) from None
+
+
 def _check_marker_count(fmt: PromptFormat, markers: int, images: int, *, raw: bool) -> None:
     if markers == images:
         return
@@ -606,7 +637,21 @@ def _check_placeholder_count(fmt: PromptFormat, positions: np.ndarray, slots: in
         )
 
 
-def _require_exact_keys(what: str, data: dict[str, Any], expected: set[str]) -> None:
+def _require_strings(what: str, data: dict[str, Any], keys: Iterable[str]) -> None:
+    for key in keys:
+        if not isinstance(data[key], str):
+            raise BundleError(
+                f"The {what} in the manifest has a non-string {key}: {data[key]!r:.40}",
+                fix="Re-export the bundle with this version of nvlm-export",
+            )
+
+
+def _require_exact_keys(what: str, data: Any, expected: set[str]) -> None:
+    if not isinstance(data, dict):
+        raise BundleError(
+            f"The {what} in the manifest is not an object",
+            fix="Re-export the bundle with this version of nvlm-export",
+        )
     missing, unknown = expected - set(data), set(data) - expected
     if missing or unknown:
         raise BundleError(

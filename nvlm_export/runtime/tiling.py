@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from nvlm_export.errors import InputError
+from nvlm_export.runtime.limits import MAX_TILE_SIZE, MAX_TILES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,6 +59,14 @@ class TilingConfig:
                 raise InputError(
                     f"Tiling {name} must be a positive integer, got {value!r}",
                     fix=f"Pass a whole number >= 1 for {name}",
+                )
+        limits = {"tile_size": MAX_TILE_SIZE, "max_tiles": MAX_TILES, "min_tiles": MAX_TILES}
+        for name, limit in limits.items():
+            if getattr(self, name) > limit:
+                raise InputError(
+                    f"Tiling {name} {getattr(self, name)} is above the maximum {limit}",
+                    why="larger values would make tiling take unbounded time and memory",
+                    fix=f"Use {name} <= {limit}",
                 )
         if self.min_tiles > self.max_tiles:
             raise InputError(

@@ -9,7 +9,9 @@ call and delegates to `_infer_impl`, `deactivate()` releases. Runners are contex
 
 from __future__ import annotations
 
+import math
 import operator
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -58,6 +60,30 @@ class GraphSpec:
         return name in self._inputs_by_name
 
 
+class CallTimings:
+    """Count, total, fastest and slowest of a runner's graph calls: constant memory however long
+    the host process runs (a list of every call's time grew by one entry per call forever)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # concurrent requests share runners
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls, self.total_seconds = 0, 0.0
+        self.min_seconds, self.max_seconds = math.inf, 0.0
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self.calls += 1
+            self.total_seconds += seconds
+            self.min_seconds = min(self.min_seconds, seconds)
+            self.max_seconds = max(self.max_seconds, seconds)
+
+    @property
+    def mean_seconds(self) -> float:
+        return self.total_seconds / self.calls if self.calls else 0.0
+
+
 class GraphRunner(ABC):
     """Template for running one graph: the base owns the life cycle, validation and timing.
 
@@ -70,7 +96,7 @@ class GraphRunner(ABC):
     def __init__(self, spec: GraphSpec, *, validate_inputs: bool = True) -> None:
         self.spec = spec
         self.validate_inputs = validate_inputs
-        self.call_seconds: list[float] = []
+        self.timings = CallTimings()
         self.is_active = False
         # numpy dtypes resolved once: `array.dtype.name` is slow Python code on the hot path.
         self._input_dtypes = [_numpy_dtype(t.dtype) for t in spec.inputs]
@@ -111,7 +137,7 @@ class GraphRunner(ABC):
             self.check_feeds(feeds)
         start = time.perf_counter()
         outputs = self._infer_impl(feeds)
-        self.call_seconds.append(time.perf_counter() - start)
+        self.timings.add(time.perf_counter() - start)
         return outputs
 
     __call__ = infer
@@ -151,14 +177,14 @@ class GraphRunner(ABC):
     # -- profiling --------------------------------------------------------------------------
     @property
     def calls(self) -> int:
-        return len(self.call_seconds)
+        return self.timings.calls
 
     @property
     def total_seconds(self) -> float:
-        return sum(self.call_seconds)
+        return self.timings.total_seconds
 
     def reset_timings(self) -> None:
-        self.call_seconds.clear()
+        self.timings.reset()
 
     # -- backend hooks ----------------------------------------------------------------------
     @abstractmethod
