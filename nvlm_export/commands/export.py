@@ -128,15 +128,21 @@ def verify(
     from nvlm_export.export.architectures import architecture_for_layout
     from nvlm_export.export.validate import validate_bundle
     from nvlm_export.models.checkpoint import load_checkpoint
+    from nvlm_export.models.config import read_config
     from nvlm_export.runtime.manifest import load_manifest
 
     manifest = load_manifest(bundle)
     dtype = torch.float16 if manifest.precision == "fp16" else torch.float32
-    model = load_checkpoint(model_dir, dtype=dtype)
-    arch = architecture_for_layout(model.config.layout)
+    arch = architecture_for_layout(read_config(model_dir).layout)
     images = list(image) if image else None
     report = validate_bundle(
-        bundle, model, arch, images=images, question=prompt, greedy_steps=steps, check_tiling=True
+        bundle,
+        lambda: load_checkpoint(model_dir, dtype=dtype),  # after the bundle ran: one at a time
+        arch,
+        images=images,
+        question=prompt,
+        greedy_steps=steps,
+        check_tiling=True,
     )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))

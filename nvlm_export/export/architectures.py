@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from nvlm_export.export.decoder import export_decoder_onnx
 from nvlm_export.export.onnx_utils import GraphIO
 from nvlm_export.runtime.manifest import DECODER_GRAPH, IMAGE_FEATURES, VISION_GRAPH
 from nvlm_export.runtime.prompt import INTERNVL, NVLM_D, PromptFormat, PromptTokens
+
+if TYPE_CHECKING:
+    from nvlm_export.export.weights import CheckpointWeights
 
 # (model, prompt, token ids so far [1, T], tiles of every image [N, 3, S, S] or None) -> logits [V]
 ReferenceLogits = Callable[
@@ -38,8 +41,11 @@ class ArchitectureExport:
     prompt_format: PromptFormat
     # vision graph output name -> the projector that computes it from the tower's tile tokens
     vision_outputs: Callable[[nn.Module], dict[str, nn.Module]]
-    # writes the decoder (and cross_kv) graphs into a bundle directory
-    export_language: Callable[[nn.Module, Path, str, int, int], dict[str, GraphIO]]
+    # writes the decoder (and cross_kv) graphs into a bundle directory:
+    # (model, bundle, dtype, opset, max_context, weights of a skeleton model or None)
+    export_language: Callable[
+        [nn.Module, Path, str, int, int, CheckpointWeights | None], dict[str, GraphIO]
+    ]
     reference_logits: ReferenceLogits
     # facts the runtime strategy reads from manifest.extras (cross-attention layout)
     manifest_extras: Callable[[nn.Module], dict[str, Any]] = lambda model: {}
@@ -56,7 +62,12 @@ class ArchitectureExport:
 
 
 def _decoder_only_language(
-    model: nn.Module, bundle: Path, dtype: str, opset: int, max_context: int
+    model: nn.Module,
+    bundle: Path,
+    dtype: str,
+    opset: int,
+    max_context: int,
+    weights: CheckpointWeights | None,
 ) -> dict[str, GraphIO]:
     io = export_decoder_onnx(
         model.language_model,
@@ -64,6 +75,7 @@ def _decoder_only_language(
         dtype=dtype,
         opset=opset,
         max_context=max_context,
+        weights=weights,
     )
     return {"decoder": io}
 

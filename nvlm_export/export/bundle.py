@@ -1,8 +1,9 @@
 """`export_bundle`: a checkpoint directory in, a validated bundle directory out.
 
-    checkpoint ──load──▶ model ──trace──▶ vision.onnx, decoder.onnx (+ cross_kv.onnx)
-                                 └──────▶ embed_tokens.npy, tokenizer/, manifest.json
-    bundle ──ONNX Runtime vs PyTorch on a real tiled image + prompt──▶ validation report
+    config.json ──▶ model skeleton ──trace──▶ vision.onnx, decoder.onnx (+ cross_kv.onnx)
+    safetensors ──one tensor at a time──▶ their weights, embed_tokens.npy
+    checkpoint files ──▶ tokenizer/, manifest.json (last)
+    bundle ──ONNX Runtime, then PyTorch, on a real tiled image + prompt──▶ validation report
 
 Everything is written into a hidden staging directory beside the output and moved into place only
 after the manifest is written and validation passed, so a failed or interrupted export never leaves
@@ -24,10 +25,11 @@ import torch
 from nvlm_export.errors import InputError, ValidationError
 from nvlm_export.export.architectures import ArchitectureExport, architecture_for_layout
 from nvlm_export.export.decoder import DEFAULT_OPSET
-from nvlm_export.export.onnx_utils import GraphIO, save_embedding_table
+from nvlm_export.export.onnx_utils import GraphIO, write_embedding_table
 from nvlm_export.export.validate import ValidationReport, validate_bundle
 from nvlm_export.export.vision import VisionGraph, export_vision_onnx
-from nvlm_export.models.checkpoint import load_checkpoint
+from nvlm_export.export.weights import CheckpointWeights, model_skeleton
+from nvlm_export.models.checkpoint import check_stored_tensors, load_checkpoint, open_checkpoint
 from nvlm_export.progress import Stages
 from nvlm_export.runtime.manifest import (
     MANIFEST_NAME,
@@ -78,19 +80,29 @@ class ExportReport:
 def export_bundle(
     checkpoint: Path, out: Path, settings: ExportSettings = ExportSettings(), *, quiet: bool = False
 ) -> ExportReport:
-    """Export `checkpoint` to a bundle at `out`; raise (leaving nothing at `out`) on failure."""
+    """Export `checkpoint` to a bundle at `out`; raise (leaving nothing at `out`) on failure.
+
+    The graphs are traced from a skeleton of the model (no weights in memory) and their weights
+    streamed from the checkpoint (`export/weights.py`); only validation loads the model.
+    """
     check_output_path(out, settings.overwrite)
+    dtype = DTYPES[settings.dtype]
     with Stages(f"Exporting {checkpoint} → {out}", quiet=quiet) as stages:
-        with stages.stage("load checkpoint"):
-            model = load_checkpoint(checkpoint, dtype=DTYPES[settings.dtype])
-            arch = architecture_for_layout(model.config.layout)
-        stages.note(f"architecture {arch.name}, layout {model.config.layout}, {settings.dtype}")
+        with stages.stage("read checkpoint (config and tensor headers)"):
+            config, stored = open_checkpoint(checkpoint)
+            arch = architecture_for_layout(config.layout)
+            model = model_skeleton(config, dtype)
+            check_stored_tensors(model, stored, config.layout)
+            weights = CheckpointWeights(model, stored, config.layout, dtype)
+        stages.note(f"architecture {arch.name}, layout {config.layout}, {settings.dtype}")
         with staging_directory(out) as staging:
-            manifest = _write_bundle(model, arch, checkpoint, staging, settings, stages)
+            manifest = _write_bundle(model, weights, arch, checkpoint, staging, settings, stages)
             validation = None
             if settings.validate:
                 with stages.stage("validate against PyTorch (ONNX Runtime)"):
-                    validation = validate_bundle(staging, model, arch)
+                    validation = validate_bundle(
+                        staging, lambda: load_checkpoint(checkpoint, dtype=dtype), arch
+                    )
                 for line in validation.summary_lines():
                     stages.note(line)
                 if not validation.passed:
@@ -105,6 +117,7 @@ def export_bundle(
 
 def _write_bundle(
     model: torch.nn.Module,
+    weights: CheckpointWeights,
     arch: ArchitectureExport,
     checkpoint: Path,
     bundle: Path,
@@ -123,12 +136,18 @@ def _write_bundle(
             tokens_per_tile=config.tokens_per_tile,
             hidden_size=config.llm_hidden_size,
             opset=settings.opset,
+            weights=weights,
         )
     with stages.stage("language graphs"):
-        language = arch.export_language(model, bundle, settings.dtype, settings.opset, max_context)
+        language = arch.export_language(
+            model, bundle, settings.dtype, settings.opset, max_context, weights
+        )
     with stages.stage("embedding table and tokenizer"):
-        vocab, hidden = save_embedding_table(
-            model.embed_tokens.weight,
+        embed = model.embed_tokens.weight
+        key, shape = weights.key_of(embed), tuple(embed.shape)
+        vocab, hidden = write_embedding_table(
+            weights.row_blocks(key, shape),
+            shape,
             bundle / "embed_tokens.npy",
             dtype=NUMPY_NAMES[settings.dtype],
         )

@@ -19,7 +19,7 @@ validation compares against).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -55,6 +55,9 @@ from nvlm_export.runtime.manifest import (
     VISION_GRAPH,
 )
 from nvlm_export.runtime.prompt import NVLM_H, NVLM_X, PromptTokens
+
+if TYPE_CHECKING:
+    from nvlm_export.export.weights import CheckpointWeights
 
 CROSS_AXIS = "cross"  # the cross key/value sequence length K (engine_plan.CROSS_AXES)
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per block: key, value (B, KV, K, hd)
@@ -235,7 +238,12 @@ def _check_dtype(module: nn.Module, dtype: str) -> None:
 
 
 def export_cross_kv_onnx(
-    model: CrossAttentionVisionLanguageModel, path: Path, *, dtype: str, opset: int
+    model: CrossAttentionVisionLanguageModel,
+    path: Path,
+    *,
+    dtype: str,
+    opset: int,
+    weights: CheckpointWeights | None = None,
 ) -> GraphIO:
     """Trace the cross_kv graph (dynamic batch and cross length) to `path`."""
     from torch.export import Dim
@@ -248,7 +256,9 @@ def export_cross_kv_onnx(
     io = graph.graph_io(path.name, external_data_name(path) if external else None, opset, hidden)
     example = torch.zeros(2, 5, hidden, dtype=DTYPES[dtype])
     axes = ({0: Dim("batch", min=1), 1: Dim(CROSS_AXIS, min=1)},)
-    return trace_to_onnx(graph, (example,), path, io=io, dynamic_shapes=axes, what="cross_kv graph")
+    return trace_to_onnx(
+        graph, (example,), path, io=io, dynamic_shapes=axes, what="cross_kv graph", weights=weights
+    )
 
 
 def export_cross_decoder_onnx(
@@ -258,6 +268,7 @@ def export_cross_decoder_onnx(
     dtype: str,
     opset: int,
     max_context: int,
+    weights: CheckpointWeights | None = None,
 ) -> GraphIO:
     """Trace the decoder with its gated cross-attention blocks to `path`."""
     decoder = CrossAttentionDecoder(
@@ -274,18 +285,29 @@ def export_cross_decoder_onnx(
         io=io,
         dynamic_shapes=decoder.dynamic_shapes(),
         what="cross-attention decoder",
+        weights=weights,
     )
 
 
 def _cross_language(
-    model: nn.Module, bundle: Path, dtype: str, opset: int, max_context: int
+    model: nn.Module,
+    bundle: Path,
+    dtype: str,
+    opset: int,
+    max_context: int,
+    weights: CheckpointWeights | None,
 ) -> dict[str, GraphIO]:
     return {
         CROSS_KV_GRAPH: export_cross_kv_onnx(
-            model, bundle / "cross_kv.onnx", dtype=dtype, opset=opset
+            model, bundle / "cross_kv.onnx", dtype=dtype, opset=opset, weights=weights
         ),
         DECODER_GRAPH: export_cross_decoder_onnx(
-            model, bundle / "decoder.onnx", dtype=dtype, opset=opset, max_context=max_context
+            model,
+            bundle / "decoder.onnx",
+            dtype=dtype,
+            opset=opset,
+            max_context=max_context,
+            weights=weights,
         ),
     }
 

@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ from nvlm_export.export.onnx_utils import (
     needs_external_data,
     trace_to_onnx,
 )
+
+if TYPE_CHECKING:
+    from nvlm_export.export.weights import CheckpointWeights
 
 # TensorRT 10.x parses opsets 9-20; torch's dynamo exporter emits opset 18 natively (lower
 # opsets go through the ONNX version converter). 18 is the overlap with no conversion step.
@@ -459,12 +462,15 @@ def export_decoder_onnx(
     dtype: str = "fp32",
     opset: int = DEFAULT_OPSET,
     max_context: int | None = None,
+    weights: CheckpointWeights | None = None,
 ) -> GraphIO:
     """Trace a transformers Qwen2/Llama causal LM's decoder to `path` (ONNX) and check it.
 
     `lm` must already hold its weights in `dtype` (load it with torch_dtype=float16 for fp16):
-    the graph shares them, and converting here would double the memory of a 72B model. Weights
-    above 2 GB go to `<path>.data` beside the graph. Returns the graph's I/O for the manifest.
+    the graph shares them, and converting here would double the memory of a 72B model. Or `lm`
+    is a skeleton (FakeTensor parameters in `dtype`) and `weights` streams them from the
+    checkpoint (`export/weights.py`). Weights above 2 GB go to `<path>.data` beside the graph.
+    Returns the graph's I/O for the manifest.
     """
     if dtype not in DTYPES:
         raise ExportError(f"Unknown decoder dtype '{dtype}'", why=f"choose one of {list(DTYPES)}")
@@ -495,4 +501,5 @@ def export_decoder_onnx(
         io=io,
         dynamic_shapes=decoder.dynamic_shapes(),
         what="language decoder",
+        weights=weights,
     )

@@ -6,6 +6,7 @@ read it back.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,8 @@ from nvlm_export.errors import ExportError
 if TYPE_CHECKING:
     import onnx
     import torch
+
+    from nvlm_export.export.weights import CheckpointWeights
 
 # ONNX protobuf files cannot exceed 2 GiB; above this the weights go to a side file.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
@@ -175,6 +178,19 @@ def save_embedding_table(
     Written row block by row block so a 152064 x 8192 table never needs a second full copy in
     memory. Returns (vocab_size, hidden_size).
     """
+    if weight.dim() != 2:
+        raise ExportError(
+            f"The embedding table has shape {tuple(weight.shape)}, not [vocab, hidden]"
+        )
+    blocks = (weight[start : start + 4096].detach() for start in range(0, weight.shape[0], 4096))
+    return write_embedding_table(blocks, tuple(weight.shape), path, dtype=dtype)
+
+
+def write_embedding_table(
+    blocks: Iterable[torch.Tensor], shape: tuple[int, ...], path: str | Path, *, dtype: str
+) -> tuple[int, int]:
+    """Write an embedding table of `shape` [vocab, hidden], given as consecutive row blocks, to
+    a .npy file in `dtype`; only one block is in memory at a time. Returns (vocab, hidden)."""
     import torch
 
     torch_dtypes = {"float32": torch.float32, "float16": torch.float16}
@@ -183,21 +199,20 @@ def save_embedding_table(
             f"Cannot write the embedding table as '{dtype}'",
             why=f"supported dtypes are {sorted(torch_dtypes)}",
         )
-    if weight.dim() != 2:
-        raise ExportError(
-            f"The embedding table has shape {tuple(weight.shape)}, not [vocab, hidden]"
-        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(weight.shape))
-    rows_per_block = 4096
-    with torch.no_grad():
-        for start in range(0, weight.shape[0], rows_per_block):
-            block = weight[start : start + rows_per_block].detach().to("cpu", torch_dtypes[dtype])
-            out[start : start + block.shape[0]] = block.numpy()
-    out.flush()
-    del out
-    return int(weight.shape[0]), int(weight.shape[1])
+    rows = 0
+    # Plain writes, not a memory map: every page written through a map stays in the process's
+    # resident set until it is unmapped, which would count the whole table.
+    with path.open("wb") as file, torch.no_grad():
+        header = {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": tuple(shape)}
+        np.lib.format.write_array_header_1_0(file, header)
+        for block in blocks:
+            file.write(memoryview(block.to("cpu", torch_dtypes[dtype]).contiguous().numpy()))
+            rows += block.shape[0]
+    if rows != shape[0]:
+        raise ExportError(f"The embedding table has {rows} rows, expected {shape[0]}")
+    return int(shape[0]), int(shape[1])
 
 
 def trace_to_onnx(
@@ -208,17 +223,24 @@ def trace_to_onnx(
     io: GraphIO,
     dynamic_shapes: Any,
     what: str,
+    weights: CheckpointWeights | None = None,
 ) -> GraphIO:
     """Trace `module` with the dynamo exporter, stamp the declared interface, save and check.
 
     The one place every graph (vision, decoder, cross_kv) goes through, so they share the opset,
     the external-data rule and the checks. `io` is the declared interface; the written file must
     match it exactly. docs/decoder-graph.md says why the dynamo exporter rather than TorchScript.
+
+    A module with FakeTensor parameters (a skeleton, `export/weights.py`) is traced without
+    weights; `weights` then writes each one from the checkpoint as the file is saved. The
+    exporter's optimizer runs after the values are attached, so both ways give the same file.
     """
     import logging
     import warnings
 
     import torch
+
+    from nvlm_export.export.weights import fold_weight_transposes
 
     # The exporter logs that it skips torchvision's ops when torchvision is absent: not our concern.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -235,9 +257,15 @@ def trace_to_onnx(
                 input_names=[t.name for t in io.inputs],
                 output_names=[t.name for t in io.outputs],
                 dynamic_shapes=dynamic_shapes,
-                optimize=True,
+                optimize=False,  # below, once the weights have values
                 verbose=False,
             )
+            if weights is not None:
+                weights.attach(program.model, module)
+            fold_weight_transposes(program.model.graph)
+            program.optimize()
+    except ExportError:
+        raise
     except Exception as error:  # the exporter raises many unrelated types; keep the cause
         raise ExportError(
             f"Tracing the {what} to ONNX failed",
@@ -251,3 +279,29 @@ def trace_to_onnx(
     require_standard_graph(model, path, io.opset)
     require_graph_io(model, io, path)
     return io
+
+
+def initializer_differences(first: Path, second: Path) -> list[str]:
+    """How the weights of two ONNX files differ, by initializer name: one line per initializer
+    missing on one side or differing in dtype, shape or any byte. Empty when bit-identical.
+
+    Reads one initializer pair at a time (external data is memory-mapped), so large graphs are
+    compared without loading them.
+    """
+    import onnx_ir as ir
+
+    ours, theirs = (ir.load(str(path)).graph.initializers for path in (first, second))
+    lines = [f"{name}: only in {first}" for name in ours if name not in theirs]
+    lines += [f"{name}: only in {second}" for name in theirs if name not in ours]
+    for name, value in ours.items():
+        other = theirs.get(name)
+        if other is None:
+            continue
+        a, b = value.const_value, other.const_value
+        if a is None or b is None:
+            lines.append(f"{name}: no value")
+        elif (a.dtype, tuple(a.shape)) != (b.dtype, tuple(b.shape)):
+            lines.append(f"{name}: {a.dtype} {list(a.shape)} vs {b.dtype} {list(b.shape)}")
+        elif a.tobytes() != b.tobytes():
+            lines.append(f"{name}: different values")
+    return lines

@@ -1,7 +1,8 @@
 """Does a bundle compute what the PyTorch model computes? Export validation and `verify`.
 
 Both run the real runtime (`Pipeline` on ONNX Runtime) and the PyTorch reference on the same real
-inputs — a tiled image and a chat prompt — and compare stage by stage with one comparator:
+inputs — a tiled image and a chat prompt — one after the other (the runtime's results are kept,
+its graphs unloaded, then the reference runs), and compare stage by stage with one comparator:
 
 - tiling: the runtime's pixel tensor against an independent re-statement of the reference
   transform (`verify` only; export validation uses the runtime's tiles on both sides);
@@ -15,7 +16,7 @@ the bundle's precision.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ from nvlm_export.export.reference import TorchReference, reference_pixel_values
 from nvlm_export.runtime.generation import KVCache, prefill
 from nvlm_export.runtime.images import ImageSource, load_image
 from nvlm_export.runtime.manifest import DECODER_GRAPH
-from nvlm_export.runtime.pipeline import Pipeline
+from nvlm_export.runtime.pipeline import Pipeline, PreparedRequest
+from nvlm_export.runtime.tiling import TilingConfig
 
 DEFAULT_QUESTION = "Describe the image in detail."
 
@@ -78,14 +80,28 @@ class ValidationReport:
         }
 
 
-def tolerance_for(pipeline: Pipeline, reference: np.ndarray) -> float:
-    atol, rtol = TOLERANCES.get(pipeline.manifest.precision, TOLERANCES["fp16"])
+def tolerance_for(precision: str, reference: np.ndarray) -> float:
+    atol, rtol = TOLERANCES.get(precision, TOLERANCES["fp16"])
     return atol + rtol * float(np.abs(reference).max(initial=0.0))
+
+
+@dataclass
+class BundleRun:
+    """What the bundle computed for one request: all a comparison needs once its graphs are
+    unloaded (a few arrays; no weights)."""
+
+    precision: str
+    tiling: TilingConfig
+    prepared: PreparedRequest
+    features: list[dict[str, np.ndarray]]
+    logits: np.ndarray
+    eos_token_ids: tuple[int, ...]
+    tokens: list[int] | None
 
 
 def validate_bundle(
     bundle: Path,
-    model: nn.Module,
+    model: nn.Module | Callable[[], nn.Module],
     arch: ArchitectureExport,
     *,
     images: Sequence[ImageSource] | None = None,
@@ -93,59 +109,81 @@ def validate_bundle(
     greedy_steps: int = 0,
     check_tiling: bool = False,
 ) -> ValidationReport:
-    """Compare the bundle at `bundle` with `model` on real inputs (default: the example image)."""
-    pipeline = Pipeline.load(bundle)
-    reference = TorchReference(model, arch)
+    """Compare the bundle at `bundle` with `model` on real inputs (default: the example image).
+
+    The bundle runs first and its graphs are unloaded again; then the model (or `model()`, a
+    loader) is asked the same questions. Given a loader, the weights are resident once at a
+    time: ONNX Runtime's, then PyTorch's, never both.
+    """
     images = [example_image_path()] if images is None else list(images)
-    prepared = pipeline.prepare(question, images)
+    ours = _run_bundle(bundle, question, images, greedy_steps)
+    if not isinstance(model, nn.Module):
+        model = model()
+    reference = TorchReference(model, arch)
+    prepared = ours.prepared
     report = ValidationReport()
     if check_tiling:
         for index, (source, tiling) in enumerate(zip(images, prepared.tilings, strict=True)):
-            expected = reference_pixel_values(load_image(source), pipeline.tiling)
+            expected = reference_pixel_values(load_image(source), ours.tiling)
             report.comparisons.append(
                 compare(f"tiling[{index}]", expected, tiling.pixel_values, atol=1e-6)
             )
-
-    features = pipeline.encode_images(prepared.tilings)
-    for index, (tiling, ours) in enumerate(zip(prepared.tilings, features, strict=True)):
-        expected = reference.vision_outputs(tiling)
-        for name, value in expected.items():
-            tol = tolerance_for(pipeline, value)
+    for index, (tiling, features) in enumerate(zip(prepared.tilings, ours.features, strict=True)):
+        for name, value in reference.vision_outputs(tiling).items():
+            tol = tolerance_for(ours.precision, value)
             report.comparisons.append(
-                compare(f"vision[{index}].{name}", value, ours.get(name, np.empty(0)), atol=tol)
+                compare(f"vision[{index}].{name}", value, features.get(name, np.empty(0)), atol=tol)
             )
-
-    inputs = pipeline.decoder_inputs(prepared.prompt, features)
-    cache = KVCache.from_spec(pipeline.manifest.kv_cache)
-    decoder = pipeline.runners[DECODER_GRAPH].infer
-    logits = prefill(decoder, inputs.inputs_embeds, cache, extra_feeds=inputs.prefill_feeds)
     expected_logits = reference.next_token_logits(prepared.prompt, prepared.tilings)
     report.comparisons.append(
         compare(
             "first-step logits",
             expected_logits,
-            logits,
-            atol=tolerance_for(pipeline, expected_logits),
+            ours.logits,
+            atol=tolerance_for(ours.precision, expected_logits),
         )
     )
-    if greedy_steps > 0:
-        report.tokens = _greedy_parity(
-            pipeline, reference, prepared, question, images, greedy_steps
+    if ours.tokens is not None:
+        theirs = reference.greedy(
+            prepared.prompt, prepared.tilings, greedy_steps, ours.eos_token_ids
         )
+        report.tokens = _token_parity(ours.tokens, theirs)
     return report
 
 
-def _greedy_parity(
-    pipeline: Pipeline,
-    reference: TorchReference,
-    prepared: Any,
-    question: str,
-    images: Sequence[ImageSource],
-    steps: int,
-) -> dict[str, Any]:
-    eos = pipeline.manifest.tokenizer.eos_token_ids
-    ours = list(pipeline.generate(question, images, max_new_tokens=steps).run().token_ids)
-    theirs = reference.greedy(prepared.prompt, prepared.tilings, steps, eos)
+def _run_bundle(
+    bundle: Path, question: str, images: Sequence[ImageSource], greedy_steps: int
+) -> BundleRun:
+    """Every vision output, the first-step logits and (greedy_steps > 0) the greedy tokens of
+    the bundle on ONNX Runtime; its sessions are closed before this returns."""
+    pipeline = Pipeline.load(bundle)
+    try:
+        prepared = pipeline.prepare(question, images)
+        features = pipeline.encode_images(prepared.tilings)
+        inputs = pipeline.decoder_inputs(prepared.prompt, features)
+        cache = KVCache.from_spec(pipeline.manifest.kv_cache)
+        decoder = pipeline.runners[DECODER_GRAPH].infer
+        logits = prefill(decoder, inputs.inputs_embeds, cache, extra_feeds=inputs.prefill_feeds)
+        del inputs, cache
+        tokens = None
+        if greedy_steps > 0:
+            generation = pipeline.generate(question, images, max_new_tokens=greedy_steps)
+            tokens = list(generation.run().token_ids)
+        return BundleRun(
+            precision=pipeline.manifest.precision,
+            tiling=pipeline.tiling,
+            prepared=prepared,
+            features=[dict(f) for f in features],
+            logits=logits,
+            eos_token_ids=tuple(pipeline.manifest.tokenizer.eos_token_ids),
+            tokens=tokens,
+        )
+    finally:
+        for runner in pipeline.runners.values():
+            runner.deactivate()
+
+
+def _token_parity(ours: list[int], theirs: list[int]) -> dict[str, Any]:
     prefix = common_prefix(ours, theirs)
     return {
         "steps": len(theirs),

@@ -12,6 +12,7 @@ cross-attention, NVLM-H produces both (thumbnail -> decoder, regular tiles -> cr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ from nvlm_export.export.onnx_utils import (
     trace_to_onnx,
 )
 from nvlm_export.runtime.manifest import PIXEL_VALUES
+
+if TYPE_CHECKING:
+    from nvlm_export.export.weights import CheckpointWeights
 
 NUMPY_DTYPE = {torch.float32: "float32", torch.float16: "float16"}
 
@@ -54,8 +58,10 @@ def export_vision_onnx(
     tokens_per_tile: int,
     hidden_size: int,
     opset: int,
+    weights: CheckpointWeights | None = None,
 ) -> GraphIO:
-    """Trace `graph` to `path` with a dynamic tile count; returns its interface for the manifest."""
+    """Trace `graph` to `path` with a dynamic tile count; returns its interface for the manifest.
+    `weights`: where a skeleton's weights come from (`trace_to_onnx`)."""
     dtype = next(graph.parameters()).dtype
     name = NUMPY_DTYPE[dtype]
     external = needs_external_data(graph)
@@ -80,4 +86,5 @@ def export_vision_onnx(
         io=io,
         dynamic_shapes=({0: Dim("tiles", min=1)},),
         what="vision encoder",
+        weights=weights,
     )

@@ -155,7 +155,7 @@ class StoredTensors:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.files = self._weight_map()
-        self._handles: dict[str, Any] = {}
+        self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
 
     def _weight_map(self) -> dict[str, str]:
         index = self.directory / INDEX_FILE
@@ -191,25 +191,44 @@ class StoredTensors:
     def path(self, key: str) -> str:
         return str(self.directory / self.files[key])
 
-    def _handle(self, key: str) -> Any:
-        file = self.files[key]
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(self.directory / file), framework="pt")
-            except Exception as error:  # safetensors raises its own error types
-                raise CheckpointError(f"Cannot open {self.path(key)}", why=str(error)) from error
-        return self._handles[file]
+    @contextlib.contextmanager
+    def _open(self, key: str) -> Iterator[Any]:
+        """The shard holding `key`, opened for one read. Not kept open: a safetensors handle maps
+        its file, and every page read through it would stay resident for as long as it lives."""
+        try:
+            handle = safe_open(self.path(key), framework="pt")
+        except Exception as error:  # safetensors raises its own error types
+            raise CheckpointError(f"Cannot open {self.path(key)}", why=str(error)) from error
+        with handle:
+            yield handle
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(key).get_slice(key).get_shape())
+        file = self.files[key]
+        if file not in self._shapes:  # one pass over each file's header
+            with self._open(key) as handle:
+                names = handle.keys()  # a safe_open handle is not iterable
+                self._shapes[file] = {n: tuple(handle.get_slice(n).get_shape()) for n in names}
+        return self._shapes[file][key]
 
     def get(self, key: str) -> torch.Tensor:
-        try:
-            return self._handle(key).get_tensor(key)
-        except Exception as error:
-            raise CheckpointError(
-                f"{self.path(key)}: cannot read tensor {key!r}", why=str(error)
-            ) from error
+        with self._open(key) as handle:
+            try:
+                return handle.get_tensor(key)
+            except Exception as error:
+                raise CheckpointError(
+                    f"{self.path(key)}: cannot read tensor {key!r}", why=str(error)
+                ) from error
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop of a stored tensor; only those bytes are read from the file."""
+        with self._open(key) as handle:
+            try:
+                return handle.get_slice(key)[start:stop]
+            except Exception as error:
+                raise CheckpointError(
+                    f"{self.path(key)}: cannot read rows {start}..{stop} of {key!r}",
+                    why=str(error),
+                ) from error
 
 
 def count_dummy_heads(config: ModelConfig, stored: StoredTensors) -> int:
@@ -279,14 +298,13 @@ def tied_aliases(model: torch.nn.Module) -> set[str]:
     return set(model.state_dict(keep_vars=True)) - set(canonical_parameters(model))
 
 
-def load_checkpoint(
-    directory: Path | str,
-    dtype: torch.dtype = torch.float32,
-    image_token_id: int | None = None,
-) -> AnyVisionLanguageModel:
-    """Build the model a checkpoint directory describes and fill it strictly from its weights.
+def open_checkpoint(
+    directory: Path | str, image_token_id: int | None = None
+) -> tuple[ModelConfig, StoredTensors]:
+    """The model a checkpoint directory describes, and its stored tensors (headers only).
 
-    Works for every layout in `LAYOUTS`; bf16 / fp16 / fp32 on disk are cast to `dtype`.
+    Reads config.json, the safetensors headers and the tokenizer, no weights: the config then
+    knows the padded ViT heads and the image token id, and `read_parameter` reads any tensor.
     """
     directory = Path(directory)
     config = read_config(directory)
@@ -296,23 +314,39 @@ def load_checkpoint(
     token_id = (
         image_token_id if image_token_id is not None else resolve_image_token_id(directory, config)
     )
-    config = replace(config, image_token_id=token_id)
+    return replace(config, image_token_id=token_id), stored
+
+
+def load_checkpoint(
+    directory: Path | str,
+    dtype: torch.dtype = torch.float32,
+    image_token_id: int | None = None,
+) -> AnyVisionLanguageModel:
+    """Build the model a checkpoint directory describes and fill it strictly from its weights.
+
+    Works for every layout in `LAYOUTS`; bf16 / fp16 / fp32 on disk are cast to `dtype`.
+    """
+    config, stored = open_checkpoint(directory, image_token_id)
     with default_dtype(dtype):
         model = build_model(config)
-    _fill(model, stored, config.layout)
+    check_stored_tensors(model, stored, config.layout)
+    with torch.no_grad():
+        for key, target in canonical_parameters(model).items():
+            value = read_parameter(stored, config.layout, key, tuple(target.shape))
+            target.copy_(value.to(target.dtype))
     return model
 
 
-def _fill(model: AnyVisionLanguageModel, stored: StoredTensors, layout: str) -> None:
+def check_stored_tensors(model: torch.nn.Module, stored: StoredTensors, layout: str) -> None:
+    """Strictness from the file headers alone: every parameter of `model` is stored with the
+    shape its config implies, and every stored tensor belongs to a parameter."""
     used: set[str] = set()
-    with torch.no_grad():
-        for key, target in canonical_parameters(model).items():
-            names = stored_names(layout, key)
-            part_shape = (target.shape[0] // len(names), *target.shape[1:])
-            parts = [_read(stored, name, part_shape) for name in names]
-            value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-            target.copy_(value.reshape(target.shape).to(target.dtype))
-            used.update(names)
+    for key, target in canonical_parameters(model).items():
+        names = stored_names(layout, key)
+        part_shape = (target.shape[0] // len(names), *target.shape[1:])
+        for name in names:
+            _check_stored(stored, name, part_shape)
+        used.update(names)
     allowed = {n for alias in tied_aliases(model) for n in stored_names(layout, alias)}
     unexpected = sorted(set(stored.files) - used - allowed)
     if unexpected:
@@ -324,8 +358,21 @@ def _fill(model: AnyVisionLanguageModel, stored: StoredTensors, layout: str) -> 
         )
 
 
-def _read(stored: StoredTensors, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """One stored tensor, after checking (from the file header) that it has `shape`."""
+def read_parameter(
+    stored: StoredTensors, layout: str, key: str, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """Canonical parameter `key` with `shape`, read from its stored tensor(s) in the stored dtype
+    (fused tensors concatenated on dim 0). Only this tensor is read: the helper for any code
+    that streams a checkpoint tensor by tensor."""
+    names = stored_names(layout, key)
+    part_shape = (shape[0] // len(names), *shape[1:])
+    parts = [_read(stored, name, part_shape) for name in names]
+    value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    return value.reshape(shape)
+
+
+def _check_stored(stored: StoredTensors, name: str, shape: tuple[int, ...]) -> None:
+    """`name` is stored, with `shape` (read from the file header)."""
     if name not in stored.files:
         raise CheckpointError(
             f"{stored.source}: missing key {name!r}",
@@ -338,6 +385,11 @@ def _read(stored: StoredTensors, name: str, shape: tuple[int, ...]) -> torch.Ten
             why=f"config.json implies {list(shape)}",
             fix="Check that config.json belongs to these weights",
         )
+
+
+def _read(stored: StoredTensors, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """One stored tensor, after checking (from the file header) that it has `shape`."""
+    _check_stored(stored, name, shape)
     return stored.get(name)
 
 
