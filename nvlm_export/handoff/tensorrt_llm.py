@@ -11,8 +11,10 @@ Three steps, as TensorRT-LLM's checkpoint workflow documents them for Qwen2 / Ll
 
 `DOCUMENTED_FLAGS` lists, per command, the options of the TensorRT-LLM release named in
 `TENSORRT_LLM_VERSION`, read from its source (examples/models/core/{qwen,llama}/
-convert_checkpoint.py, tensorrt_llm/commands/build.py and serve.py); the tests check every written
-command against it.
+convert_checkpoint.py, tensorrt_llm/commands/build.py and serve.py) and its command reference
+(https://nvidia.github.io/TensorRT-LLM/commands/trtllm-build.html, .../trtllm-serve.html;
+trtllm-serve's `--backend tensorrt` serves built engines, its default `pytorch` a Hugging Face
+checkpoint); the tests check every written command against it.
 """
 
 from __future__ import annotations
