@@ -29,12 +29,15 @@ from typing import Any
 
 GiB = 1024**3
 
-# The Python process with torch, onnx and onnxruntime imported and a few graphs' worth of
-# bookkeeping: what a stage costs before it holds any weight.
-BASE_OVERHEAD = int(0.9 * GiB)
-# Streaming stages hold the tensor being converted in the checkpoint's dtype (mmap pages), in
-# fp32, and in the output encoding: about three fp32-sized copies of the largest tensor.
-STREAM_COPIES = 3.0
+# The Python process with torch, onnx and onnxruntime imported, the traced graph structure and
+# bookkeeping: what a stage costs before it holds any weight (measured on tiny checkpoints:
+# export 0.5-0.9 GiB, calibrate 0.5, quantize 1.1 with onnxruntime.quantization imported).
+BASE_OVERHEAD = int(0.7 * GiB)
+QUANTIZE_OVERHEAD = int(1.1 * GiB)
+# A graph below the external-data threshold is serialized inline as one protobuf: the model
+# proto, its serialized bytes and the tensors being copied in are alive together (measured on
+# the bench checkpoint's 1.2 GB fp32 vision graph: 2.8x its bytes).
+INLINE_COPIES = 2.8
 # ONNX Runtime holds an initializer once when it reads external data; activations, the arena and
 # the KV cache come on top (below). Measured ratios of peak to graph bytes sit at 1.05-1.15.
 RUN_WEIGHT_COPIES = 1.1
@@ -80,6 +83,11 @@ class Inventory:
     source_bytes: int  # the checkpoint's weights on disk (its dtype)
 
     @property
+    def source_itemsize(self) -> float:
+        """Bytes per stored weight (2 for a bf16 checkpoint)."""
+        return self.source_bytes / self.run_parameters() if self.source_bytes else 2.0
+
+    @property
     def graphs(self) -> list[str]:
         return [g for g in self.graph_parameters if g != EMBEDDING]
 
@@ -89,6 +97,7 @@ class Inventory:
 
 
 EMBEDDING = "embedding"
+DECODER_GRAPH = "decoder"  # runtime.manifest.DECODER_GRAPH (not imported: the runtime is lazy)
 
 
 @dataclass(frozen=True)
@@ -199,13 +208,29 @@ def bundle_bytes(inv: Inventory, dtype: str) -> int:
 
 
 def streamed_export(inv: Inventory, dtype: str) -> int:
-    """Export without validation: trace with stand-in weights, copy tensors one at a time.
+    """Export without validation: trace a weightless skeleton, copy tensors one at a time.
 
-    The graphs are traced without real weights, and each initializer goes from the memory-mapped
-    safetensors shard through one fp32 conversion into the external-data file, so what is held at
-    once is the overhead plus the few copies of the tensor in flight: the largest one decides.
+    Each initializer goes from the safetensors shard into the external-data file; a weight the
+    graph stores transposed (every MatMul weight) is held whole, once in the checkpoint's dtype
+    and once in the export dtype, so the largest tensor decides. A graph small enough to be
+    written inline (below onnx_utils' external-data threshold) is instead serialized in one
+    piece, which holds INLINE_COPIES times its bytes. Graphs are written one after the other:
+    the larger of the two terms is the peak. Nothing here depends on depth.
     """
-    return int(BASE_OVERHEAD + STREAM_COPIES * inv.largest_tensor * WEIGHT_BYTES["fp32"])
+    from nvlm_export.export.onnx_utils import EXTERNAL_DATA_THRESHOLD_BYTES
+
+    in_flight = inv.largest_tensor * (inv.source_itemsize + WEIGHT_BYTES[dtype])
+    # The threshold is applied to the exported module, and the decoder's module also owns the
+    # embedding table (which is written beside the graph, not into it).
+    embedding = inv.graph_parameters.get(EMBEDDING, 0)
+    inline = [
+        params * WEIGHT_BYTES[dtype]
+        for graph, params in inv.graph_parameters.items()
+        if graph != EMBEDDING
+        and (params + (embedding if graph == DECODER_GRAPH else 0)) * WEIGHT_BYTES[dtype]
+        <= EXTERNAL_DATA_THRESHOLD_BYTES
+    ]
+    return int(BASE_OVERHEAD + max([in_flight, *(INLINE_COPIES * b for b in inline)]))
 
 
 def running(inv: Inventory, dtype: str, tiles: int) -> int:
@@ -221,13 +246,12 @@ def running(inv: Inventory, dtype: str, tiles: int) -> int:
 
 
 def validated_export(inv: Inventory, dtype: str) -> int:
-    """Export with validation: the written bundle runs once next to the PyTorch reference.
+    """Export with validation: the bundle runs, then the PyTorch reference, one after the other.
 
-    Validation compares ONNX Runtime with PyTorch; both hold the weights unless the reference runs
-    layer by layer, so the plan counts the bundle run plus one more copy of the largest layer.
+    ONNX Runtime runs the bundle first and its sessions are released before the PyTorch model
+    is loaded, so the weights are resident once at a time: the larger run decides.
     """
-    layer = inv.largest_layer * WEIGHT_BYTES[dtype]
-    return max(streamed_export(inv, dtype), int(running(inv, dtype, tiles=1) + layer))
+    return max(streamed_export(inv, dtype), running(inv, dtype, tiles=inv.max_tiles + 1))
 
 
 def calibrate(inv: Inventory) -> int:
@@ -247,7 +271,7 @@ def quantized_bytes(inv: Inventory, precision: str, lm_head: bool) -> int:
         if graph == EMBEDDING or precision not in COMPONENT_PRECISIONS.get(graph, ()):
             total += params * WEIGHT_BYTES["fp32"]
             continue
-        head = inv.lm_head_parameters if keep_head and graph == "decoder" else 0
+        head = inv.lm_head_parameters if keep_head and graph == DECODER_GRAPH else 0
         total += (gemm - head) * WEIGHT_BYTES[precision] + (params - gemm + head) * 4
     return int(total)
 
@@ -255,14 +279,16 @@ def quantized_bytes(inv: Inventory, precision: str, lm_head: bool) -> int:
 def quantize(inv: Inventory, precision: str) -> int:
     """Weight quantization without the accuracy check.
 
-    INT4 is weight-only: one initializer is read, quantized and written at a time (a streaming
-    stage). INT8 and FP8 also run the fp32 graphs over the calibration set to fit activation
-    scales from running statistics, so they hold the fp32 weights once, like calibration.
+    INT4 is weight-only: one fp32 initializer is read, scaled and quantized at a time (a
+    streaming stage: the read copy, the scaled copy and the rounded codes of the largest tensor).
+    INT8 and FP8 also run the fp32 graphs over the calibration set to fit activation scales from
+    running statistics, so they hold the fp32 weights once, like calibration.
     """
-    streamed = streamed_export(inv, "fp32")
+    streamed = int(QUANTIZE_OVERHEAD + 3 * inv.largest_tensor * WEIGHT_BYTES["fp32"])
     if precision == "int4":
         return streamed
-    return max(streamed, running(inv, "fp32", tiles=inv.max_tiles + 1))
+    extra = QUANTIZE_OVERHEAD - BASE_OVERHEAD
+    return max(streamed, extra + running(inv, "fp32", tiles=inv.max_tiles + 1))
 
 
 def accuracy_check(inv: Inventory, precision: str) -> int:
