@@ -146,11 +146,13 @@ def lint(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print findings as JSON.")] = False,
 ) -> None:
-    """Check a bundle's ONNX graphs against TensorRT's ONNX parser, without a GPU.
+    """Check a bundle's files and its ONNX graphs against TensorRT's ONNX parser, without a GPU.
 
-    Reports operators outside TensorRT's support list, opsets it cannot parse, unsupported types,
-    Q/DQ nodes TensorRT refuses (non-zero zero points, per-channel activations, bad block sizes),
-    inputs whose fixed sizes contradict the engine profiles, and large INT64 tensors.
+    First every file is compared with the size and SHA-256 its manifest records (a mismatch names
+    the file). Then it reports operators outside TensorRT's support list, opsets it cannot parse,
+    unsupported types, Q/DQ nodes TensorRT refuses (non-zero zero points, per-channel activations,
+    bad block sizes), inputs whose fixed sizes contradict the engine profiles, and large INT64
+    tensors.
     Exits with status 1 when there are errors.
     """
     from nvlm_export.errors import require_extra
