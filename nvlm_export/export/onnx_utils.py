@@ -21,10 +21,12 @@ if TYPE_CHECKING:
 
     from nvlm_export.export.weights import CheckpointWeights
 
-# ONNX protobuf files cannot exceed 2 GiB; above this the weights go to a side file.
+# ONNX protobuf files cannot exceed 2 GiB.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
-# Keep a margin for the graph itself (names, shapes, small constants) on top of the weights.
-EXTERNAL_DATA_THRESHOLD_BYTES = PROTOBUF_LIMIT_BYTES - 64 * 2**20
+# Graphs with more weight bytes than this keep them in a side file. Well below the protobuf
+# limit: an inline graph is serialised whole in memory (about twice its size at once), while a
+# side file is written one streamed weight at a time (export/weights.py).
+EXTERNAL_DATA_THRESHOLD_BYTES = 256 * 2**20
 
 # Domains TensorRT's ONNX parser and every ONNX Runtime execution provider understand.
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
