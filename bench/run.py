@@ -546,12 +546,10 @@ def write_doc(path: Path, rows: list[Row], facts: dict[str, Any], args: Any, sta
         ratio = f"{row.ratio:.2f}" if row.ratio else "-"
         cells = (row.name, row.ours, row.other, ratio, row.target, _met(row), row.note)
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        (ROOT / "bench" / "analysis.md").read_text()
-        if (ROOT / "bench" / "analysis.md").exists()
-        else "",
-    ]
+    # Hand-written sections kept across reruns: the analysis, and bench/memory.py's results.
+    for section in ("analysis.md", "memory-results.md"):
+        path_in = ROOT / "bench" / section
+        lines += ["", path_in.read_text() if path_in.exists() else ""]
     path.write_text("\n".join(lines).rstrip() + "\n")
 
 
