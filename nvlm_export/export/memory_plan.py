@@ -30,8 +30,9 @@ from typing import Any
 GiB = 1024**3
 
 # The Python process with torch, onnx and onnxruntime imported, the traced graph structure and
-# bookkeeping: what a stage costs before it holds any weight (measured on tiny checkpoints:
-# export 0.5-0.9 GiB, calibrate 0.5, quantize 1.1 with onnxruntime.quantization imported).
+# the row-block buffers: what a stage costs before it holds a whole weight (measured: export of
+# a tiny checkpoint 0.46 GiB, of the bench checkpoint 0.74 GiB; calibrate 0.5 and quantize 1.1
+# with onnxruntime.quantization imported, on tiny checkpoints).
 BASE_OVERHEAD = int(0.7 * GiB)
 QUANTIZE_OVERHEAD = int(1.1 * GiB)
 # The dry-run imports torch and builds a meta-device model: 0.36 GiB measured for the bench, 3b
@@ -76,6 +77,7 @@ class Inventory:
     gemm_parameters: dict[str, int]  # graph -> parameters in 2-D weights (the quantizable GEMMs)
     lm_head_parameters: int
     largest_tensor: int
+    largest_transposed: int  # the largest GEMM weight other than the vocabulary-sized ones
     largest_layer: int
     vision_width: int
     llm_width: int
@@ -169,15 +171,19 @@ def inventory(
     graph_parameters: dict[str, int] = defaultdict(int)
     gemm_parameters: dict[str, int] = defaultdict(int)
     layers: dict[str, int] = defaultdict(int)
+    llm = config.llm_config
+    vocabulary_sized = int(llm["vocab_size"]) * int(llm["hidden_size"])
+    largest_transposed = 0
     for name, shape in shapes.items():
         graph = arch.graph_of(name)
         graph_parameters[graph] += math.prod(shape)
         if graph != EMBEDDING and len(shape) == 2 and name.endswith(".weight"):
             gemm_parameters[graph] += math.prod(shape)
+            if math.prod(shape) != vocabulary_sized:
+                largest_transposed = max(largest_transposed, math.prod(shape))
         layer = re.match(r"(.*layers\.\d+)\.", name)
         if layer:
             layers[layer.group(1)] += math.prod(shape)
-    llm = config.llm_config
     head_dim = int(llm.get("head_dim") or llm["hidden_size"] // llm["num_attention_heads"])
     kv_heads = int(llm.get("num_key_value_heads", llm["num_attention_heads"]))
     longest = int(llm.get("max_position_embeddings", 32768))
@@ -185,8 +191,9 @@ def inventory(
     return Inventory(
         graph_parameters=dict(graph_parameters),
         gemm_parameters=dict(gemm_parameters),
-        lm_head_parameters=int(llm["vocab_size"]) * int(llm["hidden_size"]),
+        lm_head_parameters=vocabulary_sized,
         largest_tensor=max(math.prod(s) for s in shapes.values()),
+        largest_transposed=largest_transposed,
         largest_layer=max(layers.values(), default=0),
         vision_width=config.vision.hidden_size,
         llm_width=int(llm["hidden_size"]),
@@ -213,16 +220,18 @@ def bundle_bytes(inv: Inventory, dtype: str) -> int:
 def streamed_export(inv: Inventory, dtype: str) -> int:
     """Export without validation: trace a weightless skeleton, copy tensors one at a time.
 
-    Each initializer goes from the safetensors shard into the external-data file; a weight the
-    graph stores transposed (every MatMul weight) is held whole, once in the checkpoint's dtype
-    and once in the export dtype, so the largest tensor decides. A graph small enough to be
+    Each initializer goes from the safetensors shard into the external-data file in row blocks
+    of at most 64 MiB (included in the overhead); a weight the graph stores transposed (the
+    MatMul weights of the layers; not the vocabulary-sized head and embedding, which are written
+    as stored) is held whole, once in the checkpoint's dtype and once in the export dtype, so
+    the largest such weight decides. A graph small enough to be
     written inline (below onnx_utils' external-data threshold) is instead serialized in one
     piece, which holds INLINE_COPIES times its bytes. Graphs are written one after the other:
     the larger of the two terms is the peak. Nothing here depends on depth.
     """
     from nvlm_export.export.onnx_utils import EXTERNAL_DATA_THRESHOLD_BYTES
 
-    in_flight = inv.largest_tensor * (inv.source_itemsize + WEIGHT_BYTES[dtype])
+    in_flight = inv.largest_transposed * (inv.source_itemsize + WEIGHT_BYTES[dtype])
     # The threshold is applied to the exported module, and the decoder's module also owns the
     # embedding table (which is written beside the graph, not into it).
     embedding = inv.graph_parameters.get(EMBEDDING, 0)
