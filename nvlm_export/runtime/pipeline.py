@@ -17,6 +17,11 @@ One request goes through these stages, each timed:
 5. prefill     — the decoder runs once over the whole prompt and fills the KV cache;
 6. decode      — one decoder step per new token.
 
+Work already done is reused (docs/conversations.md): each image's vision outputs are kept in a
+byte-budgeted `FeatureCache` keyed by its pixels and tiling, and each prompt's prefilled keys/values
+in a `PrefixCache`, so a request sharing a prefix with an earlier one (same system prompt and image,
+another question; or the next turn of a `Conversation`) prefills only what follows the prefix.
+
 Architecture differences are data: which vision outputs exist (`image_features` for the decoder
 sequence, `cross_features` for cross-attention) and whether the bundle has a `cross_kv` graph. The
 prompt format from the manifest places the images; nothing here asks for the architecture's name.
@@ -24,10 +29,12 @@ prompt format from the manifest places the images; nothing here asks for the arc
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -35,6 +42,17 @@ from tokenizers import Tokenizer
 
 from nvlm_export.errors import BundleError, InputError, PromptError
 from nvlm_export.runtime.backends import GraphRunner, GraphSpec, get_backend
+from nvlm_export.runtime.caches import (
+    DEFAULT_FEATURE_CACHE_BYTES,
+    DEFAULT_PREFIX_CACHE_BYTES,
+    CrossState,
+    FeatureCache,
+    Features,
+    ImageKey,
+    KVState,
+    PrefixCache,
+    image_key,
+)
 from nvlm_export.runtime.generation import (
     GenerationConfig,
     GenerationResult,
@@ -59,16 +77,20 @@ from nvlm_export.runtime.manifest import (
     Manifest,
     load_manifest,
 )
+from nvlm_export.runtime.manifest import GraphSpec as ManifestGraph
 from nvlm_export.runtime.prompt import (
+    Message,
     PromptFormat,
     PromptTokens,
     Slot,
+    build_chat_prompt,
     build_prompt,
     count_prompt_tokens,
 )
 from nvlm_export.runtime.tiling import Tiling, TilingConfig, choose_grid, tile_count, tile_image
 
-Features = Mapping[str, np.ndarray]  # one image's vision outputs by name, each [tiles, 256, D]
+if TYPE_CHECKING:
+    from nvlm_export.runtime.conversation import Conversation
 
 # Activation memory bounds (docs/performance.md): one tile per vision call, prompts prefilled in
 # chunks of 512 tokens. Neither changes results; both keep peak memory near the weights' size.
@@ -82,6 +104,7 @@ class PreparedRequest:
 
     tilings: tuple[Tiling, ...]
     prompt: PromptTokens
+    image_keys: tuple[ImageKey, ...] = ()  # one per image: its features' cache key
 
 
 @dataclass(frozen=True)
@@ -101,6 +124,7 @@ class DecoderInputs:
     inputs_embeds: np.ndarray  # [1, T, D]
     prefill_feeds: dict[str, np.ndarray] = field(default_factory=dict)
     decode_feeds: dict[str, np.ndarray] = field(default_factory=dict)
+    cross_key_values: Mapping[str, np.ndarray] | None = None  # NVLM-X/H: every block's K/V
 
 
 class RequestStream:
@@ -108,16 +132,28 @@ class RequestStream:
     `stage_seconds` the time of every stage (tiling, prompt, vision, splice, prefill, decode)."""
 
     def __init__(
-        self, stream: GenerationStream, prepared: PreparedRequest, stage_seconds: dict[str, float]
+        self,
+        stream: GenerationStream,
+        prepared: PreparedRequest,
+        stage_seconds: dict[str, float],
+        *,
+        reused_tokens: int = 0,
+        cache_stats: dict[str, dict[str, int]] | None = None,
+        on_finish: Callable[[GenerationResult], None] | None = None,
     ) -> None:
         self._stream = stream
         self.prepared = prepared
         self.stage_seconds = stage_seconds
+        self.reused_tokens = reused_tokens  # prompt tokens whose keys/values were reused
+        self.cache_stats = cache_stats or {}  # this request's feature/prefix cache hits and misses
+        self._on_finish = on_finish
 
     def __iter__(self) -> Iterator[TokenEvent]:
         start = time.perf_counter()
         yield from self._stream
         self.stage_seconds["decode"] = time.perf_counter() - start
+        if self._on_finish is not None and self.result is not None:
+            self._on_finish(self.result)
 
     @property
     def result(self) -> GenerationResult | None:
@@ -144,6 +180,8 @@ class Pipeline:
         vision_tiles_per_call: int | None = DEFAULT_VISION_TILES_PER_CALL,
         prefill_chunk_tokens: int | None = DEFAULT_PREFILL_CHUNK_TOKENS,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+        feature_cache_bytes: int = DEFAULT_FEATURE_CACHE_BYTES,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     ) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
@@ -157,6 +195,9 @@ class Pipeline:
         self.vision_tiles_per_call = vision_tiles_per_call
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.max_image_bytes = max_image_bytes  # image files and bytes above this are refused
+        self.feature_cache = FeatureCache(feature_cache_bytes)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self._vision_identity = _graph_identity(bundle_dir, manifest.graph(VISION_GRAPH))
 
     @classmethod
     def load(
@@ -170,6 +211,8 @@ class Pipeline:
         graphs: Collection[str] | None = None,
         verify_hashes: bool = False,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+        feature_cache_bytes: int = DEFAULT_FEATURE_CACHE_BYTES,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
         **backend_options: object,
     ) -> Pipeline:
         """Load a bundle. `backend_options` go to the backend's runner (for ONNX Runtime:
@@ -182,7 +225,8 @@ class Pipeline:
         only the vision side (see nvlm_export/handoff). Every file's size is
         checked against the manifest's records; `verify_hashes` checks their SHA-256 too (reads
         the whole bundle once). Image files and encoded bytes above `max_image_bytes` are refused
-        before they are read."""
+        before they are read.
+        `feature_cache_bytes` and `prefix_cache_bytes` budget the reuse caches (0 = off)."""
         bundle_dir = Path(bundle)
         manifest = load_manifest(bundle_dir, verify_hashes=verify_hashes)
         runner_class = get_backend(backend)
@@ -207,6 +251,8 @@ class Pipeline:
             vision_tiles_per_call=vision_tiles_per_call,
             prefill_chunk_tokens=prefill_chunk_tokens,
             max_image_bytes=max_image_bytes,
+            feature_cache_bytes=feature_cache_bytes,
+            prefix_cache_bytes=prefix_cache_bytes,
         )
 
     # --- the stages -----------------------------------------------------------------------------
@@ -223,6 +269,7 @@ class Pipeline:
         (naming the largest `max_tiles` that would fit, when there is one)."""
         loaded = [self.load_image(image) for image in images]
         tilings = tuple(tile_image(image, self.tiling, max_tiles) for image in loaded)
+        keys = tuple(self.image_key(image, max_tiles) for image in loaded)
         tokens = build_prompt(
             self.tokenizer, self.prompt_format, prompt, tilings, system=system, raw=raw
         )
@@ -233,7 +280,29 @@ class Pipeline:
             if fix is None:
                 raise
             raise PromptError(error.what, why=error.why, fix=fix) from None
-        return PreparedRequest(tilings, tokens)
+        return PreparedRequest(tilings, tokens, keys)
+
+    def prepare_chat(
+        self,
+        messages: Sequence[Message],
+        images: Sequence[tuple[Tiling, ImageKey]],
+        *,
+        system: str | None = None,
+    ) -> PreparedRequest:
+        """Assemble a conversation (already tiled images with their keys, in message order);
+        the caller checks that it fits the context (a `Conversation` says how to go on)."""
+        tilings = tuple(tiling for tiling, _ in images)
+        tokens = build_chat_prompt(
+            self.tokenizer, self.prompt_format, messages, tilings, system=system
+        )
+        return PreparedRequest(tilings, tokens, tuple(key for _, key in images))
+
+    def image_key(self, image: Image.Image, max_tiles: int | None = None) -> ImageKey:
+        """The feature-cache key of a loaded image under this bundle's tiling and `max_tiles`."""
+        budget = (
+            self.tiling.max_tiles if max_tiles is None else min(max_tiles, self.tiling.max_tiles)
+        )
+        return image_key(image, {**self.tiling.to_dict(), "budget": budget}, self._vision_identity)
 
     def load_image(self, image: ImageSource) -> Image.Image:
         """An image source as RGB, with this pipeline's limit on encoded size."""
@@ -330,23 +399,59 @@ class Pipeline:
         ]
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
-    def decoder_inputs(self, prompt: PromptTokens, features: Sequence[Features]) -> DecoderInputs:
-        """Embed the prompt, splice image features in, and prepare cross-attention feeds."""
-        embeds = self.embed(prompt.input_ids[None, :])  # (1, T, D)
-        if prompt.decoder_feature_slots:
-            embeds[0, prompt.decoder_feature_positions] = _gather(
-                features, IMAGE_FEATURES, prompt.decoder_feature_slots
-            )
+    def encode_cached(
+        self, prepared: PreparedRequest, needed: Sequence[int] | None = None
+    ) -> dict[int, Features]:
+        """Vision outputs of the `needed` images (default: all) by image index, through the
+        feature cache."""
+        vision = self.runners[VISION_GRAPH]
+        dtype = np.dtype(vision.spec.inputs[0].dtype)
+        features = {}
+        for index in range(len(prepared.tilings)) if needed is None else needed:
+            key = prepared.image_keys[index]
+            cached = self.feature_cache.get(key) if self.feature_cache.enabled else None
+            if cached is None:
+                pixels = prepared.tilings[index].pixel_values.astype(dtype, copy=False)
+                cached = self._encode_tiles(vision, pixels)
+                self.feature_cache.put(key, cached)
+            features[index] = cached
+        return features
+
+    def decoder_inputs(
+        self,
+        prompt: PromptTokens,
+        features: Sequence[Features] | Mapping[int, Features],
+        *,
+        start: int = 0,
+        cross_reuse: CrossState | None = None,
+    ) -> DecoderInputs:
+        """Embed the prompt from token `start` on (the keys/values before it are reused), splice
+        image features in, and prepare cross-attention feeds (extending `cross_reuse`'s keys and
+        values when the request's cross sequence starts with its)."""
+        embeds = self.embed(prompt.input_ids[None, start:])  # (1, T - start, D)
+        _splice(
+            embeds[0],
+            features,
+            IMAGE_FEATURES,
+            prompt.decoder_feature_slots,
+            prompt.decoder_feature_positions,
+            start,
+        )
         if CROSS_KV_GRAPH not in self.runners:
             return DecoderInputs(embeds)
-        return self._with_cross_attention(embeds, prompt, features)
+        return self._with_cross_attention(embeds, prompt, features, start, cross_reuse)
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         """Token ids [B, S] -> embeddings [B, S, D] in the decoder's input dtype (a fresh array)."""
         return np.asarray(self.embedding[token_ids], dtype=self._embeds_dtype)
 
     def _with_cross_attention(
-        self, embeds: np.ndarray, prompt: PromptTokens, features: Sequence[Features]
+        self,
+        embeds: np.ndarray,
+        prompt: PromptTokens,
+        features: Sequence[Features] | Mapping[int, Features],
+        start: int,
+        reuse: CrossState | None,
     ) -> DecoderInputs:
         cross_ids, mask = prompt.cross_token_ids, prompt.cross_attention_mask
         if len(cross_ids) == 0:
@@ -354,17 +459,29 @@ class Pipeline:
             # not portable to TensorRT, and a fully masked row contributes nothing.
             cross_ids = np.zeros(1, dtype=np.int64)
             mask = np.zeros((prompt.num_tokens, 1), dtype=bool)
-        cross_embeds = self.embed(cross_ids[None, :])  # (1, K, D)
-        if prompt.cross_feature_slots:
-            cross_embeds[0, prompt.cross_feature_positions] = _gather(
-                features, CROSS_FEATURES, prompt.cross_feature_slots
+            reuse = None
+        # The cross_kv graph projects each entry on its own, so an extended sequence's keys and
+        # values are the kept ones followed by those of the new entries.
+        kept = len(reuse.token_ids) if reuse is not None else 0
+        cross_kv = reuse.key_values if reuse is not None else {}
+        if kept < len(cross_ids):
+            cross_embeds = self.embed(cross_ids[None, kept:])  # (1, K - kept, D)
+            _splice(
+                cross_embeds[0],
+                features,
+                CROSS_FEATURES,
+                prompt.cross_feature_slots,
+                prompt.cross_feature_positions,
+                kept,
             )
-        cross_kv = self.runners[CROSS_KV_GRAPH].infer({CROSS_EMBEDS: cross_embeds})
+            new = self.runners[CROSS_KV_GRAPH].infer({CROSS_EMBEDS: cross_embeds})
+            cross_kv = {name: _extend(cross_kv.get(name), new[name]) for name in new}
         # Generated tokens come after every image, so they see what the prompt's last token sees.
         return DecoderInputs(
             embeds,
-            prefill_feeds={**cross_kv, CROSS_ATTENTION_MASK: mask[None, :, :]},
+            prefill_feeds={**cross_kv, CROSS_ATTENTION_MASK: mask[None, start:, :]},
             decode_feeds={**cross_kv, CROSS_ATTENTION_MASK: mask[None, -1:, :]},
+            cross_key_values=cross_kv if len(prompt.cross_token_ids) else None,
         )
 
     # --- the whole request ------------------------------------------------------------------
@@ -391,7 +508,34 @@ class Pipeline:
         stream of `TokenEvent`s; its `result` holds the full text, token ids and timings.
         `ignore_eos` generates through end-of-turn tokens (benchmarks need a fixed length).
         """
-        config = GenerationConfig(
+        config = self.generation_config(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            ignore_eos=ignore_eos,
+        )
+        start = time.perf_counter()
+        stages: dict[str, float] = {}
+        with _timed(stages, "prepare"):
+            prepared = self.prepare(prompt, images, max_tiles=max_tiles, system=system, raw=raw)
+        return self.start(prepared, config, start_time=start, stages=stages)
+
+    def generation_config(
+        self,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+    ) -> GenerationConfig:
+        """`generate`'s options as a validated config, with this bundle's end-of-turn tokens."""
+        return GenerationConfig(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_k=top_k,
@@ -400,15 +544,32 @@ class Pipeline:
             stop=tuple(stop),
             eos_token_ids=() if ignore_eos else self.manifest.tokenizer.eos_token_ids,
         )
-        start = time.perf_counter()
-        stages: dict[str, float] = {}
-        with _timed(stages, "prepare"):
-            prepared = self.prepare(prompt, images, max_tiles=max_tiles, system=system, raw=raw)
-        with _timed(stages, "vision"):
-            features = self.encode_images(prepared.tilings)
+
+    def start(
+        self,
+        prepared: PreparedRequest,
+        config: GenerationConfig,
+        *,
+        start_time: float | None = None,
+        stages: dict[str, float] | None = None,
+        also_reuse: Sequence[KVState] = (),
+        on_finish: Callable[[GenerationResult, KVState], None] | None = None,
+    ) -> RequestStream:
+        """Encode, splice and prefill a prepared request, reusing the longest prefix kept in the
+        prefix cache or in `also_reuse` (a conversation's own state); returns its token stream.
+        `on_finish` gets the result and the keys/values of everything but the last token."""
+        start_time = time.perf_counter() if start_time is None else start_time
+        stages = {} if stages is None else stages
+        before = self._cache_counters()
+        prompt = prepared.prompt
         with _timed(stages, "splice"):
-            inputs = self.decoder_inputs(prepared.prompt, features)
-        cache = KVCache.from_spec(self.manifest.kv_cache)
+            state, shared = self._reusable(prepared, also_reuse)
+            cross_reuse = self._reusable_cross(prepared, state)
+        with _timed(stages, "vision"):
+            features = self.encode_cached(prepared, _images_needed(prompt, shared, cross_reuse))
+        with _timed(stages, "splice"):
+            inputs = self.decoder_inputs(prompt, features, start=shared, cross_reuse=cross_reuse)
+            cache = self._cache_from(state, shared)
         decoder = self.runners[DECODER_GRAPH].infer
         with _timed(stages, "prefill"):
             first_logits = prefill(
@@ -419,6 +580,8 @@ class Pipeline:
                 # Cross-attention masks have a per-token axis: those prompts go in one call.
                 chunk_tokens=None if inputs.prefill_feeds else self.prefill_chunk_tokens,
             )
+        cross = self._cross_state(prepared, inputs)
+        self._keep(_state_of(prepared, prompt.input_ids, cache, cross))
         stream = generate(
             decoder,
             first_logits,
@@ -426,11 +589,100 @@ class Pipeline:
             embed=self.embed,
             tokenizer=self.tokenizer,
             config=config,
-            prompt_ids=prepared.prompt.input_ids.tolist(),
+            prompt_ids=prompt.input_ids.tolist(),
             extra_feeds=inputs.decode_feeds,
-            start_time=start,
+            start_time=start_time,
         )
-        return RequestStream(stream, prepared, stages)
+
+        def finished(result: GenerationResult) -> None:
+            if on_finish is not None:
+                ids = np.concatenate([prompt.input_ids, np.asarray(result.token_ids[:-1])])
+                on_finish(result, _state_of(prepared, ids.astype(np.int64), cache, cross))
+
+        return RequestStream(
+            stream,
+            prepared,
+            stages,
+            reused_tokens=shared,
+            cache_stats=_counter_delta(before, self._cache_counters()),
+            on_finish=finished,
+        )
+
+    def chat(self, *, system: str | None = None, max_tiles: int | None = None) -> Conversation:
+        """A multi-turn conversation about images (see `nvlm_export.runtime.conversation`)."""
+        from nvlm_export.runtime.conversation import Conversation
+
+        return Conversation(self, system=system, max_tiles=max_tiles)
+
+    # --- reuse ------------------------------------------------------------------------------
+    def _reusable(
+        self, prepared: PreparedRequest, also: Sequence[KVState]
+    ) -> tuple[KVState | None, int]:
+        """The kept state sharing the longest prefix with the request; at least the prompt's
+        last token is always prefilled (its logits start the answer)."""
+        if not (self.prefix_cache.enabled or also):
+            return None, 0
+        prompt = prepared.prompt
+        state, shared = self.prefix_cache.longest(
+            prompt.input_ids, prepared.image_keys, prompt.image_start_tokens.tolist(), also
+        )
+        shared = min(shared, prompt.num_tokens - 1)
+        return (state, shared) if shared > 0 else (None, 0)
+
+    def _reusable_cross(
+        self, prepared: PreparedRequest, state: KVState | None
+    ) -> CrossState | None:
+        cross = state.cross if state is not None else None
+        if cross is None or not cross.extended_by(
+            prepared.prompt.cross_token_ids, prepared.image_keys
+        ):
+            return None
+        return cross
+
+    def _cache_from(self, state: KVState | None, shared: int) -> KVCache:
+        spec = self.manifest.kv_cache
+        if state is None:
+            return KVCache.from_spec(spec)
+        if shared == state.length:  # the arrays themselves: graphs never write into their inputs
+            keys, values = list(state.keys), list(state.values)
+        else:
+            keys = [np.ascontiguousarray(k[:, :, :shared]) for k in state.keys]
+            values = [np.ascontiguousarray(v[:, :, :shared]) for v in state.values]
+        return KVCache(keys, values, spec.max_context, names=spec)
+
+    def _cross_state(self, prepared: PreparedRequest, inputs: DecoderInputs) -> CrossState | None:
+        if inputs.cross_key_values is None:
+            return None
+        return CrossState(
+            prepared.prompt.cross_token_ids, prepared.image_keys, inputs.cross_key_values
+        )
+
+    def _keep(self, state: KVState) -> None:
+        """Keep a prompt's state; states it extends are dropped (it answers all they could)."""
+        if not self.prefix_cache.enabled:
+            return
+        for key, kept in list(self.prefix_cache.values()):
+            if (
+                kept.length <= state.length
+                and kept.shared_prefix(state.token_ids, state.images, state.image_starts)
+                == kept.length
+            ):
+                self.prefix_cache.discard(key)
+        self.prefix_cache.put(_state_id(state), state)
+
+    def _cache_counters(self) -> dict[str, dict[str, int]]:
+        return {
+            "feature_cache": self.feature_cache.stats.as_dict(),
+            "prefix_cache": self.prefix_cache.stats.as_dict(),
+        }
+
+    def cache_report(self) -> dict[str, dict[str, int]]:
+        """Both caches' counters since the pipeline was loaded (hits, misses, bytes, peak…)."""
+        return self._cache_counters()
+
+    def clear_caches(self) -> None:
+        self.feature_cache.clear()
+        self.prefix_cache.clear()
 
 
 def _check_shared(runner: GraphRunner, spec: GraphSpec, runner_class: type) -> GraphRunner:
@@ -490,7 +742,100 @@ def _check_vision_shapes(manifest: Manifest, tiling: TilingConfig, fmt: PromptFo
             )
 
 
-def _gather(features: Sequence[Features], output: str, slots: Sequence[Slot]) -> np.ndarray:
+def _splice(
+    embeds: np.ndarray,
+    features: Sequence[Features] | Mapping[int, Features],
+    output: str,
+    slots: Sequence[Slot],
+    positions: np.ndarray,
+    start: int,
+) -> None:
+    """Write the features of `slots` at `positions` (of the whole sequence) into `embeds`, which
+    holds the sequence from `start` on; slots wholly before `start` are not read."""
+    if not slots:
+        return
+    per_slot = len(positions) // len(slots)
+    first = next(
+        (k for k, pos in enumerate(positions[per_slot - 1 :: per_slot]) if pos >= start), None
+    )
+    if first is None:
+        return
+    rows = _gather(features, output, slots[first:])  # [(len(slots) - first) * per_slot, D]
+    wanted = positions[first * per_slot :]
+    inside = wanted >= start
+    embeds[wanted[inside] - start] = rows[inside]
+
+
+def _images_needed(prompt: PromptTokens, start: int, cross: CrossState | None) -> list[int]:
+    """Images whose features a request needs when tokens before `start` and the cross entries
+    of `cross` are reused."""
+    needed: set[int] = set()
+    for slots, positions, first in (
+        (prompt.decoder_feature_slots, prompt.decoder_feature_positions, start),
+        (
+            prompt.cross_feature_slots,
+            prompt.cross_feature_positions,
+            len(cross.token_ids) if cross is not None else 0,
+        ),
+    ):
+        if slots:
+            last_positions = positions[
+                len(positions) // len(slots) - 1 :: len(positions) // len(slots)
+            ]
+            needed.update(
+                image
+                for (image, _), last in zip(slots, last_positions, strict=True)
+                if last >= first
+            )
+    return sorted(needed)
+
+
+def _extend(kept: np.ndarray | None, new: np.ndarray) -> np.ndarray:
+    return new if kept is None else np.concatenate([kept, new], axis=2)
+
+
+def _state_of(
+    prepared: PreparedRequest, token_ids: np.ndarray, cache: KVCache, cross: CrossState | None
+) -> KVState:
+    prompt = prepared.prompt
+    return KVState(
+        token_ids,
+        prepared.image_keys,
+        tuple(int(s) for s in prompt.image_start_tokens),
+        tuple(cache.keys),
+        tuple(cache.values),
+        cross,
+    )
+
+
+def _state_id(state: KVState) -> str:
+    digest = hashlib.blake2b(state.token_ids.tobytes(), digest_size=16)
+    digest.update("\n".join(state.images).encode())
+    return digest.hexdigest()
+
+
+def _counter_delta(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int]]:
+    counted = ("hits", "misses", "evictions")
+    return {
+        cache: {name: after[cache][name] - before[cache][name] for name in counted}
+        | {"bytes": after[cache]["bytes"]}
+        for cache in after
+    }
+
+
+def _graph_identity(bundle_dir: Path, graph: ManifestGraph) -> str:
+    """What identifies a graph's computation: its manifest entry and its file's size and time."""
+    path = bundle_dir / graph.file
+    stat = path.stat() if path.exists() else None
+    facts = [str(path.resolve()), repr(graph), stat and (stat.st_size, stat.st_mtime_ns)]
+    return hashlib.blake2b(repr(facts).encode(), digest_size=16).hexdigest()
+
+
+def _gather(
+    features: Sequence[Features] | Mapping[int, Features], output: str, slots: Sequence[Slot]
+) -> np.ndarray:
     """The features of each (image, tile) slot, in order: [len(slots) * 256, D]."""
     try:
         return np.concatenate([features[image][output][tile] for image, tile in slots])

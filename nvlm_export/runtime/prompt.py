@@ -93,12 +93,30 @@ class ChatTemplate:
 
     def pieces(self, question: str, system: str | None = None) -> list[TextPiece]:
         """The whole single-turn prompt: system turn, user turn, then the assistant's opening."""
+        return self.conversation([Message("user", question)], system)
+
+    def conversation(
+        self, messages: Sequence[Message], system: str | None = None
+    ) -> list[TextPiece]:
+        """System turn, every message's turn in order, then the assistant's opening. Earlier
+        answers are data like the questions: they never produce control tokens."""
         system_message = self.default_system if system is None else system
-        system_turn, user_turn = self.turn("system", system_message), self.turn("user", question)
-        return [*system_turn, *user_turn, self.start("assistant")]
+        turns = [self.turn("system", system_message)]
+        turns += [self.turn(message.role, message.text) for message in messages]
+        return [*(piece for turn in turns for piece in turn), self.start("assistant")]
 
     def render(self, question: str, system: str | None = None) -> str:
         return "".join(piece.text for piece in self.pieces(question, system))
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn of a conversation. `images` of the request's images (in order) belong to it;
+    a user turn without `<image>` markers gets one per image prepended, as a single question."""
+
+    role: Literal["user", "assistant"]
+    text: str
+    images: int = 0
 
 
 # NVLM-D's `chatml` conversation (MPT separator style): no newline after <|im_end|>.
@@ -256,6 +274,7 @@ class PromptTokens:
     cross_feature_slots: tuple[Slot, ...]
     cross_feature_positions: np.ndarray  # int64 [tokens_per_tile * len(cross_feature_slots)]
     cross_attention_mask: np.ndarray  # bool [T, K]
+    image_start_tokens: np.ndarray  # int64 [images]: from here on tokens depend on each image
 
     @property
     def num_tokens(self) -> int:
@@ -297,7 +316,31 @@ def build_prompt(
     a question without any `<image>` gets one "<image>\\n" per image prepended. Raw mode takes a
     fully formed prompt string and only replaces its `<image>` markers, which must match exactly.
     """
-    assembled = _assemble_text(fmt, question, images, system=system, raw=raw)
+    return _tokenize(tokenizer, fmt, _assemble_text(fmt, question, images, system, raw), images)
+
+
+def build_chat_prompt(
+    tokenizer: Tokenizer,
+    fmt: PromptFormat,
+    messages: Sequence[Message],
+    images: Sequence[TiledImage] = (),
+    *,
+    system: str | None = None,
+) -> PromptTokens:
+    """Assemble a multi-turn conversation in the format's chat template, ending with the
+    assistant's opening. Each message's images fill its `<image>` markers in order (or are
+    prepended); the messages' image counts must add up to `len(images)`."""
+    for message in messages:
+        _check_text("message", message.text)
+    if system is not None:
+        _check_text("system message", system)
+    pieces = fmt.chat.conversation(_with_markers(fmt, messages, len(images)), system)
+    return _tokenize(tokenizer, fmt, _expand_images(fmt, pieces, images, raw=False), images)
+
+
+def _tokenize(
+    tokenizer: Tokenizer, fmt: PromptFormat, assembled: _PromptText, images: Sequence[TiledImage]
+) -> PromptTokens:
     encoding = encode_pieces(tokenizer, assembled.pieces)
     input_ids = np.asarray(encoding.ids, dtype=np.int64)
     token_ends = np.asarray([end for _, end in encoding.offsets], dtype=np.int64)
@@ -326,6 +369,7 @@ def build_prompt(
         cross_feature_slots=cross_slots,
         cross_feature_positions=np.flatnonzero(cross_ids == placeholder_id).astype(np.int64),
         cross_attention_mask=mask,
+        image_start_tokens=image_start_tokens.astype(np.int64),
     )
 
 
@@ -340,7 +384,7 @@ def count_prompt_tokens(
 ) -> int:
     """The decoder length `build_prompt` would produce, without building masks (for an early
     "context overflow" check before any image is encoded)."""
-    pieces = _assemble_text(fmt, question, images, system=system, raw=raw).pieces
+    pieces = _assemble_text(fmt, question, images, system, raw).pieces
     return len(encode_pieces(tokenizer, pieces).ids)
 
 
@@ -353,7 +397,7 @@ def prompt_text(
     raw: bool = False,
 ) -> str:
     """The full prompt string (chat template applied, image blocks expanded), for inspection."""
-    return _assemble_text(fmt, question, images, system=system, raw=raw).text
+    return _assemble_text(fmt, question, images, system, raw).text
 
 
 # --- text assembly -------------------------------------------------------------------------------
@@ -363,17 +407,39 @@ def _assemble_text(
     fmt: PromptFormat,
     question: str,
     images: Sequence[TiledImage],
-    *,
     system: str | None,
     raw: bool,
 ) -> _PromptText:
     _check_text("prompt", question)
     if system is not None:
         _check_text("system message", system)
-    if not raw and images and fmt.image_marker not in question:
-        # InternVL's and NVLM's own chat() prepend the marker the same way.
-        question = f"{fmt.image_marker}\n" * len(images) + question
-    pieces = [template_text(question)] if raw else fmt.chat.pieces(question, system)
+    if raw:
+        return _expand_images(fmt, [template_text(question)], images, raw=True)
+    (message,) = _with_markers(fmt, [Message("user", question, len(images))], len(images))
+    return _expand_images(fmt, fmt.chat.pieces(message.text, system), images, raw=False)
+
+
+def _with_markers(fmt: PromptFormat, messages: Sequence[Message], images: int) -> list[Message]:
+    """Messages whose images have no `<image>` marker get one per image prepended
+    (InternVL's and NVLM's own chat() do the same)."""
+    if sum(m.images for m in messages) != images:
+        raise PromptError(
+            f"The conversation's messages hold {sum(m.images for m in messages)} image(s) but "
+            f"{images} were given",
+            fix="Give each message the number of images that belong to it",
+        )
+    return [
+        replace(m, text=f"{fmt.image_marker}\n" * m.images + m.text)
+        if m.images and fmt.image_marker not in m.text
+        else m
+        for m in messages
+    ]
+
+
+def _expand_images(
+    fmt: PromptFormat, pieces: Sequence[TextPiece], images: Sequence[TiledImage], *, raw: bool
+) -> _PromptText:
+    """Replace each `<image>` marker of the pieces by its image's block, in order."""
     split = [(piece, piece.text.split(fmt.image_marker)) for piece in pieces]
     _check_marker_count(fmt, sum(len(parts) - 1 for _, parts in split), len(images), raw=raw)
 

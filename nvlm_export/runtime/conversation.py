@@ -1,0 +1,111 @@
+"""Multi-turn chat about images: `Pipeline.chat()` returns a `Conversation`.
+
+    chat = pipe.chat()
+    print(chat.ask("What colour is the shape?", images=["photo.png"]).run().text)
+    print(chat.ask("And its shape?").run().text)      # prefills only the new question
+
+Each turn renders the whole conversation in the model's own chat template and asks the pipeline
+for an answer, offering the keys/values the conversation kept after its last answer: everything up
+to the end of that answer is reused, so a follow-up prefills only its own tokens (and encodes only
+its own new images). The answer is therefore exactly what a fresh request with the same history
+would give. A turn that is abandoned before its answer ends (a cancel) leaves the conversation as
+it was before the turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from nvlm_export.errors import PromptError
+from nvlm_export.runtime.caches import ImageKey, KVState
+from nvlm_export.runtime.generation import GenerationResult
+from nvlm_export.runtime.images import ImageSource
+from nvlm_export.runtime.pipeline import Pipeline, RequestStream
+from nvlm_export.runtime.prompt import Message
+from nvlm_export.runtime.tiling import Tiling, tile_image
+
+
+class Conversation:
+    """The turns so far, their images (tiled once) and the keys/values after the last answer."""
+
+    def __init__(
+        self, pipeline: Pipeline, *, system: str | None = None, max_tiles: int | None = None
+    ) -> None:
+        self.pipeline = pipeline
+        self.system = system
+        self.max_tiles = max_tiles
+        self.messages: list[Message] = []
+        self._images: list[tuple[Tiling, ImageKey]] = []
+        self._state: KVState | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the conversation so far whose keys/values are kept."""
+        return self._state.length if self._state is not None else 0
+
+    def reset(self) -> None:
+        """Forget every turn and image (a new conversation with the same settings)."""
+        self.messages, self._images, self._state = [], [], None
+
+    def ask(
+        self,
+        text: str,
+        images: Sequence[ImageSource] = (),
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> RequestStream:
+        """Add a user turn (with its own `images`, if any) and stream the answer. The turn and the
+        answer join the conversation when the stream ends; a stream abandoned early adds nothing.
+
+        Raises PromptError, naming the tokens used, when the conversation no longer fits the
+        context: nothing is truncated silently.
+        """
+        config = self.pipeline.generation_config(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+        )
+        loaded = [self.pipeline.load_image(image) for image in images]
+        new_images = [
+            (
+                tile_image(image, self.pipeline.tiling, self.max_tiles),
+                self.pipeline.image_key(image, self.max_tiles),
+            )
+            for image in loaded
+        ]
+        question = Message("user", text, len(new_images))
+        prepared = self.pipeline.prepare_chat(
+            [*self.messages, question], [*self._images, *new_images], system=self.system
+        )
+        self._check_fits(prepared.prompt.num_tokens, len(new_images))
+
+        def keep(result: GenerationResult, state: KVState) -> None:
+            self.messages += [question, Message("assistant", result.text)]
+            self._images += new_images
+            self._state = state
+
+        return self.pipeline.start(
+            prepared, config, also_reuse=[self._state] if self._state else [], on_finish=keep
+        )
+
+    def _check_fits(self, prompt_tokens: int, new_images: int) -> None:
+        capacity = self.pipeline.manifest.kv_cache.max_context
+        if prompt_tokens < capacity:
+            return
+        turns = len(self.messages) // 2
+        raise PromptError(
+            f"The conversation is full: {turns} earlier turn{'s' if turns != 1 else ''} and this "
+            f"question take {prompt_tokens} of the context's {capacity} tokens",
+            why="earlier turns are never dropped or truncated behind your back",
+            fix="Start a new conversation (reset(), or /reset in `nvlm-export chat`)"
+            + (", or ask with fewer or smaller images (--max-tiles)" if new_images else "")
+            + ", or export the bundle with a larger --max-context",
+        )

@@ -1,0 +1,193 @@
+"""Conversations and caches (#17): multi-turn chat reusing earlier turns' keys/values, the image
+feature cache and prefix reuse across requests, checked against fresh requests with no reuse."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nvlm_export.errors import InputError, PromptError
+from nvlm_export.runtime.caches import ByteBudgetLRU, KVState
+from nvlm_export.runtime.conversation import Conversation
+from nvlm_export.runtime.pipeline import Pipeline
+from nvlm_export.runtime.prompt import NVLM_D, Message, build_chat_prompt, build_prompt
+
+STEPS = 6
+
+
+def random_image(seed: int, size: tuple[int, int] = (60, 130)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module", params=["nvlm-d", "internvl", "nvlm-x"])
+def pipelines(request, tiny_bundle) -> tuple[Pipeline, Pipeline]:
+    """A pipeline with its caches on and one sharing its graphs with every cache off."""
+    bundle = tiny_bundle(request.param, max_tiles=6)[1]
+    cached = Pipeline.load(bundle)
+    fresh = Pipeline.load(
+        bundle, shared_runners=cached.runners, feature_cache_bytes=0, prefix_cache_bytes=0
+    )
+    return cached, fresh
+
+
+def fresh_answer(fresh: Pipeline, chat: Conversation, turn: int) -> tuple[int, ...]:
+    """The answer of a fresh request holding the conversation's history before answer `turn`."""
+    messages = chat.messages[: 2 * turn + 1]
+    images = chat._images[: sum(m.images for m in messages)]
+    prepared = fresh.prepare_chat(messages, images, system=chat.system)
+    stream = fresh.start(prepared, fresh.generation_config(max_new_tokens=STEPS))
+    result = stream.run()
+    assert stream.reused_tokens == 0
+    return result.token_ids
+
+
+def test_each_turn_equals_a_fresh_request_with_the_same_history(pipelines) -> None:
+    cached, fresh = pipelines
+    chat = cached.chat()
+    turns = [
+        ("What colour is it?", [random_image(0)]),
+        ("And its shape?", []),
+        ("Is <image> the same picture?", [random_image(1, (200, 200))]),
+    ]
+    answers, streams = [], []
+    for text, images in turns:
+        stream = chat.ask(text, images, max_new_tokens=STEPS)
+        answers.append(stream.run().token_ids)
+        streams.append(stream)
+    assert [m.role for m in chat.messages] == ["user", "assistant"] * 3
+    for turn, answer in enumerate(answers):
+        assert answer == fresh_answer(fresh, chat, turn)
+    # A follow-up prefills its own tokens only: everything computed before is reused, up to
+    # where the answer's ids and its text's re-tokenization differ (random tiny answers).
+    for before, after in itertools.pairwise(streams):
+        kept = [*before.prepared.prompt.input_ids, *before.result.token_ids[:-1]]
+        now = after.prepared.prompt.input_ids
+        shared = next(
+            (i for i, (a, b) in enumerate(zip(kept, now, strict=False)) if a != b), len(kept)
+        )
+        assert after.reused_tokens == shared
+        assert after.reused_tokens >= before.prepared.prompt.num_tokens
+
+
+def test_follow_up_encodes_no_image_again(pipelines) -> None:
+    cached, _ = pipelines
+    chat = cached.chat()
+    chat.ask("Describe it.", [random_image(2)], max_new_tokens=2).run()
+    follow_up = chat.ask("More?", max_new_tokens=2)
+    follow_up.run()
+    assert follow_up.cache_stats["feature_cache"] == {
+        **follow_up.cache_stats["feature_cache"],
+        "hits": 0,
+        "misses": 0,
+    }
+
+
+def test_different_images_of_one_size_never_share_features_or_keys(pipelines) -> None:
+    """Placeholders are the same tokens for every image: reuse must stop at the image."""
+    cached, fresh = pipelines
+    cached.clear_caches()
+    first, second = random_image(3), random_image(4)  # same size, so the same tiling and tokens
+    for image in (first, second):
+        stream = cached.generate("What is it?", [image], max_new_tokens=STEPS)
+        expected = fresh.generate("What is it?", [image], max_new_tokens=STEPS).run()
+        assert stream.run().token_ids == expected.token_ids
+        assert stream.reused_tokens <= stream.prepared.prompt.image_start_tokens[0]
+        assert stream.cache_stats["feature_cache"]["misses"] == 1
+
+
+def test_same_image_new_question_prefills_only_the_question(pipelines) -> None:
+    cached, fresh = pipelines
+    cached.clear_caches()
+    image = random_image(5)
+    cold = cached.generate("What colour is it?", [image], max_new_tokens=STEPS)
+    cold.run()
+    warm = cached.generate("How many are there?", [image], max_new_tokens=STEPS)
+    expected = fresh.generate("How many are there?", [image], max_new_tokens=STEPS).run()
+    assert warm.run().token_ids == expected.token_ids
+    assert warm.cache_stats["feature_cache"]["misses"] == 0  # no image is encoded again
+    assert warm.cache_stats["prefix_cache"]["hits"] == 1
+    question_tokens = warm.prepared.prompt.num_tokens - warm.reused_tokens
+    assert 0 < question_tokens < 20
+
+
+def test_an_abandoned_turn_leaves_the_conversation_as_it_was(pipelines) -> None:
+    cached, fresh = pipelines
+    chat = cached.chat()
+    chat.ask("What is it?", [random_image(6)], max_new_tokens=STEPS).run()
+    for _ in zip(range(2), chat.ask("Tell me a long story.", max_new_tokens=STEPS), strict=False):
+        pass  # the caller stops reading: a cancel
+    assert len(chat.messages) == 2
+    answer = chat.ask("And its colour?", max_new_tokens=STEPS).run()
+    assert [m.text for m in chat.messages[2:]] == ["And its colour?", answer.text]
+    assert answer.token_ids == fresh_answer(fresh, chat, 1)
+
+
+def test_a_full_conversation_is_refused_with_the_tokens_used(pipelines) -> None:
+    cached, _ = pipelines
+    chat = cached.chat()
+    capacity = cached.manifest.kv_cache.max_context
+    with pytest.raises(PromptError) as caught:
+        while True:
+            chat.ask("Look again. " * 200, max_new_tokens=2).run()
+    message = caught.value.one_line()
+    assert f"of the context's {capacity} tokens" in message
+    assert "new conversation" in message
+    assert chat.num_tokens < capacity  # the refused turn changed nothing
+
+
+def test_caches_stay_within_their_budgets(tiny_bundle) -> None:
+    bundle = tiny_bundle("nvlm-d", max_tiles=6)[1]
+    pipe = Pipeline.load(bundle, feature_cache_bytes=400_000, prefix_cache_bytes=900_000)
+    for seed in range(6):
+        pipe.generate(f"Question {seed}?", [random_image(seed)], max_new_tokens=2).run()
+    report = pipe.cache_report()
+    for name, budget in (("feature_cache", 400_000), ("prefix_cache", 900_000)):
+        assert 0 < report[name]["peak_bytes"] <= budget
+        assert report[name]["evictions"] > 0
+
+
+def test_lru_evicts_the_least_recently_used_and_skips_what_cannot_fit() -> None:
+    cache: ByteBudgetLRU[bytes] = ByteBudgetLRU(10, len)
+    cache.put("a", b"1234")
+    cache.put("b", b"1234")
+    assert cache.get("a") == b"1234"  # "b" is now the least recently used
+    cache.put("c", b"1234")
+    assert cache.get("b") is None and cache.get("a") is not None
+    cache.put("huge", b"x" * 11)
+    assert cache.get("huge") is None and cache.stats.bytes == 8
+    off: ByteBudgetLRU[bytes] = ByteBudgetLRU(0, len)
+    off.put("a", b"1")
+    assert off.get("a") is None and not off.enabled
+    with pytest.raises(InputError):
+        ByteBudgetLRU(-1, len)
+
+
+def test_kv_state_matches_images_by_content_not_by_placeholder_ids() -> None:
+    ids = np.array([1, 2, 9, 9, 9, 3], dtype=np.int64)
+    empty = np.zeros((1, 1, 6, 2), dtype=np.float32)
+    state = KVState(ids, ("pixels-a",), (2,), (empty,), (empty,))
+    assert state.shared_prefix(ids, ["pixels-a"], [2]) == 6
+    assert state.shared_prefix(ids, ["pixels-b"], [2]) == 2  # same ids, other image
+    assert state.shared_prefix(ids[:4], ["pixels-a"], [2]) == 4
+    assert state.shared_prefix(np.array([1, 2, 7]), [], []) == 2
+
+
+def test_multi_turn_prompt_is_the_chat_template_of_the_model(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from nvlm_export.models.tokenizer import save_tiny_tokenizer
+
+    tokenizer = save_tiny_tokenizer(tmp_path, "nvlm-d")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    messages = [Message("user", "Hi"), Message("assistant", "Hello."), Message("user", "Why?")]
+    ours = build_chat_prompt(tokenizer, NVLM_D, messages)
+    theirs = hf.apply_chat_template(
+        [{"role": m.role, "content": m.text} for m in messages],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert ours.text == theirs
+    single = build_chat_prompt(tokenizer, NVLM_D, [Message("user", "Why?")])
+    assert single.input_ids.tolist() == build_prompt(tokenizer, NVLM_D, "Why?").input_ids.tolist()
