@@ -191,3 +191,21 @@ def test_multi_turn_prompt_is_the_chat_template_of_the_model(tmp_path: Path) -> 
     assert ours.text == theirs
     single = build_chat_prompt(tokenizer, NVLM_D, [Message("user", "Why?")])
     assert single.input_ids.tolist() == build_prompt(tokenizer, NVLM_D, "Why?").input_ids.tolist()
+
+
+def test_chat_command_streams_answers_and_takes_commands(tiny_bundle, tmp_path: Path) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from nvlm_export.cli import app
+
+    bundle = tiny_bundle("nvlm-d", max_tiles=6)[1]
+    Image.fromarray(random_image(8)).save(tmp_path / "a.png")
+    script = f"What is it?\n/image {tmp_path / 'missing.png'}\nAnd now?\n/reset\n/what\nHi\n/quit\n"
+    result = CliRunner().invoke(
+        app, ["chat", str(bundle), "-i", str(tmp_path / "a.png"), "-n", "3"], input=script
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.count("time to first token") == 3
+    assert "missing.png does not exist" in result.output
+    assert "(new conversation)" in result.output and "Unknown command '/what'" in result.output

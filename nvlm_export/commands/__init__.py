@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nvlm_export.commands import (
+    chat,
     demo,
     engine,
     export,
@@ -29,6 +30,7 @@ TOOLS = "Tools"
 COMMANDS: list[tuple[str, Callable[..., Any], str]] = [
     ("tile", tile.tile, RUNTIME),
     ("run", run.run, RUNTIME),
+    ("chat", chat.chat, RUNTIME),
     ("export", export.export, EXPORT),
     ("verify", export.verify, EXPORT),
     ("build", quantize.build, EXPORT),

@@ -1,0 +1,124 @@
+"""`nvlm-export chat`: an interactive conversation about images in the terminal."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+COMMANDS_HELP = "/image PATH adds an image to your next question, /reset starts over, /quit ends."
+
+
+def chat(
+    bundle: Annotated[
+        Path, typer.Argument(help="Bundle directory written by `nvlm-export export`.")
+    ],
+    image: Annotated[
+        list[Path] | None,
+        typer.Option("--image", "-i", help="An image for the first question; repeatable."),
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", "-n", help="Longest answer, in tokens.")
+    ] = 256,
+    max_tiles: Annotated[
+        int | None,
+        typer.Option(help="Tile budget per image (fewer tiles: faster, less detail)."),
+    ] = None,
+    system: Annotated[
+        str | None, typer.Option(help="Replace the chat template's default system message.")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for ONNX Runtime (default: all cores).")
+    ] = None,
+    spin: Annotated[
+        bool,
+        typer.Option(help="ONNX Runtime's worker threads spin between ops (--no-spin to share)."),
+    ] = True,
+    cache_mib: Annotated[
+        int,
+        typer.Option(
+            help="Budget of each reuse cache (image features, prompt keys/values), MiB; 0 = off."
+        ),
+    ] = 256,
+) -> None:
+    """Chat about images: answers stream as they are generated, each followed by its time to
+    first token and tokens/s. Follow-up questions reuse the earlier turns' work, so they answer
+    quickly. Type /image PATH to add an image to your next question, /reset to start a new
+    conversation and /quit (or end of input) to leave. Reads questions from stdin, one per line,
+    so it can be scripted.
+
+    Examples:
+
+      nvlm-export chat bundle/ --image photo.jpg
+
+      printf 'What colour is it?\\nAnd its shape?\\n' | nvlm-export chat bundle/ -i photo.jpg
+    """
+    from nvlm_export.errors import NvlmError
+    from nvlm_export.runtime.pipeline import Pipeline
+
+    budget = cache_mib * 2**20
+    pipeline = Pipeline.load(
+        bundle,
+        intra_op_threads=threads,
+        allow_spinning=spin,
+        feature_cache_bytes=budget,
+        prefix_cache_bytes=budget,
+    )
+    conversation = pipeline.chat(system=system, max_tiles=max_tiles)
+    pending: list[Any] = [pipeline.load_image(path) for path in image or []]
+    interactive = sys.stdin.isatty()
+    _note(f"Chatting with {bundle}. {COMMANDS_HELP}")
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            return
+        text = line.strip()
+        try:
+            if text.startswith("/"):
+                pending = _command(text, conversation, pipeline, pending)
+            elif text:
+                _answer(conversation, text, pending, max_new_tokens)
+                pending = []
+        except NvlmError as error:
+            _note(f"error: {error.one_line()}")
+
+
+def _command(text: str, conversation: Any, pipeline: Any, pending: list[Any]) -> list[Any]:
+    """Run a /command; returns the images waiting for the next question."""
+    name, _, argument = text.partition(" ")
+    if name == "/reset":
+        conversation.reset()
+        _note("(new conversation)")
+        return []
+    if name == "/image" and argument.strip():
+        pending = [*pending, pipeline.load_image(Path(argument.strip()).expanduser())]
+        _note(f"(image {argument.strip()} joins your next question)")
+        return pending
+    _note(f"Unknown command {text!r}. {COMMANDS_HELP}")
+    return pending
+
+
+def _answer(conversation: Any, text: str, images: list[Any], max_new_tokens: int) -> None:
+    stream = conversation.ask(text, images, max_new_tokens=max_new_tokens)
+    for event in stream:
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    result = stream.result
+    timings = result.timings
+    new = stream.prepared.prompt.num_tokens - stream.reused_tokens
+    _note(
+        f"[time to first token {timings.time_to_first_token:.2f} s, "
+        f"{timings.decode_tokens_per_second:.1f} tokens/s, {new} new prompt tokens]"
+    )
+
+
+def _note(text: str) -> None:
+    """Status lines go to stderr, so stdout holds only the answers."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
