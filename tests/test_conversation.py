@@ -44,6 +44,7 @@ def fresh_answer(fresh: Pipeline, chat: Conversation, turn: int) -> tuple[int, .
     return result.token_ids
 
 
+@pytest.mark.slow
 def test_each_turn_equals_a_fresh_request_with_the_same_history(pipelines) -> None:
     cached, fresh = pipelines
     chat = cached.chat()
@@ -125,6 +126,7 @@ def test_an_abandoned_turn_leaves_the_conversation_as_it_was(pipelines) -> None:
     assert answer.token_ids == fresh_answer(fresh, chat, 1)
 
 
+@pytest.mark.slow
 def test_a_full_conversation_is_refused_with_the_tokens_used(pipelines) -> None:
     cached, _ = pipelines
     chat = cached.chat()
