@@ -168,6 +168,9 @@ def run(
         "finish_reason": result.finish_reason,
         "prompt_tokens": stream.prepared.prompt.num_tokens,
         "tiles_per_image": [t.num_tiles for t in stream.prepared.tilings],
+        # Reuse across requests (docs/conversations.md); the vLLM engine keeps no such caches.
+        "reused_prompt_tokens": getattr(stream, "reused_tokens", 0),
+        "caches": getattr(stream, "cache_stats", {}),
         "timings": {
             "stages_seconds": stream.stage_seconds,
             "time_to_first_token_seconds": timings.time_to_first_token,
