@@ -211,3 +211,32 @@ def test_chat_command_streams_answers_and_takes_commands(tiny_bundle, tmp_path: 
     assert result.output.count("time to first token") == 3
     assert "missing.png does not exist" in result.output
     assert "(new conversation)" in result.output and "Unknown command '/what'" in result.output
+
+
+def test_run_answers_a_jsonl_conversation_turn_by_turn(tiny_bundle, tmp_path: Path) -> None:
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from nvlm_export.cli import app
+
+    bundle = tiny_bundle("nvlm-d", max_tiles=6)[1]
+    Image.fromarray(random_image(9)).save(tmp_path / "a.png")
+    turns = tmp_path / "turns.jsonl"
+    turns.write_text(
+        json.dumps({"prompt": "What is it?", "images": [str(tmp_path / "a.png")]})
+        + "\n"
+        + json.dumps({"prompt": "And now?"})
+        + "\n"
+    )
+    args = ["run", str(bundle), "--turns", str(turns), "-n", "3", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    first, second = (json.loads(line) for line in result.stdout.splitlines())
+    assert (first["turn"], second["turn"]) == (1, 2)
+    assert first["reused_prompt_tokens"] == 0
+    assert second["reused_prompt_tokens"] >= first["prompt_tokens"]
+    turns.write_text('{"question": "typo"}\n')
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code != 0 and "Line 1" in refused.output

@@ -55,14 +55,22 @@ def run(
         Path, typer.Argument(help="Bundle directory written by `nvlm-export export`.")
     ],
     prompt: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--prompt",
             "-p",
             help="The question (or raw prompt). Its text is data: special-token strings in it "
             "stay plain text.",
         ),
-    ],
+    ] = None,
+    turns: Annotated[
+        Path | None,
+        typer.Option(
+            help="A conversation instead of --prompt: a JSONL file, one turn per line, "
+            '{"prompt": "...", "images": ["a.png"]} (images optional). Later turns reuse the '
+            "earlier ones' work.",
+        ),
+    ] = None,
     image: Annotated[
         list[Path] | None,
         typer.Option(
@@ -135,10 +143,37 @@ def run(
       nvlm-export run bundle/ -i a.png -i b.png -p "<image> vs <image>: what changed?" --json
 
       nvlm-export run bundle/ -i photo.jpg -p "Describe it." --llm-engine vllm --tp 2
+
+      nvlm-export run bundle/ --turns conversation.jsonl --json
     """
+    from nvlm_export.errors import InputError
+
+    if (prompt is None) == (turns is None):
+        raise InputError("Give either --prompt or --turns", fix="Pass exactly one of them")
+    if turns is not None and (raw or image or llm_engine != "bundle"):
+        raise InputError(
+            "--turns cannot be combined with --raw, --image or --llm-engine vllm",
+            fix="Name each turn's images in the JSONL file",
+        )
     pipeline = load_pipeline(
         bundle, llm_engine, tensor_parallel_size, intra_op_threads=threads, allow_spinning=spin
     )
+    if turns is not None:
+        conversation = pipeline.chat(system=system, max_tiles=max_tiles)
+        for number, turn in enumerate(_read_turns(turns), start=1):
+            stream = conversation.ask(
+                turn["prompt"],
+                turn.get("images", []),
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=seed,
+                stop=tuple(stop or ()),
+            )
+            _print_answer(stream, as_json, indent=None, turn=number)
+        return
+    assert prompt is not None
     stream = pipeline.generate(
         prompt,
         images=list(image or []),
@@ -152,6 +187,11 @@ def run(
         system=system,
         raw=raw,
     )
+    _print_answer(stream, as_json, indent=2)
+
+
+def _print_answer(stream: Any, as_json: bool, *, indent: int | None, turn: int = 0) -> None:
+    """Stream the answer's text, or print it with its ids and timings as JSON at the end."""
     for event in stream:
         if not as_json:
             sys.stdout.write(event.text)
@@ -163,6 +203,7 @@ def run(
         return
     timings = result.timings
     report = {
+        **({"turn": turn} if turn else {}),
         "text": result.text,
         "token_ids": list(result.token_ids),
         "finish_reason": result.finish_reason,
@@ -177,4 +218,41 @@ def run(
             "decode_tokens_per_second": timings.decode_tokens_per_second,
         },
     }
-    typer.echo(json.dumps(report, indent=2))
+    typer.echo(json.dumps(report, indent=indent))
+
+
+def _read_turns(path: Path) -> list[dict[str, Any]]:
+    """The turns of a JSONL conversation file, checked before any model runs."""
+    from nvlm_export.errors import InputError
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"Cannot read the turns file {path}", why=str(error)) from None
+    turns = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            turn = json.loads(line)
+        except json.JSONDecodeError as error:
+            turn, why = None, error.msg
+        else:
+            why = 'it must be an object with a "prompt" string and an optional "images" list'
+        valid = (
+            isinstance(turn, dict)
+            and isinstance(turn.get("prompt"), str)
+            and set(turn) <= {"prompt", "images"}
+            and isinstance(turn.get("images", []), list)
+            and all(isinstance(i, str) for i in turn.get("images", []))
+        )
+        if not valid:
+            raise InputError(
+                f"Line {number} of {path} is not a turn",
+                why=why,
+                fix='Write one {"prompt": "...", "images": ["a.png"]} object per line',
+            )
+        turns.append(turn)
+    if not turns:
+        raise InputError(f"The turns file {path} holds no turn", fix="Write one turn per line")
+    return turns
