@@ -362,31 +362,48 @@ def test_lm_head_is_found_by_what_computes_the_logits_not_by_its_name(
     assert output_projection(model, "present.0.key") is None
 
 
-def test_gemm_rewritten_as_matmul_computes_the_same() -> None:
+def test_int4_gemm_becomes_a_matmul_on_dequantized_weights_that_computes_the_same(
+    tmp_path: Path,
+) -> None:
+    """The exporter writes a linear layer on a 2-D input (the lm_head) as Gemm(x, W, b, transB=1);
+    INT4 rewrites it as DequantizeLinear -> MatMul (+ Add for the bias), keeping its name."""
     import onnxruntime as ort
     from onnx import helper
 
-    from nvlm_export.export.qdq import gemms_as_matmuls
+    from nvlm_export.export.qdq import quantize_int4_graph
 
     rng = np.random.default_rng(0)
-    w, b = rng.normal(size=(5, 3)).astype(np.float32), rng.normal(size=5).astype(np.float32)
+    w, b = rng.normal(size=(5, 32)).astype(np.float32), rng.normal(size=5).astype(np.float32)
     gemm = helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="head", transB=1)
     graph = helper.make_graph(
         [gemm],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    x = rng.normal(size=(2, 3)).astype(np.float32)
-    rewritten = gemms_as_matmuls(onnx.load_from_string(model.SerializeToString()), exclude=())
-    assert [n.op_type for n in rewritten.graph.node] == ["MatMul", "Add"]
-    assert rewritten.graph.node[0].name == "head"  # exclusion patterns and manifests still match
-    run = ort.InferenceSession(rewritten.SerializeToString()).run(None, {"x": x})[0]
-    np.testing.assert_allclose(run, x @ w.T + b, rtol=1e-5, atol=1e-6)
-    kept = gemms_as_matmuls(onnx.load_from_string(model.SerializeToString()), exclude=("head",))
-    assert [n.op_type for n in kept.graph.node] == ["Gemm"]
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "g")
+    quantize_int4_graph(tmp_path / "g", tmp_path / "q", exclude=(), block_size=16, external=False)
+    model = onnx.load(tmp_path / "q")
+    assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "MatMul", "Add"]
+    assert model.graph.node[1].name == "head"  # exclusion patterns and manifests still match
+    assert {t.name for t in model.graph.initializer} >= {"b"} and "w" not in {
+        t.name for t in model.graph.initializer
+    }
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    dq = model.graph.node[0]
+    quantized, scales = inits[dq.input[0]].astype(np.float32), inits[dq.input[1]]
+    assert quantized.shape == (32, 5) and scales.shape == (2, 5)  # [K, N], one scale per block
+    w_kn = quantized * np.repeat(scales, 16, axis=0)
+    assert np.abs(w_kn - w.T).max() <= np.abs(w).max() / 7  # INT4: 16 levels per block
+    x = rng.normal(size=(2, 32)).astype(np.float32)
+    plain = ort.SessionOptions()  # DequantizeLinear then MatMul as written, no fused kernel
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    run = ort.InferenceSession(str(tmp_path / "q"), plain).run(None, {"x": x})[0]
+    np.testing.assert_allclose(run, x @ w_kn + b, rtol=1e-5, atol=1e-5)
+    kept = tmp_path / "kept"
+    quantize_int4_graph(tmp_path / "g", kept, exclude=("head",), block_size=16, external=False)
+    assert [n.op_type for n in onnx.load(kept).graph.node] == ["Gemm"]
 
 
 def test_excluding_every_node_is_an_error_not_a_fully_quantized_graph(
@@ -514,3 +531,18 @@ def test_cli_accuracy_requests_sets_how_many_requests_are_checked(
     assert result.exit_code == 0, result.output
     assert len(json.loads((tmp_path / "q" / ACCURACY_FILE).read_text())["requests"]) == 1
     assert "not quantized" in result.output  # the vision row of the accuracy table
+
+
+def test_no_accuracy_check_writes_a_working_bundle_with_a_warning_and_no_report(
+    sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
+) -> None:
+    """For a model that cannot be held twice: quantize alone, say the bundle is unchecked."""
+    bundle, _ = sources("nvlm-d")
+    args = ["quantize", str(bundle), "-p", "int4", "--no-accuracy-check", "-o"]
+    result = CliRunner().invoke(cli_app, [*args, str(tmp_path / "q")])
+    assert result.exit_code == 0, result.output
+    assert "accuracy not checked" in " ".join(result.output.split())
+    assert not (tmp_path / "q" / ACCURACY_FILE).exists()
+    image = np.full((400, 500, 3), 128, dtype=np.uint8)
+    tokens = Pipeline.load(tmp_path / "q").generate("Hi", [image], max_new_tokens=2).run()
+    assert 1 <= len(tokens.token_ids) <= 2

@@ -74,6 +74,17 @@ LmHeadOption = Annotated[
         show_default=False,
     ),
 ]
+AccuracyCheckOption = Annotated[
+    bool,
+    typer.Option(
+        "--accuracy-check/--no-accuracy-check",
+        help="Compare the quantized bundle with its source on held-out requests (default). "
+        "Without it nothing but the quantized graphs is held in memory (a 70B-class model that "
+        "does not fit twice); a warning says the bundle is unchecked and no accuracy.json is "
+        "written.",
+        rich_help_panel=PANEL_BUDGET,
+    ),
+]
 ForceOption = Annotated[
     bool, typer.Option("--force", help="Keep the output even when accuracy is outside the budget.")
 ]
@@ -159,6 +170,7 @@ def quantize(
         typer.Option(help="Highest mean KL divergence per token.", rich_help_panel=PANEL_BUDGET),
     ] = None,
     accuracy_requests: AccuracyRequestsOption = ACCURACY_REQUESTS,
+    accuracy_check: AccuracyCheckOption = True,
     force: ForceOption = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
     as_json: Annotated[
@@ -199,12 +211,14 @@ def quantize(
         overwrite=overwrite,
         quantize_lm_head=quantize_lm_head,
         accuracy_requests=accuracy_requests,
+        check_accuracy=accuracy_check,
     )
     report = quantize_bundle(bundle, output, settings, calib, warn=_warn)
     if as_json:
-        typer.echo(json.dumps(report.accuracy.to_dict(), indent=2))
+        typer.echo(json.dumps(report.accuracy.to_dict() if report.accuracy else None, indent=2))
     else:
-        print_accuracy(report.accuracy)
+        if report.accuracy is not None:
+            print_accuracy(report.accuracy)
         typer.echo(
             f"Quantized bundle written to {output} ({report.bundle_bytes() / 2**20:.1f} MiB)"
         )

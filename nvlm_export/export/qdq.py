@@ -1,31 +1,33 @@
-"""Q/DQ placement on one ONNX graph with ONNX Runtime's quantization tooling.
+"""Q/DQ placement on one ONNX graph, streamed: one weight in memory at a time.
 
 Three schemes, all in the form TensorRT builds for explicit quantization (docs/quantization.md):
 
-- INT8: `quantize_static` in QDQ format — symmetric (zero point 0) MinMax calibration, per-channel
-  weights along the output channel, per-tensor activations, only the inputs of MatMul (with a
-  constant weight), Gemm and Conv; biases, residual adds, norms and softmax stay in float.
-- FP8: the INT8 placement and calibration, then every Q/DQ re-typed to FLOAT8E4M3FN with amax
-  scales (`scale = amax / 448`). ONNX Runtime's own FP8 path derives scales from the tensor's
-  standard deviation, which clips the outliers that TensorRT's and ModelOpt's amax scaling keeps.
-- INT4: weight-only, block-wise symmetric along the input channel (`MatMulNBitsQuantizer` in QDQ
-  format: blocked DequantizeLinear, opset 21), activations stay in float.
+- INT8: symmetric (zero point 0) per-channel weights along the output channel, per-tensor
+  activations with MinMax (amax) ranges, only the inputs of MatMul (with a constant weight), Gemm
+  and Conv; biases, residual adds, norms and softmax stay in float. Each quantized node gets its
+  own Q -> DQ pair on its activation, which only it reads.
+- FP8: the same placement and ranges in FLOAT8E4M3FN with amax scales (`scale = amax / 448`), as
+  TensorRT and ModelOpt scale it.
+- INT4: weight-only, block-wise symmetric along the input channel (blocked DequantizeLinear,
+  opset 21), activations stay in float.
 
-The nodes to quantize are always named explicitly (`quantizable_nodes` minus exclusions), never
-left to ONNX Runtime's op-type rules, which in QDQ format also quantize attention's activation x
-activation MatMuls. Exclusions are selected by module path (the exporter's
-`pkg.torch.onnx.name_scopes` metadata, e.g. `layers.3.mlp.down_proj`) or node name; the LM head
-is found by what it computes (`output_projection`: the GEMM behind the `logits` output).
+The Q/DQ nodes are inserted here, not by `onnxruntime.quantization.quantize_static`, which loads
+the whole model (and its calibration copy) in memory; the arithmetic is that tool's (`int8_weight`,
+`symmetric_scale`), and INT4 weights are packed by its block-wise kernel. Activation ranges come
+from `calibration.ranges` (a running amax per tensor); weights are read and written one at a time
+through `tensor_files`. Why this and not ModelOpt: docs/quantization.md.
+
+The nodes to quantize are always named explicitly (`quantizable_nodes` minus exclusions):
+attention's activation x activation MatMuls stay float. Exclusions are selected by module path
+(the exporter's `pkg.torch.onnx.name_scopes` metadata, e.g. `layers.3.mlp.down_proj`) or node
+name; the LM head is found by what it computes (`output_projection`: the GEMM behind `logits`).
 """
 
 from __future__ import annotations
 
 import ast
 import fnmatch
-import logging
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nvlm_export.errors import ExportError
+from nvlm_export.export.onnx_utils import EXTERNAL_DATA_THRESHOLD_BYTES
+from nvlm_export.export.tensor_files import SourceGraph, TensorSink
 
 if TYPE_CHECKING:
     import onnx
@@ -45,12 +49,12 @@ INT8_MAX = 127.0  # symmetric INT8: [-127, 127]
 FP8_E4M3_MAX = 448.0
 INT4_BLOCK_SIZES = (128, 64, 32, 16)  # largest first: 128 is TensorRT's usual INT4 block
 FP8_MIN_OPSET = 19  # QuantizeLinear / DequantizeLinear with float8 types
+INT4_MIN_OPSET = 21  # blocked DequantizeLinear, INT4 tensors
+INT4_MIN_IR_VERSION = 10
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
-# Graphs above this size are saved with their weights in an external data file (protobuf's 2 GB
-# limit leaves room for the graph itself).
-EXTERNAL_DATA_BYTES = 1 << 30
-# Calibration outputs held in memory before ONNX Runtime folds them into running min/max.
-CALIBRATION_FLUSH = 16
+# Quantized graphs whose source is above this size get their weights in an external data file,
+# written one tensor at a time; the exporter's rule (an inline graph is serialised whole).
+EXTERNAL_DATA_BYTES = EXTERNAL_DATA_THRESHOLD_BYTES
 
 
 @dataclass(frozen=True)
@@ -130,164 +134,214 @@ def _module_path(node: Any) -> str:
 # --- INT8 / FP8: static calibration ------------------------------------------------------------
 
 
-class _FeedReader:
-    """ONNX Runtime's CalibrationDataReader protocol over recorded samples (streamed)."""
+@dataclass(frozen=True)
+class _StaticPlan:
+    """Where static Q/DQ goes: per quantized node, its activation inputs and its weights."""
 
-    def __init__(self, samples: Iterator[Mapping[str, np.ndarray]]) -> None:
-        self._samples = samples
+    nodes: dict[str, list[tuple[int, str]]]  # node name -> [(input index, activation tensor)]
+    weights: dict[tuple[str, int], list[str]]  # (initializer, channel axis) -> reading nodes
 
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return dict(next(self._samples, None) or {}) or None
+    @property
+    def activations(self) -> list[str]:
+        return list(dict.fromkeys(t for inputs in self.nodes.values() for _, t in inputs))
 
 
-@contextmanager
-def _quiet_root_advice() -> Iterator[None]:
-    """onnxruntime's quantizer logs advice to run its shape-inference pre-processing on the root
-    logger, once per graph; our graphs come from the exporter with shapes, so it is only noise
-    in the middle of `build`'s progress."""
+def _static_plan(graph: SourceGraph, targets: Sequence[str]) -> _StaticPlan:
+    """Inputs 0 and 1 of each target GEMM/conv: a constant one is a weight, quantized per output
+    channel; any other is an activation, quantized per tensor. Biases stay float."""
+    wanted = set(targets)
+    nodes: dict[str, list[tuple[int, str]]] = {}
+    weights: dict[tuple[str, int], list[str]] = {}
+    for node in graph.model.graph.node:
+        if node.name not in wanted:
+            continue
+        nodes[node.name] = []
+        for index in (0, 1):
+            name = node.input[index]
+            if name in graph.initializers and index == 1:
+                weights.setdefault((name, _weight_axis(node)), []).append(node.name)
+            else:
+                nodes[node.name].append((index, name))
+    return _StaticPlan(nodes, weights)
 
-    def keep(record: logging.LogRecord) -> bool:
-        return "pre-processing" not in record.getMessage()
 
-    root = logging.getLogger()
-    root.addFilter(keep)
-    try:
-        yield
-    finally:
-        root.removeFilter(keep)
+def _weight_axis(node: Any) -> int:
+    """The output-channel axis of a GEMM/conv weight: MatMul [K, N] 1, Conv [O, I, ...] 0, Gemm
+    0 with transB ([N, K]) and 1 without."""
+    if node.op_type == "MatMul":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
+    return 0
 
 
 def quantize_static_graph(
     source: Path,
     output: Path,
-    samples: Iterator[Mapping[str, np.ndarray]],
+    samples: Iterable[Mapping[str, np.ndarray]],
     *,
     precision: str,
     exclude: Sequence[str],
 ) -> None:
-    """INT8 or FP8 Q/DQ on the MatMul/Gemm/Conv inputs of `source`, written to `output`."""
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    """INT8 or FP8 Q/DQ on the MatMul/Gemm/Conv inputs of `source`, written to `output`.
 
-    # The nodes to quantize are named explicitly: ONNX Runtime honours `MatMulConstBOnly` only in
-    # QOperator format, so in QDQ format it would also quantize attention's activation x
-    # activation MatMuls (Q.K^T and softmax.V). INT8 softmax probabilities with a symmetric
-    # per-tensor scale (1/127) round most of a long sequence's weights to zero.
+    Streamed: activation ranges are a running amax per tensor (`calibration.ranges`), and each
+    weight is read, quantized and written on its own (`tensor_files`).
+    """
+    from nvlm_export.calibration.ranges import activation_amax
+
+    graph = SourceGraph(source)
     skipped = set(exclude)
-    nodes = quantizable_nodes(onnx.load(str(source), load_external_data=False))
+    nodes = quantizable_nodes(graph.model)
     targets = [n.name for n in nodes if n.name not in skipped]
-    if not targets:  # an empty list would mean "every node" to ONNX Runtime
+    if not targets:
         raise ExportError(
             f"Nothing to quantize in {source.name}: all {len(nodes)} MatMul/Gemm/Conv nodes "
             "are excluded",
             fix="Exclude fewer nodes, or leave this graph out of --components",
         )
+    plan = _static_plan(graph, targets)
+    amax = activation_amax(graph, plan.activations, samples)
     external = graph_bytes(source) > EXTERNAL_DATA_BYTES
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="nvlm-quant-") as scratch, _quiet_root_advice():
-        int8_path = Path(scratch) / "int8.onnx"
-        quantize_static(
-            str(source),
-            str(int8_path),
-            _FeedReader(samples),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(QUANTIZABLE_OPS),
-            nodes_to_quantize=targets,
-            per_channel=True,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=list(exclude),
-            calibrate_method=CalibrationMethod.MinMax,
-            use_external_data_format=external,
-            extra_options={
-                "ActivationSymmetric": True,
-                "WeightSymmetric": True,
-                "MatMulConstBOnly": True,
-                # One Q/DQ pair per quantized consumer when there are several; with a single
-                # quantized reader the other readers still share its DQ (see float_readers_off_qdq).
-                "DedicatedQDQPair": True,
-                # Q/DQ on inputs only (TensorRT fuses them into the GEMM/conv); outputs stay float.
-                "OpTypesToExcludeOutputQuantization": list(QUANTIZABLE_OPS),
-                "QuantizeBias": False,  # TensorRT has no INT32 DequantizeLinear; biases stay float
-                "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # weight [K, N]: N is output
-                "CalibMaxIntermediateOutputs": CALIBRATION_FLUSH,
-            },
-        )
-        model = onnx.load(str(int8_path))
-        float_readers_off_qdq(model, targets)
+    with TensorSink(output, external=external) as sink:
+        rewired = _write_static_weights(graph, plan, sink, precision)
+        new_nodes = _static_nodes(graph, plan, rewired, amax, sink, precision)
+        _copy_used_initializers(graph, new_nodes, sink)
+        model = graph.model
         if precision == "fp8":
-            retype_to_fp8(model, source)
-        save_model(model, output, external=external)
+            _raise_opset(model, FP8_MIN_OPSET)
+            del model.graph.value_info[:]  # Q outputs were recorded as float by the exporter
+        sink.save(model, new_nodes)
 
 
-def float_readers_off_qdq(model: onnx.ModelProto, quantized: Iterable[str]) -> int:
-    """Point every reader of an activation's DequantizeLinear that is not a quantized node back
-    at the float tensor the QuantizeLinear reads; returns how many inputs were rewired.
+def _write_static_weights(
+    graph: SourceGraph, plan: _StaticPlan, sink: TensorSink, precision: str
+) -> dict[tuple[str, int], str]:
+    """Quantize each planned weight (read once per channel axis) into `sink`; returns the name
+    of each weight's DequantizeLinear output."""
+    from onnx import TensorProto, helper
 
-    ONNX Runtime makes a dedicated Q/DQ pair per reader only when a tensor has more than one
-    *quantized* reader. With one, it rewires every reader to the single DQ output: NVLM-H's
-    pixel-shuffled features feed the tile projector (MatMul, quantized) and the thumbnail
-    projector (LayerNorm first), so the LayerNorm read a quantized input. TensorRT's placement
-    rule is Q/DQ on the inputs of MatMul/Gemm/Conv only; a Q/DQ elsewhere runs that op on
-    rounded values (or, for a Shape reader, is at best useless). Weight Q/DQ are left alone.
-    """
-    targets = set(quantized)
-    inits = {t.name for t in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    # DQ output -> the float tensor its activation QuantizeLinear reads
-    float_of: dict[str, str] = {}
-    for node in model.graph.node:
-        q = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
-        if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in inits:
-            float_of[node.output[0]] = q.input[0]
-    rewired = 0
-    for node in model.graph.node:
-        if node.name in targets:
-            continue
-        for i, name in enumerate(node.input):
-            if name in float_of:
-                node.input[i] = float_of[name]
-                rewired += 1
-    return rewired
-
-
-def retype_to_fp8(model: onnx.ModelProto, source: Path) -> None:
-    """Turn the symmetric INT8 Q/DQ of `model` into FP8 E4M3FN Q/DQ with amax scales, in place.
-
-    Activations: INT8 symmetric scale is amax / 127, so the FP8 scale is scale * 127 / 448.
-    Weights: re-quantized from the source's float weights, per output channel, scale amax / 448.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    weights = {t.name: t for t in onnx.load(str(source)).graph.initializer}
-    inits = {t.name: t for t in model.graph.initializer}
-    done: set[str] = set()
-    for node in model.graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        data, scale_name, zero_name = node.input[0], node.input[1], node.input[2]
-        original = data.removesuffix("_quantized")
-        if node.op_type == "DequantizeLinear" and data in inits and original in weights:
-            axis = _axis(node)
-            weight = numpy_helper.to_array(weights[original]).astype(np.float32)
-            quantized, scale = fp8_weight(weight, axis)
-            _replace(inits[data], numpy_helper.from_array(quantized, data))
-            _replace(inits[scale_name], numpy_helper.from_array(scale, scale_name))
-        elif scale_name not in done:
-            scale = numpy_helper.to_array(inits[scale_name]) * (INT8_MAX / FP8_E4M3_MAX)
-            _replace(
-                inits[scale_name], numpy_helper.from_array(scale.astype(np.float32), scale_name)
+    dequantized: dict[tuple[str, int], str] = {}
+    for (name, axis), _readers in plan.weights.items():
+        weight = graph.array(name)
+        if precision == "fp8":
+            quantized, scale = fp8_weight(weight.astype(np.float32), axis)
+            zero = helper.make_tensor(
+                f"{name}_zero_point", TensorProto.FLOAT8E4M3FN, [scale.size], [0.0] * scale.size
             )
-        done.add(scale_name)
-        if zero_name not in done:
-            _replace(inits[zero_name], _fp8_zeros(inits[zero_name]))
-            done.add(zero_name)
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            entry.version = max(entry.version, FP8_MIN_OPSET)
-    # Shape inference recorded INT8 element types for the Q outputs; let it infer them again.
-    del model.graph.value_info[:]
+        else:
+            quantized, scale = int8_weight(weight, axis)
+            zero = helper.make_tensor(
+                f"{name}_zero_point", TensorProto.INT8, [scale.size], [0] * scale.size
+            )
+        sink.add_array(quantized, f"{name}_quantized")
+        sink.add_array(scale, f"{name}_scale")
+        sink.add(zero)
+        dequantized[(name, axis)] = f"{name}_dequantized"
+        del weight, quantized
+    return dequantized
+
+
+def int8_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel symmetric INT8 weight and scale (amax / 127) along `axis`.
+
+    The arithmetic of onnxruntime.quantization's per-channel QDQ weights, vectorised: the scale is
+    computed in float64 and stored in the weight's dtype, an all-zero channel gets scale 1, and
+    values are rounded half to even and clipped to [-128, 127].
+    """
+    reduce = tuple(i for i in range(weight.ndim) if i != axis % weight.ndim)
+    amax = np.abs(weight).max(axis=reduce, keepdims=True)
+    scale = symmetric_scale(amax, INT8_MAX)
+    quantized = np.clip(np.round(weight.astype(np.float32) / scale), -128, 127).astype(np.int8)
+    return quantized, scale.reshape(-1)
+
+
+def symmetric_scale(amax: np.ndarray, qmax: float) -> np.ndarray:
+    """amax / qmax in the dtype of `amax` (onnxruntime.quantization's `compute_scale_zp` with a
+    symmetric range [-qmax, qmax]); 1 where it would underflow."""
+    dtype = amax.dtype
+    scale = np.asarray(amax, dtype=np.float64) * 2 / (2 * qmax)
+    return np.where(scale < np.finfo(dtype).tiny, 1.0, scale.astype(dtype)).astype(dtype)
+
+
+def _static_nodes(
+    graph: SourceGraph,
+    plan: _StaticPlan,
+    dequantized: Mapping[tuple[str, int], str],
+    amax: Mapping[str, np.float32],
+    sink: TensorSink,
+    precision: str,
+) -> list[Any]:
+    """The graph's nodes with a Q -> DQ pair before every planned activation input (one pair per
+    reading node: TensorRT fuses each into its GEMM) and a DQ on every planned weight. Only the
+    planned node reads each pair; every other reader keeps the float tensor."""
+    from onnx import helper
+
+    types = graph.elem_types()
+    scales: dict[str, tuple[str, str]] = {}
+    weight_dqs = {key: False for key in dequantized}
+    nodes: list[Any] = []
+    for node in graph.model.graph.node:
+        if node.name not in plan.nodes:
+            nodes.append(node)
+            continue
+        for index, tensor in plan.nodes[node.name]:
+            if tensor not in scales:
+                scales[tensor] = _activation_scale(tensor, amax[tensor], types, sink, precision)
+            scale, zero = scales[tensor]
+            pair = f"{node.name}_input{index}"
+            nodes += [
+                helper.make_node(
+                    "QuantizeLinear",
+                    [tensor, scale, zero],
+                    [f"{pair}_quantized"],
+                    name=f"{pair}_QuantizeLinear",
+                ),
+                helper.make_node(
+                    "DequantizeLinear",
+                    [f"{pair}_quantized", scale, zero],
+                    [f"{pair}_dequantized"],
+                    name=f"{pair}_DequantizeLinear",
+                ),
+            ]
+            node.input[index] = f"{pair}_dequantized"
+        key = (node.input[1], _weight_axis(node))
+        if key in dequantized:
+            if not weight_dqs[key]:
+                name = key[0]
+                inputs = [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"]
+                nodes.append(
+                    helper.make_node(
+                        "DequantizeLinear",
+                        inputs,
+                        [dequantized[key]],
+                        name=f"{name}_DequantizeLinear",
+                        axis=key[1],
+                    )
+                )
+                weight_dqs[key] = True
+            node.input[1] = dequantized[key]
+        nodes.append(node)
+    return nodes
+
+
+def _activation_scale(
+    tensor: str, amax: np.float32, types: Mapping[str, int], sink: TensorSink, precision: str
+) -> tuple[str, str]:
+    """Per-tensor scale and zero point initializers of an activation, from its calibrated amax.
+
+    FP8 scales are the INT8 symmetric scale (amax / 127) times 127 / 448, i.e. amax / 448."""
+    from onnx import TensorProto, helper
+
+    dtype = helper.tensor_dtype_to_np_dtype(types.get(tensor, TensorProto.FLOAT))
+    scale = symmetric_scale(np.asarray(amax, dtype=np.float32), INT8_MAX)
+    if precision == "fp8":
+        scale = scale * (INT8_MAX / FP8_E4M3_MAX)
+    names = (f"{tensor}_scale", f"{tensor}_zero_point")
+    sink.add_array(scale.astype(dtype), names[0])
+    zero_type = TensorProto.FLOAT8E4M3FN if precision == "fp8" else TensorProto.INT8
+    sink.add(helper.make_tensor(names[1], zero_type, [], [0]))
+    return names
 
 
 def fp8_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -301,38 +355,38 @@ def fp8_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return quantized, scale.reshape(-1)
 
 
-def _fp8_zeros(zero_point: Any) -> Any:
-    from onnx import TensorProto, helper
-
-    count = int(np.prod(zero_point.dims)) if zero_point.dims else 1
-    return helper.make_tensor(
-        zero_point.name, TensorProto.FLOAT8E4M3FN, list(zero_point.dims), [0.0] * count
-    )
-
-
-def _axis(node: Any) -> int:
-    for attr in node.attribute:
-        if attr.name == "axis":
-            return int(attr.i)
-    return 1
-
-
-def _replace(tensor: Any, new: Any) -> None:
-    tensor.CopyFrom(new)
-
-
 # --- INT4: weight-only, block-wise ------------------------------------------------------------
 
 
-def int4_block_size(model: onnx.ModelProto, nodes: Sequence[QuantizableNode]) -> int:
-    """The largest of 128/64/32/16 dividing the input channels of every MatMul weight in `nodes`."""
-    inits = {t.name: t for t in model.graph.initializer}
-    by_name = {n.name: n for n in model.graph.node}
-    channels = set()
-    for node in nodes:
-        weight = inits.get(by_name[node.name].input[1])
-        if weight is not None and len(weight.dims) == 2:
-            channels.add(int(weight.dims[0]))
+@dataclass(frozen=True)
+class _Int4Target:
+    node: str
+    weight: str
+    transposed: bool  # a Gemm with transB: the weight is [N, K]
+
+
+def _int4_targets(graph: SourceGraph, exclude: Sequence[str]) -> list[_Int4Target]:
+    """MatMuls with a constant 2-D weight and plain linear Gemms (rewritten as MatMul + Add:
+    ONNX Runtime's block-wise INT4 kernel and TensorRT's INT4 GEMM take MatMul), not excluded."""
+    skipped = set(exclude)
+    targets = []
+    for node in graph.model.graph.node:
+        weight = node.input[1] if len(node.input) > 1 else ""
+        if node.name in skipped or weight not in graph.initializers:
+            continue
+        if len(graph.shape(weight)) != 2:
+            continue
+        if node.op_type == "MatMul":
+            targets.append(_Int4Target(node.name, weight, transposed=False))
+        elif node.op_type == "Gemm" and _is_plain_linear(node, graph.initializers):
+            trans = any(a.name == "transB" and a.i for a in node.attribute)
+            targets.append(_Int4Target(node.name, weight, transposed=trans))
+    return targets
+
+
+def int4_block_size(channels: Iterable[int]) -> int:
+    """The largest of 128/64/32/16 dividing every input-channel count in `channels`."""
+    channels = set(channels)
     for block in INT4_BLOCK_SIZES:
         if all(k % block == 0 for k in channels):
             return block
@@ -343,25 +397,93 @@ def int4_block_size(model: onnx.ModelProto, nodes: Sequence[QuantizableNode]) ->
     )
 
 
-def gemms_as_matmuls(model: onnx.ModelProto, exclude: Sequence[str]) -> onnx.ModelProto:
-    """Rewrite each plain Gemm with a constant weight (not in `exclude`) as MatMul (+ Add bias).
+def plan_int4(source: Path, exclude: Sequence[str]) -> tuple[int, int]:
+    """(nodes INT4 would quantize, their block size) for `source`, from its structure alone."""
+    graph = SourceGraph(source)
+    targets = _int4_targets(graph, exclude)
+    return len(targets), int4_block_size(_input_channels(graph, targets))
 
-    ONNX Runtime's block-wise INT4 quantizer takes MatMul only, and the exporter writes a linear
-    layer on a 2-D input (the decoder's lm_head) as Gemm(x, W, b, transB=1). The MatMul keeps
-    the Gemm's name and metadata, so manifests and --exclude patterns still name it.
+
+def _input_channels(graph: SourceGraph, targets: Sequence[_Int4Target]) -> list[int]:
+    return [graph.shape(t.weight)[1 if t.transposed else 0] for t in targets]
+
+
+def quantize_int4_graph(
+    source: Path, output: Path, *, exclude: Sequence[str], block_size: int, external: bool
+) -> None:
+    """INT4 weight-only block-wise Q/DQ (symmetric) on the constant-weight MatMuls and plain
+    linear Gemms of `source`, one weight at a time.
+
+    Each weight is quantized by onnxruntime.quantization's block-wise kernel (the one its
+    `MatMulNBitsQuantizer` calls, so the INT4 values and scales are that tool's) and written at
+    once; the graph gets DequantizeLinear(axis 0, block_size) -> MatMul, the MatMul keeping the
+    original node's name and metadata so manifests and --exclude patterns still name it.
     """
-    inits = {t.name: t for t in model.graph.initializer}
-    skipped = set(exclude)
-    rewritten = []
-    for node in model.graph.node:
-        if node.op_type == "Gemm" and node.name not in skipped and _is_plain_linear(node, inits):
-            rewritten += _gemm_as_matmul(node, inits[node.input[1]], model)
-        else:
-            rewritten.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(rewritten)
-    _drop_unused_initializers(model)
-    return model
+    graph = SourceGraph(source)
+    targets = {t.node: t for t in _int4_targets(graph, exclude)}
+    with TensorSink(output, external=external) as sink:
+        for target in {_int4_name(t): t for t in targets.values()}.values():  # shared weights once
+            _write_int4_weight(graph, target, block_size, sink)
+        nodes: list[Any] = []
+        for node in graph.model.graph.node:
+            target = targets.get(node.name)
+            nodes += [node] if target is None else _int4_nodes(node, target, block_size)
+        _copy_used_initializers(graph, nodes, sink)
+        model = graph.model
+        _raise_opset(model, INT4_MIN_OPSET)
+        model.ir_version = max(model.ir_version, INT4_MIN_IR_VERSION)
+        sink.save(model, nodes)
+
+
+def _write_int4_weight(
+    graph: SourceGraph, target: _Int4Target, block_size: int, sink: TensorSink
+) -> None:
+    from onnx import TensorProto, helper
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    weight = graph.array(target.weight)
+    kn = np.ascontiguousarray(weight.T if target.transposed else weight)  # [K, N]
+    del weight
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=True, quant_format=QuantFormat.QDQ
+    )
+    packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(kn)
+    name = _int4_name(target)
+    sink.add(helper.make_tensor(name, TensorProto.INT4, kn.shape, packed.tobytes(), raw=True))
+    sink.add_array(scales, f"{name}_scales")
+
+
+def _int4_name(target: _Int4Target) -> str:
+    return f"{target.weight}{'_kn' if target.transposed else ''}_DQ_Q4"
+
+
+def _int4_nodes(node: Any, target: _Int4Target, block_size: int) -> list[Any]:
+    """DequantizeLinear -> MatMul for one target; a Gemm's bias becomes an Add after it."""
+    from onnx import helper
+
+    name = _int4_name(target)
+    dq = helper.make_node(
+        "DequantizeLinear",
+        [name, f"{name}_scales"],
+        [f"{name}_output"],
+        name=f"{target.node}_DQ_Q4",
+        axis=0,
+        block_size=block_size,
+    )
+    has_bias = node.op_type == "Gemm" and len(node.input) > 2 and bool(node.input[2])
+    product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+    matmul = helper.make_node("MatMul", [node.input[0], dq.output[0]], [product], name=node.name)
+    matmul.metadata_props.extend(node.metadata_props)
+    if not has_bias:
+        return [dq, matmul]
+    bias = helper.make_node(
+        "Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"
+    )
+    return [dq, matmul, bias]
 
 
 def _is_plain_linear(node: Any, inits: Mapping[str, Any]) -> bool:
@@ -373,61 +495,21 @@ def _is_plain_linear(node: Any, inits: Mapping[str, Any]) -> bool:
     return not scaled and not attrs.get("transA", 0) and node.input[1] in inits
 
 
-def _gemm_as_matmul(node: Any, weight: Any, model: onnx.ModelProto) -> list[Any]:
-    from onnx import helper, numpy_helper
-
-    kn = numpy_helper.to_array(weight)
-    if any(a.name == "transB" and a.i for a in node.attribute):
-        kn = kn.T  # [N, K] -> [K, N]
-    name = f"{weight.name}_kn"
-    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(kn), name))
-    has_bias = len(node.input) > 2 and bool(node.input[2])
-    product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
-    matmul = helper.make_node("MatMul", [node.input[0], name], [product], name=node.name)
-    matmul.metadata_props.extend(node.metadata_props)
-    if not has_bias:
-        return [matmul]
-    bias = helper.make_node(
-        "Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"
-    )
-    return [matmul, bias]
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-
-
-def quantize_int4_graph(
-    model: onnx.ModelProto,
-    output: Path,
-    *,
-    exclude: Sequence[str],
-    block_size: int,
-    external: bool,
-) -> None:
-    """INT4 weight-only block-wise Q/DQ (symmetric) on the constant-weight MatMuls of `model`."""
-    from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
-
-    config = DefaultWeightOnlyQuantConfig(
-        block_size=block_size,
-        is_symmetric=True,
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=("MatMul",),
-        quant_axes=(("MatMul", 0),),  # blocks run along K, the input channel of a [K, N] weight
-    )
-    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=list(exclude), algo_config=config)
-    quantizer.process()
-    save_model(quantizer.model.model, output, external=external)
-
-
 # --- files --------------------------------------------------------------------------------------
+
+
+def _copy_used_initializers(graph: SourceGraph, nodes: Sequence[Any], sink: TensorSink) -> None:
+    """Copy, one at a time, the source initializers the new nodes (or outputs) still read."""
+    used = {i for n in nodes for i in n.input} | {o.name for o in graph.model.graph.output}
+    for name in graph.initializers:
+        if name in used:
+            sink.add(graph.tensor(name))
+
+
+def _raise_opset(model: onnx.ModelProto, version: int) -> None:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = max(entry.version, version)
 
 
 def graph_bytes(path: Path) -> int:
@@ -442,19 +524,3 @@ def graph_bytes(path: Path) -> int:
         if entry.key == "location"
     }
     return path.stat().st_size + sum((path.parent / n).stat().st_size for n in names)
-
-
-def save_model(model: onnx.ModelProto, output: Path, *, external: bool) -> None:
-    import onnx
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if external:
-        onnx.save(
-            model,
-            str(output),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=output.name + ".data",
-        )
-    else:
-        onnx.save(model, str(output))

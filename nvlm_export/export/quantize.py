@@ -78,6 +78,8 @@ class QuantizeSettings:
     force: bool = False
     overwrite: bool = False
     quantize_lm_head: bool | None = None  # None: QUANTIZE_LM_HEAD_BY_DEFAULT[precision]
+    # False: no accuracy check (no second model in memory, no accuracy.json), with a warning.
+    check_accuracy: bool = True
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -101,7 +103,7 @@ class QuantizeSettings:
 class QuantizeReport:
     bundle: Path
     manifest: Manifest
-    accuracy: AccuracyReport
+    accuracy: AccuracyReport | None  # None: the check was skipped
     quantized: list[str]
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -153,13 +155,21 @@ def quantize_bundle(
         for name in set(manifest.graphs) - set(components):
             _copy_graph(bundle, staging, manifest.graphs[name].file)
         quantized = replace(manifest, graphs=graphs, precision=settings.precision, engines={})
-        quantized.save(staging)  # the accuracy check loads the staged bundle
-        with stages.stage("accuracy on held-out requests"):
-            unchanged = set(manifest.graphs) - set(components)
-            accuracy = _accuracy(bundle, staging, calib, settings, unchanged, warn)
-        (staging / ACCURACY_FILE).write_text(json.dumps(accuracy.to_dict(), indent=2) + "\n")
-        _enforce_budget(accuracy, settings, warn)
-        quantized = quantized.save(staging)  # again, to record accuracy.json too
+        quantized = quantized.save(staging)  # the accuracy check loads the staged bundle
+        accuracy = None
+        if settings.check_accuracy:
+            with stages.stage("accuracy on held-out requests"):
+                unchanged = set(manifest.graphs) - set(components)
+                accuracy = _accuracy(bundle, staging, calib, settings, unchanged, warn)
+            (staging / ACCURACY_FILE).write_text(json.dumps(accuracy.to_dict(), indent=2) + "\n")
+            _enforce_budget(accuracy, settings, warn)
+            quantized = quantized.save(staging)  # again, to record accuracy.json too
+        else:
+            warn(
+                f"accuracy not checked (--no-accuracy-check): the {settings.precision} bundle was "
+                "not compared with its source; check it on the target with nvlm-export quantize "
+                "or a task evaluation before deploying it"
+            )
         replace_output(staging, out)
     return QuantizeReport(out, quantized, accuracy, components, dict(stages.seconds))
 
@@ -246,16 +256,13 @@ def _quantize_graph(
     if head is not None:
         record["lm_head"] = head.to_dict() | {"quantized": head not in excluded}
     if settings.precision == "int4":
-        full = qdq.gemms_as_matmuls(onnx.load(str(source)), exclude=names)
-        kept = [n for n in qdq.quantizable_nodes(full) if n.name not in names]
-        kept = [n for n in kept if n.op_type == "MatMul"]
-        block = qdq.int4_block_size(full, kept)
+        count, block = qdq.plan_int4(source, exclude=names)
         external = qdq.graph_bytes(source) > qdq.EXTERNAL_DATA_BYTES
         qdq.quantize_int4_graph(
-            full, staging / graph.file, exclude=names, block_size=block, external=external
+            source, staging / graph.file, exclude=names, block_size=block, external=external
         )
         record["block_size"] = block
-        record["quantized_nodes"] = len(kept)
+        record["quantized_nodes"] = count
     else:
         assert calib is not None
         qdq.quantize_static_graph(
@@ -349,7 +356,8 @@ def _copy_graph(bundle: Path, staging: Path, file: str) -> None:
 def _library() -> str:
     import onnxruntime
 
-    return f"onnxruntime.quantization {onnxruntime.__version__}"
+    # Scales and INT4 packing follow onnxruntime.quantization; nvlm-export places the Q/DQ.
+    return f"onnxruntime.quantization {onnxruntime.__version__} arithmetic, streamed Q/DQ"
 
 
 def _summary(graph: GraphSpec) -> str:
