@@ -39,7 +39,10 @@ class OursSystem:
     def __init__(self, bundle: str, threads: int) -> None:
         from nvlm_export.runtime.pipeline import Pipeline
 
-        self.pipe = Pipeline.load(bundle, intra_op_threads=threads)
+        # Caches off: every measured request is cold, like the baselines it is compared with.
+        self.pipe = Pipeline.load(
+            bundle, intra_op_threads=threads, feature_cache_bytes=0, prefix_cache_bytes=0
+        )
         self.weight_bytes = _bundle_weight_bytes(self.pipe)
         reset_peak_rss()
 

@@ -48,6 +48,9 @@ from nvlm_export.runtime.pipeline import Pipeline
 from nvlm_export.runtime.tiling import choose_grid, tile_count
 
 STAGES = ("prepare", "vision", "splice", "prefill")
+# Asked right after each measured request, about the same image: its TTFT shows what the feature
+# and prefix caches save (docs/conversations.md).
+FOLLOW_UP_QUESTION = "And what else can you see?"
 MS = 1000.0
 
 
@@ -80,6 +83,7 @@ class RunTiming:
     time_to_first_token: float
     decode_steps: tuple[float, ...]
     end_to_end: float
+    follow_up_ttft: float = 0.0  # a second question about the same image, right after
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -111,6 +115,7 @@ class CaseProfile:
             "stages_ms": {s: dist([run.stages[s] for run in self.runs]) for s in STAGES},
             "vision_ms_per_tile": dist([v / self.tiles for v in vision]) if self.tiles else None,
             "ttft_ms": dist([run.time_to_first_token for run in self.runs]),
+            "follow_up_ttft_ms": dist([run.follow_up_ttft for run in self.runs]),
             "decode_ms_per_token": dist(steps),
             "decode_tokens_per_second": Distribution.of(
                 [run.decode_tokens_per_second for run in self.runs]
@@ -120,6 +125,7 @@ class CaseProfile:
                 {
                     "stages_ms": {s: run.stages[s] * MS for s in STAGES},
                     "ttft_ms": run.time_to_first_token * MS,
+                    "follow_up_ttft_ms": run.follow_up_ttft * MS,
                     "decode_ms": [s * MS for s in run.decode_steps],
                     "e2e_ms": run.end_to_end * MS,
                 }
@@ -272,15 +278,18 @@ def _profile_case(
 def _one_request(
     pipe: Pipeline, image: Path, question: str, new_tokens: int
 ) -> tuple[RunTiming, int]:
+    pipe.clear_caches()  # every measured request is cold
     start = time.perf_counter()
     stream = pipe.generate(question, [image], max_new_tokens=new_tokens, ignore_eos=True)
     result = stream.run()
     end_to_end = time.perf_counter() - start
+    follow_up = pipe.generate(FOLLOW_UP_QUESTION, [image], max_new_tokens=1).run()
     run = RunTiming(
         stages={name: stream.stage_seconds[name] for name in STAGES},
         time_to_first_token=result.timings.time_to_first_token,
         decode_steps=tuple(result.timings.decode_seconds),
         end_to_end=end_to_end,
+        follow_up_ttft=follow_up.timings.time_to_first_token,
     )
     return run, stream.prepared.prompt.num_tokens
 

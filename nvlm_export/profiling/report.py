@@ -35,6 +35,7 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             **{f"stage {name}": d for name, d in case["stages_ms"].items()},
             "vision per tile": case["vision_ms_per_tile"],
             "ttft": case["ttft_ms"],
+            "follow-up ttft": case["follow_up_ttft_ms"],
             "decode per token": case["decode_ms_per_token"],
             "e2e": case["e2e_ms"],
         }
@@ -88,7 +89,7 @@ def _stage_table(report: dict[str, Any]) -> Table:
         title_justify="left",
     )
     table.add_column("case")
-    headers = ("prompt", "prep", "vision", "/tile", "splice", "prefill", "TTFT")
+    headers = ("prompt", "prep", "vision", "/tile", "splice", "prefill", "TTFT", "follow-up")
     headers += ("ms/tok", "p90", "p99", "tok/s", "e2e")
     for header in headers:
         table.add_column(header, justify="right")
@@ -106,6 +107,7 @@ def _stage_table(report: dict[str, Any]) -> Table:
                     stages["splice"]["median"],
                     stages["prefill"]["median"],
                     case["ttft_ms"]["median"],
+                    case["follow_up_ttft_ms"]["median"],
                     decode["median"],
                     decode["p90"],
                     decode["p99"],
