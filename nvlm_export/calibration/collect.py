@@ -165,7 +165,9 @@ def collect_calibration(
         max_context=manifest.kv_cache.max_context,
         bundle_max_tiles=TilingConfig.from_dict(manifest.tiling).max_tiles,
     )
-    pipe = Pipeline.load(bundle)
+    # Caches off: every graph must see every request whole (reuse would skip shared prefixes and
+    # repeated images, and the recorded ranges would miss them).
+    pipe = Pipeline.load(bundle, feature_cache_bytes=0, prefix_cache_bytes=0)
     with staging_directory(out) as staging:
         writer = CalibrationWriter(staging, info)
         record_calls(pipe, writer.add)
