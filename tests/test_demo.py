@@ -412,3 +412,28 @@ def test_demo_evaluation_of_a_bundle_needs_no_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_demo_conversation_answers_colour_shape_then_digit(demo_bundle: Path) -> None:
+    """Three turns about the example image (#17): each answer is right and equals a fresh request
+    holding the same history, while every follow-up prefills only its own tokens."""
+    from nvlm_export.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(demo_bundle, intra_op_threads=2)
+    fresh = Pipeline.load(
+        demo_bundle, shared_runners=pipe.runners, feature_cache_bytes=0, prefix_cache_bytes=0
+    )
+    questions = {q.kind: q for q in ds.example_sample(EXAMPLE_INDEX, EXAMPLE_KIND).questions}
+    chat = pipe.chat()
+    image = [Image.open(example_image()).convert("RGB")]
+    for turn, kind in enumerate(("color", "shape", "read")):
+        question = questions[kind]
+        stream = chat.ask(question.text, image if turn == 0 else [], max_new_tokens=8)
+        result = stream.run()
+        assert result.text.strip() == question.answer, (kind, chat.messages)
+        history = chat.messages[:-1]
+        prepared = fresh.prepare_chat(history, chat._images)
+        expected = fresh.start(prepared, fresh.generation_config(max_new_tokens=8)).run()
+        assert result.token_ids == expected.token_ids
+        if turn:
+            assert stream.prepared.prompt.num_tokens - stream.reused_tokens < 30
