@@ -24,14 +24,18 @@ def save_hf_qwen2(checkpoint: Path, out: Path) -> Path:
         return out
     import torch
 
-    from nvlm_export.models.checkpoint import load_checkpoint
+    from nvlm_export.models.checkpoint import checkpoint_file, load_checkpoint
+    from nvlm_export.output import CHECKPOINT, staged_output
 
     lm = load_checkpoint(checkpoint, dtype=torch.float32).decoder
     lm.config.model_type = "qwen2"  # NVLM-D's "llama" quirk would send GenAI to its Llama path
-    lm.save_pretrained(out, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (checkpoint / name).is_file():
-            shutil.copy2(checkpoint / name, out / name)
+    with staged_output(out, CHECKPOINT, overwrite=False, sources=[checkpoint]) as staged:
+        lm.save_pretrained(staged.path, safe_serialization=True)
+        for name in TOKENIZER_FILES:
+            source = checkpoint_file(checkpoint, name)
+            if source is not None:
+                shutil.copyfile(source, staged.path / name)
+        staged.publish()  # safetensors writes 0600; publish gives the usual permissions
     return out
 
 

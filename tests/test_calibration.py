@@ -130,7 +130,7 @@ def test_empty_or_all_bad_folder_is_an_error(bundle: Path, tmp_path: Path) -> No
     with pytest.raises(InputError, match="No usable calibration images"):
         collect(bundle, tmp_path / "out", CalibrationOptions(images=str(tmp_path / "bad")))
     assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob(".out.partial-*"))
+    assert not list(tmp_path.glob(".out.*"))  # no staging directory or lock left
 
 
 def test_five_images_keep_one_held_out_for_accuracy(bundle: Path, tmp_path: Path) -> None:

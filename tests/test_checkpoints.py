@@ -251,3 +251,88 @@ def test_missing_tokenizer_is_named(tiny: dict[str, Path], tmp_path: Path) -> No
     (directory / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match=r"tokenizer\.json"):
         load_checkpoint(directory)
+
+
+# --- hostile or broken checkpoints: one clear line, before any large allocation (#16) ----------
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_single_file_weights_are_a_checkpoint_error(
+    tiny: dict[str, Path], tmp_path: Path, damage: str
+) -> None:
+    directory = _copy(tiny["internvl"], tmp_path)
+    weights = directory / SINGLE_FILE
+    data = weights.read_bytes()
+    weights.write_bytes(b"\xff" * 64 if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*not a valid safetensors"):
+        load_checkpoint(directory)
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        ({"llm_config__hidden_size": -64}, "llm_config.hidden_size = -64"),
+        ({"llm_config__vocab_size": 2**40}, "llm_config.vocab_size = 1099511627776"),
+        ({"llm_config__intermediate_size": "wide"}, "llm_config.intermediate_size = 'wide'"),
+        ({"vision_config__num_hidden_layers": 0}, "vision_config.num_hidden_layers = 0"),
+        ({"vision_config__hidden_size": "x"}, "is malformed"),
+        ({"llm_config__num_key_value_heads": 3}, "not a multiple of"),
+        ({"max_dynamic_patch": 100_000}, "max_dynamic_patch = 100000"),
+    ],
+)
+def test_config_with_bad_dimensions_is_refused_naming_the_key(
+    tiny: dict[str, Path], tmp_path: Path, edit: dict, named: str
+) -> None:
+    directory = _copy(tiny["internvl"], tmp_path)
+    _edit_config(directory, **edit)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(directory)
+    assert "config.json" in str(error.value) and named in str(error.value)
+
+
+def test_config_bigger_than_its_weights_fails_before_allocating(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """Within every bound, but ~275 GB of fp32 weights: the stored shapes (file headers) are
+    compared with the config on the meta device, before the model is built in memory. Run with
+    an 8 GB address-space cap, so an allocation fails fast instead of paging the machine."""
+    import resource
+    import subprocess
+    import sys
+
+    directory = _copy(tiny["internvl"], tmp_path)
+    _edit_config(
+        directory,
+        llm_config__hidden_size=65_536,
+        llm_config__intermediate_size=262_144,
+        llm_config__vocab_size=1_048_576,
+    )
+    exe = str(Path(sys.executable).with_name("nvlm-export"))
+    result = subprocess.run(
+        [exe, "export", str(directory), "-o", str(tmp_path / "bundle"), "--no-validate"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)),
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()[-1]  # after the progress lines: one error line
+    assert error.startswith("error:") and "has shape" in error and "config.json implies" in error
+
+
+def test_tokenizer_file_linked_out_of_the_checkpoint_is_refused(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    from nvlm_export.export.bundle import export_bundle
+
+    directory = _copy(tiny["internvl"], tmp_path)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"not": "a tokenizer config"}')
+    (directory / "tokenizer_config.json").unlink()
+    (directory / "tokenizer_config.json").symlink_to(secret)
+    with pytest.raises(CheckpointError) as error:
+        export_bundle(directory, tmp_path / "bundle", quiet=True)
+    assert "tokenizer_config.json points outside the checkpoint" in str(error.value)
+    assert str(secret) in str(error.value)
+    assert not (tmp_path / "bundle").exists()

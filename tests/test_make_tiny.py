@@ -58,16 +58,23 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path: Path) -> None
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
 
 
-def test_refuses_non_empty_output_without_overwrite(tmp_path: Path) -> None:
+def test_refuses_a_directory_it_did_not_write_and_replaces_a_checkpoint_only_with_overwrite(
+    tmp_path: Path,
+) -> None:
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    result = _run("--layout", "internvl", "-o", str(out))
-    assert result.exit_code == 2
-    assert "not empty" in result.output and "--overwrite" in result.output
+    for flags in ((), ("--overwrite",)):
+        result = _run("--layout", "internvl", "-o", str(out), *flags)
+        assert result.exit_code == 2
+        assert "is not a checkpoint" in result.output
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert _run("--layout", "internvl", "-o", str(out)).exit_code == 0  # an empty directory
+    result = _run("--layout", "internvl", "-o", str(out))
+    assert result.exit_code == 2 and "--overwrite" in result.output
     assert _run("--layout", "internvl", "-o", str(out), "--overwrite").exit_code == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert (out / "config.json").is_file()
 
 
 def test_bench_size_is_only_for_internvl_layouts(tmp_path: Path) -> None:

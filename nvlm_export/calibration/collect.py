@@ -26,15 +26,15 @@ from PIL import Image
 
 from nvlm_export.calibration.builtin import builtin_image, builtin_prompt
 from nvlm_export.calibration.dataset import (
+    CALIBRATION_SET,
     CalibrationInfo,
     CalibrationSet,
     CalibrationWriter,
     RequestTiling,
     bundle_fingerprint,
-    check_calibration_output,
-    move_into_place,
 )
 from nvlm_export.errors import ImageError, InputError
+from nvlm_export.output import staged_output
 from nvlm_export.runtime.images import load_image
 from nvlm_export.runtime.manifest import load_manifest
 from nvlm_export.runtime.pipeline import Pipeline, PreparedRequest
@@ -147,29 +147,26 @@ def collect_calibration(
     warn: Warn = print,
     progress: bool = True,
 ) -> CalibrationSet:
-    """Record a calibration set for `bundle` at `out` (written atomically)."""
-    from nvlm_export.export.bundle import staging_directory
-
-    check_calibration_output(out, overwrite)
-    manifest = load_manifest(bundle)
-    prompts = read_prompts(options.prompts) if options.prompts else None
-    calibration, held_out = _split_images(options, warn)
-    info = CalibrationInfo(
-        bundle=str(Path(bundle).resolve()),
-        bundle_fingerprint=bundle_fingerprint(manifest),
-        seed=options.seed,
-        decode_steps=options.decode_steps,
-        max_samples=options.max_samples,
-        source=options.images or "builtin",
-        held_out=[str(p) for p in held_out],
-        max_context=manifest.kv_cache.max_context,
-        bundle_max_tiles=TilingConfig.from_dict(manifest.tiling).max_tiles,
-    )
-    # Caches off: every graph must see every request whole (reuse would skip shared prefixes and
-    # repeated images, and the recorded ranges would miss them).
-    pipe = Pipeline.load(bundle, feature_cache_bytes=0, prefix_cache_bytes=0)
-    with staging_directory(out) as staging:
-        writer = CalibrationWriter(staging, info)
+    """Record a calibration set for `bundle` at `out` (nvlm_export/output.py: locked, atomic)."""
+    with staged_output(out, CALIBRATION_SET, overwrite=overwrite, sources=[bundle]) as staged:
+        manifest = load_manifest(bundle)
+        prompts = read_prompts(options.prompts) if options.prompts else None
+        calibration, held_out = _split_images(options, warn)
+        info = CalibrationInfo(
+            bundle=str(Path(bundle).resolve()),
+            bundle_fingerprint=bundle_fingerprint(manifest),
+            seed=options.seed,
+            decode_steps=options.decode_steps,
+            max_samples=options.max_samples,
+            source=options.images or "builtin",
+            held_out=[str(p) for p in held_out],
+            max_context=manifest.kv_cache.max_context,
+            bundle_max_tiles=TilingConfig.from_dict(manifest.tiling).max_tiles,
+        )
+        # Caches off: every graph must see every request whole (reuse would skip shared prefixes
+        # and repeated images, and the recorded ranges would miss them).
+        pipe = Pipeline.load(bundle, feature_cache_bytes=0, prefix_cache_bytes=0)
+        writer = CalibrationWriter(staged.path, info)
         record_calls(pipe, writer.add)
         requests = _requests(calibration, prompts, options, info, warn)
         for request in _with_progress(requests, options.max_samples, progress):
@@ -181,7 +178,7 @@ def collect_calibration(
         if message:
             warn(message)
         writer.finish()
-        move_into_place(staging, out, overwrite=overwrite)
+        staged.publish()
     return CalibrationSet.open(out)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,9 +26,11 @@ from typing import Any
 import numpy as np
 
 from nvlm_export.errors import BundleError, InputError
+from nvlm_export.output import OutputKind
 from nvlm_export.runtime.manifest import Manifest
 
 CALIBRATION_MANIFEST = "calibration.json"
+CALIBRATION_SET = OutputKind("calibration set", CALIBRATION_MANIFEST)
 FORMAT_VERSION = 1
 
 
@@ -165,39 +166,3 @@ class CalibrationSet:
         for index in range(self.count(graph)):
             with np.load(self.directory / graph / f"{index:06d}.npz") as data:
                 yield {name: data[name] for name in data.files}
-
-
-def move_into_place(staging: Path, out: Path, *, overwrite: bool) -> None:
-    """Replace `out` by the finished `staging` directory (a calibration set or a work dir)."""
-    if out.exists():
-        if not overwrite and any(out.iterdir()):
-            raise InputError(
-                f"'{out}' already exists", fix="Pass --overwrite or choose another path"
-            )
-        if (out / CALIBRATION_MANIFEST).is_file() or not any(out.iterdir()):
-            shutil.rmtree(out)
-        else:
-            raise InputError(
-                f"'{out}' exists and is not a calibration set",
-                why="refusing to replace a directory nvlm-export did not write",
-                fix="Choose another output path",
-            )
-    staging.rename(out)
-
-
-def check_calibration_output(out: Path, overwrite: bool) -> None:
-    """Fail before any work when `out` cannot be written."""
-    if not out.exists():
-        return
-    if out.is_file():
-        raise InputError(f"Output '{out}' is a file", fix="Choose a directory path")
-    if not any(out.iterdir()):
-        return
-    if not (out / CALIBRATION_MANIFEST).is_file():
-        raise InputError(
-            f"'{out}' exists and is not a calibration set",
-            why="refusing to replace a directory nvlm-export did not write",
-            fix="Choose another output path",
-        )
-    if not overwrite:
-        raise InputError(f"'{out}' already exists", fix="Pass --overwrite or choose another path")

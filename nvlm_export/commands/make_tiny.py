@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import enum
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from nvlm_export.errors import InputError, require_export_extra
+from nvlm_export.errors import require_export_extra
+from nvlm_export.output import CHECKPOINT, staged_output
 
 
 class Layout(str, enum.Enum):
@@ -95,45 +93,15 @@ def make_tiny(
 
     shape_for(size.value, layout.value)  # reject an unsupported size/layout pair before any work
     output = Path(output)
-    _check_output(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a sibling temp directory and rename: a crash never leaves a half-written checkpoint.
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        made = make_tiny_checkpoint(staging, layout.value, seed, size.value, layers)
-        _apply_umask(staging)
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with staged_output(output, CHECKPOINT, overwrite=overwrite) as staged:
+        made = make_tiny_checkpoint(staged.path, layout.value, seed, size.value, layers)
+        staged.publish()
     total = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
     depth = made.config.llm_config["num_hidden_layers"]
     typer.echo(
         f"Wrote {size.value} {layout.value} checkpoint to {output}: {len(made.files)} files, "
         f"{_human(total)}, {made.parameters:,} parameters, {depth} decoder layers (seed {seed})."
     )
-
-
-def _apply_umask(directory: Path) -> None:
-    """mkdtemp makes a private (0700) directory; give the result the usual permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for file in directory.iterdir():
-        file.chmod(0o666 & ~umask)
-
-
-def _check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise InputError(f"Output {output} is a file", fix="Pass a directory path")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise InputError(
-            f"Output directory {output} is not empty",
-            why="make-tiny will not mix files with an existing checkpoint",
-            fix="Pass --overwrite to replace it, or choose another directory",
-        )
 
 
 def _human(nbytes: int) -> str:

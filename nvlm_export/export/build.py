@@ -22,6 +22,7 @@ from typing import Any
 
 from nvlm_export.errors import InputError
 from nvlm_export.export.defaults import ACCURACY_REQUESTS, ACCURACY_STEPS
+from nvlm_export.output import BUNDLE, check_output, output_lock, refuse_unsafe_location
 
 STATE_FILE = "state.json"
 BUILD_PRECISIONS = ("fp16", "int8", "fp8", "int4")
@@ -108,28 +109,32 @@ def build(
     quiet: bool = False,
     warn: Callable[[str], None] = print,
 ) -> BuildReport:
-    """Export, calibrate, quantize and (with TensorRT) build engines; see the module docstring."""
-    target = _check_before_work(model_dir, out, settings)
-    work = work_directory(out)
-    work.mkdir(parents=True, exist_ok=True)
-    state = BuildState(work)
-    report = BuildReport(out, work, checkpoint_bytes=_tree_bytes(model_dir))
-    quantized = settings.precision != "fp16"
-    exported = work / "export" if quantized else out
-    runner = _StageRunner(state, report, quiet)
+    """Export, calibrate, quantize and (with TensorRT) build engines; see the module docstring.
 
-    key = runner.run(
-        "export",
-        _fingerprint("export", _files_fingerprint(model_dir), _export_options(settings)),
-        exported,
-        lambda: _export(model_dir, exported, settings, quiet),
-    )
-    if quantized:
-        key = _calibrate_and_quantize(runner, key, exported, work, out, settings, quiet, warn)
-        report.accuracy = _read_accuracy(out)
-    _engines(runner, key, out, settings, target, report)
-    report.bundle_bytes = _tree_bytes(out)
-    return report
+    One build per output at a time: the work directory's lock (nvlm_export/output.py) is held
+    throughout, so a second build of the same output fails at once."""
+    with output_lock(work_directory(out)):
+        target = _check_before_work(model_dir, out, settings)
+        work = work_directory(out)
+        work.mkdir(parents=True, exist_ok=True)
+        state = BuildState(work)
+        report = BuildReport(out, work, checkpoint_bytes=_tree_bytes(model_dir))
+        quantized = settings.precision != "fp16"
+        exported = work / "export" if quantized else out
+        runner = _StageRunner(state, report, quiet)
+
+        key = runner.run(
+            "export",
+            _fingerprint("export", _files_fingerprint(model_dir), _export_options(settings)),
+            exported,
+            lambda: _export(model_dir, exported, settings, quiet),
+        )
+        if quantized:
+            key = _calibrate_and_quantize(runner, key, exported, work, out, settings, quiet, warn)
+            report.accuracy = _read_accuracy(out)
+        _engines(runner, key, out, settings, target, report)
+        report.bundle_bytes = _tree_bytes(out)
+        return report
 
 
 class _StageRunner:
@@ -236,11 +241,11 @@ def _engines(
 
 def _check_before_work(model_dir: Path, out: Path, settings: BuildSettings) -> Any:
     """Target, precision and paths, before any stage runs. Returns the resolved target (or None)."""
-    from nvlm_export.export.bundle import check_output_path
     from nvlm_export.export.targets import check_precision, resolve_target
 
     if not Path(model_dir).is_dir():
         raise InputError(f"Checkpoint '{model_dir}' is not a directory", fix="Pass MODEL_DIR")
+    refuse_unsafe_location(out, [model_dir])
     target = None
     name = settings.target
     if name is None and settings.backend == "tensorrt":
@@ -252,7 +257,7 @@ def _check_before_work(model_dir: Path, out: Path, settings: BuildSettings) -> A
         check_precision(target, settings.precision)
     state = BuildState(work_directory(out))
     if not any(Path(e["output"]) == out for e in state.stages.values()):
-        check_output_path(out, settings.overwrite)
+        check_output(out, BUNDLE, settings.overwrite)
     if not settings.force:
         _check_memory(model_dir, settings)
     return target

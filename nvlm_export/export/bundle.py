@@ -5,17 +5,15 @@
     checkpoint files ──▶ tokenizer/, manifest.json (last)
     bundle ──ONNX Runtime, then PyTorch, on a real tiled image + prompt──▶ validation report
 
-Everything is written into a hidden staging directory beside the output and moved into place only
-after the manifest is written and validation passed, so a failed or interrupted export never leaves
-a directory that looks like a bundle.
+Everything is written into a staging directory beside the output (nvlm_export/output.py: one per
+output name, locked); the manifest is written last, after validation passed, and the directory is
+then moved into place, so a failed or interrupted export never leaves a directory that looks like
+a bundle.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,10 +27,15 @@ from nvlm_export.export.onnx_utils import GraphIO, write_embedding_table
 from nvlm_export.export.validate import ValidationReport, validate_bundle
 from nvlm_export.export.vision import VisionGraph, export_vision_onnx
 from nvlm_export.export.weights import CheckpointWeights, model_skeleton
-from nvlm_export.models.checkpoint import check_stored_tensors, load_checkpoint, open_checkpoint
+from nvlm_export.models.checkpoint import (
+    check_stored_tensors,
+    checkpoint_file,
+    load_checkpoint,
+    open_checkpoint,
+)
+from nvlm_export.output import BUNDLE, publish_bundle, staged_output
 from nvlm_export.progress import Stages
 from nvlm_export.runtime.manifest import (
-    MANIFEST_NAME,
     VISION_GRAPH,
     EmbeddingSpec,
     GraphSpec,
@@ -85,9 +88,10 @@ def export_bundle(
     The graphs are traced from a skeleton of the model (no weights in memory) and their weights
     streamed from the checkpoint (`export/weights.py`); only validation loads the model.
     """
-    check_output_path(out, settings.overwrite)
     dtype = DTYPES[settings.dtype]
-    with Stages(f"Exporting {checkpoint} → {out}", quiet=quiet) as stages:
+    output = staged_output(out, BUNDLE, overwrite=settings.overwrite, sources=[checkpoint])
+    with output as staged, Stages(f"Exporting {checkpoint} → {out}", quiet=quiet) as stages:
+        tokenizer_sources(Path(checkpoint))  # a missing or linked-out tokenizer fails before work
         with stages.stage("read checkpoint (config and tensor headers)"):
             config, stored = open_checkpoint(checkpoint)
             arch = architecture_for_layout(config.layout)
@@ -95,23 +99,25 @@ def export_bundle(
             check_stored_tensors(model, stored, config.layout)
             weights = CheckpointWeights(model, stored, config.layout, dtype)
         stages.note(f"architecture {arch.name}, layout {config.layout}, {settings.dtype}")
-        with staging_directory(out) as staging:
-            manifest = _write_bundle(model, weights, arch, checkpoint, staging, settings, stages)
-            validation = None
-            if settings.validate:
-                with stages.stage("validate against PyTorch (ONNX Runtime)"):
-                    validation = validate_bundle(
-                        staging, lambda: load_checkpoint(checkpoint, dtype=dtype), arch
-                    )
-                for line in validation.summary_lines():
-                    stages.note(line)
-                if not validation.passed:
-                    raise ValidationError(
-                        "The exported bundle does not match the PyTorch model",
-                        why=validation.failure_reason(),
-                        fix="Re-run with --verbose and report it, or pass --no-validate to keep it",
-                    )
-            replace_output(staging, out)
+        manifest = _write_bundle(model, weights, arch, checkpoint, staged.path, settings, stages)
+        validation = None
+        if settings.validate:
+            with stages.stage("validate against PyTorch (ONNX Runtime)"):
+                validation = validate_bundle(
+                    staged.path,
+                    lambda: load_checkpoint(checkpoint, dtype=dtype),
+                    arch,
+                    manifest=manifest,
+                )
+            for line in validation.summary_lines():
+                stages.note(line)
+            if not validation.passed:
+                raise ValidationError(
+                    "The exported bundle does not match the PyTorch model",
+                    why=validation.failure_reason(),
+                    fix="Re-run with --verbose and report it, or pass --no-validate to keep it",
+                )
+        manifest = publish_bundle(staged, manifest)
     return ExportReport(out, manifest, validation, dict(stages.seconds))
 
 
@@ -174,7 +180,7 @@ def _write_bundle(
         precision=settings.dtype,
         extras=arch.manifest_extras(model),
     )
-    return manifest.save(bundle)  # records every file written above
+    return manifest  # saved by publish_bundle, after validation
 
 
 def graph_spec(io: GraphIO, precision: str) -> GraphSpec:
@@ -218,63 +224,23 @@ def _tokenizer_spec(
 
 
 def _copy_tokenizer(checkpoint: Path, bundle: Path) -> list[str]:
-    """Copy the checkpoint's tokenizer files; tokenizer.json is required (the runtime reads it)."""
+    """Copy the checkpoint's tokenizer files into the bundle; returns their bundle paths."""
+    (bundle / TOKENIZER_DIR).mkdir()
+    copied = []
+    for name, source in tokenizer_sources(checkpoint).items():
+        shutil.copyfile(source, bundle / TOKENIZER_DIR / name)
+        copied.append(f"{TOKENIZER_DIR}/{name}")
+    return copied
+
+
+def tokenizer_sources(checkpoint: Path) -> dict[str, Path]:
+    """The checkpoint's tokenizer files, each inside the checkpoint; tokenizer.json is required
+    (the runtime reads it). Cheap, so an export calls it before any work too."""
     if not (checkpoint / "tokenizer.json").is_file():
         raise InputError(
             f"{checkpoint} has no tokenizer.json",
             why="the runtime tokenizes with the `tokenizers` library, which reads tokenizer.json",
             fix="Save the tokenizer with transformers' save_pretrained (fast tokenizer) first",
         )
-    (bundle / TOKENIZER_DIR).mkdir()
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (checkpoint / name).is_file():
-            shutil.copy2(checkpoint / name, bundle / TOKENIZER_DIR / name)
-            copied.append(f"{TOKENIZER_DIR}/{name}")
-    return copied
-
-
-# --- output directory handling --------------------------------------------------------------
-
-
-def check_output_path(out: Path, overwrite: bool) -> None:
-    """Refuse to write over anything but an empty directory or (with --overwrite) a bundle."""
-    if not out.exists():
-        return
-    if out.is_file():
-        raise InputError(f"Output '{out}' is a file", fix="Choose a directory path for the bundle")
-    if not any(out.iterdir()):
-        return
-    if not (out / MANIFEST_NAME).is_file():
-        raise InputError(
-            f"Output directory '{out}' exists and is not a bundle",
-            why="refusing to replace a directory nvlm-export did not write",
-            fix="Choose another output path or empty it",
-        )
-    if not overwrite:
-        raise InputError(
-            f"Bundle '{out}' already exists",
-            fix="Pass --overwrite to replace it, or choose another path",
-        )
-
-
-@contextmanager
-def staging_directory(out: Path) -> Iterator[Path]:
-    """A hidden sibling of `out` to write into; removed again if anything fails."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def replace_output(staging: Path, out: Path) -> None:
-    """Move the finished bundle into place (the old bundle, if any, is removed only after)."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    found = {name: checkpoint_file(checkpoint, name) for name in TOKENIZER_FILES}
+    return {name: path for name, path in found.items() if path is not None}

@@ -27,6 +27,7 @@ from typing import Any
 
 from nvlm_export.errors import BundleError, ExportError, MissingExtraError
 from nvlm_export.export.engine_plan import BuildPlan, EnginePlan
+from nvlm_export.output import output_lock
 from nvlm_export.runtime.backends.tensorrt import LocalGpu, local_gpu
 from nvlm_export.runtime.manifest import Manifest
 
@@ -79,11 +80,26 @@ def build_engines(
     overwrite: bool = False,
     progress: Progress = print,
 ) -> tuple[Manifest, list[BuiltEngine]]:
-    """Build every engine of `plan`, then save a manifest that records them (atomically)."""
+    """Build every engine of `plan`, then save a manifest that records them (atomically).
+
+    The bundle's output lock (nvlm_export/output.py) is held throughout: one writer at a time."""
     trt = import_tensorrt()
     device = local_device()
     _check_plan_matches_here(plan, trt.__version__, device)
     bundle_dir = Path(bundle_dir)
+    with output_lock(bundle_dir):
+        return _build_and_record(trt, device, bundle_dir, manifest, plan, overwrite, progress)
+
+
+def _build_and_record(
+    trt: Any,
+    device: LocalGpu,
+    bundle_dir: Path,
+    manifest: Manifest,
+    plan: BuildPlan,
+    overwrite: bool,
+    progress: Progress,
+) -> tuple[Manifest, list[BuiltEngine]]:
     built = []
     logger = trt.Logger(trt.Logger.WARNING)
     cache_path = Path(plan.timing_cache)

@@ -4,9 +4,10 @@
                    └──copy──▶ embedding table, tokenizer; manifest with per-graph quantization
     staging vs bundle on held-out requests ──▶ accuracy.json (export/accuracy.py)
 
-The output is written into a hidden staging directory and moved into place only when the accuracy
-report is within its thresholds (or --force), so a failed run leaves nothing that looks like a
-bundle. Which precision a component may take is declared in `COMPONENT_PRECISIONS`.
+The output is written into a locked staging directory (nvlm_export/output.py); its manifest is
+written and it is moved into place only when the accuracy report is within its thresholds (or
+--force), so a failed or interrupted run leaves nothing that looks like a bundle. Which precision
+a component may take is declared in `COMPONENT_PRECISIONS`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from nvlm_export.export.accuracy import (
     Thresholds,
     measure_accuracy,
 )
-from nvlm_export.export.bundle import check_output_path, replace_output, staging_directory
 from nvlm_export.export.defaults import ACCURACY_REQUESTS, ACCURACY_STEPS
+from nvlm_export.output import BUNDLE, publish_bundle, staged_output
 from nvlm_export.progress import Stages
 from nvlm_export.runtime.generation import LOGITS
 from nvlm_export.runtime.manifest import (
@@ -139,38 +140,42 @@ def quantize_bundle(
     warn: Callable[[str], None] = print,
 ) -> QuantizeReport:
     """Quantize `bundle` into `out`; raise (leaving nothing at `out`) on failure."""
-    check_output_path(out, settings.overwrite)
-    manifest = load_manifest(bundle)
-    _check_source(manifest, bundle)
-    components = plan_components(manifest, settings)
-    calib = _open_calibration(calibration, manifest, bundle, settings.precision, components)
-    title = f"Quantizing {bundle} → {out} ({settings.precision})"
-    with Stages(title, quiet=quiet) as stages, staging_directory(out) as staging:
-        _copy_side_files(bundle, staging, manifest)
-        graphs = dict(manifest.graphs)
-        for name in components:
-            with stages.stage(f"{name} graph"):
-                graphs[name] = _quantize_graph(bundle, staging, name, manifest, settings, calib)
-            stages.note(f"{name}: {_summary(graphs[name])}")
-        for name in set(manifest.graphs) - set(components):
-            _copy_graph(bundle, staging, manifest.graphs[name].file)
-        quantized = replace(manifest, graphs=graphs, precision=settings.precision, engines={})
-        quantized = quantized.save(staging)  # the accuracy check loads the staged bundle
-        accuracy = None
-        if settings.check_accuracy:
-            with stages.stage("accuracy on held-out requests"):
-                unchanged = set(manifest.graphs) - set(components)
-                accuracy = _accuracy(bundle, staging, calib, settings, unchanged, warn)
-            (staging / ACCURACY_FILE).write_text(json.dumps(accuracy.to_dict(), indent=2) + "\n")
-            _enforce_budget(accuracy, settings, warn)
-            quantized = quantized.save(staging)  # again, to record accuracy.json too
-        else:
-            warn(
-                f"accuracy not checked (--no-accuracy-check): the {settings.precision} bundle was "
-                "not compared with its source; check it on the target with nvlm-export quantize "
-                "or a task evaluation before deploying it"
-            )
-        replace_output(staging, out)
+    sources = [bundle] if calibration is None else [bundle, calibration]
+    with staged_output(out, BUNDLE, overwrite=settings.overwrite, sources=sources) as staged:
+        manifest = load_manifest(bundle)
+        _check_source(manifest, bundle)
+        components = plan_components(manifest, settings)
+        calib = _open_calibration(calibration, manifest, bundle, settings.precision, components)
+        title = f"Quantizing {bundle} → {out} ({settings.precision})"
+        staging = staged.path
+        with Stages(title, quiet=quiet) as stages:
+            _copy_side_files(bundle, staging, manifest)
+            graphs = dict(manifest.graphs)
+            for name in components:
+                with stages.stage(f"{name} graph"):
+                    graphs[name] = _quantize_graph(bundle, staging, name, manifest, settings, calib)
+                stages.note(f"{name}: {_summary(graphs[name])}")
+            for name in set(manifest.graphs) - set(components):
+                _copy_graph(bundle, staging, manifest.graphs[name].file)
+            quantized = replace(manifest, graphs=graphs, precision=settings.precision, engines={})
+            accuracy = None
+            if settings.check_accuracy:
+                with stages.stage("accuracy on held-out requests"):
+                    unchanged = set(manifest.graphs) - set(components)
+                    accuracy = _accuracy(
+                        bundle, staging, quantized, calib, settings, unchanged, warn
+                    )
+                (staging / ACCURACY_FILE).write_text(
+                    json.dumps(accuracy.to_dict(), indent=2) + "\n"
+                )
+                _enforce_budget(accuracy, settings, warn)
+            else:
+                warn(
+                    f"accuracy not checked (--no-accuracy-check): the {settings.precision} bundle "
+                    "was not compared with its source; check it on the target with nvlm-export "
+                    "quantize or a task evaluation before deploying it"
+                )
+            quantized = publish_bundle(staged, quantized)  # records accuracy.json too
     return QuantizeReport(out, quantized, accuracy, components, dict(stages.seconds))
 
 
@@ -287,6 +292,7 @@ def _quantize_graph(
 def _accuracy(
     bundle: Path,
     staging: Path,
+    quantized: Manifest,
     calib: CalibrationSet | None,
     settings: QuantizeSettings,
     unchanged: set[str],
@@ -294,7 +300,8 @@ def _accuracy(
 ) -> AccuracyReport:
     """The accuracy report of `staging` against `bundle`. `unchanged` graphs were copied as they
     are, so they compute exactly what the reference does: the quantized pipeline borrows the
-    reference's runners for them instead of loading and running them a second time."""
+    reference's runners for them instead of loading and running them a second time. `quantized`
+    is the staged bundle's manifest, written only once the accuracy is known."""
     from nvlm_export.calibration.dataset import CalibrationInfo
     from nvlm_export.runtime.pipeline import Pipeline
 
@@ -304,7 +311,7 @@ def _accuracy(
     shared = {name: reference.runners[name] for name in unchanged}
     return measure_accuracy(
         reference,
-        Pipeline.load(staging, shared_runners=shared),
+        Pipeline.load(staging, shared_runners=shared, manifest=quantized),
         requests,
         precision=settings.precision,
         thresholds=settings.budget,

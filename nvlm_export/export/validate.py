@@ -30,7 +30,7 @@ from nvlm_export.export.architectures import ArchitectureExport
 from nvlm_export.export.reference import TorchReference, reference_pixel_values
 from nvlm_export.runtime.generation import KVCache, prefill
 from nvlm_export.runtime.images import ImageSource, load_image
-from nvlm_export.runtime.manifest import DECODER_GRAPH
+from nvlm_export.runtime.manifest import DECODER_GRAPH, Manifest
 from nvlm_export.runtime.pipeline import Pipeline, PreparedRequest
 from nvlm_export.runtime.tiling import TilingConfig
 
@@ -108,15 +108,17 @@ def validate_bundle(
     question: str = DEFAULT_QUESTION,
     greedy_steps: int = 0,
     check_tiling: bool = False,
+    manifest: Manifest | None = None,
 ) -> ValidationReport:
     """Compare the bundle at `bundle` with `model` on real inputs (default: the example image).
 
     The bundle runs first and its graphs are unloaded again; then the model (or `model()`, a
     loader) is asked the same questions. Given a loader, the weights are resident once at a
-    time: ONNX Runtime's, then PyTorch's, never both.
+    time: ONNX Runtime's, then PyTorch's, never both. `manifest`: the bundle's manifest when it
+    is not written yet (an export validates before it writes the manifest).
     """
     images = [example_image_path()] if images is None else list(images)
-    ours = _run_bundle(bundle, question, images, greedy_steps)
+    ours = _run_bundle(bundle, question, images, greedy_steps, manifest)
     if not isinstance(model, nn.Module):
         model = model()
     reference = TorchReference(model, arch)
@@ -152,11 +154,15 @@ def validate_bundle(
 
 
 def _run_bundle(
-    bundle: Path, question: str, images: Sequence[ImageSource], greedy_steps: int
+    bundle: Path,
+    question: str,
+    images: Sequence[ImageSource],
+    greedy_steps: int,
+    manifest: Manifest | None = None,
 ) -> BundleRun:
     """Every vision output, the first-step logits and (greedy_steps > 0) the greedy tokens of
     the bundle on ONNX Runtime; its sessions are closed before this returns."""
-    pipeline = Pipeline.load(bundle)
+    pipeline = Pipeline.load(bundle, manifest=manifest)
     try:
         prepared = pipeline.prepare(question, images)
         features = pipeline.encode_images(prepared.tilings)

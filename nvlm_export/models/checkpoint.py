@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -35,6 +34,7 @@ from nvlm_export.models.config import (
     render_config,
 )
 from nvlm_export.models.model import AnyVisionLanguageModel, build_model
+from nvlm_export.output import apply_umask_permissions
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -174,8 +174,15 @@ class StoredTensors:
             return dict(weight_map)
         single = self.directory / SINGLE_FILE
         if single.is_file():
-            with safe_open(str(single), framework="pt") as handle:
-                return dict.fromkeys(handle.keys(), SINGLE_FILE)
+            try:
+                with safe_open(str(single), framework="pt") as handle:
+                    return dict.fromkeys(handle.keys(), SINGLE_FILE)
+            except Exception as error:  # safetensors raises its own error types
+                raise CheckpointError(
+                    f"Cannot read {single}",
+                    why=f"it is not a valid safetensors file ({error})",
+                    fix="Download or convert the weights again",
+                ) from error
         raise CheckpointError(
             f"No weights found in {self.directory}",
             why=f"neither {INDEX_FILE} nor {SINGLE_FILE} exists",
@@ -327,9 +334,10 @@ def load_checkpoint(
     Works for every layout in `LAYOUTS`; bf16 / fp16 / fp32 on disk are cast to `dtype`.
     """
     config, stored = open_checkpoint(directory, image_token_id)
+    with torch.device("meta"):  # every stored shape checked from the file headers, before the
+        check_stored_tensors(build_model(config), stored, config.layout)  # model is allocated
     with default_dtype(dtype):
         model = build_model(config)
-    check_stored_tensors(model, stored, config.layout)
     with torch.no_grad():
         for key, target in canonical_parameters(model).items():
             value = read_parameter(stored, config.layout, key, tuple(target.shape))
@@ -467,7 +475,7 @@ def save_weights(
         if len(payload) == len(shards[len(written)]):
             file = directory / files[len(written)]
             save_file(payload, str(file), metadata={"format": "pt"})
-            _readable(file)
+            apply_umask_permissions(file)  # safetensors creates files as 0600
             written.append(file)
             payload = {}
     if len(shards) > 1:
@@ -495,13 +503,6 @@ def _stored_parts(
         yield from zip(names, tensor.chunk(len(names), dim=0), strict=True)
 
 
-def _readable(path: Path) -> None:
-    """safetensors creates files as 0600; give them the permissions the umask allows."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
-
-
 def _shard_names(count: int) -> list[str]:
     if count == 1:
         return [SINGLE_FILE]
@@ -519,7 +520,25 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def _copy_tokenizer(source: Path, directory: Path) -> list[Path]:
     copied = []
     for name in TOKENIZER_FILES:
-        if (source / name).is_file() and source.resolve() != directory.resolve():
-            shutil.copyfile(source / name, directory / name)
+        path = checkpoint_file(source, name)
+        if path is not None and source.resolve() != directory.resolve():
+            shutil.copyfile(path, directory / name)
             copied.append(directory / name)
     return copied
+
+
+def checkpoint_file(directory: Path, name: str) -> Path | None:
+    """`directory/name` resolved, or None when there is no such file. A file that resolves outside
+    `directory` (a symlink out of the checkpoint) is refused: whatever is copied from a checkpoint
+    into a bundle or another checkpoint must come from the checkpoint itself."""
+    path = Path(directory) / name
+    if not path.is_file():
+        return None
+    resolved, root = path.resolve(), Path(directory).resolve()
+    if not resolved.is_relative_to(root):
+        raise CheckpointError(
+            f"{path} points outside the checkpoint, to {resolved}",
+            why="files copied from a checkpoint must be inside its directory",
+            fix=f"Replace the link by a copy of the file, if {resolved} is the one you mean",
+        )
+    return resolved

@@ -539,15 +539,124 @@ def detect_layout(config: Mapping[str, Any], source: str = "config.json") -> Lay
 
 
 def parse_config(config: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
-    """A `ModelConfig` from a config.json dictionary of any supported layout."""
+    """A `ModelConfig` from a config.json dictionary of any supported layout, with every
+    dimension checked against `DIMENSION_LIMITS` before anything is built from it."""
     spec = detect_layout(config, source)
-    parsed = spec.parse(config, spec)
+    try:
+        parsed = spec.parse(config, spec)
+    except (TypeError, ValueError, AttributeError, ArithmeticError) as error:
+        raise CheckpointError(
+            f"{source} is malformed", why=str(error), fix="Check the checkpoint's config.json"
+        ) from error
+    check_dimensions(parsed, source)
     if parsed.ps_version != "v2":
         raise CheckpointError(
             f"{source} asks for pixel shuffle {parsed.ps_version!r}",
             why="only ps_version 'v2' (used by NVLM-D and all InternVL2+ releases) is supported",
         )
     return parsed
+
+
+# --- dimension bounds --------------------------------------------------------------------------
+
+# Upper bounds for the sizes a config.json declares, about 8x the largest released model of each
+# kind (NVLM-D-72B: LLM hidden 8192, 80 layers, 64 heads, MLP 29568, vocab 152064, 32k positions;
+# InternViT-6B: hidden 3200, 45 layers, 25 heads, MLP 12800). A typo or a hostile config fails
+# here with one line instead of asking torch for terabytes. docs/security.md lists them.
+DIMENSION_LIMITS: dict[str, int] = {
+    "hidden_size": 65_536,
+    "num_hidden_layers": 1_024,
+    "num_attention_heads": 1_024,
+    "num_key_value_heads": 1_024,
+    "head_dim": 1_024,
+    "intermediate_size": 262_144,
+    "vocab_size": 1_048_576,
+    "max_position_embeddings": 16_777_216,
+    "image_size": 4_096,
+    "patch_size": 448,
+    "num_channels": 4,
+    "min_dynamic_patch": 64,
+    "max_dynamic_patch": 64,
+}
+# The LLM keys every decoder needs; the others are checked when present.
+REQUIRED_LLM_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+)
+
+
+def check_dimensions(config: ModelConfig, source: str = "config.json") -> None:
+    """Every dimension a positive integer within `DIMENSION_LIMITS`, and the shapes consistent
+    (heads divide widths, patches divide the tile). Raises one CheckpointError naming the key."""
+    v, llm = config.vision, config.llm_config
+    for key in REQUIRED_LLM_KEYS:
+        _require(llm, key, f"{source} llm_config")
+    sizes = {f"llm_config.{k}": llm[k] for k in DIMENSION_LIMITS if llm.get(k) is not None}
+    sizes |= {
+        "vision_config.hidden_size": v.hidden_size,
+        "vision_config.num_hidden_layers": v.num_layers,
+        "vision_config.num_attention_heads": v.num_heads,
+        "vision_config.intermediate_size": v.intermediate_size,
+        "vision_config.image_size": v.image_size,
+        "vision_config.patch_size": v.patch_size,
+        "vision_config.num_channels": v.num_channels,
+        "min_dynamic_patch": config.min_dynamic_patch,
+        "max_dynamic_patch": config.max_dynamic_patch,
+    }
+    for key, value in sizes.items():
+        _check_size(key, value, DIMENSION_LIMITS[key.rsplit(".", 1)[-1]], source)
+    heads = llm["num_attention_heads"]
+    kv_heads = llm.get("num_key_value_heads") or heads
+    divides = [
+        ("llm_config.num_key_value_heads", kv_heads, "llm_config.num_attention_heads", heads),
+        (
+            "vision_config.num_attention_heads",
+            v.num_heads,
+            "vision_config.hidden_size",
+            v.hidden_size,
+        ),
+        ("vision_config.patch_size", v.patch_size, "vision_config.image_size", v.image_size),
+    ]
+    if llm.get("head_dim") is None:  # otherwise the head width is given, not derived
+        divides.append(
+            ("llm_config.num_attention_heads", heads, "llm_config.hidden_size", llm["hidden_size"])
+        )
+    for part_key, part, whole_key, whole in divides:
+        _check_divides(part_key, part, whole_key, whole, source)
+    shuffled = v.grid_size * config.downsample_ratio
+    if not 0 < config.downsample_ratio <= 1 or shuffled != int(shuffled):
+        raise CheckpointError(
+            f"{source} has downsample_ratio {config.downsample_ratio}",
+            why=f"it must shrink the {v.grid_size}x{v.grid_size} patch grid to a whole grid",
+            fix="Use the checkpoint's original config.json (NVLM-D and InternVL use 0.5)",
+        )
+    if config.min_dynamic_patch > config.max_dynamic_patch:
+        raise CheckpointError(
+            f"{source} has min_dynamic_patch {config.min_dynamic_patch} > max_dynamic_patch "
+            f"{config.max_dynamic_patch}",
+            fix="Use the checkpoint's original config.json",
+        )
+
+
+def _check_size(key: str, value: Any, limit: int, source: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise CheckpointError(
+            f"{source} has {key} = {value!r}",
+            why=f"it must be an integer from 1 to {limit:,}",
+            fix="Check that config.json is the checkpoint's own, unedited",
+        )
+
+
+def _check_divides(part_key: str, part: int, whole_key: str, whole: int, source: str) -> None:
+    if whole % part:
+        raise CheckpointError(
+            f"{source} has {whole_key} = {whole}, not a multiple of {part_key} = {part}",
+            why="the model's tensors are split evenly over them",
+            fix="Check that config.json is the checkpoint's own, unedited",
+        )
 
 
 def read_config(directory: Path) -> ModelConfig:

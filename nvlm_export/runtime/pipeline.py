@@ -213,6 +213,7 @@ class Pipeline:
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         feature_cache_bytes: int = DEFAULT_FEATURE_CACHE_BYTES,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        manifest: Manifest | None = None,
         **backend_options: object,
     ) -> Pipeline:
         """Load a bundle. `backend_options` go to the backend's runner (for ONNX Runtime:
@@ -226,9 +227,12 @@ class Pipeline:
         checked against the manifest's records; `verify_hashes` checks their SHA-256 too (reads
         the whole bundle once). Image files and encoded bytes above `max_image_bytes` are refused
         before they are read.
-        `feature_cache_bytes` and `prefix_cache_bytes` budget the reuse caches (0 = off)."""
+        `feature_cache_bytes` and `prefix_cache_bytes` budget the reuse caches (0 = off).
+        `manifest` is used instead of reading the bundle's (no checks of the files): exporters
+        validate a staged bundle before they write its manifest, so an interrupted export never
+        leaves a directory that loads."""
         bundle_dir = Path(bundle)
-        manifest = load_manifest(bundle_dir, verify_hashes=verify_hashes)
+        manifest = manifest or load_manifest(bundle_dir, verify_hashes=verify_hashes)
         runner_class = get_backend(backend)
         shared = shared_runners or {}
         runners = {}
