@@ -131,10 +131,10 @@ class StagedOutput:
             )
         apply_umask_permissions(self.path)
         old = sibling(self.out, "old")
-        if self.out.exists():
+        if self.out.exists() or self.out.is_symlink():
             self.out.rename(old)
         self.path.rename(self.out)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
 
 
 @contextmanager
@@ -170,14 +170,22 @@ def publish_bundle(staged: StagedOutput, manifest: Manifest) -> Manifest:
 def _remove_leftovers(out: Path) -> None:
     """Clean up after a writer that was killed (we hold the lock, so none is running)."""
     old, partial = sibling(out, "old"), sibling(out, "partial")
-    if old.exists():
+    if old.exists() or old.is_symlink():
         if out.exists():
-            shutil.rmtree(old)  # killed after the new output was in place
+            _remove(old)  # killed after the new output was in place
         else:
             old.rename(out)  # killed between the two renames: the previous output comes back
     if partial.exists():
         print(f"note: removing {partial}, left by an interrupted run", file=sys.stderr)
-        shutil.rmtree(partial)
+        _remove(partial)
+
+
+def _remove(path: Path) -> None:
+    """Remove a directory tree, or just the link when `out` was a symlink (not its target)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 # --- checks before any work ---------------------------------------------------------------------
