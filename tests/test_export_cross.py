@@ -124,6 +124,7 @@ def test_manifest_declares_cross_kv_graph_and_decoder_inputs(exported) -> None:
 def test_cross_kv_runs_once_and_decode_inputs_do_not_grow(exported, monkeypatch) -> None:
     """Only the self-attention cache grows per step; cross K/V are computed once per request."""
     pipe, _ = exported("nvlm-x")
+    pipe.clear_caches()  # a cold request: earlier tests asked about the same image
     cross_runner, decoder_runner = pipe.runners[CROSS_KV_GRAPH], pipe.runners[DECODER_GRAPH]
     cross_calls: list[dict[str, tuple[int, ...]]] = []
     decoder_calls: list[dict[str, tuple[int, ...]]] = []
