@@ -264,7 +264,9 @@ def test_generated_tokens_extend_the_prompt_causally(
     longer = torch.cat([ids, torch.tensor([[5, 6, 7]])], dim=1)
     short, long = model(ids, pixels, prompt), model(longer, pixels, prompt)
     assert long.shape[1] == ids.shape[1] + 3
-    assert torch.allclose(long[:, : ids.shape[1]], short, atol=1e-5)
+    # A longer sequence takes other fp32 GEMM blockings: differences of ~1e-5 relative are
+    # rounding (seen 5e-5 on logits of ~7); a causal leak moves logits by O(1).
+    assert torch.allclose(long[:, : ids.shape[1]], short, atol=1e-4, rtol=1e-5)
     with pytest.raises(PromptError, match="start with the prompt"):
         model(torch.cat([ids[:, 1:], ids[:, :1]], dim=1), pixels, prompt)
 
