@@ -9,8 +9,10 @@ sequence (NVLM-X), or the thumbnail into the decoder and the regular tiles into 
 
 User text is data. The prompt is assembled from `TextPiece`s that say who wrote them: the chat
 template's parts and the image blocks are trusted, so their special-token strings become control and
-image ids; the question and the system message are not, and no added token is recognised in them
-(`<|im_end|>` typed by a user is just characters). A `raw` prompt is trusted as a whole.
+image ids; the question, the system message and earlier answers are not, and no added token is
+recognised in them (`<|im_end|>` typed by a user is just characters). Only a question's (or a raw
+prompt's) `<image>` markers stand for images: the same characters in a system message or in an
+answer the model wrote are text. A `raw` prompt is trusted as a whole.
 
 The prompt is tokenized as one text, split only at the trusted added tokens (which the tokenizer
 splits at anyway), because byte-level BPE merges across tag boundaries ("<Image><tile_1>" gives
@@ -50,15 +52,18 @@ class TiledImage(Protocol):
 
 @dataclass(frozen=True)
 class TextPiece:
-    """A run of prompt text and whether its author is trusted.
+    """A run of prompt text, whether its author is trusted and whether it places images.
 
     Trusted pieces (the chat template's own parts, image blocks, a `raw` prompt) may contain
     special-token strings that become control or image ids. Untrusted pieces (prompt text, system
-    messages: anything a user typed) are data: no added token is recognised in them.
+    messages, earlier answers: anything a user typed or a model wrote) are data: no added token is
+    recognised in them. `image_markers`: each `<image>` in the piece is replaced by the next
+    image's block (questions and raw prompts); elsewhere `<image>` is plain text.
     """
 
     text: str
     trusted: bool
+    image_markers: bool = False
 
 
 def template_text(text: str) -> TextPiece:
@@ -69,6 +74,16 @@ def template_text(text: str) -> TextPiece:
 def user_text(text: str) -> TextPiece:
     """Text a user supplied: tokenized as plain characters, never as control or image tokens."""
     return TextPiece(text, trusted=False)
+
+
+def question_text(text: str) -> TextPiece:
+    """A user's question: data like `user_text`, whose `<image>` markers place its images."""
+    return TextPiece(text, trusted=False, image_markers=True)
+
+
+# What a turn's text is, by role: only questions place images; a system message and an answer
+# the model wrote (which may well say "<image>") are plain data.
+_TURN_TEXT = {"system": user_text, "user": question_text, "assistant": user_text}
 
 
 @dataclass(frozen=True)
@@ -84,8 +99,8 @@ class ChatTemplate:
     turn_prefix: str = "<|im_start|>{role}\n"
 
     def turn(self, role: str, text: str) -> list[TextPiece]:
-        """One turn: the template's prefix and end around `text`, which is user data."""
-        return [self.start(role), user_text(text), template_text(self.turn_end)]
+        """One turn: the template's prefix and end around `text`, which is data."""
+        return [self.start(role), _TURN_TEXT[role](text), template_text(self.turn_end)]
 
     def start(self, role: str) -> TextPiece:
         """The opening of a `role` turn (the prompt ends with the assistant's)."""
@@ -414,20 +429,26 @@ def _assemble_text(
     if system is not None:
         _check_text("system message", system)
     if raw:
-        return _expand_images(fmt, [template_text(question)], images, raw=True)
+        raw_prompt = TextPiece(question, trusted=True, image_markers=True)
+        return _expand_images(fmt, [raw_prompt], images, raw=True)
     (message,) = _with_markers(fmt, [Message("user", question, len(images))], len(images))
     return _expand_images(fmt, fmt.chat.pieces(message.text, system), images, raw=False)
 
 
 def _with_markers(fmt: PromptFormat, messages: Sequence[Message], images: int) -> list[Message]:
-    """Messages whose images have no `<image>` marker get one per image prepended
-    (InternVL's and NVLM's own chat() do the same)."""
+    """Questions whose images have no `<image>` marker get one per image prepended
+    (InternVL's and NVLM's own chat() do the same); a question with markers has one per image
+    of its own, so no image ever lands in another turn."""
     if sum(m.images for m in messages) != images:
         raise PromptError(
             f"The conversation's messages hold {sum(m.images for m in messages)} image(s) but "
             f"{images} were given",
             fix="Give each message the number of images that belong to it",
         )
+    for message in messages:
+        markers = message.text.count(fmt.image_marker) if message.role == "user" else 0
+        if markers:
+            _check_marker_count(fmt, markers, message.images, raw=False)
     return [
         replace(m, text=f"{fmt.image_marker}\n" * m.images + m.text)
         if m.images and fmt.image_marker not in m.text
@@ -439,8 +460,12 @@ def _with_markers(fmt: PromptFormat, messages: Sequence[Message], images: int) -
 def _expand_images(
     fmt: PromptFormat, pieces: Sequence[TextPiece], images: Sequence[TiledImage], *, raw: bool
 ) -> _PromptText:
-    """Replace each `<image>` marker of the pieces by its image's block, in order."""
-    split = [(piece, piece.text.split(fmt.image_marker)) for piece in pieces]
+    """Replace each `<image>` marker of the pieces that place images by its image's block, in
+    order."""
+    split = [
+        (piece, piece.text.split(fmt.image_marker) if piece.image_markers else [piece.text])
+        for piece in pieces
+    ]
     _check_marker_count(fmt, sum(len(parts) - 1 for _, parts in split), len(images), raw=raw)
 
     out: list[TextPiece] = []
@@ -456,7 +481,7 @@ def _expand_images(
                 length += len(block)
                 tags += block_tags
                 decoder_slots += block_slots
-            out.append(TextPiece(part, piece.trusted))
+            out.append(TextPiece(part, piece.trusted, piece.image_markers))
             length += len(part)
     return _PromptText(tuple(out), tuple(image_starts), tuple(tags), tuple(decoder_slots))
 
