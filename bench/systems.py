@@ -63,7 +63,7 @@ class OursSystem:
         }
 
     def decoder(self, prompt_ids: list[int], new_tokens: int) -> dict[str, Any]:
-        from nvlm_export.runtime.generation import GenerationConfig, KVCache, generate, prefill
+        from nvlm_export.runtime.generation import GenerateOptions, KVCache, generate, prefill
 
         pipe = self.pipe
         decoder = pipe.runners["decoder"].infer
@@ -77,7 +77,7 @@ class OursSystem:
             cache=cache,
             embed=pipe.embed,
             tokenizer=pipe.tokenizer,
-            config=GenerationConfig(max_new_tokens=new_tokens),
+            options=GenerateOptions(max_new_tokens=new_tokens),
         )
         return {"prefill": prefill_seconds, "decode": list(stream.run().timings.decode_seconds)}
 

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from nvlm_export.errors import BundleError, InputError
 from nvlm_export.runtime.backends import GraphSpec, TensorSpec, available_backends, get_backend
 from nvlm_export.runtime.backends.onnxruntime import OnnxRuntimeRunner
-from nvlm_export.runtime.generation import GenerationConfig, KVCache, generate, prefill
+from nvlm_export.runtime.generation import GenerateOptions, KVCache, generate, prefill
 from nvlm_export.runtime.manifest import GraphSpec as ManifestGraph
 
 WEIGHT = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
@@ -223,7 +223,8 @@ def test_generate_drives_an_onnx_decoder_one_token_per_step(tmp_path: Path) -> N
             cache=cache,
             embed=table.__getitem__,
             tokenizer=tokenizer,
-            config=GenerationConfig(max_new_tokens=5, eos_token_ids=(0,)),
+            options=GenerateOptions(max_new_tokens=5),
+            eos_token_ids=(0,),
             prompt_ids=prompt,
         )
         result = stream.run()

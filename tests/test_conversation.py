@@ -12,6 +12,7 @@ import pytest
 from nvlm_export.errors import InputError, PromptError
 from nvlm_export.runtime.caches import ByteBudgetLRU, KVState
 from nvlm_export.runtime.conversation import Conversation
+from nvlm_export.runtime.generation import GenerateOptions
 from nvlm_export.runtime.pipeline import Pipeline
 from nvlm_export.runtime.prompt import NVLM_D, Message, build_chat_prompt, build_prompt
 
@@ -38,7 +39,7 @@ def fresh_answer(fresh: Pipeline, chat: Conversation, turn: int) -> tuple[int, .
     messages = chat.messages[: 2 * turn + 1]
     images = chat._images[: sum(m.images for m in messages)]
     prepared = fresh.prepare_chat(messages, images, system=chat.system)
-    stream = fresh.start(prepared, fresh.generation_config(max_new_tokens=STEPS))
+    stream = fresh.start(prepared, GenerateOptions(max_new_tokens=STEPS))
     result = stream.run()
     assert stream.reused_tokens == 0
     return result.token_ids

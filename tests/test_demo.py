@@ -50,6 +50,7 @@ from nvlm_export.demo.train import (
 from nvlm_export.export.bundle import ExportSettings, export_bundle
 from nvlm_export.models.checkpoint import load_checkpoint
 from nvlm_export.models.tokenizer import EOS_TOKEN, PAD_TOKEN, build_tiny_tokenizer
+from nvlm_export.runtime.generation import GenerateOptions
 from nvlm_export.runtime.prompt import NVLM_D, build_prompt
 from nvlm_export.runtime.tiling import IMAGENET_MEAN, IMAGENET_STD, TilingConfig, tile_image
 
@@ -433,7 +434,7 @@ def test_demo_conversation_answers_colour_shape_then_digit(demo_bundle: Path) ->
         assert result.text.strip() == question.answer, (kind, chat.messages)
         history = chat.messages[:-1]
         prepared = fresh.prepare_chat(history, chat._images)
-        expected = fresh.start(prepared, fresh.generation_config(max_new_tokens=8)).run()
+        expected = fresh.start(prepared, GenerateOptions(max_new_tokens=8)).run()
         assert result.token_ids == expected.token_ids
         if turn:
             assert stream.prepared.prompt.num_tokens - stream.reused_tokens < 30

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from nvlm_export.errors import BundleError, InputError, PromptError
 from nvlm_export.runtime.generation import (
-    GenerationConfig,
+    GenerateOptions,
     GenerationResult,
     KVCache,
     check_prompt_fits,
@@ -97,14 +97,17 @@ class Setup:
         prompt_embeds = self.table[np.array([self.prompt_ids])]  # (1, T, D)
         self.first_logits = prefill(self.decoder, prompt_embeds, self.cache)
 
-    def run(self, **config: object) -> tuple[GenerationResult, list[str]]:
+    def run(
+        self, eos_token_ids: tuple[int, ...] = (), **options: object
+    ) -> tuple[GenerationResult, list[str]]:
         stream = generate(
             self.decoder,
             self.first_logits,
             cache=self.cache,
             embed=self.table.__getitem__,
             tokenizer=self.tokenizer,
-            config=GenerationConfig(**config),  # type: ignore[arg-type]
+            options=GenerateOptions(**options),  # type: ignore[arg-type]
+            eos_token_ids=eos_token_ids,
             prompt_ids=self.prompt_ids,
         )
         texts = [event.text for event in stream]
@@ -227,7 +230,7 @@ def test_invalid_generation_config_is_an_input_error(
     config: dict[str, object], message: str
 ) -> None:
     with pytest.raises(InputError, match=message):
-        GenerationConfig(**config)  # type: ignore[arg-type]
+        GenerateOptions(**config)  # type: ignore[arg-type]
 
 
 def test_cache_rejects_presents_that_do_not_extend_it() -> None:
@@ -260,3 +263,23 @@ def test_cache_layout_and_names_come_from_the_manifest_spec() -> None:
     presents = {f"out.{i}.{kv}": np.ones((1, 2, 5, 4), np.float16) for i in range(3) for kv in "kv"}
     cache.update(presents)
     assert cache.length == 5 and cache.remaining == 59
+
+
+def test_keyword_arguments_override_an_options_object_and_are_validated() -> None:
+    base = GenerateOptions(temperature=0.7, seed=1, stop=["\n"])
+    merged = GenerateOptions.merged(base, {"max_new_tokens": 5})
+    assert merged == GenerateOptions(max_new_tokens=5, temperature=0.7, seed=1, stop=("\n",))
+    assert GenerateOptions.merged(None, {}) == GenerateOptions()
+    with pytest.raises(InputError, match="top_p 0 is invalid"):
+        GenerateOptions.merged(base, {"top_p": 0})
+    with pytest.raises(TypeError, match="max_tokens"):
+        GenerateOptions.merged(base, {"max_tokens": 5})
+
+
+def test_ignore_eos_generates_through_end_of_turn_tokens(tokenizer: Tokenizer) -> None:
+    script = [*tokenizer.encode("Hello").ids, eos_id(tokenizer), *tokenizer.encode(" world").ids]
+    result, _ = Setup(tokenizer, script).run(
+        eos_token_ids=(eos_id(tokenizer),), ignore_eos=True, max_new_tokens=len(script)
+    )
+    assert result.token_ids == tuple(script)
+    assert result.finish_reason == "length"

@@ -41,9 +41,9 @@ from nvlm_export.errors import (
     NvlmError,
     PromptError,
 )
+from nvlm_export.runtime.generation import GenerateOptions
 from nvlm_export.runtime.images import check_encoded_size, load_image
 from nvlm_export.runtime.limits import DEFAULT_MAX_IMAGE_BYTES
-from nvlm_export.runtime.sampling import check_sampling_options
 
 Cdata = Any  # a cffi pointer (cffi has no static types)
 T = TypeVar("T")
@@ -127,12 +127,7 @@ class Request:
 
     prompt: str | None = None
     images: list[Image.Image] = field(default_factory=list)
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
+    options: GenerateOptions = field(default_factory=GenerateOptions)
     max_tiles: int | None = None
     system: str | None = None
     raw: bool = False
@@ -145,12 +140,7 @@ class Request:
         return {
             "prompt": self.prompt,
             "images": list(self.images),
-            "max_new_tokens": self.max_new_tokens,
-            "temperature": self.temperature,
-            "top_k": self.top_k,
-            "top_p": self.top_p,
-            "seed": self.seed,
-            "stop": tuple(self.stop),
+            "options": self.options,
             "max_tiles": self.max_tiles,
             "system": self.system,
             "raw": self.raw,
@@ -376,9 +366,7 @@ class CApi:
             request.system = self.text(value, "system message", allow_null=True)
         elif which == TEXT_STOP:
             stop = self.text(value, "stop string")
-            if not stop:
-                raise InputError("The stop string is empty", fix="Pass a non-empty stop string")
-            request.stop.append(stop)
+            request.options = request.options.replace(stop=(*request.options.stop, stop))
         else:
             raise InputError(f"Unknown request text field {which}")
         return Status.OK
@@ -416,21 +404,19 @@ class CApi:
 
     def request_set_max_new_tokens(self, handle: Cdata, max_new_tokens: int) -> Status:
         request = self.handles.get(handle, Request)
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens {max_new_tokens} is invalid", fix="Use a value >= 1")
-        request.max_new_tokens = max_new_tokens
+        request.options = request.options.replace(max_new_tokens=max_new_tokens)
         return Status.OK
 
     def request_set_sampling(
         self, handle: Cdata, temperature: float, top_k: int, top_p: float
     ) -> Status:
         request = self.handles.get(handle, Request)
-        check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p)
-        request.temperature, request.top_k, request.top_p = temperature, top_k, top_p
+        request.options = request.options.replace(temperature=temperature, top_k=top_k, top_p=top_p)
         return Status.OK
 
     def request_set_seed(self, handle: Cdata, seed: int) -> Status:
-        self.handles.get(handle, Request).seed = int(seed)
+        request = self.handles.get(handle, Request)
+        request.options = request.options.replace(seed=int(seed))
         return Status.OK
 
     def request_set_max_image_bytes(self, handle: Cdata, max_bytes: int) -> Status:

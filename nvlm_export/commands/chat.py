@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+from nvlm_export.commands import generation as gen
+
+if TYPE_CHECKING:
+    from nvlm_export.runtime.generation import GenerateOptions
 
 COMMANDS_HELP = "/image PATH adds an image to your next question, /reset starts over, /quit ends."
 
@@ -19,9 +24,12 @@ def chat(
         list[Path] | None,
         typer.Option("--image", "-i", help="An image for the first question; repeatable."),
     ] = None,
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", "-n", help="Longest answer, in tokens.")
-    ] = 256,
+    max_new_tokens: gen.MaxNewTokens = 256,
+    temperature: gen.Temperature = 0.0,
+    top_k: gen.TopK = 0,
+    top_p: gen.TopP = 1.0,
+    seed: gen.Seed = None,
+    stop: gen.Stop = None,
     max_tiles: Annotated[
         int | None,
         typer.Option(help="Tile budget per image (fewer tiles: faster, less detail)."),
@@ -58,6 +66,7 @@ def chat(
     from nvlm_export.errors import NvlmError
     from nvlm_export.runtime.pipeline import Pipeline
 
+    options = gen.generate_options(max_new_tokens, temperature, top_k, top_p, seed, stop)
     budget = cache_mib * 2**20
     pipeline = Pipeline.load(
         bundle,
@@ -82,7 +91,7 @@ def chat(
             if text.startswith("/"):
                 pending = _command(text, conversation, pipeline, pending)
             elif text:
-                _answer(conversation, text, pending, max_new_tokens)
+                _answer(conversation, text, pending, options)
                 pending = []
         except NvlmError as error:
             _note(f"error: {error.one_line()}")
@@ -103,8 +112,8 @@ def _command(text: str, conversation: Any, pipeline: Any, pending: list[Any]) ->
     return pending
 
 
-def _answer(conversation: Any, text: str, images: list[Any], max_new_tokens: int) -> None:
-    stream = conversation.ask(text, images, max_new_tokens=max_new_tokens)
+def _answer(conversation: Any, text: str, images: list[Any], options: GenerateOptions) -> None:
+    stream = conversation.ask(text, images, options)
     for event in stream:
         sys.stdout.write(event.text)
         sys.stdout.flush()

@@ -9,7 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
-SAMPLING = "Sampling"
+from nvlm_export.commands import generation as gen
+
 ENGINE = "Language engine"
 LLM_ENGINES = ("bundle", "vllm")
 # `run` and `profile` both take it.
@@ -77,28 +78,16 @@ def run(
             "--image", "-i", help="An image; repeat for several. Each fills one <image> in order."
         ),
     ] = None,
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", "-n", help="Stop after this many new tokens.")
-    ] = 128,
+    max_new_tokens: gen.MaxNewTokens = 128,
     max_tiles: Annotated[
         int | None,
         typer.Option(help="Tile budget per image (fewer tiles: faster, less detail)."),
     ] = None,
-    temperature: Annotated[
-        float, typer.Option(help="0 = greedy; > 0 samples.", rich_help_panel=SAMPLING)
-    ] = 0.0,
-    top_k: Annotated[
-        int, typer.Option(help="Sample among the k likeliest (0 = all).", rich_help_panel=SAMPLING)
-    ] = 0,
-    top_p: Annotated[
-        float, typer.Option(help="Nucleus sampling mass.", rich_help_panel=SAMPLING)
-    ] = 1.0,
-    seed: Annotated[
-        int | None, typer.Option(help="Seed for reproducible sampling.", rich_help_panel=SAMPLING)
-    ] = None,
-    stop: Annotated[
-        list[str] | None, typer.Option(help="Stop when this text appears; repeatable.")
-    ] = None,
+    temperature: gen.Temperature = 0.0,
+    top_k: gen.TopK = 0,
+    top_p: gen.TopP = 1.0,
+    seed: gen.Seed = None,
+    stop: gen.Stop = None,
     system: Annotated[
         str | None, typer.Option(help="Replace the chat template's default system message.")
     ] = None,
@@ -155,34 +144,21 @@ def run(
             "--turns cannot be combined with --raw, --image or --llm-engine vllm",
             fix="Name each turn's images in the JSONL file",
         )
+    options = gen.generate_options(max_new_tokens, temperature, top_k, top_p, seed, stop)
     pipeline = load_pipeline(
         bundle, llm_engine, tensor_parallel_size, intra_op_threads=threads, allow_spinning=spin
     )
     if turns is not None:
         conversation = pipeline.chat(system=system, max_tiles=max_tiles)
         for number, turn in enumerate(_read_turns(turns), start=1):
-            stream = conversation.ask(
-                turn["prompt"],
-                turn.get("images", []),
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                seed=seed,
-                stop=tuple(stop or ()),
-            )
+            stream = conversation.ask(turn["prompt"], turn.get("images", []), options)
             _print_answer(stream, as_json, indent=None, turn=number)
         return
     assert prompt is not None
     stream = pipeline.generate(
         prompt,
-        images=list(image or []),
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        stop=tuple(stop or ()),
+        list(image or []),
+        options,
         max_tiles=max_tiles,
         system=system,
         raw=raw,

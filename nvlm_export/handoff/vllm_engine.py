@@ -36,7 +36,7 @@ import numpy as np
 from nvlm_export.errors import BundleError, MissingExtraError
 from nvlm_export.runtime.generation import (
     FinishReason,
-    GenerationConfig,
+    GenerateOptions,
     GenerationResult,
     GenerationTimings,
     TokenEvent,
@@ -191,49 +191,43 @@ class VLLMPipeline:
         self,
         prompt: str,
         images: Sequence[ImageSource] = (),
+        options: GenerateOptions | None = None,
         *,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
         max_tiles: int | None = None,
         system: str | None = None,
         raw: bool = False,
-        ignore_eos: bool = False,
+        **overrides: object,
     ) -> VLLMRequestStream:
         """As `Pipeline.generate`: a stream of `TokenEvent`s whose `result` holds the answer."""
-        config = self._config(max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos)
+        options = GenerateOptions.merged(options, overrides)
         start = time.perf_counter()
         stages: dict[str, float] = {}
         request = Request(prompt, tuple(images), max_tiles, system, raw)
         prepared, embeds = self.prompt_embeds(request, stages)
-        text = TextStream(
-            self.pipeline.tokenizer, stop=config.stop, prompt_ids=prepared.prompt.input_ids.tolist()
-        )
-        return VLLMRequestStream(self, embeds, config, text, prepared, stages, start)
+        prompt_ids = prepared.prompt.input_ids.tolist()
+        text = TextStream(self.pipeline.tokenizer, stop=options.stop, prompt_ids=prompt_ids)
+        return VLLMRequestStream(self, embeds, options, text, prepared, stages, start)
 
     # --- concurrent requests ------------------------------------------------------------------
     def generate_concurrent(
         self,
         requests: Sequence[Request],
-        *,
-        max_new_tokens: int = 128,
-        ignore_eos: bool = False,
+        options: GenerateOptions | None = None,
+        **overrides: object,
     ) -> ConcurrentResult:
-        """Greedy answers to `requests`, served together by vLLM's scheduler.
+        """Answers to `requests` (generated with `options` and keyword overrides as in
+        `Pipeline.generate`), served together by vLLM's scheduler.
 
         Our side (tiling, vision, splicing) runs first for every request; then all requests are
         added to vLLM at once and the engine is stepped until each has finished, recording when
         each request's first and last tokens arrived.
         """
-        config = self._config(max_new_tokens, 0.0, 0, 1.0, None, (), ignore_eos)
+        options = GenerateOptions.merged(options, overrides)
         stages: dict[str, float] = {}
         prepare_start = time.perf_counter()
         prepared = [self.prompt_embeds(request, stages) for request in requests]
         start = time.perf_counter()
-        ids = [self._add(embeds, config) for _, embeds in prepared]
+        ids = [self._add(embeds, options) for _, embeds in prepared]
         index = {request_id: i for i, request_id in enumerate(ids)}
         tokens: list[list[int]] = [[] for _ in ids]
         finish: list[str | None] = [None] * len(ids)
@@ -255,45 +249,29 @@ class VLLMPipeline:
         results = []
         for i, (prep, _) in enumerate(prepared):
             timings[i].new_tokens = len(tokens[i])
-            results.append(self._result(tokens[i], finish[i], prep, config, timings[i]))
+            results.append(self._result(tokens[i], finish[i], prep, options, timings[i]))
         return ConcurrentResult(
             results, timings, start - prepare_start, generate_seconds, stage_seconds=stages
         )
 
     # --- helpers ------------------------------------------------------------------------------
-    def _config(
-        self,
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        seed: int | None,
-        stop: Sequence[str],
-        ignore_eos: bool,
-    ) -> GenerationConfig:
-        return GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=tuple(stop),
-            eos_token_ids=() if ignore_eos else self.pipeline.manifest.tokenizer.eos_token_ids,
-        )
+    def end_tokens(self, options: GenerateOptions) -> frozenset[int]:
+        return options.end_tokens(self.pipeline.manifest.tokenizer.eos_token_ids)
 
-    def _add(self, embeds: np.ndarray, config: GenerationConfig) -> str:
+    def _add(self, embeds: np.ndarray, options: GenerateOptions) -> str:
         """Queue one request in vLLM's engine; returns its id."""
         import torch
 
         vllm = import_vllm()
+        eos = self.end_tokens(options)
         params = vllm.SamplingParams(
-            max_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            top_k=config.top_k if config.top_k > 0 else 0,
-            seed=config.seed,
-            stop_token_ids=list(config.eos_token_ids),
-            ignore_eos=not config.eos_token_ids,
+            max_tokens=options.max_new_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=options.top_k if options.top_k > 0 else 0,
+            seed=options.seed,
+            stop_token_ids=sorted(eos),
+            ignore_eos=not eos,
             # Text comes from the bundle's tokenizer and our TextStream, as in our runtime.
             detokenize=False,
         )
@@ -308,11 +286,11 @@ class VLLMPipeline:
         token_ids: list[int],
         finish: str | None,
         prepared: PreparedRequest,
-        config: GenerationConfig,
+        options: GenerateOptions,
         timing: RequestTiming,
     ) -> GenerationResult:
         text = TextStream(self.pipeline.tokenizer, prompt_ids=prepared.prompt.input_ids.tolist())
-        eos = frozenset(config.eos_token_ids)
+        eos = self.end_tokens(options)
         pieces = [text.add(t) for t in token_ids if t not in eos]
         pieces.append(text.flush())
         timings = GenerationTimings(time_to_first_token=timing.first_token)
@@ -333,7 +311,7 @@ class VLLMRequestStream:
         self,
         owner: VLLMPipeline,
         embeds: np.ndarray,
-        config: GenerationConfig,
+        options: GenerateOptions,
         text: TextStream,
         prepared: PreparedRequest,
         stage_seconds: dict[str, float],
@@ -341,7 +319,7 @@ class VLLMRequestStream:
     ) -> None:
         self._owner = owner
         self._embeds = embeds
-        self._config = config
+        self._options = options
         self._text = text
         self.prepared = prepared
         self.stage_seconds = stage_seconds
@@ -349,8 +327,8 @@ class VLLMRequestStream:
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[TokenEvent]:
-        request_id = self._owner._add(self._embeds, self._config)
-        eos = frozenset(self._config.eos_token_ids)
+        request_id = self._owner._add(self._embeds, self._options)
+        eos = self._owner.end_tokens(self._options)
         timings = GenerationTimings()
         token_ids: list[int] = []
         pieces: list[str] = []
@@ -363,7 +341,7 @@ class VLLMRequestStream:
                 timings.time_to_first_token = now - self._start
             last = now
             token_ids.append(token)
-            budget_spent = len(token_ids) >= self._config.max_new_tokens
+            budget_spent = len(token_ids) >= self._options.max_new_tokens
             piece, finish = _text_and_finish(self._text, token, eos, budget_spent or engine_done)
             pieces.append(piece)
             if finish is not None:

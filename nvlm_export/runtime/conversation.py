@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from nvlm_export.errors import PromptError
 from nvlm_export.runtime.caches import ImageKey, KVState
-from nvlm_export.runtime.generation import GenerationResult
+from nvlm_export.runtime.generation import GenerateOptions, GenerationResult
 from nvlm_export.runtime.images import ImageSource
 from nvlm_export.runtime.pipeline import Pipeline, RequestStream
 from nvlm_export.runtime.prompt import Message
@@ -51,28 +51,17 @@ class Conversation:
         self,
         text: str,
         images: Sequence[ImageSource] = (),
-        *,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
+        options: GenerateOptions | None = None,
+        **overrides: object,
     ) -> RequestStream:
-        """Add a user turn (with its own `images`, if any) and stream the answer. The turn and the
-        answer join the conversation when the stream ends; a stream abandoned early adds nothing.
+        """Add a user turn (with its own `images`, if any) and stream the answer, generated with
+        `options` and keyword overrides as in `Pipeline.generate`. The turn and the answer join
+        the conversation when the stream ends; a stream abandoned early adds nothing.
 
         Raises PromptError, naming the tokens used, when the conversation no longer fits the
         context: nothing is truncated silently.
         """
-        config = self.pipeline.generation_config(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-        )
+        options = GenerateOptions.merged(options, overrides)
         loaded = [self.pipeline.load_image(image) for image in images]
         new_images = [
             (
@@ -93,7 +82,7 @@ class Conversation:
             self._state = state
 
         return self.pipeline.start(
-            prepared, config, also_reuse=[self._state] if self._state else [], on_finish=keep
+            prepared, options, also_reuse=[self._state] if self._state else [], on_finish=keep
         )
 
     def _check_fits(self, prompt_tokens: int, new_images: int) -> None:

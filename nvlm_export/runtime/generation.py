@@ -6,7 +6,8 @@ The pieces, wired by the pipeline in a few lines:
     check_prompt_fits(len(prompt_ids), cache.capacity)
     first_logits = prefill(decoder.infer, prompt_embeds, cache, extra_feeds=cross)
     stream = generate(decoder.infer, first_logits, cache=cache, embed=table_lookup,
-                      tokenizer=tokenizer, config=config, prompt_ids=prompt_ids, extra_feeds=cross)
+                      tokenizer=tokenizer, options=options, eos_token_ids=eos_ids,
+                      prompt_ids=prompt_ids, extra_feeds=cross)
     for event in stream: print(event.text, end="")
     result = stream.result
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal, Protocol
 
 import numpy as np
@@ -42,8 +43,15 @@ LOGITS = "logits"
 
 
 @dataclass(frozen=True)
-class GenerationConfig:
-    """How to pick new tokens and when to stop. Validated on creation."""
+class GenerateOptions:
+    """How to pick new tokens and when to stop: the options of every generate call (Python API,
+    conversations, the vLLM engine, the CLI and the C API). Validated on creation and on
+    `replace`.
+
+    Greedy by default; `temperature` > 0 samples (with `top_k` / `top_p`, reproducibly for a
+    `seed`). Generation stops at the bundle's end-of-turn tokens (unless `ignore_eos`: benchmarks
+    need a fixed length), at a `stop` string, or after `max_new_tokens`.
+    """
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -51,11 +59,10 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    eos_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
             raise InputError(f"max_new_tokens {self.max_new_tokens!r} is not an integer")
         if self.max_new_tokens < 1:
@@ -67,6 +74,26 @@ class GenerationConfig:
         check_sampling_options(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
         if any(not s for s in self.stop):
             raise InputError("A stop string is empty", fix="Remove the empty stop string")
+
+    @classmethod
+    def merged(
+        cls, options: GenerateOptions | None, overrides: Mapping[str, object]
+    ) -> GenerateOptions:
+        """`options` (default: the defaults) with some fields given as keyword arguments: how
+        every generate call's keyword arguments become options."""
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            known = ", ".join(f.name for f in fields(cls))
+            raise TypeError(f"Unknown generate option(s) {', '.join(unknown)}; options: {known}")
+        return replace(options or cls(), **overrides)
+
+    def replace(self, **changes: object) -> GenerateOptions:
+        """A validated copy with `changes`."""
+        return replace(self, **changes)
+
+    def end_tokens(self, eos_token_ids: Sequence[int]) -> frozenset[int]:
+        """The token ids that end an answer, given the bundle's end-of-turn tokens."""
+        return frozenset() if self.ignore_eos else frozenset(int(t) for t in eos_token_ids)
 
     def make_rng(self) -> np.random.Generator:
         return np.random.default_rng(self.seed)
@@ -278,7 +305,8 @@ def generate(
     cache: KVCacheLike,
     embed: EmbedTokens,
     tokenizer: Tokenizer,
-    config: GenerationConfig,
+    options: GenerateOptions,
+    eos_token_ids: Sequence[int] = (),
     prompt_ids: Sequence[int] = (),
     extra_feeds: Mapping[str, np.ndarray] | None = None,
     start_time: float | None = None,
@@ -286,18 +314,20 @@ def generate(
     """Generate after a prefill: `first_logits` [V] are the prompt's last-position logits and
     `cache` holds the prompt. Each further token costs exactly one one-token decoder step.
 
-    Stops at an eos token, a stop string, `max_new_tokens`, or when prompt + answer would fill
-    the cache's capacity (the last two give finish_reason "length"). `extra_feeds` (NVLM-X/H
-    cross-attention inputs) are passed unchanged to every step.
+    Stops at one of `eos_token_ids` (unless `options.ignore_eos`), a stop string,
+    `max_new_tokens`, or when prompt + answer would fill the cache's capacity (the last two give
+    finish_reason "length"). `extra_feeds` (NVLM-X/H cross-attention inputs) are passed
+    unchanged to every step.
     """
     check_prompt_fits(cache.length, cache.capacity)
     return GenerationStream(
         _DecodeStep(decoder, cache, embed, extra_feeds or {}),
         first_logits,
-        TextStream(tokenizer, stop=config.stop, prompt_ids=prompt_ids),
-        config,
+        TextStream(tokenizer, stop=options.stop, prompt_ids=prompt_ids),
+        options,
+        eos=options.end_tokens(eos_token_ids),
         # Prompt + answer never exceed the capacity, as with transformers' max_length.
-        budget=min(config.max_new_tokens, cache.capacity - cache.length),
+        budget=min(options.max_new_tokens, cache.capacity - cache.length),
         start_time=start_time if start_time is not None else time.perf_counter(),
     )
 
@@ -313,15 +343,17 @@ class GenerationStream:
         step: _DecodeStep,
         first_logits: np.ndarray,
         text: TextStream,
-        config: GenerationConfig,
+        options: GenerateOptions,
         *,
+        eos: frozenset[int],
         budget: int,
         start_time: float,
     ) -> None:
         self._step = step
         self._first_logits = first_logits
         self._text = text
-        self._config = config
+        self._options = options
+        self._eos = eos
         self._budget = budget
         self._start_time = start_time
         self._started = False
@@ -331,8 +363,7 @@ class GenerationStream:
         if self._started:
             raise RuntimeError("a GenerationStream can be iterated only once (it owns the cache)")
         self._started = True
-        config, rng = self._config, self._config.make_rng()
-        eos = frozenset(config.eos_token_ids)
+        options, rng, eos = self._options, self._options.make_rng(), self._eos
         timings = GenerationTimings()
         token_ids: list[int] = []
         pieces: list[str] = []
@@ -340,9 +371,9 @@ class GenerationStream:
         def pick(logits: np.ndarray) -> int:
             return sample_next_token(
                 logits,
-                temperature=config.temperature,
-                top_k=config.top_k,
-                top_p=config.top_p,
+                temperature=options.temperature,
+                top_k=options.top_k,
+                top_p=options.top_p,
                 rng=rng,
             )
 

@@ -54,7 +54,7 @@ from nvlm_export.runtime.caches import (
     image_key,
 )
 from nvlm_export.runtime.generation import (
-    GenerationConfig,
+    GenerateOptions,
     GenerationResult,
     GenerationStream,
     KVCache,
@@ -493,66 +493,31 @@ class Pipeline:
         self,
         prompt: str,
         images: Sequence[ImageSource] = (),
+        options: GenerateOptions | None = None,
         *,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
         max_tiles: int | None = None,
         system: str | None = None,
         raw: bool = False,
-        ignore_eos: bool = False,
+        **overrides: object,
     ) -> RequestStream:
         """Answer `prompt` about `images` (paths, bytes, PIL images or HxWx3 uint8 arrays).
 
-        Greedy by default; `temperature` > 0 samples (with `top_k` / `top_p`, reproducibly for a
-        `seed`). Stops at the end-of-turn token, a `stop` string or `max_new_tokens`. Returns a
-        stream of `TokenEvent`s; its `result` holds the full text, token ids and timings.
-        `ignore_eos` generates through end-of-turn tokens (benchmarks need a fixed length).
+        `options` (a `GenerateOptions`; default greedy, 128 new tokens) say how tokens are
+        picked and when to stop; any of its fields may also be given as keyword arguments
+        (`max_new_tokens=16, temperature=0.7`), which override `options`. Returns a stream of
+        `TokenEvent`s; its `result` holds the full text, token ids and timings.
         """
-        config = self.generation_config(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            ignore_eos=ignore_eos,
-        )
+        options = GenerateOptions.merged(options, overrides)
         start = time.perf_counter()
         stages: dict[str, float] = {}
         with _timed(stages, "prepare"):
             prepared = self.prepare(prompt, images, max_tiles=max_tiles, system=system, raw=raw)
-        return self.start(prepared, config, start_time=start, stages=stages)
-
-    def generation_config(
-        self,
-        *,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        ignore_eos: bool = False,
-    ) -> GenerationConfig:
-        """`generate`'s options as a validated config, with this bundle's end-of-turn tokens."""
-        return GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=tuple(stop),
-            eos_token_ids=() if ignore_eos else self.manifest.tokenizer.eos_token_ids,
-        )
+        return self.start(prepared, options, start_time=start, stages=stages)
 
     def start(
         self,
         prepared: PreparedRequest,
-        config: GenerationConfig,
+        options: GenerateOptions,
         *,
         start_time: float | None = None,
         stages: dict[str, float] | None = None,
@@ -592,7 +557,8 @@ class Pipeline:
             cache=cache,
             embed=self.embed,
             tokenizer=self.tokenizer,
-            config=config,
+            options=options,
+            eos_token_ids=self.manifest.tokenizer.eos_token_ids,
             prompt_ids=prompt.input_ids.tolist(),
             extra_feeds=inputs.decode_feeds,
             start_time=start_time,
