@@ -76,6 +76,7 @@ def _vllm(args: argparse.Namespace, images: list[Path]) -> dict:
     requests = [Request(question, (image,)) for image in images[: args.concurrency]]
     batches = []
     for index in range(args.runs + 1):  # the first is a warm-up
+        engine.pipeline.clear_caches()  # every batch encodes its images
         batch = engine.generate_concurrent(
             requests, max_new_tokens=args.new_tokens, ignore_eos=True
         )

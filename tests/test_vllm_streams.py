@@ -166,3 +166,29 @@ def test_concurrent_requests_are_served_together_with_timings(engine_for) -> Non
     assert batch.aggregate_tokens_per_second > 0 and batch.aggregate_decode_tokens_per_second > 0
     lengths = {len(p["prompt_embeds"]) for p, _ in scripted.added.values()}
     assert len(lengths) == 3  # three different prompts (1 tile, no image, many tiles)
+
+
+def test_a_second_request_about_the_same_image_reuses_its_features(engine_for) -> None:
+    engine, scripted = engine_for([5, 6])
+    first = engine.generate("What is it?", [IMAGE], max_new_tokens=2, max_tiles=2)
+    first.run()
+    second = engine.generate("And its colour?", [IMAGE], max_new_tokens=2, max_tiles=2)
+    second.run()
+    assert engine.pipeline.feature_cache.stats.hits == 1
+    assert second.stage_seconds["vision"] < first.stage_seconds["vision"]
+    _, (prompt, _) = scripted.added.values()
+    expected = engine.pipeline.decoder_inputs(
+        second.prepared.prompt, engine.pipeline.encode_images(second.prepared.tilings)
+    ).inputs_embeds[0]
+    np.testing.assert_array_equal(prompt["prompt_embeds"].numpy(), expected)
+
+
+def test_concurrent_answers_end_at_a_stop_string_like_streams(engine_for) -> None:
+    engine, _ = engine_for([])
+    script = _words(engine.pipeline, " red blue STOP green yellow")
+    engine, _ = engine_for(script)
+    batch = engine.generate_concurrent([Request("Colours?")], max_new_tokens=20, stop=["STOP"])
+    (result,) = batch.results
+    streamed = engine.generate("Colours?", max_new_tokens=20, stop=["STOP"]).run()
+    assert result.finish_reason == streamed.finish_reason == "stop"
+    assert result.text == streamed.text and result.token_ids == streamed.token_ids

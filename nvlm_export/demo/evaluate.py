@@ -102,23 +102,13 @@ def _key(tiling: Tiling) -> str:
 
 
 class BundleAnswerer:
-    """Greedy answers from an exported bundle through the runtime pipeline (no PyTorch)."""
+    """Greedy answers from an exported bundle through the runtime pipeline (no PyTorch); the
+    pipeline's feature cache encodes each image once for all its questions."""
 
     def __init__(self, bundle: Path, threads: int | None = None) -> None:
         from nvlm_export.runtime.pipeline import Pipeline
 
         self.pipeline = Pipeline.load(bundle, intra_op_threads=threads)
-        self._features: dict[str, Any] = {}
-        encode = self.pipeline.encode_images
-
-        def encode_once(tilings: Any) -> list[Any]:
-            keys = [_key(t) for t in tilings]
-            missing = [t for t, k in zip(tilings, keys, strict=True) if k not in self._features]
-            for tiling, features in zip(missing, encode(missing), strict=True):
-                self._features = {_key(tiling): features}  # one image at a time is enough
-            return [self._features[k] for k in keys]
-
-        self.pipeline.encode_images = encode_once  # type: ignore[method-assign]
 
     def __call__(self, image: Image.Image, question: str, max_tiles: int | None) -> str:
         stream = self.pipeline.generate(

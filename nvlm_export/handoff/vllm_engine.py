@@ -35,16 +35,14 @@ import numpy as np
 
 from nvlm_export.errors import BundleError, MissingExtraError
 from nvlm_export.runtime.generation import (
-    FinishReason,
+    Answer,
     GenerateOptions,
     GenerationResult,
-    GenerationTimings,
     TokenEvent,
-    _text_and_finish,
 )
 from nvlm_export.runtime.images import ImageSource
 from nvlm_export.runtime.manifest import VISION_GRAPH, LanguageEngineSpec
-from nvlm_export.runtime.pipeline import Pipeline, PreparedRequest, _timed
+from nvlm_export.runtime.pipeline import Pipeline, PreparedRequest, timed
 from nvlm_export.runtime.streaming import TextStream
 
 # vLLM's CPU backend takes its KV-cache size from this variable (GiB); on GPUs the cache is sized
@@ -170,10 +168,11 @@ class VLLMPipeline:
         request: Request,
         stages: dict[str, float] | None = None,
     ) -> tuple[PreparedRequest, np.ndarray]:
-        """Tile, encode and splice: the prompt embeddings [T, D] vLLM receives."""
+        """Tile, encode (through the pipeline's feature cache) and splice, as `Pipeline` does:
+        the prompt embeddings [T, D] vLLM receives."""
         stages = stages if stages is not None else {}
         pipe = self.pipeline
-        with _timed(stages, "prepare"):
+        with timed(stages, "prepare"):
             prepared = pipe.prepare(
                 request.prompt,
                 request.images,
@@ -181,11 +180,7 @@ class VLLMPipeline:
                 system=request.system,
                 raw=request.raw,
             )
-        with _timed(stages, "vision"):
-            features = pipe.encode_images(prepared.tilings)
-        with _timed(stages, "splice"):
-            embeds = pipe.decoder_inputs(prepared.prompt, features).inputs_embeds[0]
-        return prepared, embeds
+        return prepared, pipe.encode_and_splice(prepared, stages).inputs_embeds[0]
 
     def generate(
         self,
@@ -204,9 +199,8 @@ class VLLMPipeline:
         stages: dict[str, float] = {}
         request = Request(prompt, tuple(images), max_tiles, system, raw)
         prepared, embeds = self.prompt_embeds(request, stages)
-        prompt_ids = prepared.prompt.input_ids.tolist()
-        text = TextStream(self.pipeline.tokenizer, stop=options.stop, prompt_ids=prompt_ids)
-        return VLLMRequestStream(self, embeds, options, text, prepared, stages, start)
+        answer = self._answer(prepared, options)
+        return VLLMRequestStream(self, embeds, options, answer, prepared, stages, start)
 
     # --- concurrent requests ------------------------------------------------------------------
     def generate_concurrent(
@@ -230,7 +224,6 @@ class VLLMPipeline:
         ids = [self._add(embeds, options) for _, embeds in prepared]
         index = {request_id: i for i, request_id in enumerate(ids)}
         tokens: list[list[int]] = [[] for _ in ids]
-        finish: list[str | None] = [None] * len(ids)
         timings = [RequestTiming() for _ in ids]
         engine = self.llm.llm_engine
         while engine.has_unfinished_requests():
@@ -244,12 +237,11 @@ class VLLMPipeline:
                 tokens[i] = list(completion.token_ids)
                 if output.finished:
                     timings[i].finished = now
-                    finish[i] = completion.finish_reason
         generate_seconds = time.perf_counter() - start
         results = []
         for i, (prep, _) in enumerate(prepared):
             timings[i].new_tokens = len(tokens[i])
-            results.append(self._result(tokens[i], finish[i], prep, options, timings[i]))
+            results.append(self._result(tokens[i], prep, options, timings[i]))
         return ConcurrentResult(
             results, timings, start - prepare_start, generate_seconds, stage_seconds=stages
         )
@@ -257,6 +249,12 @@ class VLLMPipeline:
     # --- helpers ------------------------------------------------------------------------------
     def end_tokens(self, options: GenerateOptions) -> frozenset[int]:
         return options.end_tokens(self.pipeline.manifest.tokenizer.eos_token_ids)
+
+    def _answer(self, prepared: PreparedRequest, options: GenerateOptions) -> Answer:
+        """Text is decoded with the bundle's tokenizer and our TextStream, as in our runtime."""
+        prompt_ids = prepared.prompt.input_ids.tolist()
+        text = TextStream(self.pipeline.tokenizer, stop=options.stop, prompt_ids=prompt_ids)
+        return Answer(text, self.end_tokens(options), options.max_new_tokens)
 
     def _add(self, embeds: np.ndarray, options: GenerateOptions) -> str:
         """Queue one request in vLLM's engine; returns its id."""
@@ -284,19 +282,17 @@ class VLLMPipeline:
     def _result(
         self,
         token_ids: list[int],
-        finish: str | None,
         prepared: PreparedRequest,
         options: GenerateOptions,
         timing: RequestTiming,
     ) -> GenerationResult:
-        text = TextStream(self.pipeline.tokenizer, prompt_ids=prepared.prompt.input_ids.tolist())
-        eos = self.end_tokens(options)
-        pieces = [text.add(t) for t in token_ids if t not in eos]
-        pieces.append(text.flush())
-        timings = GenerationTimings(time_to_first_token=timing.first_token)
-        return GenerationResult(
-            "".join(pieces), tuple(token_ids), _finish(finish, token_ids, eos), timings
-        )
+        answer = self._answer(prepared, options)
+        answer.timings.time_to_first_token = timing.first_token
+        for k, token in enumerate(token_ids):
+            answer.add(token, last=k == len(token_ids) - 1)
+            if answer.finish is not None:  # a stop string: vLLM, not told of it, went on
+                break
+        return answer.result()
 
 
 class VLLMRequestStream:
@@ -312,7 +308,7 @@ class VLLMRequestStream:
         owner: VLLMPipeline,
         embeds: np.ndarray,
         options: GenerateOptions,
-        text: TextStream,
+        answer: Answer,
         prepared: PreparedRequest,
         stage_seconds: dict[str, float],
         start_time: float,
@@ -320,7 +316,7 @@ class VLLMRequestStream:
         self._owner = owner
         self._embeds = embeds
         self._options = options
-        self._text = text
+        self._answer = answer
         self.prepared = prepared
         self.stage_seconds = stage_seconds
         self._start = start_time
@@ -328,27 +324,21 @@ class VLLMRequestStream:
 
     def __iter__(self) -> Iterator[TokenEvent]:
         request_id = self._owner._add(self._embeds, self._options)
-        eos = self._owner.end_tokens(self._options)
-        timings = GenerationTimings()
-        token_ids: list[int] = []
-        pieces: list[str] = []
+        answer = self._answer
         generate_start = last = time.perf_counter()
         for token, engine_done in self._tokens(request_id):
             now = time.perf_counter()
-            if token_ids:
-                timings.decode_seconds.append(now - last)
+            if answer.token_ids:
+                answer.timings.decode_seconds.append(now - last)
             else:
-                timings.time_to_first_token = now - self._start
+                answer.timings.time_to_first_token = now - self._start
             last = now
-            token_ids.append(token)
-            budget_spent = len(token_ids) >= self._options.max_new_tokens
-            piece, finish = _text_and_finish(self._text, token, eos, budget_spent or engine_done)
-            pieces.append(piece)
-            if finish is not None:
+            piece = answer.add(token, last=engine_done)
+            if answer.finish is not None:
                 if not engine_done:  # a stop string we found: vLLM would go on
                     self._owner.llm.llm_engine.abort_request([request_id])
                 self.stage_seconds["generate"] = now - generate_start
-                self.result = GenerationResult("".join(pieces), tuple(token_ids), finish, timings)
+                self.result = answer.result()
                 yield TokenEvent(token, piece)
                 return
             yield TokenEvent(token, piece)
@@ -373,9 +363,3 @@ class VLLMRequestStream:
             pass
         assert self.result is not None
         return self.result
-
-
-def _finish(reason: str | None, token_ids: Sequence[int], eos: frozenset[int]) -> FinishReason:
-    if token_ids and token_ids[-1] in eos:
-        return "eos"
-    return "stop" if reason == "stop" else "length"

@@ -320,16 +320,59 @@ def generate(
     unchanged to every step.
     """
     check_prompt_fits(cache.length, cache.capacity)
+    answer = Answer(
+        TextStream(tokenizer, stop=options.stop, prompt_ids=prompt_ids),
+        options.end_tokens(eos_token_ids),
+        # Prompt + answer never exceed the capacity, as with transformers' max_length.
+        budget=min(options.max_new_tokens, cache.capacity - cache.length),
+    )
     return GenerationStream(
         _DecodeStep(decoder, cache, embed, extra_feeds or {}),
         first_logits,
-        TextStream(tokenizer, stop=options.stop, prompt_ids=prompt_ids),
+        answer,
         options,
-        eos=options.end_tokens(eos_token_ids),
-        # Prompt + answer never exceed the capacity, as with transformers' max_length.
-        budget=min(options.max_new_tokens, cache.capacity - cache.length),
         start_time=start_time if start_time is not None else time.perf_counter(),
     )
+
+
+class Answer:
+    """An answer as its tokens arrive: text pieces, ids, timings and why it ends. Every token
+    source (our decoder steps, a serving engine's outputs) goes through it, so end-of-turn
+    tokens, stop strings and the token budget end answers the same way everywhere."""
+
+    def __init__(self, text: TextStream, eos: frozenset[int], budget: int) -> None:
+        self._text = text
+        self._eos = eos
+        self._budget = budget
+        self.token_ids: list[int] = []
+        self.pieces: list[str] = []
+        self.timings = GenerationTimings()
+        self.finish: FinishReason | None = None  # set by the token that ends the answer
+
+    def add(self, token: int, *, last: bool = False) -> str:
+        """Take the next token (`last`: the source has no more); returns the text it releases."""
+        self.token_ids.append(token)
+        piece, self.finish = self._text_and_finish(
+            token, last or len(self.token_ids) >= self._budget
+        )
+        self.pieces.append(piece)
+        return piece
+
+    def _text_and_finish(self, token: int, budget_spent: bool) -> tuple[str, FinishReason | None]:
+        if token in self._eos:
+            return self._text.flush(), "eos"
+        text = self._text.add(token)
+        if self._text.stopped:
+            return text, "stop"
+        if budget_spent:
+            return text + self._text.flush(), "length"
+        return text, None
+
+    def result(self) -> GenerationResult:
+        """The answer so far; one cut off before an ending token counts as "length"."""
+        return GenerationResult(
+            "".join(self.pieces), tuple(self.token_ids), self.finish or "length", self.timings
+        )
 
 
 class GenerationStream:
@@ -342,19 +385,15 @@ class GenerationStream:
         self,
         step: _DecodeStep,
         first_logits: np.ndarray,
-        text: TextStream,
+        answer: Answer,
         options: GenerateOptions,
         *,
-        eos: frozenset[int],
-        budget: int,
         start_time: float,
     ) -> None:
         self._step = step
         self._first_logits = first_logits
-        self._text = text
+        self._answer = answer
         self._options = options
-        self._eos = eos
-        self._budget = budget
         self._start_time = start_time
         self._started = False
         self.result: GenerationResult | None = None
@@ -363,10 +402,7 @@ class GenerationStream:
         if self._started:
             raise RuntimeError("a GenerationStream can be iterated only once (it owns the cache)")
         self._started = True
-        options, rng, eos = self._options, self._options.make_rng(), self._eos
-        timings = GenerationTimings()
-        token_ids: list[int] = []
-        pieces: list[str] = []
+        options, rng, answer = self._options, self._options.make_rng(), self._answer
 
         def pick(logits: np.ndarray) -> int:
             return sample_next_token(
@@ -378,19 +414,17 @@ class GenerationStream:
             )
 
         token = pick(self._first_logits)
-        timings.time_to_first_token = time.perf_counter() - self._start_time
+        answer.timings.time_to_first_token = time.perf_counter() - self._start_time
         while True:
-            token_ids.append(token)
-            piece, finish = _text_and_finish(self._text, token, eos, len(token_ids) >= self._budget)
-            pieces.append(piece)
-            if finish is not None:  # the result is ready before the last event is seen
-                self.result = GenerationResult("".join(pieces), tuple(token_ids), finish, timings)
+            piece = answer.add(token)
+            if answer.finish is not None:  # the result is ready before the last event is seen
+                self.result = answer.result()
                 yield TokenEvent(token, piece)
                 return
             yield TokenEvent(token, piece)
             start = time.perf_counter()
             token = pick(self._step(token))
-            timings.decode_seconds.append(time.perf_counter() - start)
+            answer.timings.decode_seconds.append(time.perf_counter() - start)
 
     def run(self) -> GenerationResult:
         """Consume every event and return the result."""
@@ -398,20 +432,6 @@ class GenerationStream:
             pass
         assert self.result is not None
         return self.result
-
-
-def _text_and_finish(
-    stream: TextStream, token: int, eos: frozenset[int], budget_spent: bool
-) -> tuple[str, FinishReason | None]:
-    """The text `token` releases, and why generation ends with it (None: it goes on)."""
-    if token in eos:
-        return stream.flush(), "eos"
-    text = stream.add(token)
-    if stream.stopped:
-        return text, "stop"
-    if budget_spent:
-        return text + stream.flush(), "length"
-    return text, None
 
 
 class _DecodeStep:

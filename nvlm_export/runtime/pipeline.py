@@ -421,6 +421,24 @@ class Pipeline:
             features[index] = cached
         return features
 
+    def encode_and_splice(
+        self,
+        prepared: PreparedRequest,
+        stages: dict[str, float],
+        *,
+        start: int = 0,
+        cross_reuse: CrossState | None = None,
+    ) -> DecoderInputs:
+        """The vision and splice stages (timed in `stages`): the images whose features the tokens
+        from `start` on need, through the feature cache, spliced into the decoder's inputs."""
+        with timed(stages, "vision"):
+            needed = _images_needed(prepared.prompt, start, cross_reuse)
+            features = self.encode_cached(prepared, needed)
+        with timed(stages, "splice"):
+            return self.decoder_inputs(
+                prepared.prompt, features, start=start, cross_reuse=cross_reuse
+            )
+
     def decoder_inputs(
         self,
         prompt: PromptTokens,
@@ -510,7 +528,7 @@ class Pipeline:
         options = GenerateOptions.merged(options, overrides)
         start = time.perf_counter()
         stages: dict[str, float] = {}
-        with _timed(stages, "prepare"):
+        with timed(stages, "prepare"):
             prepared = self.prepare(prompt, images, max_tiles=max_tiles, system=system, raw=raw)
         return self.start(prepared, options, start_time=start, stages=stages)
 
@@ -531,16 +549,14 @@ class Pipeline:
         stages = {} if stages is None else stages
         before = self._cache_counters()
         prompt = prepared.prompt
-        with _timed(stages, "splice"):
+        with timed(stages, "splice"):
             state, shared = self._reusable(prepared, also_reuse)
             cross_reuse = self._reusable_cross(prepared, state)
-        with _timed(stages, "vision"):
-            features = self.encode_cached(prepared, _images_needed(prompt, shared, cross_reuse))
-        with _timed(stages, "splice"):
-            inputs = self.decoder_inputs(prompt, features, start=shared, cross_reuse=cross_reuse)
+        inputs = self.encode_and_splice(prepared, stages, start=shared, cross_reuse=cross_reuse)
+        with timed(stages, "splice"):
             cache = self._cache_from(state, shared)
         decoder = self.runners[DECODER_GRAPH].infer
-        with _timed(stages, "prefill"):
+        with timed(stages, "prefill"):
             first_logits = prefill(
                 decoder,
                 inputs.inputs_embeds,
@@ -670,7 +686,7 @@ def _check_shared(runner: GraphRunner, spec: GraphSpec, runner_class: type) -> G
     return runner
 
 
-class _timed:
+class timed:
     """Adds the seconds spent in a `with` block to `stages[name]`."""
 
     def __init__(self, stages: dict[str, float], name: str) -> None:
