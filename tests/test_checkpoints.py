@@ -16,6 +16,7 @@ from nvlm_export.errors import CheckpointError
 from nvlm_export.models.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
+    canonical_parameters,
     default_dtype,
     load_checkpoint,
     save_checkpoint,
@@ -165,6 +166,17 @@ def test_tied_embeddings_round_trip(tiny: dict[str, Path], tmp_path: Path) -> No
     reloaded = load_checkpoint(tmp_path)
     assert reloaded.language_model.lm_head.weight is reloaded.embed_tokens.weight
     _assert_same_state(reloaded, model)
+
+
+def test_loading_holds_each_weight_once_in_the_dtype_it_runs_in(tiny: dict[str, Path]) -> None:
+    model = load_checkpoint(tiny["internvl"], dtype=torch.bfloat16)
+    tensors = canonical_parameters(model)
+    assert all(t.device.type == "cpu" for t in (*tensors.values(), *model.buffers()))
+    assert {t.dtype for t in dict(model.named_parameters()).values()} == {torch.bfloat16}
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors.values()
+    }
+    assert sum(storages.values()) == sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 # --- broken checkpoints ---------------------------------------------------------------------------

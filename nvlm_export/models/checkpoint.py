@@ -336,13 +336,58 @@ def load_checkpoint(
     config, stored = open_checkpoint(directory, image_token_id)
     with torch.device("meta"):  # every stored shape checked from the file headers, before the
         check_stored_tensors(build_model(config), stored, config.layout)  # model is allocated
-    with default_dtype(dtype):
+    with default_dtype(dtype), parameters_on_meta():
         model = build_model(config)
-    with torch.no_grad():
-        for key, target in canonical_parameters(model).items():
-            value = read_parameter(stored, config.layout, key, tuple(target.shape))
-            target.copy_(value.to(target.dtype))
+    owners = _parameter_owners(model)
+    for key, target in canonical_parameters(model).items():
+        value = read_parameter(stored, config.layout, key, tuple(target.shape)).to(target.dtype)
+        _assign(owners[id(target)], target, value)
     return model
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory, and their random
+    initialisation does nothing); buffers stay real, so the tables computed at construction (e.g.
+    rotary frequencies, not stored in checkpoints) keep their values. The stored weights are
+    then assigned as they are read, so each is held once, in the dtype it runs in (building the
+    model for real and copying into it held every weight twice while loading, and its random
+    initialisation took longer than reading the weights). accelerate's `init_empty_weights`
+    does the same; it is not a dependency."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _parameter_owners(model: torch.nn.Module) -> dict[int, list[tuple[torch.nn.Module, str]]]:
+    """Every (module, attribute) holding each parameter or buffer, by tensor identity: a tied
+    weight has several owners, and all of them get the loaded value."""
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None:
+                    owners.setdefault(id(tensor), []).append((module, name))
+    return owners
+
+
+def _assign(
+    owners: list[tuple[torch.nn.Module, str]], target: torch.Tensor, value: torch.Tensor
+) -> None:
+    if isinstance(target, torch.nn.Parameter):
+        value = torch.nn.Parameter(value, requires_grad=target.requires_grad)
+    for module, name in owners:
+        table = module._parameters if name in module._parameters else module._buffers
+        table[name] = value
 
 
 def check_stored_tensors(model: torch.nn.Module, stored: StoredTensors, layout: str) -> None:
