@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from nvlm_export.errors import InputError
+from nvlm_export.export import bundle as bundle_module
 from nvlm_export.export import quantize as quantize_module
 from nvlm_export.export.build import STATE_FILE, BuildSettings, build, work_directory
 from nvlm_export.models.tiny import make_tiny_checkpoint
 from nvlm_export.runtime.manifest import load_manifest
+from nvlm_export.runtime.pipeline import Pipeline
 
 
 def quiet(message: str) -> None:
@@ -68,6 +70,25 @@ def test_interrupted_build_resumes_and_finished_stages_are_not_redone(
 
     changed = build(checkpoint, out, settings(exclude=("*mlp.down_proj",)), quiet=True, warn=quiet)
     assert (changed.ran, changed.skipped) == (["quantize"], ["export", "calibrate"])
+
+
+def test_int4_weight_only_build_never_runs_the_model_and_says_it_is_unchecked(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def runs_the_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a weight-only build ran the model")
+
+    monkeypatch.setattr(bundle_module, "validate_bundle", runs_the_model)
+    monkeypatch.setattr(quantize_module, "measure_accuracy", runs_the_model)
+    warnings: list[str] = []
+    out = tmp_path / "bundle-int4"
+    weight_only = settings(precision="int4", validate=False, check_accuracy=False)
+    report = build(checkpoint, out, weight_only, quiet=True, warn=warnings.append)
+    assert report.ran == ["export", "quantize"] and report.accuracy is None
+    assert load_manifest(out).precision == "int4" and not (out / "accuracy.json").exists()
+    assert [w.split(" (")[0] for w in warnings] == ["export not validated", "accuracy not checked"]
+    tokens = Pipeline.load(out).generate("Hi", max_new_tokens=2).run().token_ids
+    assert len(tokens) >= 1
 
 
 def test_target_and_precision_are_checked_before_any_work(checkpoint: Path, tmp_path: Path) -> None:

@@ -108,6 +108,14 @@ def test_dry_run_prints_every_stage_and_writes_nothing(tmp_path: Path) -> None:
     assert shown["runs"] == ["export fp32 + validation", "quantize int4 + accuracy check"]
     assert not out.exists()
 
+    weight_only = ["--no-validate", "--no-accuracy-check"]
+    result = runner.invoke(
+        app, ["build", str(NVLM_D_72B), "-p", "int4", "-o", str(out), "--dry-run", *weight_only]
+    )
+    assert result.exit_code == 0, result.output
+    marked = [line[2:34].strip() for line in result.output.splitlines() if line.startswith("▶")]
+    assert marked == ["export fp32", "quantize int4"]
+
     result = runner.invoke(app, ["export", str(NVLM_D_72B), "-o", str(out), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "quantize int8 + accuracy check" in result.output and "Accuracy check" in result.output

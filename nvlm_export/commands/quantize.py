@@ -251,6 +251,16 @@ def build(
     exclude: ExcludeOption = None,
     quantize_lm_head: LmHeadOption = None,
     accuracy_requests: AccuracyRequestsOption = ACCURACY_REQUESTS,
+    validate: Annotated[
+        bool,
+        typer.Option(
+            "--validate/--no-validate",
+            help="Compare the exported bundle with the PyTorch model (default). Without it the "
+            "export only moves weights, one tensor at a time; a warning says it is unchecked.",
+            rich_help_panel=PANEL_BUDGET,
+        ),
+    ] = True,
+    accuracy_check: AccuracyCheckOption = True,
     force: Annotated[
         bool,
         typer.Option(
@@ -271,12 +281,16 @@ def build(
     TensorRT (otherwise the build stops after the ONNX bundle and says so). Before any work the
     memory plan predicts every stage's peak from config.json; a build that would not fit in the
     available memory is refused unless --force (--dry-run prints the plan, docs/memory.md).
+    A model too large to run here (NVLM-D-72B on a workstation) builds INT4 weight-only with
+    --no-validate --no-accuracy-check: no stage then holds more than one tensor at a time.
 
     Examples:
 
       nvlm-export build --precision int8 -o demo-int8/     # the built-in demo model
 
       nvlm-export build ckpt/ --precision int4 -o bundle-int4/ --dry-run
+
+      nvlm-export build nvlm-d-72b/ -p int4 --no-validate --no-accuracy-check -o nvlm-d-int4/
 
       nvlm-export build ckpt/ --precision int8 --images photos/ --target orin -o bundle-int8/
     """
@@ -294,7 +308,7 @@ def build(
 
         BuildSettings(precision=precision, backend=backend)  # reject a bad precision first
         memory = plan(model_dir, available_bytes=available_memory())
-        print_memory_plan(memory, memory.build_stages(precision), as_json)
+        print_memory_plan(memory, memory.build_stages(precision, accuracy_check, validate), as_json)
         return
     settings = BuildSettings(
         precision=precision,
@@ -307,6 +321,8 @@ def build(
         exclude=tuple(exclude or ()),
         quantize_lm_head=quantize_lm_head,
         accuracy_requests=accuracy_requests,
+        validate=validate,
+        check_accuracy=accuracy_check,
         force=force,
         overwrite=overwrite,
     )

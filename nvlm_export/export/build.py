@@ -47,6 +47,11 @@ class BuildSettings:
     overwrite: bool = False
     accuracy_requests: int = ACCURACY_REQUESTS
     accuracy_steps: int = ACCURACY_STEPS
+    # False: the stages that check the result by running the model are skipped, with a warning
+    # (export validation against PyTorch; the quantized bundle's accuracy check). What is left
+    # only moves weights, which is how a model too large to run here is built (docs/memory.md).
+    validate: bool = True
+    check_accuracy: bool = True
 
     def __post_init__(self) -> None:
         if self.precision not in BUILD_PRECISIONS:
@@ -123,6 +128,11 @@ def build(
         exported = work / "export" if quantized else out
         runner = _StageRunner(state, report, quiet)
 
+        if not settings.validate:
+            warn(
+                "export not validated (--no-validate): the bundle was not compared with the "
+                "PyTorch model; run nvlm-export verify where the model fits before deploying it"
+            )
         key = runner.run(
             "export",
             _fingerprint("export", _files_fingerprint(model_dir), _export_options(settings)),
@@ -192,6 +202,7 @@ def _calibrate_and_quantize(
         overwrite=True,
         accuracy_requests=settings.accuracy_requests,
         accuracy_steps=settings.accuracy_steps,
+        check_accuracy=settings.check_accuracy,
     )
     return runner.run(
         "quantize",
@@ -267,7 +278,8 @@ def _check_memory(model_dir: Path, settings: BuildSettings) -> None:
     from nvlm_export.export.memory_plan import available_memory, check_fits, plan
 
     memory = plan(model_dir, settings.max_tiles, settings.max_context, available_memory())
-    check_fits(memory, memory.build_stages(settings.precision), "nvlm-export build")
+    stages = memory.build_stages(settings.precision, settings.check_accuracy, settings.validate)
+    check_fits(memory, stages, "nvlm-export build")
 
 
 def _export(model_dir: Path, bundle: Path, settings: BuildSettings, quiet: bool) -> None:
@@ -280,7 +292,12 @@ def _export(model_dir: Path, bundle: Path, settings: BuildSettings, quiet: bool)
 def _export_options(settings: BuildSettings) -> dict[str, Any]:
     # Quantization starts from fp32 graphs (calibration and Q/DQ on full-precision weights).
     dtype = "fp16" if settings.precision == "fp16" else "fp32"
-    return {"dtype": dtype, "max_tiles": settings.max_tiles, "max_context": settings.max_context}
+    return {
+        "dtype": dtype,
+        "max_tiles": settings.max_tiles,
+        "max_context": settings.max_context,
+        "validate": settings.validate,
+    }
 
 
 def _read_accuracy(bundle: Path) -> dict[str, Any] | None:

@@ -122,11 +122,15 @@ class MemoryPlan:
     accuracy_check: str  # where the accuracy check can run (one sentence)
     notes: list[str] = field(default_factory=list)
 
-    def build_stages(self, precision: str, accuracy_check: bool = True) -> list[StagePlan]:
-        """The stages `build --precision P` runs, in order."""
+    def build_stages(
+        self, precision: str, accuracy_check: bool = True, validate: bool = True
+    ) -> list[StagePlan]:
+        """The stages `build --precision P` runs, in order (`--no-validate` and
+        `--no-accuracy-check` leave out the stages that run the model to check it)."""
+        validation = " + validation" if validate else ""
         if precision == "fp16":
-            return [self.stages["export fp16 + validation"]]
-        names = ["export fp32 + validation"]
+            return [self.stages[f"export fp16{validation}"]]
+        names = [f"export fp32{validation}"]
         if precision != "int4":
             names.append("calibrate")
         names.append(f"quantize {precision}" + (" + accuracy check" if accuracy_check else ""))
@@ -364,7 +368,8 @@ def plan(
         accuracy_check=where_accuracy_runs(inv, by_name, available_bytes),
         notes=[
             f"INT4 weight-only path (export without validation, quantize int4 without the "
-            f"accuracy check): peak {gib(weight_only)}, disk "
+            f"accuracy check: build -p int4 --no-validate --no-accuracy-check): peak "
+            f"{gib(weight_only)}, disk "
             f"{gib(by_name['export fp32'].output_bytes + by_name['quantize int4'].output_bytes)}."
         ],
     )
