@@ -1,5 +1,5 @@
-"""Shared fixtures. Exporting a tiny checkpoint takes seconds, so every test module that needs a
-tiny bundle shares one per (layout, settings) for the whole session."""
+"""Shared fixtures: the tiny checkpoints and bundles every test module draws from, made once per
+run (helpers/tiny.py). Helpers that are not fixtures live in the `helpers` package."""
 
 from __future__ import annotations
 
@@ -7,30 +7,29 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-TinyBundle = Callable[..., tuple[Path, Path]]
+from helpers.tiny import TinyArtifacts, TinyBundle, shared_root
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
+def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> TinyArtifacts:
+    return TinyArtifacts(shared_root(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_artifacts: TinyArtifacts) -> Callable[[str], Path]:
+    """`tiny_checkpoint(layout) -> checkpoint_dir` (seed 0), made once; read-only."""
+    return tiny_artifacts.checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_artifacts: TinyArtifacts) -> TinyBundle:
     """`tiny_bundle(layout, **export_settings) -> (checkpoint_dir, bundle_dir)`, made once.
 
-    Treat both directories as read-only: copy them before changing anything.
+    Bundles have a 1..6 tile budget unless `max_tiles` says otherwise, and are validated unless
+    `validate=False`. Treat both directories as read-only: copy them before changing anything.
     """
-    checkpoints: dict[str, Path] = {}
-    bundles: dict[tuple[str, tuple[tuple[str, object], ...]], Path] = {}
 
     def get(layout: str, **settings: object) -> tuple[Path, Path]:
-        from nvlm_export.export.bundle import ExportSettings, export_bundle
-        from nvlm_export.models.tiny import make_tiny_checkpoint
-
-        if layout not in checkpoints:
-            checkpoints[layout] = tmp_path_factory.mktemp(f"ckpt-{layout}") / "ckpt"
-            make_tiny_checkpoint(checkpoints[layout], layout, seed=0)
-        key = (layout, tuple(sorted(settings.items())))
-        if key not in bundles:
-            bundles[key] = tmp_path_factory.mktemp(f"bundle-{layout}") / "bundle"
-            export_bundle(checkpoints[layout], bundles[key], ExportSettings(**settings), quiet=True)
-        return checkpoints[layout], bundles[key]
+        return tiny_artifacts.checkpoint(layout), tiny_artifacts.bundle(layout, **settings)
 
     return get

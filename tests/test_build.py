@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import quiet
 
 from nvlm_export.errors import InputError
 from nvlm_export.export import bundle as bundle_module
 from nvlm_export.export import quantize as quantize_module
 from nvlm_export.export.build import STATE_FILE, BuildSettings, build, work_directory
-from nvlm_export.models.tiny import make_tiny_checkpoint
 from nvlm_export.runtime.manifest import load_manifest
 from nvlm_export.runtime.pipeline import Pipeline
-
-
-def quiet(message: str) -> None:
-    pass
 
 
 def settings(**kwargs: object) -> BuildSettings:
@@ -36,11 +32,8 @@ def settings(**kwargs: object) -> BuildSettings:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(2)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    make_tiny_checkpoint(path, "nvlm-d", seed=0)
-    return path
+def checkpoint(tiny_checkpoint: Callable[[str], Path]) -> Path:
+    return tiny_checkpoint("nvlm-d")
 
 
 def test_interrupted_build_resumes_and_finished_stages_are_not_redone(

@@ -6,40 +6,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from helpers import quiet
+from helpers.tiny import TinyBundle
 from PIL import Image
 
 from nvlm_export.calibration import CalibrationOptions, CalibrationSet, collect_calibration
 from nvlm_export.calibration.builtin import builtin_image
 from nvlm_export.calibration.collect import builtin_requests
 from nvlm_export.errors import BundleError, InputError
-from nvlm_export.export.bundle import ExportSettings, export_bundle
 from nvlm_export.export.quantize import QuantizeSettings, quantize_bundle
-from nvlm_export.models.tiny import make_tiny_checkpoint
 from nvlm_export.runtime.manifest import DECODER_GRAPH, VISION_GRAPH
 from nvlm_export.runtime.pipeline import Pipeline
 
 FAST = CalibrationOptions(max_samples=2, seed=0, decode_steps=2)
 
 
-def tiny_bundle(factory: pytest.TempPathFactory, layout: str) -> Path:
-    """A tiny bundle per layout, exported once per test session (shared by the quantize tests)."""
-    root = factory.getbasetemp() / "tiny-bundles" / layout
-    if not (root / "bundle" / "manifest.json").is_file():
-        torch.set_num_threads(2)
-        make_tiny_checkpoint(root / "ckpt", layout, seed=0)
-        settings = ExportSettings(max_tiles=6, validate=False)
-        export_bundle(root / "ckpt", root / "bundle", settings, quiet=True)
-    return root / "bundle"
-
-
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_bundle(tmp_path_factory, "nvlm-d")
-
-
-def quiet(message: str) -> None:
-    pass
+def bundle(tiny_bundle: TinyBundle) -> Path:
+    return tiny_bundle("nvlm-d")[1]
 
 
 def write_images(folder: Path, count: int, *, size: tuple[int, int] = (500, 400)) -> list[Path]:
@@ -142,9 +126,9 @@ def test_five_images_keep_one_held_out_for_accuracy(bundle: Path, tmp_path: Path
 
 
 def test_quantize_refuses_a_calibration_set_of_another_bundle(
-    bundle: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    bundle: Path, tiny_bundle: TinyBundle, tmp_path: Path
 ) -> None:
-    other = tiny_bundle(tmp_path_factory, "internvl")
+    _, other = tiny_bundle("internvl")
     collect(other, tmp_path / "calib", CalibrationOptions(max_samples=1, decode_steps=0))
     with pytest.raises(BundleError, match="recorded on another bundle"):
         quantize_bundle(

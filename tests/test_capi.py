@@ -142,7 +142,7 @@ def capi_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def bundle(tiny_bundle) -> Path:
-    return tiny_bundle("nvlm-d", max_tiles=6)[1]
+    return tiny_bundle("nvlm-d")[1]
 
 
 def compile_with_pkgconfig(capi_dir: Path, source: Path, output: Path) -> Path:

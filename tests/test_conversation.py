@@ -26,7 +26,7 @@ def random_image(seed: int, size: tuple[int, int] = (60, 130)) -> np.ndarray:
 @pytest.fixture(scope="module", params=["nvlm-d", "internvl", "nvlm-x"])
 def pipelines(request, tiny_bundle) -> tuple[Pipeline, Pipeline]:
     """A pipeline with its caches on and one sharing its graphs with every cache off."""
-    bundle = tiny_bundle(request.param, max_tiles=6)[1]
+    bundle = tiny_bundle(request.param)[1]
     cached = Pipeline.load(bundle)
     fresh = Pipeline.load(
         bundle, shared_runners=cached.runners, feature_cache_bytes=0, prefix_cache_bytes=0
@@ -173,7 +173,7 @@ def test_a_full_conversation_is_refused_with_the_tokens_used(pipelines) -> None:
 
 
 def test_caches_stay_within_their_budgets(tiny_bundle) -> None:
-    bundle = tiny_bundle("nvlm-d", max_tiles=6)[1]
+    bundle = tiny_bundle("nvlm-d")[1]
     pipe = Pipeline.load(bundle, feature_cache_bytes=400_000, prefix_cache_bytes=900_000)
     for seed in range(6):
         pipe.generate(f"Question {seed}?", [random_image(seed)], max_new_tokens=2).run()
@@ -233,7 +233,7 @@ def test_chat_command_streams_answers_and_takes_commands(tiny_bundle, tmp_path: 
 
     from nvlm_export.cli import app
 
-    bundle = tiny_bundle("nvlm-d", max_tiles=6)[1]
+    bundle = tiny_bundle("nvlm-d")[1]
     Image.fromarray(random_image(8)).save(tmp_path / "a.png")
     script = f"What is it?\n/image {tmp_path / 'missing.png'}\nAnd now?\n/reset\n/what\nHi\n/quit\n"
     result = CliRunner().invoke(
@@ -253,7 +253,7 @@ def test_run_answers_a_jsonl_conversation_turn_by_turn(tiny_bundle, tmp_path: Pa
 
     from nvlm_export.cli import app
 
-    bundle = tiny_bundle("nvlm-d", max_tiles=6)[1]
+    bundle = tiny_bundle("nvlm-d")[1]
     Image.fromarray(random_image(9)).save(tmp_path / "a.png")
     turns = tmp_path / "turns.jsonl"
     turns.write_text(

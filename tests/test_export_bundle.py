@@ -37,7 +37,7 @@ def noise_image(size: tuple[int, int], seed: int) -> Image.Image:
 def exported(tiny_bundle):
     """A tiny checkpoint and its bundle per layout, with a 1..6 tile budget for every layout so
     the same images give 1, 3 and 7 tiles."""
-    return lambda layout: tiny_bundle(layout, max_tiles=6)
+    return lambda layout: tiny_bundle(layout)
 
 
 def reference_tokens(layout: str, checkpoint: Path, pipe: Pipeline, images: list) -> list[int]:

@@ -41,7 +41,7 @@ def exported(tiny_bundle) -> Callable[[str], tuple[Pipeline, TorchReference]]:
 
     def get(layout: str) -> tuple[Pipeline, TorchReference]:
         if layout not in cache:
-            checkpoint, bundle = tiny_bundle(layout, max_tiles=6)
+            checkpoint, bundle = tiny_bundle(layout)
             model = load_checkpoint(checkpoint)
             reference = TorchReference(model, architecture_for_layout(layout))
             cache[layout] = (Pipeline.load(bundle), reference)
@@ -95,7 +95,7 @@ def test_verify_command_passes(tiny_bundle, layout: str) -> None:
     import sys
     from pathlib import Path
 
-    checkpoint, bundle = tiny_bundle(layout, max_tiles=6)
+    checkpoint, bundle = tiny_bundle(layout)
     exe = Path(sys.executable).with_name("nvlm-export")
     args = [str(exe), "verify", str(checkpoint), str(bundle), "--steps", "8", "--json"]
     result = subprocess.run(args, capture_output=True, text=True)

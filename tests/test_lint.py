@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 import pytest
 import typer
+from helpers.manifests import interface_model, make_manifest, write_bundle
 from onnx import TensorProto, helper, numpy_helper
-from test_engine_plan import interface_model, make_manifest, write_bundle
 from typer.testing import CliRunner
 
 from nvlm_export.commands.engine import lint as lint_command

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +41,8 @@ def _one_thread() -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("cross")
-    for layout in FORMATS:
-        make_tiny_checkpoint(root / layout, layout, seed=0)
-    return {layout: root / layout for layout in FORMATS}
+def checkpoints(tiny_checkpoint: Callable[[str], Path]) -> dict[str, Path]:
+    return {layout: tiny_checkpoint(layout) for layout in FORMATS}
 
 
 @pytest.fixture(scope="module")

@@ -8,20 +8,19 @@ import os
 import stat
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import typer
+from helpers.tiny import TinyBundle
 from PIL import Image
 from typer.testing import CliRunner
 
 from nvlm_export.cli import _guarded
 from nvlm_export.commands.profile import profile
 from nvlm_export.errors import InputError
-from nvlm_export.export.bundle import ExportSettings, export_bundle
-from nvlm_export.models.tiny import make_tiny_checkpoint
 from nvlm_export.profiling import cost as cost_module
 from nvlm_export.profiling.cost import decoder_cost
 from nvlm_export.profiling.inputs import image_size_for_tiles, question_with_tokens
@@ -40,21 +39,8 @@ PROMPT_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory):
-    torch.set_num_threads(1)
-    cache: dict[str, Path] = {}
-
-    def get(layout: str) -> Path:
-        if layout not in cache:
-            root = tmp_path_factory.mktemp(f"profile-{layout}")
-            make_tiny_checkpoint(root / "ckpt", layout, seed=0)
-            # Validation is covered by test_export_bundle; here only the runtime is profiled.
-            settings = ExportSettings(max_tiles=6, validate=False)
-            export_bundle(root / "ckpt", root / "bundle", settings, quiet=True)
-            cache[layout] = root / "bundle"
-        return cache[layout]
-
-    return get
+def bundles(tiny_bundle: TinyBundle) -> Callable[[str], Path]:
+    return lambda layout: tiny_bundle(layout)[1]
 
 
 @pytest.fixture(scope="module")

