@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import click
 import pytest
@@ -141,3 +142,28 @@ def test_help_examples_keep_their_indentation(
     shown = result.output.splitlines()
     for example in examples:
         assert any(line.startswith(" " + example.rstrip()) for line in shown), example
+
+
+def test_build_options_reach_the_build_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from nvlm_export.export import build as build_module
+
+    seen = {}
+
+    def record(model_dir: Path, output: Path, settings: object, warn: object) -> None:
+        seen["settings"] = settings
+        raise typer.Exit()
+
+    monkeypatch.setattr(build_module, "build", record)
+    out = str(tmp_path / "out")
+    args = ["build", str(tmp_path), "-p", "int4", "-o", out, "--images", "x/*", "-t", "orin"]
+    args += ["--max-samples", "3", "--seed", "5", "--exclude", "lm_head", "--exclude", "*.mlp.*"]
+    args += ["--keep-lm-head", "--accuracy-requests", "2", "--force", "--overwrite"]
+    assert runner.invoke(app, args).exit_code == 0
+    settings = seen["settings"]
+    assert (settings.precision, settings.images, settings.target) == ("int4", "x/*", "orin")
+    assert (settings.max_samples, settings.seed, settings.accuracy_requests) == (3, 5, 2)
+    assert settings.exclude == ("lm_head", "*.mlp.*") and settings.quantize_lm_head is False
+    assert settings.force and settings.overwrite
+    assert settings.backend == "onnxruntime" and settings.decode_steps == 4  # not given: defaults

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from nvlm_export.commands import generation as gen
+from nvlm_export.commands import options as opts
 
 if TYPE_CHECKING:
     from nvlm_export.runtime.generation import GenerateOptions
@@ -17,9 +18,7 @@ COMMANDS_HELP = "/image PATH adds an image to your next question, /reset starts 
 
 
 def chat(
-    bundle: Annotated[
-        Path, typer.Argument(help="Bundle directory written by `nvlm-export export`.")
-    ],
+    bundle: opts.BundleDir,
     image: Annotated[
         list[Path] | None,
         typer.Option("--image", "-i", help="An image for the first question; repeatable."),
@@ -30,20 +29,10 @@ def chat(
     top_p: gen.TopP = 1.0,
     seed: gen.Seed = None,
     stop: gen.Stop = None,
-    max_tiles: Annotated[
-        int | None,
-        typer.Option(help="Tile budget per image (fewer tiles: faster, less detail)."),
-    ] = None,
-    system: Annotated[
-        str | None, typer.Option(help="Replace the chat template's default system message.")
-    ] = None,
-    threads: Annotated[
-        int | None, typer.Option(help="CPU threads for ONNX Runtime (default: all cores).")
-    ] = None,
-    spin: Annotated[
-        bool,
-        typer.Option(help="ONNX Runtime's worker threads spin between ops (--no-spin to share)."),
-    ] = True,
+    max_tiles: opts.TileBudget = None,
+    system: opts.SystemMessage = None,
+    threads: opts.Threads = None,
+    spin: opts.Spin = True,
     cache_mib: Annotated[
         int,
         typer.Option(

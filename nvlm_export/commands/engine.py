@@ -9,12 +9,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from nvlm_export.commands.options import in_panel, settings_from
+
 if TYPE_CHECKING:
     from nvlm_export.export.engine_plan import BuildPlan
     from nvlm_export.export.lint import Finding
 
-PANEL_BUILD = "Build"
-PANEL_OUTPUT = "Output"
+Build = in_panel("Build")
+Output = in_panel("Output")
 
 BundleArg = Annotated[
     Path,
@@ -22,12 +24,11 @@ BundleArg = Annotated[
 ]
 TargetOption = Annotated[
     str,
-    typer.Option(
+    Build(
         "--target",
         "-t",
         help="GPU to build for: auto (this machine), orin, orin-nano, thor, a100, h100, h200, "
         "l4, l40s, rtx-ada.",
-        rich_help_panel=PANEL_BUILD,
     ),
 ]
 
@@ -37,53 +38,43 @@ def engine(
     target: TargetOption = "auto",
     precision: Annotated[
         str | None,
-        typer.Option(
+        Build(
             "--precision",
             "-p",
             help="fp32, fp16, int8, fp8 or int4. Default: what each graph's ONNX holds.",
-            rich_help_panel=PANEL_BUILD,
         ),
     ] = None,
     dry_run: Annotated[
         bool,
-        typer.Option(
+        Build(
             "--dry-run",
             help="Lint and plan only: write engine_plan.json and print the plan (no TensorRT).",
-            rich_help_panel=PANEL_BUILD,
         ),
     ] = False,
-    opt_level: Annotated[
+    optimization_level: Annotated[
         int,
-        typer.Option(
+        Build(
             "--opt-level",
             help="Builder optimisation level 0 (fast build) to 5 (slow build, faster engine).",
-            rich_help_panel=PANEL_BUILD,
         ),
     ] = 3,
-    workspace: Annotated[
+    workspace_gib: Annotated[
         float | None,
-        typer.Option(
+        Build(
             "--workspace",
             help="Builder workspace in GiB. Default: the target's (small on shared-memory Jetson).",
-            rich_help_panel=PANEL_BUILD,
         ),
     ] = None,
     timing_cache: Annotated[
         Path | None,
-        typer.Option(
+        Build(
             "--timing-cache",
             help="Timing cache file, reused across builds. Default: one per GPU and TensorRT "
             "version under ~/.cache/nvlm-export.",
-            rich_help_panel=PANEL_BUILD,
         ),
     ] = None,
-    overwrite: Annotated[
-        bool,
-        typer.Option("--overwrite", help="Replace existing engines.", rich_help_panel=PANEL_BUILD),
-    ] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the plan as JSON.", rich_help_panel=PANEL_OUTPUT)
-    ] = False,
+    overwrite: Annotated[bool, Build("--overwrite", help="Replace existing engines.")] = False,
+    as_json: Annotated[bool, Output("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Build TensorRT engines for a bundle: lint, plan, then build on this GPU.
 
@@ -105,16 +96,10 @@ def engine(
     resolved = resolve_target(target)
     if precision is not None:
         check_precision(resolved, precision)  # before any work: fp8 on orin fails here
-    trt_version = installed_tensorrt_version()
+    tensorrt_version = installed_tensorrt_version()
     if not dry_run:
         import_tensorrt()  # MissingExtraError: build on the target with the tensorrt extra
-    options = PlanOptions(
-        precision=precision,
-        optimization_level=opt_level,
-        workspace_gib=workspace,
-        timing_cache=timing_cache,
-        tensorrt_version=trt_version,
-    )
+    options = settings_from(PlanOptions, locals())
     _lint_or_note(bundle, resolved)
     plan = plan_build(manifest, resolved, options)
     if dry_run:
@@ -130,7 +115,7 @@ def engine(
     seconds = sum(b.seconds for b in built)
     _stderr(
         f"built {len(built)} engines ({total:.2f} GiB) in {seconds:.0f} s with TensorRT "
-        f"{trt_version} for {resolved.description}"
+        f"{tensorrt_version} for {resolved.description}"
     )
 
 

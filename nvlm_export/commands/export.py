@@ -10,9 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from nvlm_export.commands.options import BundleOutput, in_panel
 from nvlm_export.errors import ValidationError, require_export_extra
 
-LIMITS = "Limits"
+Limits = in_panel("Limits")
 DRY_RUN_HELP = (
     "Print the memory plan (peak RSS, disk and output size of every stage, predicted from "
     "config.json) and stop."
@@ -23,22 +24,18 @@ def export(
     model_dir: Annotated[
         Path, typer.Argument(help="Checkpoint directory (NVLM-D, InternVL, NVLM-X/H layouts).")
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle directory to write.")],
+    output: BundleOutput,
     dtype: Annotated[
         str, typer.Option(help="Graph precision: fp32, or fp16 (norms and softmax stay fp32).")
     ] = "fp32",
     max_tiles: Annotated[
-        int | None,
-        typer.Option(
-            help="Most tiles per image (default: the checkpoint's).", rich_help_panel=LIMITS
-        ),
+        int | None, Limits(help="Most tiles per image (default: the checkpoint's).")
     ] = None,
     max_context: Annotated[
         int | None,
-        typer.Option(
+        Limits(
             help="KV-cache capacity in tokens, prompt + answer (default: 4096 or the model's "
-            "limit if smaller).",
-            rich_help_panel=LIMITS,
+            "limit if smaller)."
         ),
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (18-20; TensorRT 10.x reads <= 20).")] = 18,

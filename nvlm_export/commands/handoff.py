@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from nvlm_export.commands.options import settings_from
 from nvlm_export.errors import require_export_extra
 
 ENGINE = "Engine launch settings"
@@ -71,14 +72,7 @@ def handoff(
     require_export_extra()
     from nvlm_export.handoff.bundle import HandoffSettings, handoff_bundle
 
-    settings = HandoffSettings(
-        engine=engine,
-        tensor_parallel_size=tensor_parallel_size,
-        dtype=dtype,
-        max_context=max_context,
-        max_batch_size=max_batch_size,
-        overwrite=overwrite,
-    )
+    settings = settings_from(HandoffSettings, locals())
     manifest = handoff_bundle(model_dir, bundle, settings)
     spec = manifest.language_engine
     assert spec is not None

@@ -10,62 +10,35 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nvlm_export.commands.run import TensorParallelSize
+from nvlm_export.commands import options as opts
 from nvlm_export.errors import InputError
 
-WORKLOAD = "Workload"
-RUNTIME = "Runtime"
+Workload = opts.in_panel("Workload")
+Runtime = opts.in_panel(opts.RUNTIME)
 
 
 def profile(
-    bundle: Annotated[
-        Path, typer.Argument(help="Bundle directory written by `nvlm-export export`.")
-    ],
+    bundle: opts.BundleDir,
     image: Annotated[
         list[Path] | None,
-        typer.Option(
+        Workload(
             "--image",
             "-i",
             help="Profile this image (repeatable); default: synthetic images per --tiles.",
-            rich_help_panel=WORKLOAD,
         ),
     ] = None,
     tiles: Annotated[
-        str,
-        typer.Option(
-            help="Tile counts to profile with synthetic images, comma-separated.",
-            rich_help_panel=WORKLOAD,
-        ),
+        str, Workload(help="Tile counts to profile with synthetic images, comma-separated.")
     ] = "1,3,7",
-    prompt_tokens: Annotated[
-        int, typer.Option(help="Text tokens in the question.", rich_help_panel=WORKLOAD)
-    ] = 32,
+    prompt_tokens: Annotated[int, Workload(help="Text tokens in the question.")] = 32,
     new_tokens: Annotated[
-        int,
-        typer.Option(
-            help="Tokens to generate per request (end-of-turn is ignored).",
-            rich_help_panel=WORKLOAD,
-        ),
+        int, Workload(help="Tokens to generate per request (end-of-turn is ignored).")
     ] = 32,
     runs: Annotated[int, typer.Option(help="Measured requests per case; medians are quoted.")] = 3,
     warmup: Annotated[int, typer.Option(help="Unmeasured requests per case first.")] = 1,
-    backend: Annotated[
-        str, typer.Option(help="onnxruntime or tensorrt.", rich_help_panel=RUNTIME)
-    ] = "onnxruntime",
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            help="ONNX Runtime CPU threads (default: all cores).", rich_help_panel=RUNTIME
-        ),
-    ] = None,
-    spin: Annotated[
-        bool,
-        typer.Option(
-            help="ONNX Runtime's worker threads spin between ops (its default, fastest on cores "
-            "of your own); --no-spin on a machine shared with other jobs.",
-            rich_help_panel=RUNTIME,
-        ),
-    ] = True,
+    backend: Annotated[str, Runtime(help="onnxruntime or tensorrt.")] = "onnxruntime",
+    threads: opts.Threads = None,
+    spin: opts.Spin = True,
     bandwidth_gbs: Annotated[
         float | None,
         typer.Option(
@@ -81,20 +54,16 @@ def profile(
     ] = None,
     llm_engine: Annotated[
         str,
-        typer.Option(
+        Runtime(
             help="bundle: the bundle's decoder graph, one request at a time. vllm: the hand-off "
-            "served by vLLM; profiles --concurrency requests at once.",
-            rich_help_panel=RUNTIME,
+            "served by vLLM; profiles --concurrency requests at once."
         ),
     ] = "bundle",
     concurrency: Annotated[
         int,
-        typer.Option(
-            help="vLLM: concurrent requests per case (aggregate tokens/s, TTFT per request).",
-            rich_help_panel=WORKLOAD,
-        ),
+        Workload(help="vLLM: concurrent requests per case (aggregate tokens/s, TTFT per request)."),
     ] = 8,
-    tensor_parallel_size: TensorParallelSize = None,
+    tensor_parallel_size: opts.TensorParallelSize = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Profile a bundle: per-stage latency (tiling, vision per tile, splice, prefill, TTFT, decode

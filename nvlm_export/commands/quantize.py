@@ -9,53 +9,43 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from nvlm_export.commands.export import DRY_RUN_HELP
+from nvlm_export.commands.options import BundleOutput, in_panel, settings_from
 from nvlm_export.errors import require_export_extra
 from nvlm_export.export.defaults import ACCURACY_REQUESTS
 
 if TYPE_CHECKING:
     from nvlm_export.export.accuracy import AccuracyReport
 
-PANEL_DATA = "Calibration data"
-PANEL_BUDGET = "Accuracy budget"
+Data = in_panel("Calibration data")
+Budget = in_panel("Accuracy budget")
 
 BundleArg = Annotated[
     Path, typer.Argument(metavar="BUNDLE", help="Bundle directory (unquantized).")
 ]
 ImagesOption = Annotated[
     str | None,
-    typer.Option(
+    Data(
         "--images",
         help="Directory or glob of calibration images (default: a built-in synthetic set).",
-        rich_help_panel=PANEL_DATA,
     ),
 ]
 PromptsOption = Annotated[
     Path | None,
-    typer.Option(
-        "--prompts",
-        help='JSONL file, one {"prompt": "..."} per line (default: generic prompts).',
-        rich_help_panel=PANEL_DATA,
+    Data(
+        "--prompts", help='JSONL file, one {"prompt": "..."} per line (default: generic prompts).'
     ),
 ]
 MaxSamplesOption = Annotated[
     int,
-    typer.Option(
-        "--max-samples", help="Requests (image + prompt) to record.", rich_help_panel=PANEL_DATA
-    ),
+    Data("--max-samples", help="Requests (image + prompt) to record."),
 ]
 SeedOption = Annotated[
     int,
-    typer.Option(
-        "--seed", help="Seed: image order and the built-in set.", rich_help_panel=PANEL_DATA
-    ),
+    Data("--seed", help="Seed: image order and the built-in set."),
 ]
 DecodeStepsOption = Annotated[
     int,
-    typer.Option(
-        "--decode-steps",
-        help="Decode steps recorded per request after the prefill.",
-        rich_help_panel=PANEL_DATA,
-    ),
+    Data("--decode-steps", help="Decode steps recorded per request after the prefill."),
 ]
 ExcludeOption = Annotated[
     list[str] | None,
@@ -76,13 +66,12 @@ LmHeadOption = Annotated[
 ]
 AccuracyCheckOption = Annotated[
     bool,
-    typer.Option(
+    Budget(
         "--accuracy-check/--no-accuracy-check",
         help="Compare the quantized bundle with its source on held-out requests (default). "
         "Without it nothing but the quantized graphs is held in memory (a 70B-class model that "
         "does not fit twice); a warning says the bundle is unchecked and no accuracy.json is "
         "written.",
-        rich_help_panel=PANEL_BUDGET,
     ),
 ]
 ForceOption = Annotated[
@@ -90,12 +79,11 @@ ForceOption = Annotated[
 ]
 AccuracyRequestsOption = Annotated[
     int,
-    typer.Option(
+    Budget(
         "--accuracy-requests",
         min=1,
         help="Held-out requests the accuracy check runs (each: the reference and the quantized "
         "bundle decode 16 tokens). Fewer is faster on large models; the report says how many.",
-        rich_help_panel=PANEL_BUDGET,
     ),
 ]
 
@@ -123,13 +111,7 @@ def calibrate(
     """
     from nvlm_export.calibration.collect import CalibrationOptions, collect_calibration
 
-    options = CalibrationOptions(
-        images=images,
-        prompts=prompts,
-        max_samples=max_samples,
-        seed=seed,
-        decode_steps=decode_steps,
-    )
+    options = settings_from(CalibrationOptions, locals())
     calib = collect_calibration(bundle, output, options, overwrite=overwrite, warn=_warn)
     info = calib.info
     counts = ", ".join(f"{g} {s.count} ({s.bytes / 2**20:.1f} MiB)" for g, s in info.graphs.items())
@@ -156,21 +138,12 @@ def quantize(
     exclude: ExcludeOption = None,
     quantize_lm_head: LmHeadOption = None,
     min_cosine: Annotated[
-        float | None,
-        typer.Option(
-            help="Lowest cosine of any vision/cross_kv output.", rich_help_panel=PANEL_BUDGET
-        ),
+        float | None, Budget(help="Lowest cosine of any vision/cross_kv output.")
     ] = None,
-    min_top1: Annotated[
-        float | None,
-        typer.Option(help="Lowest next-token top-1 agreement.", rich_help_panel=PANEL_BUDGET),
-    ] = None,
-    max_kl: Annotated[
-        float | None,
-        typer.Option(help="Highest mean KL divergence per token.", rich_help_panel=PANEL_BUDGET),
-    ] = None,
+    min_top1: Annotated[float | None, Budget(help="Lowest next-token top-1 agreement.")] = None,
+    max_kl: Annotated[float | None, Budget(help="Highest mean KL divergence per token.")] = None,
     accuracy_requests: AccuracyRequestsOption = ACCURACY_REQUESTS,
-    accuracy_check: AccuracyCheckOption = True,
+    check_accuracy: AccuracyCheckOption = True,
     force: ForceOption = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
     as_json: Annotated[
@@ -200,18 +173,9 @@ def quantize(
             min_top1=defaults.min_top1 if min_top1 is None else min_top1,
             max_kl=defaults.max_kl if max_kl is None else max_kl,
         )
-    settings = QuantizeSettings(
-        precision,
-        components=tuple(c.strip() for c in components.split(",") if c.strip())
-        if components
-        else None,
-        exclude=tuple(exclude or ()),
-        thresholds=thresholds,
-        force=force,
-        overwrite=overwrite,
-        quantize_lm_head=quantize_lm_head,
-        accuracy_requests=accuracy_requests,
-        check_accuracy=accuracy_check,
+    chosen = tuple(c.strip() for c in components.split(",") if c.strip()) if components else None
+    settings = settings_from(
+        QuantizeSettings, locals(), components=chosen, exclude=tuple(exclude or ())
     )
     report = quantize_bundle(bundle, output, settings, calib, warn=_warn)
     if as_json:
@@ -226,15 +190,12 @@ def quantize(
 
 def build(
     model_dir: Annotated[
-        Path | None,
-        typer.Argument(help="Checkpoint directory (default: the built-in demo model)."),
+        Path | None, typer.Argument(help="Checkpoint directory (default: the built-in demo model).")
     ] = None,
     precision: Annotated[
         str, typer.Option("--precision", "-p", help="fp16, int8, fp8 or int4.")
     ] = ...,
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="Bundle directory to write.")
-    ] = ...,
+    output: BundleOutput = ...,
     images: ImagesOption = None,
     prompts: PromptsOption = None,
     target: Annotated[
@@ -253,14 +214,13 @@ def build(
     accuracy_requests: AccuracyRequestsOption = ACCURACY_REQUESTS,
     validate: Annotated[
         bool,
-        typer.Option(
+        Budget(
             "--validate/--no-validate",
             help="Compare the exported bundle with the PyTorch model (default). Without it the "
             "export only moves weights, one tensor at a time; a warning says it is unchecked.",
-            rich_help_panel=PANEL_BUDGET,
         ),
     ] = True,
-    accuracy_check: AccuracyCheckOption = True,
+    check_accuracy: AccuracyCheckOption = True,
     force: Annotated[
         bool,
         typer.Option(
@@ -308,24 +268,9 @@ def build(
 
         BuildSettings(precision=precision, backend=backend)  # reject a bad precision first
         memory = plan(model_dir, available_bytes=available_memory())
-        print_memory_plan(memory, memory.build_stages(precision, accuracy_check, validate), as_json)
+        print_memory_plan(memory, memory.build_stages(precision, check_accuracy, validate), as_json)
         return
-    settings = BuildSettings(
-        precision=precision,
-        images=images,
-        prompts=prompts,
-        target=target,
-        backend=backend,
-        max_samples=max_samples,
-        seed=seed,
-        exclude=tuple(exclude or ()),
-        quantize_lm_head=quantize_lm_head,
-        accuracy_requests=accuracy_requests,
-        validate=validate,
-        check_accuracy=accuracy_check,
-        force=force,
-        overwrite=overwrite,
-    )
+    settings = settings_from(BuildSettings, locals(), exclude=tuple(exclude or ()))
     report = run_build(model_dir, output, settings, warn=_warn)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))

@@ -10,19 +10,10 @@ from typing import Annotated, Any
 import typer
 
 from nvlm_export.commands import generation as gen
+from nvlm_export.commands import options as opts
 
-ENGINE = "Language engine"
 LLM_ENGINES = ("bundle", "vllm")
-# `run` and `profile` both take it.
-TensorParallelSize = Annotated[
-    int | None,
-    typer.Option(
-        "--tensor-parallel-size",
-        "--tp",
-        help="vLLM: devices to split the decoder across (default: the manifest's).",
-        rich_help_panel=ENGINE,
-    ),
-]
+Engine = opts.in_panel(opts.ENGINE)
 
 
 def load_pipeline(
@@ -52,9 +43,7 @@ def load_pipeline(
 
 
 def run(
-    bundle: Annotated[
-        Path, typer.Argument(help="Bundle directory written by `nvlm-export export`.")
-    ],
+    bundle: opts.BundleDir,
     prompt: Annotated[
         str | None,
         typer.Option(
@@ -79,18 +68,13 @@ def run(
         ),
     ] = None,
     max_new_tokens: gen.MaxNewTokens = 128,
-    max_tiles: Annotated[
-        int | None,
-        typer.Option(help="Tile budget per image (fewer tiles: faster, less detail)."),
-    ] = None,
+    max_tiles: opts.TileBudget = None,
     temperature: gen.Temperature = 0.0,
     top_k: gen.TopK = 0,
     top_p: gen.TopP = 1.0,
     seed: gen.Seed = None,
     stop: gen.Stop = None,
-    system: Annotated[
-        str | None, typer.Option(help="Replace the chat template's default system message.")
-    ] = None,
+    system: opts.SystemMessage = None,
     raw: Annotated[
         bool,
         typer.Option(
@@ -100,25 +84,16 @@ def run(
             "--raw.",
         ),
     ] = False,
-    threads: Annotated[
-        int | None, typer.Option(help="CPU threads for ONNX Runtime (default: all cores).")
-    ] = None,
-    spin: Annotated[
-        bool,
-        typer.Option(
-            help="ONNX Runtime's worker threads spin between ops (fastest on cores of your own); "
-            "--no-spin on a machine shared with other jobs, or to save power."
-        ),
-    ] = True,
+    threads: opts.Threads = None,
+    spin: opts.Spin = True,
     llm_engine: Annotated[
         str,
-        typer.Option(
+        Engine(
             help="bundle: the bundle's decoder graph. vllm: the decoder handed off with "
-            "`nvlm-export handoff`, served by vLLM (needs the vllm extra).",
-            rich_help_panel=ENGINE,
+            "`nvlm-export handoff`, served by vLLM (needs the vllm extra)."
         ),
     ] = "bundle",
-    tensor_parallel_size: TensorParallelSize = None,
+    tensor_parallel_size: opts.TensorParallelSize = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print text, token ids and timings as JSON at the end.")
     ] = False,

@@ -8,13 +8,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from nvlm_export.commands.options import in_panel
 from nvlm_export.runtime.limits import MAX_TILE_SIZE, MAX_TILES
 
 if TYPE_CHECKING:
     from nvlm_export.runtime.tiling import Tiling
 
-PANEL_TILING = "Tiling"
-PANEL_OUTPUT = "Output"
+Tiling = in_panel("Tiling")
+Output = in_panel("Output")
 
 
 def tile(
@@ -27,54 +28,22 @@ def tile(
         ),
     ] = None,
     max_tiles: Annotated[
-        int,
-        typer.Option(
-            "--max-tiles",
-            min=1,
-            max=MAX_TILES,
-            help="Largest number of regular tiles (NVLM-D: 6, InternVL2: 12).",
-            rich_help_panel=PANEL_TILING,
-        ),
+        int, Tiling(min=1, max=MAX_TILES, help="Most regular tiles (NVLM-D: 6, InternVL2: 12).")
     ] = 6,
-    tile_size: Annotated[
-        int,
-        typer.Option(
-            "--tile-size",
-            min=1,
-            max=MAX_TILE_SIZE,
-            help="Tile side in pixels.",
-            rich_help_panel=PANEL_TILING,
-        ),
-    ] = 448,
-    min_tiles: Annotated[
-        int,
-        typer.Option(
-            "--min-tiles",
-            min=1,
-            max=MAX_TILES,
-            help="Smallest number of regular tiles.",
-            rich_help_panel=PANEL_TILING,
-        ),
-    ] = 1,
+    tile_size: Annotated[int, Tiling(min=1, max=MAX_TILE_SIZE, help="Tile side in pixels.")] = 448,
+    min_tiles: Annotated[int, Tiling(min=1, max=MAX_TILES, help="Fewest regular tiles.")] = 1,
     no_thumbnail: Annotated[
         bool,
-        typer.Option(
-            "--no-thumbnail",
-            help="Do not append the whole-image thumbnail to multi-tile grids.",
-            rich_help_panel=PANEL_TILING,
+        Tiling(
+            "--no-thumbnail", help="Do not append the whole-image thumbnail to multi-tile grids."
         ),
     ] = False,
-    as_json: Annotated[
-        bool,
-        typer.Option("--json", help="Print the result as JSON.", rich_help_panel=PANEL_OUTPUT),
-    ] = False,
+    as_json: Annotated[bool, Output("--json", help="Print the result as JSON.")] = False,
     save_dir: Annotated[
         Path | None,
-        typer.Option(
-            "--save-dir",
+        Output(
             help="Write each tile as a PNG here (tile_01.png, ..., thumbnail.png) to look at.",
             file_okay=False,
-            rich_help_panel=PANEL_OUTPUT,
         ),
     ] = None,
 ) -> None:

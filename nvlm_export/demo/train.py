@@ -484,7 +484,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--single-tile-steps", type=int, default=0, help="first steps on single-tile images only"
     )
-    parser.add_argument("--no-aux-loss", action="store_true", help="answer tokens only")
+    parser.add_argument(
+        "--no-aux-loss", dest="aux_loss", action="store_false", help="answer tokens only"
+    )
     parser.add_argument(
         "--read-weight", type=float, default=defaults.read_weight, help="loss weight of reading"
     )
@@ -494,27 +496,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=defaults.attention_hint,
         help="weight of the retrieval hint for reading (0: off)",
     )
-    args = parser.parse_args(argv)
-    settings = TrainSettings(
-        steps=args.steps,
-        images_per_step=args.images_per_step,
-        lr=args.lr,
-        seed=args.seed,
-        threads=args.threads,
-        max_minutes=args.max_minutes,
-        stop_after=args.stop_after,
-        warmup_steps=args.warmup_steps,
-        init_from=args.init_from,
-        first_index=args.first_index,
-        single_tile_steps=args.single_tile_steps,
-        aux_loss=not args.no_aux_loss,
-        read_weight=args.read_weight,
-        attention_hint=args.attention_hint,
-    )
-    summary = train(args.output, settings)
+    arguments = vars(parser.parse_args(argv))
+    output = arguments.pop("output")
+    settings = TrainSettings(**arguments)  # every other option is named after its setting
+    summary = train(output, settings)
     print(
         f"trained {summary['steps']} steps on {summary['images']} images in "
-        f"{summary['seconds'] / 60:.1f} min; saved to {args.output}"
+        f"{summary['seconds'] / 60:.1f} min; saved to {output}"
     )
 
 

@@ -1,0 +1,65 @@
+"""Command-line options that several commands take, each declared once: flags, help and panel.
+
+Typer reads a command's options from its signature, so every command still lists the parameter;
+its declaration lives here (the generate options live in commands/generation.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+Settings = TypeVar("Settings")
+
+RUNTIME = "Runtime"
+ENGINE = "Language engine"
+
+
+def settings_from(cls: type[Settings], arguments: Mapping[str, Any], **given: Any) -> Settings:
+    """The settings dataclass `cls` from a command's arguments (its `locals()`), plus `given`.
+
+    A command's parameters take the names of the settings fields they set, so each setting is
+    named once, in the signature; fields no argument names keep their defaults.
+    """
+    names = {field.name for field in dataclasses.fields(cls)} - given.keys()  # type: ignore[arg-type]
+    return cls(**{name: arguments[name] for name in names if name in arguments}, **given)
+
+
+def in_panel(panel: str) -> Callable[..., Any]:
+    """`typer.Option` for the options of one --help panel, so a group names its panel once."""
+    return functools.partial(typer.Option, rich_help_panel=panel)
+
+
+BundleDir = Annotated[
+    Path, typer.Argument(help="Bundle directory written by `nvlm-export export`.")
+]
+BundleOutput = Annotated[Path, typer.Option("--output", "-o", help="Bundle directory to write.")]
+TileBudget = Annotated[
+    int | None, typer.Option(help="Tile budget per image (fewer tiles: faster, less detail).")
+]
+SystemMessage = Annotated[
+    str | None, typer.Option(help="Replace the chat template's default system message.")
+]
+Threads = Annotated[
+    int | None, in_panel(RUNTIME)(help="CPU threads for ONNX Runtime (default: all cores).")
+]
+Spin = Annotated[
+    bool,
+    in_panel(RUNTIME)(
+        help="ONNX Runtime's worker threads spin between ops (fastest on cores of your own); "
+        "--no-spin on a machine shared with other jobs, or to save power."
+    ),
+]
+TensorParallelSize = Annotated[
+    int | None,
+    in_panel(ENGINE)(
+        "--tensor-parallel-size",
+        "--tp",
+        help="vLLM: devices to split the decoder across (default: the manifest's).",
+    ),
+]
