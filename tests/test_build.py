@@ -36,6 +36,7 @@ def checkpoint(tiny_checkpoint: Callable[[str], Path]) -> Path:
     return tiny_checkpoint("nvlm-d")
 
 
+@pytest.mark.slow
 def test_interrupted_build_resumes_and_finished_stages_are_not_redone(
     checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

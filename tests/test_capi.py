@@ -212,6 +212,7 @@ def fields(stdout: str) -> dict[str, str]:
 # --- the example answers like Python ------------------------------------------------------------
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_example_streams_the_python_answer_from_encoded_bytes(
     example: Path, bundle: Path, pixels: np.ndarray, tmp_path: Path
@@ -227,6 +228,7 @@ def test_example_streams_the_python_answer_from_encoded_bytes(
     assert f"{TOKENS} tokens ({TOKENS} pieces)" in result.stderr
 
 
+@pytest.mark.slow
 @needs_compiler
 @pytest.mark.parametrize(("order", "pad"), [("rgb", 0), ("bgr", 8)])
 def test_example_raw_pixels_with_row_stride(
@@ -268,6 +270,7 @@ def test_unknown_session_option_is_refused(harness: Path, bundle: Path) -> None:
     assert out["live"] == "0,0,0"
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_corrupt_image_is_refused_and_the_session_stays_usable(
     harness: Path, bundle: Path, pixels: np.ndarray, tmp_path: Path
@@ -285,6 +288,7 @@ def test_corrupt_image_is_refused_and_the_session_stays_usable(
     assert out["live"] == "0,0,0"
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_callback_cancels_after_three_tokens(
     harness: Path, bundle: Path, pixels: np.ndarray, tmp_path: Path
@@ -302,6 +306,7 @@ def test_callback_cancels_after_three_tokens(
     assert out["live"] == "0,0,0"
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_open_generate_close_loop_frees_every_object(
     harness: Path, bundle: Path, pixels: np.ndarray, tmp_path: Path

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import slow
 
 from nvlm_export.errors import InputError, PromptError
 from nvlm_export.runtime.caches import ByteBudgetLRU, KVState
@@ -23,7 +24,7 @@ def random_image(seed: int, size: tuple[int, int] = (60, 130)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
 
 
-@pytest.fixture(scope="module", params=["nvlm-d", "internvl", "nvlm-x"])
+@pytest.fixture(scope="module", params=["nvlm-d", "internvl", slow("nvlm-x")])
 def pipelines(request, tiny_bundle) -> tuple[Pipeline, Pipeline]:
     """A pipeline with its caches on and one sharing its graphs with every cache off."""
     bundle = tiny_bundle(request.param)[1]

@@ -314,6 +314,7 @@ def bundle_answerer(demo_bundle: Path) -> BundleAnswerer:
     return BundleAnswerer(demo_bundle, threads=2)
 
 
+@pytest.mark.slow
 def test_bundle_gives_the_pytorch_models_answers(bundle_answerer: BundleAnswerer) -> None:
     """Tiling, prompt assembly, export and runtime reproduce the PyTorch model's greedy answers
     (including with one tile), so a regression in any of them changes answers here."""
@@ -332,12 +333,14 @@ def held_out_report(bundle_answerer: BundleAnswerer) -> EvalReport:
     return evaluate(bundle_answerer, ds.held_out(8))
 
 
+@pytest.mark.slow
 def test_bundle_answers_held_out_questions(held_out_report: EvalReport) -> None:
     """A regression in tiling, prompt assembly, export or the runtime shows as wrong answers."""
     for kind in ("color", "shape", "count"):
         assert held_out_report.accuracy(kind) >= 0.85, (kind, held_out_report.mistakes)
 
 
+@pytest.mark.slow
 def test_bundle_reads_held_out_digits(held_out_report: EvalReport) -> None:
     assert held_out_report.accuracy("read") >= 0.75, held_out_report.mistakes  # chance: 0.1
 
@@ -348,6 +351,7 @@ def test_shipped_example_image_is_the_generated_sample() -> None:
     assert tile_image(Image.open(example_image()).convert("RGB")).num_tiles == 3
 
 
+@pytest.mark.slow
 def test_bundle_answers_the_example_questions(bundle_answerer: BundleAnswerer) -> None:
     image = Image.open(example_image()).convert("RGB")
     for question, answer in example_questions():
@@ -355,12 +359,14 @@ def test_bundle_answers_the_example_questions(bundle_answerer: BundleAnswerer) -
             assert bundle_answerer(image, question, None).strip() == answer, question
 
 
+@pytest.mark.slow
 def test_bundle_reads_the_example_digit(bundle_answerer: BundleAnswerer) -> None:
     image = Image.open(example_image()).convert("RGB")
     truth = dict(example_questions())[ds.QUESTIONS["read"]]
     assert bundle_answerer(image, ds.QUESTIONS["read"], None).strip() == truth
 
 
+@pytest.mark.slow
 def test_tiles_matter_for_reading(bundle_answerer: BundleAnswerer) -> None:
     multi = [s for s in ds.held_out(40) if s.image_kind.tiles > 1][:12]
     report = evaluate(bundle_answerer, multi)
@@ -370,6 +376,7 @@ def test_tiles_matter_for_reading(bundle_answerer: BundleAnswerer) -> None:
     assert report.accuracy(READ_ONE_TILE) <= 0.5
 
 
+@pytest.mark.slow
 def test_demo_eval_command_scores_a_bundle(demo_bundle: Path) -> None:
     app = typer.Typer()
     app.command()(evaluate_demo)
@@ -388,6 +395,7 @@ def test_demo_eval_command_rejects_a_stray_directory(tmp_path: Path) -> None:
     assert "neither a bundle nor a checkpoint" in str(result.exception)
 
 
+@pytest.mark.slow
 def test_tiling_config_of_the_bundle_is_nvlm_d(demo_bundle: Path) -> None:
     manifest = json.loads((demo_bundle / "manifest.json").read_text())
     assert TilingConfig.from_dict(manifest["tiling"]) == TilingConfig(max_tiles=6)
@@ -415,6 +423,7 @@ def test_demo_evaluation_of_a_bundle_needs_no_torch() -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_demo_conversation_answers_colour_shape_then_digit(demo_bundle: Path) -> None:
     """Three turns about the example image (#17): each answer is right and equals a fresh request
     holding the same history, while every follow-up prefills only its own tokens."""

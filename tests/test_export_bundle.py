@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import slow
 from PIL import Image
 
 from nvlm_export.errors import BundleError, InputError, PromptError, ValidationError
@@ -70,7 +71,8 @@ def transformers_generate(checkpoint: Path, prepared, eos: tuple[int, ...]) -> l
     return out[0, input_ids.shape[1] :].tolist()
 
 
-@pytest.mark.parametrize("layout", ["nvlm-d", "internvl", "internvl-hf"])
+# One layout in the fast lane; the others are slow (an export and a PyTorch reference each).
+@pytest.mark.parametrize("layout", ["nvlm-d", slow("internvl"), slow("internvl-hf")])
 @pytest.mark.parametrize("tiles", [0, 1, 3, 7])
 def test_bundle_greedy_equals_pytorch(exported, layout: str, tiles: int) -> None:
     checkpoint, bundle = exported(layout)
@@ -135,6 +137,7 @@ def test_existing_bundle_needs_overwrite(exported, tmp_path: Path) -> None:
         export_bundle(checkpoint, bundle, ExportSettings(validate=False), quiet=True)
 
 
+@pytest.mark.slow
 def test_failed_validation_leaves_no_bundle(exported, tmp_path: Path, monkeypatch) -> None:
     checkpoint, _ = exported("nvlm-d")
     monkeypatch.setitem(validate.TOLERANCES, "fp32", (-1.0, 0.0))  # nothing can pass
@@ -145,6 +148,7 @@ def test_failed_validation_leaves_no_bundle(exported, tmp_path: Path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_fp16_export_validates(exported, tmp_path: Path) -> None:
     checkpoint, _ = exported("nvlm-d")
     report = export_bundle(checkpoint, tmp_path / "b16", ExportSettings(dtype="fp16"), quiet=True)

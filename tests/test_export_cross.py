@@ -18,6 +18,8 @@ from nvlm_export.runtime.manifest import CROSS_ATTENTION_MASK, CROSS_KV_GRAPH, D
 from nvlm_export.runtime.pipeline import Pipeline
 
 LAYOUTS = ("nvlm-x", "nvlm-h")
+# Each layout costs an export and a PyTorch reference: the whole suite only, not the fast lane.
+pytestmark = pytest.mark.slow
 STEPS = 24
 QUESTION = "What is shown in the picture?"
 # Image sizes that tile into 1, 3 and 7 tiles with the 1..6 grid (thumbnail included).

@@ -191,6 +191,7 @@ def test_refuses_the_checkpoint_of_another_bundle(tiny_bundle, tmp_path: Path) -
         handoff_bundle(other, copy, HandoffSettings("vllm"))
 
 
+@pytest.mark.slow
 def test_cli_refuses_cross_attention_bundles_in_one_line(tiny_bundle, tmp_path: Path) -> None:
     checkpoint, bundle = tiny_bundle("nvlm-x")
     copy = _copy(bundle, tmp_path)

@@ -117,6 +117,7 @@ def test_any_prompt_text_is_a_prompt_or_a_project_error(
     assert controls == [i for i in template if i in added]
 
 
+@pytest.mark.slow
 @settings(CASES, max_examples=30)
 @given(question=prompt_text, stop=st.lists(prompt_text.filter(bool), max_size=2))
 def test_generation_on_any_prompt_ends_cleanly(
@@ -207,6 +208,7 @@ def manifest_paths(bundle: Path) -> tuple[dict, list[tuple]]:
     return manifest, fields
 
 
+@pytest.mark.slow
 @settings(CASES, max_examples=120)
 @given(choice=st.data())
 def test_any_manifest_field_loads_and_runs_or_is_a_bundle_error(

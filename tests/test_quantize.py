@@ -72,6 +72,7 @@ def quantized(
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_quantized_bundle_runs_and_has_the_tensorrt_qdq_pattern(
@@ -393,6 +394,7 @@ def test_a_tensor_with_one_quantized_reader_stays_float_for_its_other_readers(
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("layout", ["nvlm-d", "nvlm-x"])
 def test_profile_breaks_down_a_quantized_bundle(

@@ -34,6 +34,9 @@ from nvlm_export.export.quantize import (
 from nvlm_export.runtime.manifest import CROSS_KV_GRAPH, DECODER_GRAPH, VISION_GRAPH, load_manifest
 from nvlm_export.runtime.pipeline import Pipeline
 
+# A small-context export, an NVLM-H export and its quantizations: the whole suite only.
+pytestmark = pytest.mark.slow
+
 SMALL_CONTEXT = 768  # one tile (256 image tokens) fits; a 1920x1080 photo's 3 tiles do not
 BUNDLE_TILES = 6
 DECODE_STEPS = 2

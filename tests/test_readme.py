@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from nvlm_export.demo import example_questions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +31,7 @@ def quick_start_commands() -> list[list[str]]:
     ]
 
 
+@pytest.mark.slow
 def test_readme_builds_an_int8_demo_bundle_that_answers_the_example_question(
     tmp_path: Path,
 ) -> None:
