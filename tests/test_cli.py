@@ -160,10 +160,12 @@ def test_build_options_reach_the_build_settings(
     args = ["build", str(tmp_path), "-p", "int4", "-o", out, "--images", "x/*", "-t", "orin"]
     args += ["--max-samples", "3", "--seed", "5", "--exclude", "lm_head", "--exclude", "*.mlp.*"]
     args += ["--keep-lm-head", "--accuracy-requests", "2", "--force", "--overwrite"]
+    args += ["--no-validate", "--no-accuracy-check"]
     assert runner.invoke(app, args).exit_code == 0
     settings = seen["settings"]
     assert (settings.precision, settings.images, settings.target) == ("int4", "x/*", "orin")
     assert (settings.max_samples, settings.seed, settings.accuracy_requests) == (3, 5, 2)
     assert settings.exclude == ("lm_head", "*.mlp.*") and settings.quantize_lm_head is False
     assert settings.force and settings.overwrite
+    assert not settings.validate and not settings.check_accuracy
     assert settings.backend == "onnxruntime" and settings.decode_steps == 4  # not given: defaults
