@@ -3,6 +3,7 @@ every failure comes back as a status code and a message, never a crash or a leak
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -50,6 +51,74 @@ static int count_and_cancel(const char* piece, int32_t token_id, void* user_data
     return s->limit > 0 && s->received >= s->limit;
 }
 
+static void print_ids(const char* label, const nvlm_result* result) {
+    size_t count = 0;
+    const int32_t* ids = nvlm_result_token_ids(result, &count);
+    printf("%s=", label);
+    for (size_t i = 0; i < count; i++) printf(i ? ",%d" : "%d", ids[i]);
+    printf("\n");
+}
+
+static void print_length(const char* label, const nvlm_chat* chat) {
+    int32_t turns = -1, tokens = -1;
+    nvlm_chat_get_length(chat, &turns, &tokens);
+    printf("%s_turns=%d\n%s_tokens=%d\n", label, turns, label, tokens);
+}
+
+/* chat BUNDLE IMAGE N: a turn about the image, a follow-up cancelled after N tokens, a third. */
+static int run_chat(nvlm_session* session, const char* image, int cancel_at) {
+    const char* questions[3] = {"What is shown?", "Tell me a long story about it.", "Why?"};
+    nvlm_chat* chat = NULL;
+    int status = nvlm_chat_create(session, NULL, 0, &chat);
+    printf("create=%s\n", nvlm_status_name(status));
+    for (int turn = 1; turn <= 3; turn++) {
+        nvlm_request* request = NULL;
+        nvlm_result* result = NULL;
+        nvlm_request_create(&request);
+        nvlm_request_set_prompt(request, questions[turn - 1]);
+        nvlm_request_set_max_new_tokens(request, 12);
+        if (turn == 1) nvlm_request_add_image_file(request, image);
+        state s = {0, turn == 2 ? cancel_at : 0, NULL, NULL, -1};
+        status = nvlm_chat_ask(chat, request, count_and_cancel, &s, &result);
+        printf("turn%d=%s\nturn%d_pieces=%d\n", turn, nvlm_status_name(status), turn, s.received);
+        if (result != NULL) {
+            char label[32];
+            snprintf(label, sizeof label, "turn%d_ids", turn);
+            print_ids(label, result);
+            printf("turn%d_prompt=%d\nturn%d_reused=%d\n", turn,
+                   nvlm_result_prompt_tokens(result), turn, nvlm_result_reused_tokens(result));
+        }
+        char label[32];
+        snprintf(label, sizeof label, "after%d", turn);
+        print_length(label, chat);
+        nvlm_result_destroy(result);
+        nvlm_request_destroy(request);
+    }
+    /* The chat's settings are its own: a turn's request may not set them. */
+    nvlm_request* raw = NULL;
+    nvlm_request_create(&raw);
+    nvlm_request_set_prompt(raw, "hi");
+    nvlm_request_set_system(raw, "Be brief.");
+    status = nvlm_chat_ask(chat, raw, NULL, NULL, NULL); /* before reading the error */
+    printf("system=%s %s\n", nvlm_status_name(status), nvlm_last_error());
+    nvlm_request_destroy(raw);
+    /* A chat outliving its session refuses to ask, and is still destroyed. */
+    nvlm_session_close(session);
+    nvlm_request* late = NULL;
+    nvlm_request_create(&late);
+    nvlm_request_set_prompt(late, "Still there?");
+    status = nvlm_chat_ask(chat, late, NULL, NULL, NULL);
+    printf("closed=%s %s\n", nvlm_status_name(status), nvlm_last_error());
+    nvlm_request_destroy(late);
+    nvlm_chat_destroy(chat);
+    nvlm_chat_destroy(chat); /* a stale handle is refused, not dereferenced */
+    int32_t chats = -1;
+    nvlm_debug_live_chats(&chats);
+    printf("live_chats=%d\n", chats);
+    print_live();
+    return 0;
+}
+
 static unsigned char* read_all(const char* path, size_t* size) {
     FILE* f = fopen(path, "rb");
     fseek(f, 0, SEEK_END); long n = ftell(f); fseek(f, 0, SEEK_SET);
@@ -79,6 +148,7 @@ int main(int argc, char** argv) {
         printf("open=%s %s\n", nvlm_status_name(status), nvlm_last_error());
         return 1;
     }
+    if (strcmp(mode, "chat") == 0) return run_chat(session, argv[3], atoi(argv[4]));
     nvlm_request_create(&request);
     nvlm_request_set_prompt(request, "What is shown?");
     nvlm_request_set_max_new_tokens(request, 12);
@@ -321,6 +391,42 @@ def test_open_generate_close_loop_frees_every_object(
     assert out["live"] == "0,0,0"
 
 
+@pytest.mark.slow
+@needs_compiler
+def test_chat_from_c_cancelled_turn_is_dropped_and_the_next_sees_the_first(
+    harness: Path, bundle: Path, pixels: np.ndarray, tmp_path: Path
+) -> None:
+    """A 2-turn chat from C, cancelled in the middle of turn 2, then turn 3: turn 3 answers
+    exactly as a conversation of turns 1 and 3 (the cancelled turn is dropped from the history),
+    reusing turn 1's keys/values, and no object is left live."""
+    from nvlm_export.runtime.pipeline import Pipeline
+
+    Image.fromarray(pixels).save(tmp_path / "image.png")
+    result = run(harness, "chat", bundle, tmp_path / "image.png", 3)
+    out = fields(result.stdout)
+    assert result.returncode == 0, result.stderr
+
+    pipe = Pipeline.load(bundle, intra_op_threads=1, feature_cache_bytes=0, prefix_cache_bytes=0)
+    chat = pipe.chat()
+    first = chat.ask("What is shown?", [tmp_path / "image.png"], max_new_tokens=TOKENS).run()
+    third = chat.ask("Why?", max_new_tokens=TOKENS)  # right after turn 1
+    expected = [first.token_ids, third.run().token_ids]
+
+    assert (out["create"], out["turn1"], out["turn3"]) == ("NVLM_OK",) * 3
+    assert out["turn1_ids"] == ",".join(map(str, expected[0]))
+    assert (out["turn2"], out["turn2_pieces"]) == ("NVLM_ERR_CANCELLED", "3")
+    assert "turn2_ids" not in out  # no result for a cancelled turn
+    assert (out["after1_turns"], out["after2_turns"], out["after3_turns"]) == ("1", "1", "2")
+    assert out["after2_tokens"] == out["after1_tokens"]  # the cancelled turn left nothing
+    assert out["turn3_ids"] == ",".join(map(str, expected[1]))
+    assert int(out["turn3_prompt"]) == third.prepared.prompt.num_tokens
+    assert int(out["turn3_reused"]) >= int(out["turn1_prompt"])  # turn 1 is not prefilled again
+    assert out["system"].startswith("NVLM_ERR_INVALID_ARGUMENT A chat turn's request sets system")
+    assert out["closed"].startswith("NVLM_ERR_INVALID_ARGUMENT The chat's session is closed")
+    assert out["live_chats"] == "0"
+    assert out["live"] == "0,0,0"
+
+
 # --- Python-side units (no compiler needed) ------------------------------------------------------
 
 
@@ -360,3 +466,49 @@ def test_pixels_to_array_skips_row_padding_and_reorders_channels() -> None:
     array = pixels_to_array(ffi, buffer, 5, 3, stride, 1)  # NVLM_PIXEL_BGR
 
     np.testing.assert_array_equal(array, rgb)
+
+
+# --- one table: nvlm.h, nvlm_capi.c and the Python side agree ------------------------------------
+
+CAPI = REPO / "nvlm_export" / "capi"
+
+
+def header_enum(name: str) -> dict[str, int]:
+    """The constants of `typedef enum NAME { ... }` in nvlm.h."""
+    body = re.search(rf"typedef enum {name} \{{(.*?)\}}", (CAPI / "nvlm.h").read_text(), re.S)
+    assert body is not None, name
+    return {k: int(v) for k, v in re.findall(r"\b(NVLM_\w+) = (\d+)", body.group(1))}
+
+
+def test_header_enums_match_the_table() -> None:
+    from nvlm_export.capi.table import PIXEL_FORMATS, STATUS_CODES
+
+    assert header_enum("nvlm_status") == {code.name: code.value for code in STATUS_CODES}
+    expected = {f"NVLM_PIXEL_{pixel.name}": pixel.value for pixel in PIXEL_FORMATS}
+    assert header_enum("nvlm_pixel_format") == expected
+
+
+def test_docs_status_table_matches_the_table() -> None:
+    from nvlm_export.capi.table import STATUS_CODES
+
+    rows = re.findall(
+        r"^\| `(NVLM_\w+)` \| (\d+) \|", (REPO / "docs" / "capi.md").read_text(), re.M
+    )
+    assert {name: int(value) for name, value in rows} == {c.name: c.value for c in STATUS_CODES}
+
+
+def test_every_declared_function_is_defined_and_every_entry_point_implemented() -> None:
+    from nvlm_export.capi.embedded import CApi
+    from nvlm_export.capi.table import ENTRY_POINTS
+
+    header = re.sub(r"/\*.*?\*/", "", (CAPI / "nvlm.h").read_text(), flags=re.S)
+    source = (CAPI / "nvlm_capi.c").read_text()
+    declared = set(re.findall(r"^[^#\s(][^(;]*?\b(nvlm_\w+)\(", header, re.M))
+    declared -= {"nvlm_token_callback"}
+    assert "nvlm_chat_ask" in declared and len(declared) > 30
+    for name in sorted(declared):
+        assert re.search(rf"\b{name}\([^;{{]*\)\s*\{{", source), f"{name} has no definition"
+    called = set(re.findall(r"\bnvlm_py_(\w+)\(", source))
+    assert called == {entry.name for entry in ENTRY_POINTS}
+    for entry in ENTRY_POINTS:
+        assert callable(getattr(CApi, entry.name, None)), entry.name

@@ -78,7 +78,10 @@ def test_each_turn_equals_a_fresh_request_with_the_same_history(pipelines) -> No
 def test_follow_up_encodes_no_image_again(pipelines) -> None:
     cached, _ = pipelines
     chat = cached.chat()
-    chat.ask("Describe it.", [random_image(2)], max_new_tokens=2).run()
+    first = chat.ask("Describe it.", [random_image(2)], max_new_tokens=2)
+    timings = first.run().timings
+    # Its time to first token counts tiling and assembling the history, as generate's does.
+    assert 0 < first.stage_seconds["prepare"] < timings.time_to_first_token
     follow_up = chat.ask("More?", max_new_tokens=2)
     follow_up.run()
     assert follow_up.cache_stats["feature_cache"] == {

@@ -6,7 +6,8 @@
 How the library is put together:
 
 - `nvlm_capi.c` (the public C functions) is cffi's `set_source` code; it calls `nvlm_py_*`
-  functions declared `extern "Python"` in `CDEF` below and implemented in `embedded.py`;
+  functions declared once in `table.py` (as `extern "Python"` in `CDEF` below, and as C
+  prototypes in the generated `nvlm_py.h`) and implemented in `embedded.py`;
 - `INIT_CODE` runs inside the embedded interpreter on the first call and registers them;
 - the library links the shared libpython of the building interpreter, with an rpath to it, and
   records that interpreter's path (`NVLM_PYTHON_EXECUTABLE`): at run time it starts Python as
@@ -31,21 +32,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nvlm_export import __version__
+from nvlm_export.capi.table import c_header, python_declarations
 from nvlm_export.errors import MissingExtraError, NvlmError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 HEADER = PACKAGE_DIR / "nvlm.h"
 C_SOURCE = PACKAGE_DIR / "nvlm_capi.c"
 PKGCONFIG_TEMPLATE = PACKAGE_DIR / "nvlm.pc.in"
+GENERATED_HEADER = "nvlm_py.h"  # table.py's prototypes, included by nvlm_capi.c
 MODULE_NAME = "_nvlm_cffi"
 LIBRARY_NAME = "libnvlm.so"
 
 # What Python sees of the C side: the types of nvlm.h it touches, the implementations it provides
-# (`extern "Python"`, static: only nvlm_capi.c calls them) and the one C helper it calls.
+# (`extern "Python"`, from table.py's ENTRY_POINTS) and the one C helper it calls.
 CDEF = """
 typedef struct nvlm_session nvlm_session;
 typedef struct nvlm_request nvlm_request;
 typedef struct nvlm_result nvlm_result;
+typedef struct nvlm_chat nvlm_chat;
 typedef int (*nvlm_token_callback)(const char* piece, int32_t token_id, void* user_data);
 typedef struct nvlm_timings {
     double prepare_seconds;
@@ -58,36 +62,7 @@ typedef struct nvlm_timings {
 } nvlm_timings;
 
 void nvlm_set_thread_error(const char* message);
-
-extern "Python" {
-int nvlm_py_ready(void);
-int nvlm_py_debug_live_objects(int32_t*, int32_t*, int32_t*);
-int nvlm_py_session_open(const char*, const char*, nvlm_session**);
-void nvlm_py_session_close(nvlm_session*);
-const char* nvlm_py_session_last_error(const nvlm_session*);
-int nvlm_py_session_generate(nvlm_session*, const nvlm_request*, nvlm_token_callback, void*,
-                             nvlm_result**);
-int nvlm_py_request_create(nvlm_request**);
-void nvlm_py_request_destroy(nvlm_request*);
-int nvlm_py_request_set_text(nvlm_request*, int, const char*);
-int nvlm_py_request_set_raw(nvlm_request*, int);
-int nvlm_py_request_add_image_bytes(nvlm_request*, const void*, size_t);
-int nvlm_py_request_add_image_file(nvlm_request*, const char*);
-int nvlm_py_request_add_image_pixels(nvlm_request*, const uint8_t*, int32_t, int32_t, int32_t, int);
-int nvlm_py_request_clear_images(nvlm_request*);
-int nvlm_py_request_set_max_new_tokens(nvlm_request*, int32_t);
-int nvlm_py_request_set_sampling(nvlm_request*, float, int32_t, float);
-int nvlm_py_request_set_seed(nvlm_request*, uint64_t);
-int nvlm_py_request_set_max_tiles(nvlm_request*, int32_t);
-int nvlm_py_request_set_max_image_bytes(nvlm_request*, uint64_t);
-const char* nvlm_py_result_text(const nvlm_result*);
-const char* nvlm_py_result_finish_reason(const nvlm_result*);
-const int32_t* nvlm_py_result_token_ids(const nvlm_result*, size_t*);
-int32_t nvlm_py_result_prompt_tokens(const nvlm_result*);
-int nvlm_py_result_get_timings(const nvlm_result*, nvlm_timings*);
-void nvlm_py_result_destroy(nvlm_result*);
-}
-"""
+""" + python_declarations()
 
 INIT_CODE = f"""
 from {MODULE_NAME} import ffi, lib
@@ -161,10 +136,13 @@ def _compile(python: PythonLinkage, scratch: Path, *, verbose: bool) -> Path:
     builder.cdef(CDEF)
     builder.embedding_api("")  # embedding mode; the public symbols are plain C in nvlm_capi.c
     builder.embedding_init_code(INIT_CODE)
+    generated = scratch / "include"
+    generated.mkdir()
+    (generated / GENERATED_HEADER).write_text(c_header())
     builder.set_source(
         MODULE_NAME,
         _c_source(python),
-        include_dirs=[str(PACKAGE_DIR)],
+        include_dirs=[str(PACKAGE_DIR), str(generated)],
         library_dirs=[str(python.library_dir)],
         libraries=["dl"],
         extra_compile_args=["-std=gnu11", "-pthread"],

@@ -34,6 +34,8 @@ import numpy as np
 from PIL import Image
 
 from nvlm_export.capi.options import parse_session_options
+from nvlm_export.capi.table import ENTRY_POINTS, STATUS_CODES, TEXT_FIELDS, PixelFormat
+from nvlm_export.capi.table import PIXEL_FORMATS as PIXEL_FORMAT_TABLE
 from nvlm_export.errors import (
     BundleError,
     ImageError,
@@ -49,19 +51,8 @@ Cdata = Any  # a cffi pointer (cffi has no static types)
 T = TypeVar("T")
 
 
-class Status(IntEnum):
-    """Mirrors `nvlm_status` in nvlm.h."""
-
-    OK = 0
-    INVALID_ARGUMENT = 1
-    BUNDLE = 2
-    IMAGE = 3
-    PROMPT = 4
-    CANCELLED = 5
-    RUNTIME = 6
-    OUT_OF_MEMORY = 7
-    PYTHON = 8
-    INTERNAL = 9
+# `nvlm_status`, from the table (Status.IMAGE is NVLM_ERR_IMAGE).
+Status = IntEnum("Status", [(code.short, code.value) for code in STATUS_CODES])
 
 
 class Cancelled(NvlmError):
@@ -78,9 +69,6 @@ STATUS_FOR_ERROR: tuple[tuple[type[BaseException], Status], ...] = (
     (NvlmError, Status.RUNTIME),
     (MemoryError, Status.OUT_OF_MEMORY),
 )
-
-# Text fields set through nvlm_py_request_set_text (NVLM_TEXT_* in nvlm_capi.c).
-TEXT_PROMPT, TEXT_SYSTEM, TEXT_STOP = 0, 1, 2
 
 
 def describe(error: BaseException) -> tuple[Status, str]:
@@ -101,24 +89,8 @@ def describe(error: BaseException) -> tuple[Status, str]:
 # --- the objects behind the handles ---------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PixelFormat:
-    name: str
-    channel_order: tuple[int, ...]  # source channels in RGB(A) order
-
-    @property
-    def bytes_per_pixel(self) -> int:
-        return len(self.channel_order)
-
-
 # Keys are `nvlm_pixel_format` values.
-PIXEL_FORMATS: dict[int, PixelFormat] = {
-    0: PixelFormat("RGB", (0, 1, 2)),
-    1: PixelFormat("BGR", (2, 1, 0)),
-    2: PixelFormat("RGBA", (0, 1, 2, 3)),
-    3: PixelFormat("BGRA", (2, 1, 0, 3)),
-    4: PixelFormat("GRAY", (0,)),
-}
+PIXEL_FORMATS: dict[int, PixelFormat] = {pixel.value: pixel for pixel in PIXEL_FORMAT_TABLE}
 
 
 @dataclass
@@ -188,6 +160,14 @@ class Session:
             runner.deactivate()
 
 
+class Chat:
+    """A conversation on a session; its turns run under the session's lock."""
+
+    def __init__(self, session: Session, conversation: Any) -> None:
+        self.session = session
+        self.conversation = conversation  # nvlm_export.runtime.conversation.Conversation
+
+
 @dataclass
 class Result:
     """A finished answer, with its strings and ids in C memory owned by this object."""
@@ -197,6 +177,7 @@ class Result:
     token_ids: Cdata
     num_tokens: int
     prompt_tokens: int
+    reused_tokens: int
     timings: dict[str, float]
 
 
@@ -276,8 +257,11 @@ class CApi:
     def ready(self) -> int:
         return 1
 
-    def debug_live_objects(self, sessions: Cdata, requests: Cdata, results: Cdata) -> Status:
-        for out, kind in ((sessions, Session), (requests, Request), (results, Result)):
+    def debug_live_objects(
+        self, sessions: Cdata, requests: Cdata, results: Cdata, chats: Cdata
+    ) -> Status:
+        counted = ((sessions, Session), (requests, Request), (results, Result), (chats, Chat))
+        for out, kind in counted:
             if out != self.ffi.NULL:
                 out[0] = self.handles.count(kind)
         return Status.OK
@@ -313,20 +297,36 @@ class CApi:
         out_result: Cdata,
     ) -> Status:
         session = self.handles.get(session_handle, Session)
+
+        def start(arguments: dict[str, Any]) -> Any:
+            return session.pipeline.generate(**arguments)
+
+        return self._answer(session, request_handle, start, on_token, user_data, out_result)
+
+    def _answer(
+        self,
+        session: Session,
+        request_handle: Cdata,
+        start: Callable[[dict[str, Any]], Any],
+        on_token: Cdata,
+        user_data: Cdata,
+        out_result: Cdata,
+    ) -> Status:
+        """Start a request from the request's arguments with the session locked, stream it to
+        `on_token` and hand out its result; a failure is also recorded as the session's error."""
         try:
             arguments = self.handles.get(request_handle, Request).generate_arguments()
             with session.busy():
-                result = self._generate(session.pipeline, arguments, on_token, user_data)
+                result = self._stream(start(arguments), on_token, user_data)
             if out_result != self.ffi.NULL:
                 self.store(out_result, result, "nvlm_result *")
         except BaseException as error:
             return self.fail(error, session)
         return Status.OK
 
-    def _generate(
-        self, pipeline: Any, arguments: dict[str, Any], on_token: Cdata, user_data: Cdata
-    ) -> Result:
-        stream = pipeline.generate(**arguments)
+    def _stream(self, stream: Any, on_token: Cdata, user_data: Cdata) -> Result:
+        """Read a request's token stream to its end, calling `on_token` for every token; a
+        non-zero return abandons the stream (so a chat turn is dropped) and raises Cancelled."""
         received = 0
         for event in stream:
             received += 1
@@ -347,8 +347,65 @@ class CApi:
             token_ids=self.ffi.new("int32_t[]", ids),
             num_tokens=len(ids),
             prompt_tokens=stream.prepared.prompt.num_tokens,
+            reused_tokens=stream.reused_tokens,
             timings=timings,
         )
+
+    # -- chats --
+    def chat_create(
+        self, session_handle: Cdata, system: Cdata, max_tiles: int, out_chat: Cdata
+    ) -> Status:
+        session = self.handles.get(session_handle, Session)
+        system_text = self.text(system, "system message", allow_null=True)
+        if max_tiles < 0:
+            raise InputError(
+                f"max_tiles {max_tiles} is invalid", fix="Use 0 (the bundle's) or >= 1"
+            )
+        conversation = session.pipeline.chat(system=system_text, max_tiles=max_tiles or None)
+        self.store(out_chat, Chat(session, conversation), "nvlm_chat *")
+        return Status.OK
+
+    def chat_destroy(self, handle: Cdata) -> None:
+        chat = self.handles.get(handle, Chat)
+        if chat.session.closed:  # nothing can be running on it
+            self.handles.remove(handle, Chat)
+            return
+        with chat.session.busy():  # waits for a running turn; refused from its own callback
+            self.handles.remove(handle, Chat)
+
+    def chat_ask(
+        self,
+        chat_handle: Cdata,
+        request_handle: Cdata,
+        on_token: Cdata,
+        user_data: Cdata,
+        out_result: Cdata,
+    ) -> Status:
+        chat = self.handles.get(chat_handle, Chat)
+        if chat.session.closed:
+            raise InputError(
+                "The chat's session is closed",
+                fix="Destroy chats before closing their session; open a new session and chat",
+            )
+
+        def start(arguments: dict[str, Any]) -> Any:
+            return chat.conversation.ask(*_chat_turn(arguments))
+
+        return self._answer(chat.session, request_handle, start, on_token, user_data, out_result)
+
+    def chat_reset(self, handle: Cdata) -> Status:
+        chat = self.handles.get(handle, Chat)
+        with chat.session.busy():
+            chat.conversation.reset()
+        return Status.OK
+
+    def chat_get_length(self, handle: Cdata, out_turns: Cdata, out_tokens: Cdata) -> Status:
+        conversation = self.handles.get(handle, Chat).conversation
+        if out_turns != self.ffi.NULL:
+            out_turns[0] = len(conversation.messages) // 2
+        if out_tokens != self.ffi.NULL:
+            out_tokens[0] = conversation.num_tokens
+        return Status.OK
 
     # -- requests --
     def request_create(self, out_request: Cdata) -> Status:
@@ -360,11 +417,12 @@ class CApi:
 
     def request_set_text(self, handle: Cdata, which: int, value: Cdata) -> Status:
         request = self.handles.get(handle, Request)
-        if which == TEXT_PROMPT:
+        field_name = TEXT_FIELDS[which] if 0 <= which < len(TEXT_FIELDS) else None
+        if field_name == "PROMPT":
             request.prompt = self.text(value, "prompt")
-        elif which == TEXT_SYSTEM:
+        elif field_name == "SYSTEM":
             request.system = self.text(value, "system message", allow_null=True)
-        elif which == TEXT_STOP:
+        elif field_name == "STOP":
             stop = self.text(value, "stop string")
             request.options = request.options.replace(stop=(*request.options.stop, stop))
         else:
@@ -449,6 +507,9 @@ class CApi:
     def result_prompt_tokens(self, handle: Cdata) -> int:
         return self.handles.get(handle, Result).prompt_tokens
 
+    def result_reused_tokens(self, handle: Cdata) -> int:
+        return self.handles.get(handle, Result).reused_tokens
+
     def result_get_timings(self, handle: Cdata, out: Cdata) -> Status:
         timings = self.handles.get(handle, Result).timings
         if out == self.ffi.NULL:
@@ -461,6 +522,22 @@ class CApi:
 
     def result_destroy(self, handle: Cdata) -> None:
         self.handles.remove(handle, Result)
+
+
+def _chat_turn(arguments: dict[str, Any]) -> tuple[str, list[Image.Image], GenerateOptions]:
+    """The question, images and generation options of a request used as a chat turn. The chat's
+    own settings may not be set on the request."""
+    owned_by_chat = {"system": None, "max_tiles": None, "raw": False}
+    for key, unset in owned_by_chat.items():
+        if arguments.pop(key) != unset:
+            raise InputError(
+                f"A chat turn's request sets {key}",
+                why="the system message and tile budget belong to the whole conversation, and a "
+                "chat always applies the chat template",
+                fix="Pass them to nvlm_chat_create instead (raw prompts only with "
+                "nvlm_session_generate)",
+            )
+    return arguments["prompt"], arguments["images"], arguments["options"]
 
 
 def pixels_to_array(
@@ -491,36 +568,6 @@ def pixels_to_array(
 
 # --- registration -----------------------------------------------------------------------------
 
-# Every `nvlm_py_<name>` function is the CApi method <name>; the value says what C gets back when
-# the method raises: "status" (an nvlm_status), "null" (a NULL pointer), "zero", or "void".
-ENTRY_POINTS: dict[str, str] = {
-    "ready": "zero",
-    "debug_live_objects": "status",
-    "session_open": "status",
-    "session_close": "void",
-    "session_last_error": "null",
-    "session_generate": "status",
-    "request_create": "status",
-    "request_destroy": "void",
-    "request_set_text": "status",
-    "request_set_raw": "status",
-    "request_add_image_bytes": "status",
-    "request_add_image_file": "status",
-    "request_add_image_pixels": "status",
-    "request_clear_images": "status",
-    "request_set_max_new_tokens": "status",
-    "request_set_sampling": "status",
-    "request_set_seed": "status",
-    "request_set_max_tiles": "status",
-    "request_set_max_image_bytes": "status",
-    "result_text": "null",
-    "result_finish_reason": "null",
-    "result_token_ids": "null",
-    "result_prompt_tokens": "zero",
-    "result_get_timings": "status",
-    "result_destroy": "void",
-}
-
 
 def _guarded(api: CApi, method: Callable[..., Any], on_error: str) -> Callable[..., Any]:
     """Run `method`; on any exception record it and return the failure value C expects."""
@@ -542,10 +589,10 @@ _installed: list[CApi] = []  # keeps the registered API alive for the life of th
 def install(ffi: Any, lib: Any) -> CApi:
     """Register every `nvlm_py_*` implementation with cffi (called once by the init code)."""
     api = CApi(ffi, lib)
-    for name, on_error in ENTRY_POINTS.items():
-        entry_point = _guarded(api, getattr(api, name), on_error)
+    for entry in ENTRY_POINTS:
+        entry_point = _guarded(api, getattr(api, entry.name), entry.on_error)
         # `error` is what cffi itself returns should even the guard fail (e.g. MemoryError).
-        fallback = {"error": int(Status.INTERNAL)} if on_error == "status" else {}
-        ffi.def_extern(name=f"nvlm_py_{name}", **fallback)(entry_point)
+        fallback = {"error": int(Status.INTERNAL)} if entry.on_error == "status" else {}
+        ffi.def_extern(name=f"nvlm_py_{entry.name}", **fallback)(entry_point)
     _installed.append(api)
     return api

@@ -20,7 +20,8 @@
  * Conventions (after ONNX Runtime GenAI's and llama.cpp mtmd.h's C APIs):
  *
  * - Objects are opaque handles with create/destroy pairs: nvlm_session (a loaded bundle),
- *   nvlm_request (a prompt, images and generation parameters), nvlm_result (a finished answer).
+ *   nvlm_request (a prompt, images and generation parameters), nvlm_result (a finished answer),
+ *   nvlm_chat (a conversation on a session).
  *   Destroy functions accept NULL and ignore handles that are not live (no double-free crash).
  * - Every call that can fail returns an nvlm_status (NVLM_OK = 0). Out-parameters are set to NULL
  *   first and written only on success. Errors never abort the process: no exception of the embedded
@@ -98,6 +99,10 @@ typedef struct nvlm_session nvlm_session;
  *   optimization_level=L           ONNX Runtime graph optimisation: disable|basic|extended|all
  *   verify_hashes=1                check every bundle file's SHA-256 against the manifest
  *                                  (reads the whole bundle; sizes are always checked)
+ *   feature_cache_bytes=N          byte budget of the image-feature cache shared by the
+ *                                  session's requests and chats (default 256 MiB; 0 = off)
+ *   prefix_cache_bytes=N           byte budget of the kept prompt keys/values that a request
+ *                                  sharing their start reuses (default 256 MiB; 0 = off)
  * Unknown keys are refused (NVLM_ERR_INVALID_ARGUMENT). On success *out_session is a new session
  * the caller closes with nvlm_session_close. */
 int nvlm_session_open(const char* bundle_path, const char* options, nvlm_session** out_session);
@@ -191,6 +196,38 @@ typedef int (*nvlm_token_callback)(const char* piece, int32_t token_id, void* us
 int nvlm_session_generate(nvlm_session* session, const nvlm_request* request,
                           nvlm_token_callback on_token, void* user_data, nvlm_result** out_result);
 
+/* ---- chat: a conversation about images ---------------------------------------------------- */
+
+typedef struct nvlm_chat nvlm_chat;
+
+/* A new conversation on `session`. Turns accumulate in the bundle's chat template, and the
+ * keys/values of earlier turns are kept, so a follow-up question prefills only its own tokens
+ * and encodes only its own new images. system: NULL for the template's default system message;
+ * max_tiles: the tile budget of every image of the conversation, 0 = the bundle's maximum.
+ * Destroy the chat with nvlm_chat_destroy, before closing its session: a chat whose session was
+ * closed refuses to ask (NVLM_ERR_INVALID_ARGUMENT) but must still be destroyed. */
+int nvlm_chat_create(nvlm_session* session, const char* system, int32_t max_tiles,
+                     nvlm_chat** out_chat);
+void nvlm_chat_destroy(nvlm_chat* chat);
+
+/* Ask the next question: the request's prompt, its images (they join this turn; "<image>" in the
+ * prompt places them, else they come first) and its generation parameters. Its system message,
+ * tile budget and raw mode must be left unset (they belong to the chat). Streams like
+ * nvlm_session_generate and takes the session's lock the same way.
+ * When the answer is complete (NVLM_OK) the question and the answer join the conversation. A turn
+ * that does not complete — cancelled by the callback (NVLM_ERR_CANCELLED) or failed — is dropped:
+ * the conversation is exactly as it was before it, and the next question follows the last
+ * completed turn. A question that would overflow the context is refused (NVLM_ERR_PROMPT, with the
+ * tokens used in the message); nothing is truncated: reset the chat or start another. */
+int nvlm_chat_ask(nvlm_chat* chat, const nvlm_request* request, nvlm_token_callback on_token,
+                  void* user_data, nvlm_result** out_result);
+
+/* Forget every turn and image (the session's caches are kept). */
+int nvlm_chat_reset(nvlm_chat* chat);
+
+/* The completed turns (question + answer pairs) and the tokens of the conversation so far. */
+int nvlm_chat_get_length(const nvlm_chat* chat, int32_t* out_turns, int32_t* out_tokens);
+
 /* ---- result ------------------------------------------------------------------------------- */
 
 typedef struct nvlm_timings {
@@ -210,8 +247,11 @@ const char* nvlm_result_text(const nvlm_result* result);
 const char* nvlm_result_finish_reason(const nvlm_result* result);
 /* The generated token ids (including a final end-of-turn token); *out_count gets their number. */
 const int32_t* nvlm_result_token_ids(const nvlm_result* result, size_t* out_count);
-/* The number of prompt tokens, image tokens included. */
+/* The number of prompt tokens, image tokens included (for a chat turn: the whole history). */
 int32_t nvlm_result_prompt_tokens(const nvlm_result* result);
+/* How many of those were not prefilled again: their keys/values came from the chat's earlier
+ * turns or from the session's prefix cache (a request sharing the start of an earlier one). */
+int32_t nvlm_result_reused_tokens(const nvlm_result* result);
 int nvlm_result_get_timings(const nvlm_result* result, nvlm_timings* out_timings);
 void nvlm_result_destroy(nvlm_result* result);
 
@@ -219,6 +259,8 @@ void nvlm_result_destroy(nvlm_result* result);
 
 /* How many sessions, requests and results are alive (any pointer may be NULL); for leak checks. */
 int nvlm_debug_live_objects(int32_t* sessions, int32_t* requests, int32_t* results);
+/* How many chats are alive. */
+int nvlm_debug_live_chats(int32_t* chats);
 
 #ifdef __cplusplus
 }

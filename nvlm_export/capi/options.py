@@ -40,6 +40,18 @@ def _flag(key: str, text: str) -> bool:
     return text == "1"
 
 
+def _byte_count(key: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise InputError(
+            f"Option {key}={text} is invalid", fix=f"Use {key}=N bytes with N >= 0 (0 = off)"
+        )
+    return value
+
+
 def _word(key: str, text: str) -> str:
     if not text:
         raise InputError(f"Option {key} is empty", fix=f"Give {key} a value or leave it out")
@@ -62,6 +74,12 @@ OPTIONS: dict[str, SessionOption] = {
         SessionOption("optimization_level", "optimization_level", _word, ("onnxruntime",)),
         # Pipeline options, for every backend.
         SessionOption("verify_hashes", "verify_hashes", _flag, ("onnxruntime", "tensorrt")),
+        SessionOption(
+            "feature_cache_bytes", "feature_cache_bytes", _byte_count, ("onnxruntime", "tensorrt")
+        ),
+        SessionOption(
+            "prefix_cache_bytes", "prefix_cache_bytes", _byte_count, ("onnxruntime", "tensorrt")
+        ),
     )
 }
 

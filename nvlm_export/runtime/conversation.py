@@ -14,6 +14,7 @@ it was before the turn.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from nvlm_export.errors import PromptError
@@ -61,6 +62,7 @@ class Conversation:
         Raises PromptError, naming the tokens used, when the conversation no longer fits the
         context: nothing is truncated silently.
         """
+        started = time.perf_counter()  # time to first token counts tiling and the history
         options = GenerateOptions.merged(options, overrides)
         loaded = [self.pipeline.load_image(image) for image in images]
         new_images = [
@@ -82,7 +84,12 @@ class Conversation:
             self._state = state
 
         return self.pipeline.start(
-            prepared, options, also_reuse=[self._state] if self._state else [], on_finish=keep
+            prepared,
+            options,
+            start_time=started,
+            stages={"prepare": time.perf_counter() - started},
+            also_reuse=[self._state] if self._state else [],
+            on_finish=keep,
         )
 
     def _check_fits(self, prompt_tokens: int, new_images: int) -> None:
