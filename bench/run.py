@@ -197,7 +197,17 @@ def main() -> None:
     parser.add_argument(
         "--render-only", action="store_true", help="rewrite the doc from the last results.json"
     )
+    parser.add_argument(
+        "--refresh-section",
+        type=Path,
+        metavar="FILE",
+        help="only replace the doc's section kept in FILE: " + ", ".join(SECTIONS),
+    )
     args = parser.parse_args()
+    if args.refresh_section:
+        refresh_section(args.doc, args.refresh_section)
+        print(f"updated {args.doc} from {args.refresh_section}")
+        return
     if args.render_only:
         saved = json.loads((args.work / "results.json").read_text())
         rows = [Row(**row) for row in saved["rows"]]
@@ -546,11 +556,38 @@ def write_doc(path: Path, rows: list[Row], facts: dict[str, Any], args: Any, sta
         ratio = f"{row.ratio:.2f}" if row.ratio else "-"
         cells = (row.name, row.ours, row.other, ratio, row.target, _met(row), row.note)
         lines.append("| " + " | ".join(cells) + " |")
-    # Hand-written sections kept across reruns: the analysis, and bench/memory.py's results.
-    for section in ("analysis.md", "memory-results.md"):
+    # Sections kept across reruns: the analysis, and the other bench scripts' results.
+    for section in SECTIONS:
         path_in = ROOT / "bench" / section
         lines += ["", path_in.read_text() if path_in.exists() else ""]
     path.write_text("\n".join(lines).rstrip() + "\n")
+
+
+# The doc's sections after the results table, each kept in bench/ and starting with its "## "
+# heading: the analysis (by hand), bench/memory.py's results, bench/reuse.py's (written by it)
+# and bench/soak.py --caches' (by hand).
+SECTIONS = ("analysis.md", "memory-results.md", "reuse-results.md", "soak-results.md")
+
+
+def refresh_section(doc: Path, section: Path) -> None:
+    """Replace the doc's section headed like `section` (up to the next "## " heading that starts
+    another section file) by that file, so one bench script's results update the doc without
+    re-running the whole bench; a section the doc lacks is added at the end."""
+    text = section.read_text().rstrip() + "\n"
+    heading = text.splitlines()[0]
+    lines = doc.read_text().splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
+    if start is None:
+        doc.write_text("".join(lines).rstrip() + "\n\n" + text)
+        return
+    others = {_heading(ROOT / "bench" / name) for name in SECTIONS} - {heading, ""}
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].rstrip() in others), None)
+    tail = "".join(lines[end:]) if end is not None else ""
+    doc.write_text("".join(lines[:start]) + text + ("\n" + tail if tail else ""))
+
+
+def _heading(section: Path) -> str:
+    return section.read_text().splitlines()[0] if section.exists() else ""
 
 
 def _read_speeds(facts: dict[str, Any]) -> str:

@@ -11,6 +11,8 @@ Every system answers the same operations, all timed inside the worker:
     request(tiles, question, new)       -> TTFT and per-token decode seconds for an image request
     decoder(prompt_ids, new)            -> prefill seconds and per-token decode seconds, text only
     peak_rss()                          -> this process's peak resident bytes since it loaded
+
+and the reuse system (caches on, bench/reuse.py) `reuse_round(tiles, questions, new)`.
 """
 
 from __future__ import annotations
@@ -26,11 +28,20 @@ import numpy as np
 
 from nvlm_export.profiling.inputs import image_size_for_tiles, synthetic_image
 from nvlm_export.profiling.memory import peak_rss_bytes, reset_peak_rss
-from nvlm_export.runtime.tiling import TilingConfig, tile_image
+from nvlm_export.runtime.tiling import TilingConfig, choose_grid, tile_image
 
 
 def test_image(tiles: int, tiling: TilingConfig) -> Any:
     return synthetic_image(image_size_for_tiles(tiles, tiling), seed=tiles)
+
+
+def grid_image(grid: tuple[int, int], tiling: TilingConfig) -> Any:
+    """A synthetic image the bundle's tiling cuts into exactly `grid` (cols, rows)."""
+    size = (tiling.tile_size * grid[0], tiling.tile_size * grid[1])
+    chosen = choose_grid(*size, tiling)
+    if chosen != tuple(grid):
+        raise ValueError(f"a {size[0]}x{size[1]} image tiles as {chosen}, not {grid}")
+    return synthetic_image(size, seed=grid[0] * 10 + grid[1])
 
 
 class OursSystem:
@@ -98,6 +109,74 @@ class OursSystem:
 
     def peak_rss(self) -> int:
         return peak_rss_bytes()
+
+
+class ReuseSystem:
+    """nvlm-export's runtime with its reuse caches on (the defaults): a cold request beside a
+    new question about the same image, and a conversation's first question beside its follow-up.
+    Times are wall clock from the call to the first token, so tiling, hashing and re-rendering
+    the history count."""
+
+    def __init__(self, bundle: str, threads: int) -> None:
+        from nvlm_export.runtime.pipeline import Pipeline
+
+        self.pipe = Pipeline.load(bundle, intra_op_threads=threads)
+        reset_peak_rss()
+
+    def reuse_round(
+        self, grid: tuple[int, int], questions: list[str], new_tokens: int
+    ) -> dict[str, Any]:
+        """One round on an image tiled as `grid` (cols, rows): clear the caches, a cold request,
+        then a new question about its image; clear them again, a conversation's first question
+        about the image, then a follow-up."""
+        pipe, (first, second) = self.pipe, questions
+        image = grid_image(tuple(grid), pipe.tiling)
+        pipe.clear_caches()
+        cold = _first_token(lambda: pipe.generate(first, [image], max_new_tokens=new_tokens))
+        same = _first_token(lambda: pipe.generate(second, [image], max_new_tokens=new_tokens))
+        pipe.clear_caches()
+        chat = pipe.chat()
+        turn = _first_token(lambda: chat.ask(first, [image], max_new_tokens=new_tokens))
+        follow = _first_token(lambda: chat.ask(second, max_new_tokens=new_tokens))
+        return {
+            "tiles": cold[1].prepared.tilings[0].num_tiles,
+            "grid": list(cold[1].prepared.tilings[0].grid),
+            "prompt_tokens": cold[1].prepared.prompt.num_tokens,
+            "cold": cold[0],
+            "same_image": same[0],
+            "same_image_prefilled": _prefilled(same[1]),
+            "first_turn": turn[0],
+            "follow_up": follow[0],
+            "follow_up_prefilled": _prefilled(follow[1]),
+            "cache_report": pipe.cache_report(),
+        }
+
+    def questions(self, tokens: int) -> list[str]:
+        """Two different questions of `tokens` tokens each."""
+        from nvlm_export.profiling.inputs import question_with_tokens
+
+        bases = ("Describe the picture in detail", "Which colours dominate the left half")
+        return [question_with_tokens(self.pipe.tokenizer, tokens, base) for base in bases]
+
+    def peak_rss(self) -> int:
+        return peak_rss_bytes()
+
+
+def _first_token(start: Callable[[], Any]) -> tuple[float, Any]:
+    """Seconds from `start()` to its stream's first token; the stream is then read to the end
+    (a conversation keeps a turn only when its answer is complete)."""
+    began = time.perf_counter()
+    stream = start()
+    tokens = iter(stream)
+    next(tokens)
+    seconds = time.perf_counter() - began
+    for _ in tokens:
+        pass
+    return seconds, stream
+
+
+def _prefilled(stream: Any) -> int:
+    return int(stream.prepared.prompt.num_tokens - stream.reused_tokens)
 
 
 class EagerSystem:
@@ -215,6 +294,7 @@ class GenAISystem:
 
 SYSTEMS: dict[str, Callable[..., Any]] = {
     "ours": OursSystem,
+    "reuse": ReuseSystem,
     "eager": EagerSystem,
     "genai": GenAISystem,
 }

@@ -46,15 +46,16 @@ def synthetic_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
 
 
-def question_with_tokens(tokenizer: Tokenizer, tokens: int) -> str:
-    """A question the tokenizer turns into exactly `tokens` tokens (no special tokens)."""
+def question_with_tokens(tokenizer: Tokenizer, tokens: int, base: str = BASE_QUESTION) -> str:
+    """A question starting with `base` that the tokenizer turns into exactly `tokens` tokens
+    (no special tokens)."""
     if tokens < 1:
         raise InputError(f"A question of {tokens} tokens is impossible", fix="Use >= 1 token")
 
     def count(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False).ids)
 
-    text = BASE_QUESTION
+    text = base
     while count(text) < tokens:
         text += FILLER
     ids = tokenizer.encode(text, add_special_tokens=False).ids
