@@ -64,10 +64,15 @@ def test_load_and_forward_on_an_image_prompt(tiny: dict[str, Path], layout: str)
     model = load_checkpoint(tiny[layout])
     ids = torch.tensor([[7, 8, 9] + [model.image_token_id] * 512 + [10, 11]])
     with torch.no_grad():
-        logits = model(ids, torch.randn(2, 3, 448, 448))
+        pixels = torch.randn(2, 3, 448, 448)
+        logits = model(ids, pixels)
         features = model.image_features(torch.randn(3, 3, 448, 448))
     assert logits.shape == (1, 517, model.config.llm_config["vocab_size"])
     assert torch.isfinite(logits).all()
+    with torch.no_grad():  # only the last position's logits: what the reference asks for
+        last = model(ids, pixels, logits_to_keep=1)
+    assert last.shape == (1, 1, logits.shape[-1])
+    assert torch.allclose(last[0, 0], logits[0, -1], atol=1e-5)
     assert features.shape == (3, 256, 64)
 
 

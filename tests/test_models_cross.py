@@ -223,6 +223,9 @@ def test_text_only_request_equals_the_plain_language_model(
     ids = torch.from_numpy(prompt.input_ids)[None]
     plain = model.language_model(inputs_embeds=model.embed_tokens(ids), use_cache=False).logits
     assert torch.allclose(model(ids, [], prompt), plain, atol=1e-5)
+    last = model(ids, [], prompt, logits_to_keep=1)  # what the reference asks for
+    assert last.shape == (1, 1, plain.shape[-1])
+    assert torch.allclose(last[0, 0], plain[0, -1], atol=1e-5)
     # One masked slot (what the runtime feeds when there is nothing to attend to) is the same.
     embeds = model.embed_tokens(ids)
     cross_kv = model.cross_key_values(model.embed_tokens(torch.zeros(1, 1, dtype=torch.long)))

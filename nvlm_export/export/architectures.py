@@ -88,7 +88,7 @@ def _decoder_only_reference(
 ) -> torch.Tensor:
     """NVLM-D / InternVL: image features overwrite the placeholder embeddings, in order."""
     pixel_values = torch.cat(images) if images else None
-    return model(token_ids, pixel_values)[0, -1]
+    return model(token_ids, pixel_values, logits_to_keep=1)[0, -1]
 
 
 DECODER_ONLY = dict(

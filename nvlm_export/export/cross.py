@@ -316,7 +316,7 @@ def _cross_reference(
     model: nn.Module, prompt: PromptTokens, token_ids: torch.Tensor, images: list[torch.Tensor]
 ) -> torch.Tensor:
     """Next-token logits [V] from the full (cache-free) PyTorch forward."""
-    return model(token_ids, images, prompt)[0, -1]
+    return model(token_ids, images, prompt, logits_to_keep=1)[0, -1]
 
 
 def _cross_extras(model: nn.Module) -> dict[str, Any]:

@@ -117,8 +117,11 @@ class CrossAttentionVisionLanguageModel(nn.Module):
 
     # --- the decoder ----------------------------------------------------------------------------
 
-    def decode(self, embeds: torch.Tensor, cross_kv: CrossKV, mask: torch.Tensor) -> torch.Tensor:
-        """embeds (B, T, D), per-block cross key/value, mask bool (B, T, K) -> logits (B, T, V)."""
+    def decode(
+        self, embeds: torch.Tensor, cross_kv: CrossKV, mask: torch.Tensor, logits_to_keep: int = 0
+    ) -> torch.Tensor:
+        """embeds (B, T, D), per-block cross key/value, mask bool (B, T, K) -> logits (B, T, V),
+        or of the last `logits_to_keep` positions (0: all)."""
         lm = self.language_model.model
         positions = torch.arange(embeds.shape[1])[None]  # (1, T)
         causal = create_causal_mask(
@@ -138,6 +141,8 @@ class CrossAttentionVisionLanguageModel(nn.Module):
             if block is not None:
                 key, value = cross_kv[block]
                 hidden = self.cross_layers[block](hidden, key, value, mask)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
         return self.language_model.lm_head(lm.norm(hidden))
 
     def encode_images(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -145,24 +150,33 @@ class CrossAttentionVisionLanguageModel(nn.Module):
         return [self.vision.tile_tokens(tiles) for tiles in images]
 
     def forward_encoded(
-        self, input_ids: torch.Tensor, tokens: Sequence[torch.Tensor], prompt: PromptTokens
+        self,
+        input_ids: torch.Tensor,
+        tokens: Sequence[torch.Tensor],
+        prompt: PromptTokens,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """`forward` with the images already encoded (reuse them across greedy steps)."""
         _check_prompt_prefix(input_ids, prompt)
         embeds = self.input_embeddings(input_ids, tokens, prompt)
         cross_kv = self.cross_key_values(self.cross_embeddings(tokens, prompt))
         mask = extended_cross_mask(prompt, input_ids.shape[1])[None]  # (1, T, K)
-        return self.decode(embeds, cross_kv, mask)
+        return self.decode(embeds, cross_kv, mask, logits_to_keep)
 
     def forward(
-        self, input_ids: torch.Tensor, images: Sequence[torch.Tensor], prompt: PromptTokens
+        self,
+        input_ids: torch.Tensor,
+        images: Sequence[torch.Tensor],
+        prompt: PromptTokens,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        """input_ids (1, T), each image's tiles (n_i, 3, 448, 448), the prompt -> (1, T, V).
+        """input_ids (1, T), each image's tiles (n_i, 3, 448, 448), the prompt -> (1, T, V), or
+        (1, logits_to_keep, V) for the last positions (0: all).
 
         `input_ids` starts with the prompt's ids and may continue with generated tokens; their
         cross-attention mask rows repeat the prompt's last row (they come after every image).
         """
-        return self.forward_encoded(input_ids, self.encode_images(images), prompt)
+        return self.forward_encoded(input_ids, self.encode_images(images), prompt, logits_to_keep)
 
 
 def extended_cross_mask(prompt: PromptTokens, length: int) -> torch.Tensor:

@@ -116,11 +116,19 @@ class VisionLanguageModel(nn.Module):
         return embeds.masked_scatter(slots.unsqueeze(-1), features.reshape(-1, embeds.shape[-1]))
 
     def forward(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        """input_ids (B, T) [+ tiles (N, 3, 448, 448)] -> logits (B, T, vocab)."""
+        """input_ids (B, T) [+ tiles (N, 3, 448, 448)] -> logits (B, T, vocab), or of the last
+        `logits_to_keep` positions (0: all; T x vocab floats are over 1 GB for a 2k-token
+        prompt and a 150k vocabulary)."""
         embeds = self.input_embeddings(input_ids, pixel_values)
-        return self.language_model(inputs_embeds=embeds, use_cache=False).logits
+        output = self.language_model(
+            inputs_embeds=embeds, use_cache=False, logits_to_keep=logits_to_keep
+        )
+        return output.logits
 
 
 # Any model `build_model` makes: decoder-only (NVLM-D, InternVL) or cross-attention (NVLM-X/H).
