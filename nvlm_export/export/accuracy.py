@@ -14,13 +14,19 @@ Each request is tiled once, with the largest tile budget whose prompt and `steps
 bundle's context (a bundle exported with a small max_context cannot hold a 7-tile image); both
 bundles decode from that same preparation, and the report records every request's budget.
 
+The two bundles run one after the other, not side by side: the reference answers every request
+first and what the comparison needs is kept (its vision features, the feeds and outputs of its
+side graphs, its tokens and logits: megabytes), then its graphs are unloaded and the quantized
+bundle is loaded. Only one bundle's weights are resident at a time. A graph the quantized bundle
+holds unchanged is not loaded for it at all: its outputs are the reference's.
+
 Tiny random checkpoints have nearly flat logits, where a small perturbation flips the argmax, so
 top-1 agreement is harsh there; KL and cosine are the steadier measures.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -116,54 +122,158 @@ class AccuracyReport:
         return data
 
 
+PipelineSource = Pipeline | Callable[[], Pipeline]
+
+
+@dataclass
+class _ReferenceAnswer:
+    """What the reference computed for one request: all the comparison needs once its graphs
+    are unloaded."""
+
+    prepared: PreparedRequest
+    tiling: RequestTiling
+    features: list[Features]
+    side_calls: list[tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]]
+    tokens: list[int]
+    logits: np.ndarray
+
+
 def measure_accuracy(
-    reference: Pipeline,
-    quantized: Pipeline,
+    reference: PipelineSource,
+    quantized: PipelineSource,
     requests: Sequence[Request],
     *,
     precision: str,
     thresholds: Thresholds,
     steps: int = ACCURACY_STEPS,
+    unchanged: Collection[str] = (),
     warn: Callable[[str], None] | None = None,
 ) -> AccuracyReport:
-    """Compare `quantized` with `reference` on `requests`; see the module docstring. `warn` gets
-    one line when images had to be capped to fit the bundle's context."""
-    outputs: dict[tuple[str, str], OutputAccuracy] = {}
-    _compare_side_graphs(reference, quantized, outputs)
-    decoder = DecoderAccuracy(greedy_steps=steps)
-    top1_hits, kl_values = 0, []
-    tilings: list[RequestTiling] = []
-    for request in requests:
-        request = fit_to_context(reference, request, steps)
-        prepared = reference.prepare(request.prompt, [request.image], max_tiles=request.max_tiles)
-        tilings.append(tiling_record(request, prepared))
-        ref_features, q_features = _vision_features(reference, quantized, prepared, outputs)
-        tokens, ref_logits = decode(reference, prepared, steps, features=ref_features)
-        _, q_logits = decode(quantized, prepared, steps, forced=tokens, features=q_features)
-        top1_hits += int((q_logits.argmax(-1) == ref_logits.argmax(-1)).sum())
-        kl_values += list(kl_divergence(ref_logits, q_logits))
-        own, _ = decode(quantized, prepared, steps, features=q_features)
-        decoder.identical_greedy.append(common_prefix(tokens, own))
+    """Compare `quantized` with `reference` on `requests`; see the module docstring.
+
+    Each side is a pipeline or a loader of one; a loaded one is unloaded again once its part is
+    done, so only one side's weights are resident at a time. `unchanged` names the graphs the
+    quantized bundle holds exactly as the reference does: the loader need not load them (the
+    reference's outputs stand for theirs). `warn` gets one line when images had to be capped to
+    fit the bundle's context."""
+    ref_pipe = reference if isinstance(reference, Pipeline) else reference()
+    try:
+        answers = [_reference_answer(ref_pipe, request, steps) for request in requests]
+        max_context = ref_pipe.manifest.kv_cache.max_context
+        bundle_max_tiles = ref_pipe.tiling.max_tiles
+    finally:
+        if ref_pipe is not reference:
+            _unload(ref_pipe)
+    q_pipe = quantized if isinstance(quantized, Pipeline) else quantized()
+    try:
+        outputs: dict[tuple[str, str], OutputAccuracy] = {}
+        decoder = DecoderAccuracy(greedy_steps=steps)
+        top1_hits, kl_values = 0, []
+        for answer in answers:
+            q_features = _quantized_features(q_pipe, answer, unchanged, outputs)
+            _compare_side_calls(q_pipe, answer, unchanged, outputs)
+            forced = dict(forced=answer.tokens, features=q_features)
+            _, q_logits = decode(q_pipe, answer.prepared, steps, **forced)
+            top1_hits += int((q_logits.argmax(-1) == answer.logits.argmax(-1)).sum())
+            kl_values += list(kl_divergence(answer.logits, q_logits))
+            own, _ = decode(q_pipe, answer.prepared, steps, features=q_features)
+            decoder.identical_greedy.append(common_prefix(answer.tokens, own))
+    finally:
+        if q_pipe is not quantized:
+            _unload(q_pipe)
     decoder.positions = len(kl_values)
     decoder.top1_agreement = top1_hits / max(decoder.positions, 1)
     decoder.mean_kl = float(np.mean(kl_values)) if kl_values else 0.0
     decoder.max_kl = float(np.max(kl_values)) if kl_values else 0.0
+    tilings = [answer.tiling for answer in answers]
     report = AccuracyReport(
         precision,
         [r.name for r in requests],
         list(outputs.values()),
         decoder,
         thresholds,
-        max_context=reference.manifest.kv_cache.max_context,
-        bundle_max_tiles=reference.tiling.max_tiles,
+        max_context=max_context,
+        bundle_max_tiles=bundle_max_tiles,
         tiling=tilings,
-        unchanged_graphs=[n for n, r in reference.runners.items() if quantized.runners[n] is r],
+        unchanged_graphs=[n for n in ref_pipe.manifest.graphs if n in unchanged],
     )
     report.failures = check_thresholds(report)
     message = capped_message(tilings, report.max_context, report.bundle_max_tiles)
     if message and warn is not None:
         warn(message)
     return report
+
+
+def graphs_to_load(graphs: Collection[str], unchanged: Collection[str]) -> list[str]:
+    """The quantized bundle's graphs the check runs: all but an unchanged vision graph (the
+    reference's features are its outputs; an unchanged side graph still runs inside the
+    decoder's input assembly)."""
+    return [name for name in graphs if not (name == VISION_GRAPH and name in unchanged)]
+
+
+def _reference_answer(pipe: Pipeline, request: Request, steps: int) -> _ReferenceAnswer:
+    """The reference's greedy decode of one request, with its vision features and the feeds and
+    outputs of every side-graph call (cross_kv) on the way."""
+    request = fit_to_context(pipe, request, steps)
+    prepared = pipe.prepare(request.prompt, [request.image], max_tiles=request.max_tiles)
+    features = pipe.encode_images(prepared.tilings)
+    side_calls: list[tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+    recording = _recording_side_graphs(pipe, side_calls)
+    try:
+        tokens, logits = decode(pipe, prepared, steps, features=features)
+    finally:
+        pipe.runners.update(recording)
+    return _ReferenceAnswer(
+        prepared, tiling_record(request, prepared), features, side_calls, tokens, logits
+    )
+
+
+def _recording_side_graphs(pipe: Pipeline, calls: list) -> dict[str, Any]:
+    """Wrap the runners that run inside `decoder_inputs` (cross_kv-like: neither the vision
+    graph nor the decoder) so each call's feeds and outputs are kept; returns the originals."""
+    originals = {
+        name: runner
+        for name, runner in pipe.runners.items()
+        if name not in (DECODER_GRAPH, VISION_GRAPH)
+    }
+    for name, runner in originals.items():
+        pipe.runners[name] = _RecordingRunner(name, runner, calls)
+    return originals
+
+
+def _quantized_features(
+    pipe: Pipeline, answer: _ReferenceAnswer, unchanged: Collection[str], table: dict
+) -> list[Features]:
+    """The quantized bundle's vision features for one request. A quantized vision graph's
+    outputs are scored per tile against the reference's; an unchanged one computes exactly the
+    reference's features, which stand for its own."""
+    if VISION_GRAPH in unchanged:
+        return answer.features
+    ours = pipe.encode_images(answer.prepared.tilings)
+    for expected, actual in zip(answer.features, ours, strict=True):
+        for output, value in expected.items():
+            record = table.setdefault((VISION_GRAPH, output), OutputAccuracy(VISION_GRAPH, output))
+            for tile in range(len(value)):  # the budget holds for the worst tile
+                record.add(value[tile], actual[output][tile])
+    return ours
+
+
+def _compare_side_calls(
+    pipe: Pipeline, answer: _ReferenceAnswer, unchanged: Collection[str], table: dict
+) -> None:
+    """Each side-graph call of the reference, fed to the quantized graph: outputs scored."""
+    for name, feeds, expected in answer.side_calls:
+        if name in unchanged:
+            continue
+        actual = pipe.runners[name].infer(feeds)
+        for output, value in expected.items():
+            key = (name, output)
+            table.setdefault(key, OutputAccuracy(name, output)).add(value, actual[output])
+
+
+def _unload(pipe: Pipeline) -> None:
+    for runner in pipe.runners.values():
+        runner.deactivate()
 
 
 def check_thresholds(report: AccuracyReport) -> list[str]:
@@ -223,24 +333,6 @@ def decode(
         logits.append(outputs[LOGITS][0])
 
 
-def _vision_features(
-    reference: Pipeline, quantized: Pipeline, prepared: PreparedRequest, table: dict
-) -> tuple[list[Features], list[Features]]:
-    """Both bundles' vision features for one request, each vision graph run once (the features
-    serve the teacher-forced and the free decode alike). A quantized vision graph's outputs are
-    scored per tile against the reference's; a shared (unchanged) one has nothing to score."""
-    ref = reference.encode_images(prepared.tilings)
-    if quantized.runners[VISION_GRAPH] is reference.runners[VISION_GRAPH]:
-        return ref, ref
-    ours = quantized.encode_images(prepared.tilings)
-    for expected, actual in zip(ref, ours, strict=True):
-        for output, value in expected.items():
-            record = table.setdefault((VISION_GRAPH, output), OutputAccuracy(VISION_GRAPH, output))
-            for tile in range(len(value)):  # the budget holds for the worst tile
-                record.add(value[tile], actual[output][tile])
-    return ref, ours
-
-
 def kl_divergence(reference: np.ndarray, quantized: np.ndarray) -> np.ndarray:
     """KL(softmax(reference) || softmax(quantized)) per row, in nats."""
     log_p = _log_softmax(reference.astype(np.float64))
@@ -253,29 +345,16 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
-class _ComparingRunner:
-    """Runs the reference graph, feeds the same inputs to the quantized one, compares outputs."""
+class _RecordingRunner:
+    """Runs a reference side graph and keeps each call's feeds and outputs."""
 
-    def __init__(self, name: str, reference: Any, quantized: Any, table: dict) -> None:
-        self.name, self.inner, self.quantized, self.table = name, reference, quantized, table
-        self.spec = reference.spec
+    def __init__(self, name: str, inner: Any, calls: list) -> None:
+        self.name, self.inner, self.calls = name, inner, calls
+        self.spec = inner.spec
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        expected = self.inner.infer(feeds)
-        actual = self.quantized.infer(feeds)
-        for output, value in expected.items():
-            key = (self.name, output)
-            self.table.setdefault(key, OutputAccuracy(self.name, output)).add(value, actual[output])
-        return expected
+        outputs = self.inner.infer(feeds)
+        self.calls.append((self.name, dict(feeds), dict(outputs)))
+        return outputs
 
     __call__ = infer
-
-
-def _compare_side_graphs(reference: Pipeline, quantized: Pipeline, table: dict) -> None:
-    """Wrap the reference's cross_kv-like runners (those that run inside `decoder_inputs`) so each
-    call also runs and scores the quantized graph. The vision graph is scored where its features
-    are computed (`_vision_features`); a graph both pipelines share has nothing to score."""
-    for name, runner in list(reference.runners.items()):
-        if name in (DECODER_GRAPH, VISION_GRAPH) or quantized.runners[name] is runner:
-            continue
-        reference.runners[name] = _ComparingRunner(name, runner, quantized.runners[name], table)

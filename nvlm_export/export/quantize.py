@@ -26,6 +26,7 @@ from nvlm_export.export.accuracy import (
     DEFAULT_THRESHOLDS,
     AccuracyReport,
     Thresholds,
+    graphs_to_load,
     measure_accuracy,
 )
 from nvlm_export.export.defaults import ACCURACY_REQUESTS, ACCURACY_STEPS
@@ -298,24 +299,24 @@ def _accuracy(
     unchanged: set[str],
     warn: Callable[[str], None],
 ) -> AccuracyReport:
-    """The accuracy report of `staging` against `bundle`. `unchanged` graphs were copied as they
-    are, so they compute exactly what the reference does: the quantized pipeline borrows the
-    reference's runners for them instead of loading and running them a second time. `quantized`
+    """The accuracy report of `staging` against `bundle`, one bundle loaded at a time (the
+    source first). `unchanged` graphs were copied as they are, so they compute exactly what the
+    reference does: an unchanged vision graph is not loaded or run a second time. `quantized`
     is the staged bundle's manifest, written only once the accuracy is known."""
     from nvlm_export.calibration.dataset import CalibrationInfo
     from nvlm_export.runtime.pipeline import Pipeline
 
     info = calib.info if calib else CalibrationInfo("", "", 0, 0, 0, "builtin")
     requests = held_out_requests(info, settings.accuracy_requests, warn)
-    reference = Pipeline.load(bundle)
-    shared = {name: reference.runners[name] for name in unchanged}
+    needed = graphs_to_load(quantized.graphs, unchanged)
     return measure_accuracy(
-        reference,
-        Pipeline.load(staging, shared_runners=shared, manifest=quantized),
+        lambda: Pipeline.load(bundle),
+        lambda: Pipeline.load(staging, manifest=quantized, graphs=needed),
         requests,
         precision=settings.precision,
         thresholds=settings.budget,
         steps=settings.accuracy_steps,
+        unchanged=unchanged,
         warn=warn,  # one line when held-out images had to be capped to fit the context
     )
 
