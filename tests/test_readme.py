@@ -53,3 +53,20 @@ def test_readme_builds_an_int8_demo_bundle_that_answers_the_example_question(
     question = run[run.index("--prompt") + 1]
     truth = dict(example_questions())[question]
     assert answered.stdout.strip() == truth
+
+
+def test_readme_fast_lane_leaves_out_the_slow_tests() -> None:
+    readme = (ROOT / "README.md").read_text()
+    lane = re.search(r'`\.venv/bin/pytest (-m "not slow")` is the fast lane', readme)
+    assert lane, "README.md names no fast lane"
+    options = [*shlex.split(lane.group(1)), "--collect-only", "-q", "-p", "no:cacheprovider"]
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", *options, __file__],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    assert test_readme_fast_lane_leaves_out_the_slow_tests.__name__ in collected.stdout
+    slow = test_readme_builds_an_int8_demo_bundle_that_answers_the_example_question.__name__
+    assert slow not in collected.stdout and "1 deselected" in collected.stdout
