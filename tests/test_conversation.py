@@ -11,11 +11,12 @@ import pytest
 from helpers import slow
 
 from nvlm_export.errors import InputError, PromptError
+from nvlm_export.models.families.nvlm_d import PROMPT_FORMAT as NVLM_D
 from nvlm_export.runtime.caches import ByteBudgetLRU, KVState
 from nvlm_export.runtime.conversation import Conversation
 from nvlm_export.runtime.generation import GenerateOptions
 from nvlm_export.runtime.pipeline import Pipeline
-from nvlm_export.runtime.prompt import NVLM_D, Message, build_chat_prompt, build_prompt
+from nvlm_export.runtime.prompt import Message, build_chat_prompt, build_prompt
 
 STEPS = 6
 

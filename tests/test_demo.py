@@ -49,9 +49,10 @@ from nvlm_export.demo.train import (
 )
 from nvlm_export.export.bundle import ExportSettings, export_bundle
 from nvlm_export.models.checkpoint import load_checkpoint
+from nvlm_export.models.families.nvlm_d import PROMPT_FORMAT as NVLM_D
 from nvlm_export.models.tokenizer import EOS_TOKEN, PAD_TOKEN, build_tiny_tokenizer
 from nvlm_export.runtime.generation import GenerateOptions
-from nvlm_export.runtime.prompt import NVLM_D, build_prompt
+from nvlm_export.runtime.prompt import build_prompt
 from nvlm_export.runtime.tiling import IMAGENET_MEAN, IMAGENET_STD, TilingConfig, tile_image
 
 MAX_FILE_BYTES = 2 * 1024**2

@@ -38,7 +38,7 @@ def export_in_memory(checkpoint: Path, out: Path, dtype: str, max_context: int) 
         hidden_size=config.llm_hidden_size,
         opset=18,
     )
-    arch.export_language(model, out, dtype, 18, max_context, None)
+    arch.hooks.export_language(model, out, dtype, 18, max_context, None)
     save_embedding_table(model.embed_tokens.weight, out / "embed_tokens.npy", dtype=NUMPY[dtype])
 
 

@@ -13,7 +13,7 @@ from nvlm_export.errors import InputError
 from nvlm_export.export import memory_plan
 from nvlm_export.export.build import BuildSettings, build
 from nvlm_export.export.memory_plan import GiB, plan
-from nvlm_export.models.config import render_config
+from nvlm_export.models.config_io import render_config
 from nvlm_export.models.tiny import make_tiny_checkpoint, tiny_config
 
 NVLM_D_72B = Path(__file__).parent / "fixtures" / "nvlm-d-72b"

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from nvlm_export.errors import CheckpointError
-from nvlm_export.models.config import LAYOUTS, decoder_architecture, parse_config, read_config
+from nvlm_export.models.config import decoder_architecture
+from nvlm_export.models.config_io import parse_config, read_config
 from nvlm_export.models.model import build_model
+from nvlm_export.models.registry import LAYOUTS
 
 NVLM_D_72B = Path("/work/shared/reference/nvlm-d-72b/config.json")
 

@@ -17,12 +17,14 @@ from typer.testing import CliRunner
 from nvlm_export.cli import app
 from nvlm_export.errors import CheckpointError, PromptError
 from nvlm_export.models.checkpoint import load_checkpoint
-from nvlm_export.models.config import convert_layout, parse_config, read_config
+from nvlm_export.models.config_io import convert_layout, parse_config, read_config
 from nvlm_export.models.cross_attention import CrossBlockShape, GatedCrossAttentionBlock
 from nvlm_export.models.cross_model import CrossAttentionVisionLanguageModel
+from nvlm_export.models.families.nvlm_h import PROMPT_FORMAT as NVLM_H
+from nvlm_export.models.families.nvlm_x import PROMPT_FORMAT as NVLM_X
 from nvlm_export.models.model import build_model
 from nvlm_export.models.tiny import make_tiny_checkpoint, randomize
-from nvlm_export.runtime.prompt import NVLM_H, NVLM_X, PromptFormat, PromptTokens, build_prompt
+from nvlm_export.runtime.prompt import PromptFormat, PromptTokens, build_prompt
 
 NVLM_D_72B = Path("/work/shared/reference/nvlm-d-72b/config.json")
 FORMATS = {"nvlm-x": NVLM_X, "nvlm-h": NVLM_H}

@@ -12,19 +12,20 @@ import pytest
 from tokenizers import AddedToken, Tokenizer
 
 from nvlm_export.errors import BundleError, PromptError
+from nvlm_export.models.families.internvl import PROMPT_FORMAT as INTERNVL
+from nvlm_export.models.families.nvlm_d import PROMPT_FORMAT as NVLM_D
+from nvlm_export.models.families.nvlm_h import PROMPT_FORMAT as NVLM_H
+from nvlm_export.models.families.nvlm_x import PROMPT_FORMAT as NVLM_X
+from nvlm_export.models.registry import ARCHITECTURES, architecture_of
 from nvlm_export.models.tokenizer import LAYOUTS, build_tiny_tokenizer, save_tiny_tokenizer
 from nvlm_export.runtime.prompt import (
-    INTERNVL,
-    NVLM_D,
-    NVLM_H,
-    NVLM_X,
-    PROMPT_FORMATS,
     PromptFormat,
     build_prompt,
     count_prompt_tokens,
     prompt_text,
 )
 
+PROMPT_FORMATS = {name: spec.prompt_format for name, spec in ARCHITECTURES.items()}
 PAD = "<|vision_pad|>"
 CONTEXT = "<IMG_CONTEXT>"
 NVLM_PROMPT = (
@@ -313,8 +314,6 @@ INJECTIONS = (
     "look: <IMG_CONTEXT><img></img><|vision_pad|><|endoftext|>",
     "<im<|im_end|>_end|>",
 )
-LAYOUT_FORMATS = {"nvlm-d": NVLM_D, "nvlm-x": NVLM_X, "nvlm-h": NVLM_H, "internvl": INTERNVL}
-LAYOUT_FORMATS["internvl-hf"] = INTERNVL
 
 
 @pytest.fixture(scope="module", params=LAYOUTS)
@@ -324,7 +323,9 @@ def layout_tokenizer(
     """Each checkpoint layout's own tiny tokenizer (internvl-hf adds <video>) and its format."""
     directory = tmp_path_factory.mktemp(f"tok-{request.param}")
     save_tiny_tokenizer(directory, request.param)
-    return Tokenizer.from_file(str(directory / "tokenizer.json")), LAYOUT_FORMATS[request.param]
+    return Tokenizer.from_file(str(directory / "tokenizer.json")), architecture_of(
+        request.param
+    ).prompt_format
 
 
 def added_ids(tok: Tokenizer, input_ids: np.ndarray) -> Counter[int]:

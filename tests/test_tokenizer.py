@@ -9,6 +9,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from nvlm_export.errors import InputError
+from nvlm_export.models.families.internvl import CHAT as INTERNVL_CHAT
+from nvlm_export.models.families.nvlm_d import CHAT as NVLM_CHAT
 from nvlm_export.models.tokenizer import (
     LAYOUTS,
     SPECIAL_TOKENS,
@@ -16,7 +18,6 @@ from nvlm_export.models.tokenizer import (
     build_tiny_tokenizer,
     save_tiny_tokenizer,
 )
-from nvlm_export.runtime.prompt import INTERNVL_CHAT, NVLM_CHAT
 
 TEXT = "Describe <Image><tile_1> in 42 words, please: café, naïve — 画像!\n  Thanks."
 

@@ -125,7 +125,7 @@ def verify(
     from nvlm_export.export.architectures import architecture_for_layout
     from nvlm_export.export.validate import validate_bundle
     from nvlm_export.models.checkpoint import load_checkpoint
-    from nvlm_export.models.config import read_config
+    from nvlm_export.models.config_io import read_config
     from nvlm_export.runtime.manifest import load_manifest
 
     manifest = load_manifest(bundle)

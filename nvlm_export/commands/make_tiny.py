@@ -9,22 +9,13 @@ from typing import Annotated
 import typer
 
 from nvlm_export.errors import require_export_extra
+from nvlm_export.models.registry import LAYOUTS, SIZES
 from nvlm_export.output import CHECKPOINT, staged_output
 
-
-class Layout(str, enum.Enum):
-    nvlm_d = "nvlm-d"
-    internvl = "internvl"
-    internvl_hf = "internvl-hf"
-    nvlm_x = "nvlm-x"
-    nvlm_h = "nvlm-h"
-
-
-class Size(str, enum.Enum):
-    tiny = "tiny"
-    tiny_engine = "tiny-engine"
-    bench = "bench"
-    qwen_3b = "3b"
+# The choices come from the architecture registry: a new family's layouts appear here by themselves.
+Layout = enum.Enum("Layout", [(name, name) for name in LAYOUTS], type=str)  # type: ignore[misc]
+Size = enum.Enum("Size", [(size, size) for size in SIZES], type=str)  # type: ignore[misc]
+_LAYOUT_HELP = "; ".join(f"{spec.name}: {spec.description}" for spec in LAYOUTS.values())
 
 
 def make_tiny(
@@ -32,9 +23,7 @@ def make_tiny(
         Layout,
         typer.Option(
             "--layout",
-            help="On-disk layout: nvlm-d (NVLM_D remote code), internvl (internvl_chat remote "
-            "code), internvl-hf (transformers' InternVLForConditionalGeneration), or the "
-            "project's own nvlm-x / nvlm-h formats (gated cross-attention).",
+            help=f"On-disk layout. {_LAYOUT_HELP}.",
             case_sensitive=False,
         ),
     ],
@@ -54,7 +43,7 @@ def make_tiny(
             "memory scaling (bench and 3b: internvl layouts only).",
             case_sensitive=False,
         ),
-    ] = Size.tiny,
+    ] = Size["tiny"],
     layers: Annotated[
         int | None,
         typer.Option(

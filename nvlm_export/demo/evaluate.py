@@ -146,10 +146,11 @@ class TorchAnswerer:
         import torch
         from transformers import DynamicCache
 
-        from nvlm_export.runtime.prompt import NVLM_D, build_prompt
+        from nvlm_export.models.families import nvlm_d
+        from nvlm_export.runtime.prompt import build_prompt
 
         tiled = tile_image(image.convert("RGB"), self.tiling, max_tiles)
-        prompt = build_prompt(self.tokenizer, NVLM_D, question, [tiled])
+        prompt = build_prompt(self.tokenizer, nvlm_d.PROMPT_FORMAT, question, [tiled])
         lm = self.model.language_model
         with torch.no_grad():
             features = self._vision(tiled)  # (N, 256, D)

@@ -19,15 +19,11 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from nvlm_export.models.config import (
-    NVLM_D_DUMMY_HEADS,
-    ModelConfig,
-    VisionConfig,
-    decoder_projector_config,
-    layout_spec,
-)
+from nvlm_export.models.config import NVLM_D_DUMMY_HEADS, ModelConfig, VisionConfig
+from nvlm_export.models.families.spec import TinyShape
 from nvlm_export.models.model import VisionLanguageModel, build_model
-from nvlm_export.models.tiny import TinyShape, llm_config, tiny_config
+from nvlm_export.models.registry import layout_spec
+from nvlm_export.models.tiny import llm_config, tiny_config
 from nvlm_export.models.vision import InternVitAttention
 
 LAYOUT = "nvlm-d"
@@ -54,7 +50,7 @@ DEMO_LLM = {
 DEMO_SHAPE = TinyShape(
     vision=DEMO_VIT,
     llm=DEMO_LLM,
-    dtype=torch.bfloat16,
+    dtype="bfloat16",
     max_shard_bytes=1536 * 1024,
     template="chatml",
     max_dynamic_patch=6,
@@ -67,7 +63,7 @@ def demo_config(vocab_size: int, image_token_id: int, eos_id: int) -> ModelConfi
     the demo's dimensions."""
     base = tiny_config("tiny", LAYOUT, vocab_size, image_token_id, eos_id)
     llm = llm_config(DEMO_SHAPE, base.llm_config["vocab_size"], eos_id)
-    projector = decoder_projector_config(layout_spec(LAYOUT), DEMO_VIT, llm, base.downsample_ratio)
+    projector = layout_spec(LAYOUT).projector_config(DEMO_VIT, llm, base.downsample_ratio)
     return replace(
         base,
         vision=DEMO_VIT,

@@ -46,10 +46,11 @@ from nvlm_export.demo.model import (
     training_config,
     with_dummy_heads,
 )
-from nvlm_export.models.checkpoint import load_checkpoint, save_checkpoint
+from nvlm_export.models.checkpoint import DTYPES, load_checkpoint, save_checkpoint
+from nvlm_export.models.families.nvlm_d import PROMPT_FORMAT as NVLM_D
 from nvlm_export.models.model import VisionLanguageModel, build_model
 from nvlm_export.models.tokenizer import EOS_TOKEN, PAD_TOKEN, save_tiny_tokenizer
-from nvlm_export.runtime.prompt import NVLM_D, build_prompt
+from nvlm_export.runtime.prompt import build_prompt
 from nvlm_export.runtime.tiling import TilingConfig, tile_image
 
 
@@ -444,7 +445,8 @@ def train(output: Path, settings: TrainSettings = TrainSettings()) -> dict[str, 
 def save_demo(trained: VisionLanguageModel, output: Path) -> list[Path]:
     """Pad the dummy heads back in and write the checkpoint in the NVLM-D layout (bf16)."""
     stored = with_dummy_heads(trained, DEMO_SHAPE.vision.num_dummy_heads).eval()
-    return save_checkpoint(stored, output, LAYOUT, DEMO_SHAPE.dtype, DEMO_SHAPE.max_shard_bytes)
+    dtype = DTYPES[DEMO_SHAPE.dtype]
+    return save_checkpoint(stored, output, LAYOUT, dtype, DEMO_SHAPE.max_shard_bytes)
 
 
 def _log(

@@ -1,17 +1,16 @@
 """Per-architecture export knowledge, declared once per architecture.
 
 Generic export code (`export/bundle.py`, `export/reference.py`) asks the entry for its checkpoint's
-layout and never branches on a name. An entry says:
+layout and never branches on a name. The family's `ArchitectureSpec` (models/families/) declares
+the prompt format stored in the manifest, the vision graph's outputs and which graph holds each
+parameter; its `ExportHooks`, named by the spec, say:
 
-- which prompt format the runtime uses (stored in the manifest);
-- which vision outputs the vision graph has, and the modules that compute them;
 - how to export the decoder (and, for cross-attention models, the cross_kv graph);
 - how the PyTorch reference computes next-token logits for export validation and `verify`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from nvlm_export.errors import CheckpointError
 from nvlm_export.export.decoder import export_decoder_onnx
 from nvlm_export.export.onnx_utils import GraphIO
-from nvlm_export.runtime.manifest import DECODER_GRAPH, IMAGE_FEATURES, VISION_GRAPH
-from nvlm_export.runtime.prompt import INTERNVL, NVLM_D, PromptFormat, PromptTokens
+from nvlm_export.models.families.spec import ArchitectureSpec, resolve
+from nvlm_export.models.registry import architecture_of
+from nvlm_export.runtime.prompt import PromptFormat, PromptTokens
 
 if TYPE_CHECKING:
     from nvlm_export.export.weights import CheckpointWeights
@@ -36,11 +35,9 @@ ReferenceLogits = Callable[
 
 
 @dataclass(frozen=True)
-class ArchitectureExport:
-    name: str  # the manifest's `architecture`
-    prompt_format: PromptFormat
-    # vision graph output name -> the projector that computes it from the tower's tile tokens
-    vision_outputs: Callable[[nn.Module], dict[str, nn.Module]]
+class ExportHooks:
+    """The PyTorch-side code a family's export needs, named by its `ArchitectureSpec.export`."""
+
     # writes the decoder (and cross_kv) graphs into a bundle directory:
     # (model, bundle, dtype, opset, max_context, weights of a skeleton model or None)
     export_language: Callable[
@@ -49,16 +46,29 @@ class ArchitectureExport:
     reference_logits: ReferenceLogits
     # facts the runtime strategy reads from manifest.extras (cross-attention layout)
     manifest_extras: Callable[[nn.Module], dict[str, Any]] = lambda model: {}
-    # which bundle graph (or the "embedding" table) holds each state-dict entry: (name pattern,
-    # graph), first match wins; the memory plan (export/memory_plan.py) sizes graphs from it
-    graph_parameters: tuple[tuple[str, str], ...] = (
-        (r"vision\..*", VISION_GRAPH),
-        (r"language_model\.model\.embed_tokens\..*", "embedding"),
-        (r".*", DECODER_GRAPH),
-    )
+
+
+@dataclass(frozen=True)
+class ArchitectureExport:
+    """One family's declared facts (`spec`) with its export code (`hooks`)."""
+
+    spec: ArchitectureSpec
+    hooks: ExportHooks
+
+    @property
+    def name(self) -> str:
+        return self.spec.name  # the manifest's `architecture`
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        return self.spec.prompt_format
+
+    def vision_outputs(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Vision graph output name -> the projector that computes it from the tile tokens."""
+        return {output: getattr(model.vision, name) for output, name in self.spec.vision_outputs}
 
     def graph_of(self, parameter: str) -> str:
-        return next(g for pattern, g in self.graph_parameters if re.fullmatch(pattern, parameter))
+        return self.spec.graph_of(parameter)
 
 
 def _decoder_only_language(
@@ -91,40 +101,12 @@ def _decoder_only_reference(
     return model(token_ids, pixel_values, logits_to_keep=1)[0, -1]
 
 
-DECODER_ONLY = dict(
-    vision_outputs=lambda model: {IMAGE_FEATURES: model.vision.projector},
-    export_language=_decoder_only_language,
-    reference_logits=_decoder_only_reference,
+DECODER_ONLY = ExportHooks(
+    export_language=_decoder_only_language, reference_logits=_decoder_only_reference
 )
-
-ARCHITECTURES: dict[str, ArchitectureExport] = {
-    "nvlm-d": ArchitectureExport("nvlm-d", NVLM_D, **DECODER_ONLY),
-    "internvl": ArchitectureExport("internvl", INTERNVL, **DECODER_ONLY),
-}
-
-# Checkpoint layout -> architecture. Both InternVL layouts are the same architecture.
-LAYOUT_ARCHITECTURE = {
-    "nvlm-d": "nvlm-d",
-    "internvl": "internvl",
-    "internvl-hf": "internvl",
-    "nvlm-x": "nvlm-x",
-    "nvlm-h": "nvlm-h",
-}
-
-
-def register_architecture(entry: ArchitectureExport) -> None:
-    ARCHITECTURES[entry.name] = entry
 
 
 def architecture_for_layout(layout: str) -> ArchitectureExport:
-    name = LAYOUT_ARCHITECTURE.get(layout)
-    if name is None or name not in ARCHITECTURES:
-        raise CheckpointError(
-            f"Checkpoint layout '{layout}' cannot be exported yet",
-            why=f"exportable architectures are {sorted(ARCHITECTURES)}",
-        )
-    return ARCHITECTURES[name]
-
-
-# NVLM-X / NVLM-H register themselves (imported last: that module builds on the names above).
-import nvlm_export.export.cross  # noqa: E402, F401
+    """The export of the family a checkpoint layout belongs to."""
+    spec = architecture_of(layout)
+    return ArchitectureExport(spec, resolve(spec.export))

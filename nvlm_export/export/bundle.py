@@ -145,7 +145,7 @@ def _write_bundle(
             weights=weights,
         )
     with stages.stage("language graphs"):
-        language = arch.export_language(
+        language = arch.hooks.export_language(
             model, bundle, settings.dtype, settings.opset, max_context, weights
         )
     with stages.stage("embedding table and tokenizer"):
@@ -178,7 +178,7 @@ def _write_bundle(
         ).to_dict(),
         prompt=replace(arch.prompt_format, tokens_per_tile=config.tokens_per_tile).to_dict(),
         precision=settings.dtype,
-        extras=arch.manifest_extras(model),
+        extras=arch.hooks.manifest_extras(model),
     )
     return manifest  # saved by publish_bundle, after validation
 

@@ -1,4 +1,4 @@
-"""NVLM-X and NVLM-H export: the cross_kv graph, the cross-attention decoder graph, the registry.
+"""NVLM-X and NVLM-H export: the cross_kv graph, the cross-attention decoder graph, their hooks.
 
 A cross-attention bundle has three graphs:
 
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from nvlm_export.errors import ExportError
-from nvlm_export.export.architectures import ArchitectureExport, register_architecture
+from nvlm_export.export.architectures import ExportHooks
 from nvlm_export.export.decoder import (
     DTYPES,
     NUMPY_DTYPE,
@@ -48,13 +48,10 @@ from nvlm_export.models.cross_model import CrossAttentionVisionLanguageModel
 from nvlm_export.runtime.manifest import (
     CROSS_ATTENTION_MASK,
     CROSS_EMBEDS,
-    CROSS_FEATURES,
     CROSS_KV_GRAPH,
     DECODER_GRAPH,
-    IMAGE_FEATURES,
-    VISION_GRAPH,
 )
-from nvlm_export.runtime.prompt import NVLM_H, NVLM_X, PromptTokens
+from nvlm_export.runtime.prompt import PromptTokens
 
 if TYPE_CHECKING:
     from nvlm_export.export.weights import CheckpointWeights
@@ -223,7 +220,7 @@ class CrossAttentionDecoder(ExportableDecoder):
 
 
 # --------------------------------------------------------------------------------------------
-# Export entry points and the registry entries
+# Export entry points and the hooks the NVLM-X/H specs name
 # --------------------------------------------------------------------------------------------
 
 
@@ -324,35 +321,8 @@ def _cross_extras(model: nn.Module) -> dict[str, Any]:
     return {"cross_attention": {"blocks": cross.num_blocks, "every": cross.every}}
 
 
-def _nvlm_x_vision(model: nn.Module) -> dict[str, nn.Module]:
-    return {CROSS_FEATURES: model.vision.cross_projector}
-
-
-def _nvlm_h_vision(model: nn.Module) -> dict[str, nn.Module]:
-    # Both projections of every tile from one ViT pass: the runtime takes the thumbnail's
-    # image_features and the regular tiles' cross_features, as the prompt's slots say.
-    return {
-        IMAGE_FEATURES: model.vision.projector,
-        CROSS_FEATURES: model.vision.cross_projector,
-    }
-
-
-CROSS_ATTENTION = dict(
+CROSS_ATTENTION = ExportHooks(
     export_language=_cross_language,
     reference_logits=_cross_reference,
     manifest_extras=_cross_extras,
-    # the blocks' key/value projections run once per image, in the cross_kv graph
-    graph_parameters=(
-        (r"vision\..*", VISION_GRAPH),
-        (r"cross_layers\.\d+\.cross_attn\.[kv]_proj\..*", CROSS_KV_GRAPH),
-        (r"language_model\.model\.embed_tokens\..*", "embedding"),
-        (r".*", DECODER_GRAPH),
-    ),
-)
-
-register_architecture(
-    ArchitectureExport("nvlm-x", NVLM_X, vision_outputs=_nvlm_x_vision, **CROSS_ATTENTION)
-)
-register_architecture(
-    ArchitectureExport("nvlm-h", NVLM_H, vision_outputs=_nvlm_h_vision, **CROSS_ATTENTION)
 )

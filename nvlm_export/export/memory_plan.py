@@ -164,7 +164,7 @@ def inventory(
 
     from nvlm_export.export.architectures import architecture_for_layout
     from nvlm_export.export.bundle import DEFAULT_MAX_CONTEXT
-    from nvlm_export.models.config import read_config
+    from nvlm_export.models.config_io import read_config
     from nvlm_export.models.model import build_model
 
     config = read_config(checkpoint)

@@ -14,7 +14,7 @@ Three schemes, all in the form TensorRT builds for explicit quantization (docs/q
 The Q/DQ nodes are inserted here, not by `onnxruntime.quantization.quantize_static`, which loads
 the whole model (and its calibration copy) in memory; the arithmetic is that tool's (`int8_weight`,
 `symmetric_scale`), and INT4 weights are packed by its block-wise kernel. Activation ranges come
-from `calibration.ranges` (a running amax per tensor); weights are read and written one at a time
+from `activation_ranges` (a running amax per tensor); weights are read and written one at a time
 through `tensor_files`. Why this and not ModelOpt: docs/quantization.md.
 
 The nodes to quantize are always named explicitly (`quantizable_nodes` minus exclusions):
@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nvlm_export.errors import ExportError
+from nvlm_export.export.activation_ranges import activation_amax
 from nvlm_export.export.onnx_utils import EXTERNAL_DATA_THRESHOLD_BYTES
 from nvlm_export.export.tensor_files import SourceGraph, TensorSink
 
@@ -185,11 +186,9 @@ def quantize_static_graph(
 ) -> None:
     """INT8 or FP8 Q/DQ on the MatMul/Gemm/Conv inputs of `source`, written to `output`.
 
-    Streamed: activation ranges are a running amax per tensor (`calibration.ranges`), and each
+    Streamed: activation ranges are a running amax per tensor (`activation_ranges`), and each
     weight is read, quantized and written on its own (`tensor_files`).
     """
-    from nvlm_export.calibration.ranges import activation_amax
-
     graph = SourceGraph(source)
     skipped = set(exclude)
     nodes = quantizable_nodes(graph.model)

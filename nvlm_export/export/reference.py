@@ -62,7 +62,9 @@ class TorchReference:
         """Logits [V] for the token after the prompt and the `generated` tokens."""
         ids = np.concatenate([prompt.input_ids, np.asarray(generated, dtype=np.int64)])
         token_ids = torch.from_numpy(ids)[None, :]
-        logits = self.arch.reference_logits(self.model, prompt, token_ids, self._tiles(tilings))
+        logits = self.arch.hooks.reference_logits(
+            self.model, prompt, token_ids, self._tiles(tilings)
+        )
         return logits.float().numpy()
 
     def greedy(

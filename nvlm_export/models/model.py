@@ -6,13 +6,14 @@
 
 The same module serves NVLM-D (6B-style ViT, bias-free projector with the LLM's intermediate width)
 and InternVL (300M-style ViT, projector with biases); the differences live in `ModelConfig`.
-NVLM-X / NVLM-H (`cross_model.py`) share `VisionTower`, which then also carries their 1-layer tile
-projector; `build_model` picks the model class from the layout's declared family.
+NVLM-X / NVLM-H (`cross_model.py`) share `VisionLanguageBase` and its `VisionTower`, which then
+also carries their 1-layer tile projector; `build_model` builds the class the layout's family
+names (`ArchitectureSpec.model`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TypeAlias
 
 import torch
 from torch import nn
@@ -20,12 +21,11 @@ from transformers import PreTrainedModel
 
 from nvlm_export.errors import PromptError
 from nvlm_export.models.config import ModelConfig
+from nvlm_export.models.families.spec import resolve
 from nvlm_export.models.language import build_decoder
 from nvlm_export.models.projector import LinearProjector, MlpProjector
+from nvlm_export.models.registry import architecture_of
 from nvlm_export.models.vision import InternViT, layers_for_select_layer, pixel_shuffle
-
-if TYPE_CHECKING:
-    from nvlm_export.models.cross_model import CrossAttentionVisionLanguageModel
 
 
 class VisionTower(nn.Module):
@@ -65,8 +65,8 @@ class VisionTower(nn.Module):
         return self.projector(self.tile_tokens(pixel_values))  # (N, 256, D_llm)
 
 
-class VisionLanguageModel(nn.Module):
-    """NVLM-D / InternVL for conditional generation, on token ids and image tiles."""
+class VisionLanguageBase(nn.Module):
+    """What every family's model has: the vision tower, the transformers decoder, the config."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -87,6 +87,10 @@ class VisionLanguageModel(nn.Module):
     def embed_tokens(self) -> nn.Embedding:
         """The token embedding table (kept outside the decoder graph by the exporter)."""
         return self.language_model.get_input_embeddings()
+
+
+class VisionLanguageModel(VisionLanguageBase):
+    """NVLM-D / InternVL for conditional generation, on token ids and image tiles."""
 
     @property
     def decoder(self) -> PreTrainedModel:
@@ -132,17 +136,11 @@ class VisionLanguageModel(nn.Module):
 
 
 # Any model `build_model` makes: decoder-only (NVLM-D, InternVL) or cross-attention (NVLM-X/H).
-AnyVisionLanguageModel: TypeAlias = "VisionLanguageModel | CrossAttentionVisionLanguageModel"
+AnyVisionLanguageModel: TypeAlias = VisionLanguageBase
 
 
 def build_model(config: ModelConfig) -> AnyVisionLanguageModel:
     """A randomly initialised model for `config`, in eval mode (build under torch.device('meta')
-    to get shapes without memory). The class follows the layout's declared family."""
-    # Imported here: cross_model builds on this module's VisionTower.
-    from nvlm_export.models.cross_model import CrossAttentionVisionLanguageModel
-
-    families: dict[str, type[nn.Module]] = {
-        "decoder-only": VisionLanguageModel,
-        "cross-attention": CrossAttentionVisionLanguageModel,
-    }
-    return families[config.spec.family](config).eval()
+    to get shapes without memory). The class is the one the layout's family names."""
+    model_class: type[VisionLanguageBase] = resolve(architecture_of(config.layout).model)
+    return model_class(config).eval()

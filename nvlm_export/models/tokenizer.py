@@ -29,7 +29,8 @@ from tokenizers import (
 )
 
 from nvlm_export.errors import InputError
-from nvlm_export.runtime.prompt import INTERNVL_CHAT, NVLM_CHAT, ChatTemplate
+from nvlm_export.models.registry import LAYOUTS, architecture_of
+from nvlm_export.runtime.prompt import ChatTemplate
 
 # Qwen2's pre-tokenizer split (from its tokenizer.json): contractions, letter runs with one leading
 # non-letter, single digits, punctuation runs, newlines, whitespace.
@@ -54,27 +55,6 @@ VOCAB_SIZE = 1000  # total, BPE vocabulary plus SPECIAL_TOKENS
 DEFAULT_MODEL_MAX_LENGTH = 8192
 
 
-# How each checkpoint layout's tokenizer differs: its chat template, how the template renders an
-# image entry of a multimodal message, and extra tokens/config the layout's processor looks for.
-LAYOUT_CHAT = {
-    "nvlm-d": NVLM_CHAT,
-    "nvlm-x": NVLM_CHAT,
-    "nvlm-h": NVLM_CHAT,
-    "internvl": INTERNVL_CHAT,
-    "internvl-hf": INTERNVL_CHAT,
-}
-# transformers' InternVLProcessor expands <IMG_CONTEXT> itself and reads these named tokens.
-INTERNVL_HF_NAMED_TOKENS = {
-    "start_image_token": "<img>",
-    "end_image_token": "</img>",
-    "context_image_token": "<IMG_CONTEXT>",
-    "video_token": "<video>",
-}
-LAYOUT_IMAGE_TEXT = {"internvl-hf": "<IMG_CONTEXT>\n"}  # others: the "<image>\n" placeholder
-LAYOUT_EXTRA_SPECIALS = {"internvl-hf": ("<video>",)}
-LAYOUTS = tuple(LAYOUT_CHAT)
-
-
 def build_tiny_tokenizer() -> Tokenizer:
     """Train the tiny byte-level BPE (deterministic: same corpus, same merges, same ids)."""
     tokenizer = _empty_qwen2_like_tokenizer()
@@ -94,11 +74,11 @@ def save_tiny_tokenizer(
 ) -> Tokenizer:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for `layout`.
 
-    `layout` is one of LAYOUTS; it picks the chat template (NVLM-D family: NVLM's chatml,
-    InternVL: `internvl2_5`) and, for "internvl-hf", the named image tokens transformers'
-    InternVLProcessor needs (which adds a `<video>` token after the common specials).
+    `layout` is one of LAYOUTS; it picks the chat template (its family's prompt format) and the
+    layout's own tokenizer additions (`TokenizerSpec`: for "internvl-hf", the named image tokens
+    transformers' InternVLProcessor needs, which add a `<video>` token after the common specials).
     """
-    if layout not in LAYOUT_CHAT:
+    if layout not in LAYOUTS:
         raise InputError(
             f"Unknown tokenizer layout '{layout}'",
             why=f"the tiny tokenizer knows {', '.join(LAYOUTS)}",
@@ -107,7 +87,7 @@ def save_tiny_tokenizer(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
-    _add_specials(tokenizer, LAYOUT_EXTRA_SPECIALS.get(layout, ()))
+    _add_specials(tokenizer, LAYOUTS[layout].tokenizer.extra_specials)
     tokenizer.save(str(directory / "tokenizer.json"))
     config = _tokenizer_config(tokenizer, layout, model_max_length)
     _write_json(directory / "tokenizer_config.json", config)
@@ -241,7 +221,8 @@ work world would write yellow young zero
 
 
 def _tokenizer_config(tokenizer: Tokenizer, layout: str, model_max_length: int) -> dict:
-    specials = SPECIAL_TOKENS + LAYOUT_EXTRA_SPECIALS.get(layout, ())
+    extras = LAYOUTS[layout].tokenizer
+    specials = SPECIAL_TOKENS + extras.extra_specials
     added_tokens_decoder = {
         str(tokenizer.token_to_id(t)): {
             "content": t,
@@ -268,18 +249,17 @@ def _tokenizer_config(tokenizer: Tokenizer, layout: str, model_max_length: int) 
         "added_tokens_decoder": added_tokens_decoder,
         "additional_special_tokens": [t for t in specials if t not in (EOS_TOKEN, PAD_TOKEN)],
         "chat_template": chat_template_jinja(
-            LAYOUT_CHAT[layout], LAYOUT_IMAGE_TEXT.get(layout, "<image>\n")
+            architecture_of(layout).prompt_format.chat, extras.image_text
         ),
     }
-    if layout == "internvl-hf":
-        # Top-level `*_token` keys become named special tokens in transformers 5 (and are plain
-        # init kwargs in 4.x), leaving `additional_special_tokens` intact.
-        config.update(INTERNVL_HF_NAMED_TOKENS)
+    # Top-level `*_token` keys become named special tokens in transformers 5 (and are plain init
+    # kwargs in 4.x), leaving `additional_special_tokens` intact.
+    config.update(extras.named_tokens)
     return config
 
 
 def _special_tokens_map(layout: str) -> dict:
-    specials = SPECIAL_TOKENS + LAYOUT_EXTRA_SPECIALS.get(layout, ())
+    specials = SPECIAL_TOKENS + LAYOUTS[layout].tokenizer.extra_specials
     return {
         "eos_token": EOS_TOKEN,
         "pad_token": PAD_TOKEN,

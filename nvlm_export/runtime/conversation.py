@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from nvlm_export.errors import PromptError
 from nvlm_export.runtime.caches import ImageKey, KVState
 from nvlm_export.runtime.generation import GenerateOptions, GenerationResult
 from nvlm_export.runtime.images import ImageSource
-from nvlm_export.runtime.pipeline import Pipeline, RequestStream
 from nvlm_export.runtime.prompt import Message
 from nvlm_export.runtime.tiling import Tiling, tile_image
+
+if TYPE_CHECKING:  # the pipeline builds conversations (Pipeline.chat); only its types are used
+    from nvlm_export.runtime.pipeline import Pipeline, RequestStream
 
 
 class Conversation:

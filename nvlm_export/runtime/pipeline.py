@@ -34,7 +34,6 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -53,6 +52,7 @@ from nvlm_export.runtime.caches import (
     PrefixCache,
     image_key,
 )
+from nvlm_export.runtime.conversation import Conversation
 from nvlm_export.runtime.generation import (
     GenerateOptions,
     GenerationResult,
@@ -88,9 +88,6 @@ from nvlm_export.runtime.prompt import (
     count_prompt_tokens,
 )
 from nvlm_export.runtime.tiling import Tiling, TilingConfig, choose_grid, tile_count, tile_image
-
-if TYPE_CHECKING:
-    from nvlm_export.runtime.conversation import Conversation
 
 # Activation memory bounds (docs/performance.md): one tile per vision call, prompts prefilled in
 # chunks of 512 tokens. Neither changes results; both keep peak memory near the weights' size.
@@ -596,8 +593,6 @@ class Pipeline:
 
     def chat(self, *, system: str | None = None, max_tiles: int | None = None) -> Conversation:
         """A multi-turn conversation about images (see `nvlm_export.runtime.conversation`)."""
-        from nvlm_export.runtime.conversation import Conversation
-
         return Conversation(self, system=system, max_tiles=max_tiles)
 
     # --- reuse ------------------------------------------------------------------------------

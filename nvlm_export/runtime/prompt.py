@@ -1,8 +1,9 @@
 """Prompt assembly: a question and tiled images -> token ids, feature positions, cross masks.
 
-One `PromptFormat` per architecture family says everything the assembly needs as plain JSON data
-(it is stored in the bundle manifest): the chat template, the image token strings, the tile tags,
-tokens per tile and the name of an `ImageLayout`. The four layouts differ only in where an image's
+One `PromptFormat` per architecture family (declared in its module under `models/families/`)
+says everything the assembly needs as plain JSON data (it is stored in the bundle manifest): the
+chat template, the image token strings, the tile tags, tokens per tile and the name of an
+`ImageLayout`. The four layouts differ only in where an image's
 tiles go — into the decoder's token sequence (NVLM-D, InternVL), into the cross-attention key/value
 sequence (NVLM-X), or the thumbnail into the decoder and the regular tiles into cross-attention
 (NVLM-H) — and each is declared once, as data, in `IMAGE_LAYOUTS`.
@@ -134,18 +135,6 @@ class Message:
     images: int = 0
 
 
-# NVLM-D's `chatml` conversation (MPT separator style): no newline after <|im_end|>.
-NVLM_CHAT = ChatTemplate(default_system="Answer the questions.", turn_end="<|im_end|>")
-# InternVL2.5's `internvl2_5` conversation (InternVL repo, conversation.py): newline separators.
-INTERNVL_CHAT = ChatTemplate(
-    default_system=(
-        "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位"
-        "联合开发的多模态大语言模型。"
-    ),
-    turn_end="<|im_end|>\n",
-)
-
-
 @dataclass(frozen=True)
 class ImageLayout:
     """Where one image's tiles go. Generic assembly code asks these fields, never the arch name.
@@ -245,28 +234,6 @@ class PromptFormat:
                 fix="Re-export the bundle with this version of nvlm-export",
             )
         return fmt
-
-
-NVLM_D = PromptFormat(
-    name="nvlm-d",
-    image_layout="tile_tags",
-    chat=NVLM_CHAT,
-    placeholder_token="<|vision_pad|>",
-    image_start="<Image>",
-    image_end="</Image>",
-)
-INTERNVL = PromptFormat(
-    name="internvl",
-    image_layout="img_context",
-    chat=INTERNVL_CHAT,
-    placeholder_token="<IMG_CONTEXT>",
-    image_start="<img>",
-    image_end="</img>",
-)
-# NVLM-X/H have no public release; they share NVLM-D's tokenizer, tags and chat template.
-NVLM_X = replace(NVLM_D, name="nvlm-x", image_layout="cross_tile_tags")
-NVLM_H = replace(NVLM_D, name="nvlm-h", image_layout="hybrid")
-PROMPT_FORMATS: dict[str, PromptFormat] = {f.name: f for f in (NVLM_D, INTERNVL, NVLM_X, NVLM_H)}
 
 
 @dataclass(frozen=True, eq=False)
