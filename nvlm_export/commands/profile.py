@@ -39,6 +39,14 @@ def profile(
     backend: Annotated[str, Runtime(help="onnxruntime or tensorrt.")] = "onnxruntime",
     threads: opts.Threads = None,
     spin: opts.Spin = True,
+    graph_variants: Annotated[
+        bool,
+        Runtime(
+            "--graph-variants/--standard-graphs",
+            help="Run the graph variants the bundle declares for the backend (ONNX Runtime: "
+            "fused attention); --standard-graphs runs the standard-op graphs TensorRT builds.",
+        ),
+    ] = True,
     bandwidth_gbs: Annotated[
         float | None,
         typer.Option(
@@ -93,6 +101,8 @@ def profile(
     options: dict[str, Any] = {"intra_op_threads": threads} if threads is not None else {}
     if not spin:
         options["allow_spinning"] = False  # an ONNX Runtime option: only passed when asked for
+    if not graph_variants:
+        options["graph_variants"] = False
     stderr = Console(stderr=True)
     if llm_engine != "bundle":
         engine = (llm_engine, concurrency, tensor_parallel_size)

@@ -23,6 +23,7 @@ import torch
 from nvlm_export.errors import InputError, ValidationError
 from nvlm_export.export.architectures import ArchitectureExport, architecture_for_layout
 from nvlm_export.export.decoder import DEFAULT_OPSET
+from nvlm_export.export.fused_attention import add_onnxruntime_variants
 from nvlm_export.export.onnx_utils import GraphIO, write_embedding_table
 from nvlm_export.export.validate import ValidationReport, validate_bundle
 from nvlm_export.export.vision import VisionGraph, export_vision_onnx
@@ -100,6 +101,8 @@ def export_bundle(
             weights = CheckpointWeights(model, stored, config.layout, dtype)
         stages.note(f"architecture {arch.name}, layout {config.layout}, {settings.dtype}")
         manifest = _write_bundle(model, weights, arch, checkpoint, staged.path, settings, stages)
+        with stages.stage("ONNX Runtime variants (fused attention)"):
+            manifest = add_onnxruntime_variants(staged.path, manifest)
         validation = None
         if settings.validate:
             with stages.stage("validate against PyTorch (ONNX Runtime)"):

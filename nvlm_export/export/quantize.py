@@ -30,6 +30,7 @@ from nvlm_export.export.accuracy import (
     measure_accuracy,
 )
 from nvlm_export.export.defaults import ACCURACY_REQUESTS, ACCURACY_STEPS
+from nvlm_export.export.fused_attention import add_onnxruntime_variants
 from nvlm_export.output import BUNDLE, publish_bundle, staged_output
 from nvlm_export.progress import Stages
 from nvlm_export.runtime.generation import LOGITS
@@ -159,6 +160,8 @@ def quantize_bundle(
             for name in set(manifest.graphs) - set(components):
                 _copy_graph(bundle, staging, manifest.graphs[name].file)
             quantized = replace(manifest, graphs=graphs, precision=settings.precision, engines={})
+            with stages.stage("ONNX Runtime variants (fused attention)"):
+                quantized = add_onnxruntime_variants(staging, quantized)
             accuracy = None
             if settings.check_accuracy:
                 with stages.stage("accuracy on held-out requests"):

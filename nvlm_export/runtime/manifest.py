@@ -31,7 +31,9 @@ from typing import Any, TypeVar
 from nvlm_export import __version__
 from nvlm_export.errors import BundleError
 
-SCHEMA_VERSION = "2.0"  # 1.1: the optional `language_engine` section; 2.0: file records required
+# 1.1: the optional `language_engine` section; 2.0: file records required; 2.1: the optional
+# per-backend graph `variants`
+SCHEMA_VERSION = "2.1"
 MANIFEST_NAME = "manifest.json"
 
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
@@ -66,6 +68,16 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class GraphVariant:
+    """The same graph rewritten for one backend's fused kernels: same inputs, outputs, weights
+    (it reads the standard graph's external data) and quantization. That backend loads `file`
+    instead of the standard one; every other backend ignores it."""
+
+    file: str
+    fused_ops: tuple[str, ...] = ()  # "domain.Op" of the ops only this backend runs
+
+
+@dataclass(frozen=True)
 class GraphSpec:
     """One ONNX graph (and, once built, its TensorRT engines) of a bundle."""
 
@@ -75,6 +87,13 @@ class GraphSpec:
     precision: str = "fp32"
     # Extra facts of quantized graphs: method, calibration provenance, excluded nodes.
     quantization: dict[str, Any] | None = None
+    # Backend name -> a variant of this graph that backend prefers (ONNX Runtime: fused attention).
+    variants: dict[str, GraphVariant] = field(default_factory=dict)
+
+    def file_for(self, backend: str | None) -> str:
+        """The file `backend` loads: its variant if the graph has one, else the standard graph."""
+        variant = self.variants.get(backend) if backend is not None else None
+        return variant.file if variant is not None else self.file
 
     def input(self, name: str) -> TensorSpec:
         return _by_name(self.inputs, name, self.file)
@@ -396,6 +415,7 @@ _NESTED: dict[tuple[type, str], tuple[str, type]] = {
     (Manifest, "files"): ("mapping", FileRecord),
     (GraphSpec, "inputs"): ("list", TensorSpec),
     (GraphSpec, "outputs"): ("list", TensorSpec),
+    (GraphSpec, "variants"): ("mapping", GraphVariant),
 }
 
 
@@ -470,6 +490,8 @@ def named_paths(manifest: Manifest) -> Iterator[tuple[str, str]]:
     """(manifest key, path) of every file the manifest names, records included."""
     for name, graph in manifest.graphs.items():
         yield f"graphs.{name}.file", graph.file
+        for backend, variant in graph.variants.items():
+            yield f"graphs.{name}.variants.{backend}.file", variant.file
     yield "embedding.file", manifest.embedding.file
     yield "tokenizer.file", manifest.tokenizer.file
     for index, name in enumerate(manifest.tokenizer.config_files):

@@ -211,6 +211,7 @@ class Pipeline:
         feature_cache_bytes: int = DEFAULT_FEATURE_CACHE_BYTES,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
         manifest: Manifest | None = None,
+        graph_variants: bool = True,
         **backend_options: object,
     ) -> Pipeline:
         """Load a bundle. `backend_options` go to the backend's runner (for ONNX Runtime:
@@ -227,7 +228,9 @@ class Pipeline:
         `feature_cache_bytes` and `prefix_cache_bytes` budget the reuse caches (0 = off).
         `manifest` is used instead of reading the bundle's (no checks of the files): exporters
         validate a staged bundle before they write its manifest, so an interrupted export never
-        leaves a directory that loads."""
+        leaves a directory that loads. A graph with a variant for `backend` in the manifest (ONNX
+        Runtime: fused attention, docs/bundle.md) runs that variant unless `graph_variants` is
+        False."""
         bundle_dir = Path(bundle)
         manifest = manifest or load_manifest(bundle_dir, verify_hashes=verify_hashes)
         runner_class = get_backend(backend)
@@ -236,7 +239,8 @@ class Pipeline:
         for name, graph in manifest.graphs.items():
             if graphs is not None and name not in graphs:
                 continue
-            spec = GraphSpec.from_manifest(name, graph, bundle_dir)
+            variant_for = backend if graph_variants else None
+            spec = GraphSpec.from_manifest(name, graph, bundle_dir, backend=variant_for)
             if name in shared:
                 runners[name] = _check_shared(shared[name], spec, runner_class)
             else:

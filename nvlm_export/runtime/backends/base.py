@@ -44,9 +44,12 @@ class GraphSpec:
         object.__setattr__(self, "_inputs_by_name", {t.name: t for t in self.inputs})
 
     @classmethod
-    def from_manifest(cls, name: str, graph: ManifestGraph, bundle_dir: Path) -> GraphSpec:
-        """The manifest's entry for graph `name`, with its file resolved inside the bundle."""
-        return cls(name, Path(bundle_dir) / graph.file, graph.inputs, graph.outputs)
+    def from_manifest(
+        cls, name: str, graph: ManifestGraph, bundle_dir: Path, *, backend: str | None = None
+    ) -> GraphSpec:
+        """The manifest's entry for graph `name`, with its file resolved inside the bundle: the
+        variant declared for `backend` if there is one (None: always the standard graph)."""
+        return cls(name, Path(bundle_dir) / graph.file_for(backend), graph.inputs, graph.outputs)
 
     @property
     def input_names(self) -> tuple[str, ...]:
