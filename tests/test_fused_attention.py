@@ -17,7 +17,13 @@ from nvlm_export.errors import BundleError
 from nvlm_export.export.fused_attention import fuse_vision_attention
 from nvlm_export.export.qdq import quantize_static_graph
 from nvlm_export.runtime.backends import GraphSpec, get_backend
-from nvlm_export.runtime.manifest import MANIFEST_NAME, VISION_GRAPH, load_manifest
+from nvlm_export.runtime.manifest import (
+    DECODER_GRAPH,
+    MANIFEST_NAME,
+    VISION_GRAPH,
+    KVCacheSpec,
+    load_manifest,
+)
 from nvlm_export.runtime.pipeline import Pipeline
 
 # nvlm-d: the 6B-style ViT (RMSNorm, q/k norms before the heads split); internvl: the 300M style.
@@ -118,3 +124,76 @@ def test_a_variant_file_outside_the_bundle_is_refused(
     path.write_text(json.dumps(data))
     with pytest.raises(BundleError, match=r"graphs\.vision\.variants\.onnxruntime\.file"):
         load_manifest(bundle)
+
+
+def _cache_feeds(kv: KVCacheSpec, outputs: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    feeds = {}
+    for layer in range(kv.num_layers):
+        for past, present in ((kv.past_key, kv.present_key), (kv.past_value, kv.present_value)):
+            empty = np.zeros((1, kv.num_kv_heads, 0, kv.head_dim), np.float32)
+            name = present.format(layer=layer)
+            feeds[past.format(layer=layer)] = empty if outputs is None else outputs[name]
+    return feeds
+
+
+def _typed(
+    spec: GraphSpec, feeds: dict[str, np.ndarray], seq: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """`feeds` in the graph's dtypes, plus random values for the inputs they lack (NVLM-H's
+    cross keys/values and cross-attention mask)."""
+    typed = {}
+    for tensor in spec.inputs:
+        shape = [seq if d == "seq" else d if isinstance(d, int) else 1 for d in tensor.shape]
+        value = feeds.get(tensor.name)
+        if value is None:
+            value = rng.standard_normal(shape)
+            value = value > -1 if tensor.dtype == "bool" else value
+        typed[tensor.name] = value.astype(tensor.dtype)
+    return typed
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, "nvlm-x"])
+def test_every_cached_self_attention_layer_is_one_group_query_attention_in_the_variant(
+    tiny_bundle: TinyBundle, layout: str
+) -> None:
+    _, bundle = tiny_bundle(layout)
+    manifest = load_manifest(bundle)
+    graph = manifest.graph(DECODER_GRAPH)
+    variant = graph.variants["onnxruntime"]
+    fused, standard = _ops(bundle / variant.file), _ops(bundle / graph.file)
+    assert variant.fused_ops == ("com.microsoft.GroupQueryAttention",)
+    assert fused["com.microsoft.GroupQueryAttention"] == manifest.kv_cache.num_layers
+    # NVLM-X's gated cross-attention layers keep their own (non-causal, uncached) attention.
+    cross_layers = standard["ai.onnx.Softmax"] - manifest.kv_cache.num_layers
+    assert fused["ai.onnx.Softmax"] == cross_layers
+    assert all(op.startswith("ai.onnx.") for op in standard)
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, "nvlm-h"])
+def test_the_decoder_variant_computes_the_standard_graph_in_prefill_chunks_and_decode(
+    tiny_bundle: TinyBundle, layout: str
+) -> None:
+    """Rotary, the causal mask over the cache and the presents, call after call: a 5-token
+    prefill, a 3-token chunk on top of it, then one-token steps."""
+    _, bundle = tiny_bundle(layout)
+    manifest = load_manifest(bundle)
+    graph = manifest.graph(DECODER_GRAPH)
+    standard = get_backend("onnxruntime")(GraphSpec.from_manifest("d", graph, bundle))
+    fused = get_backend("onnxruntime")(
+        GraphSpec.from_manifest("d", graph, bundle, backend="onnxruntime")
+    )
+    assert fused.spec.path != standard.spec.path
+    rng = np.random.default_rng(0)
+    outputs, past = None, 0
+    for seq in (5, 3, 1, 1):
+        feeds = {
+            "inputs_embeds": rng.standard_normal((1, seq, manifest.embedding.hidden_size)),
+            "position_ids": np.arange(past, past + seq)[None],
+            **_cache_feeds(manifest.kv_cache, outputs),
+        }
+        feeds = _typed(standard.spec, feeds, seq, rng)
+        expected, got = standard.infer(feeds), fused.infer(feeds)
+        for name, value in expected.items():
+            assert np.abs(got[name] - value).max() <= 1e-5 * np.abs(value).max(), name
+        assert got["logits"].argmax() == expected["logits"].argmax()
+        outputs, past = expected, past + seq

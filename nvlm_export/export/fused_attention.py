@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from nvlm_export.errors import ExportError
-from nvlm_export.runtime.manifest import VISION_GRAPH, GraphVariant, Manifest
+from nvlm_export.runtime.generation import INPUTS_EMBEDS, POSITION_IDS
+from nvlm_export.runtime.manifest import DECODER_GRAPH, VISION_GRAPH, GraphVariant, Manifest
 
 if TYPE_CHECKING:
     import onnx
@@ -200,14 +201,14 @@ def _replace(model: onnx.ModelProto, blocks: list[FusedAttention]) -> None:
     del model.graph.node[:]
     model.graph.node.extend(_topological(kept))
     _drop_unused(model)
-    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
-        model.opset_import.append(_ms_opset())
+    _add_ms_opset(model)
 
 
-def _ms_opset() -> onnx.OperatorSetIdProto:
+def _add_ms_opset(model: onnx.ModelProto) -> None:
     from onnx import helper
 
-    return helper.make_opsetid(MS_DOMAIN, MS_OPSET)
+    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, MS_OPSET))
 
 
 def _topological(nodes: list[onnx.NodeProto]) -> Iterator[onnx.NodeProto]:
@@ -266,15 +267,257 @@ def fuse_vision_attention(source: Path, output: Path) -> int:
     return len(blocks)
 
 
+# --- decoder: GroupQueryAttention ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FusedSelfAttention:
+    """One decoder layer's cached self-attention, as GroupQueryAttention takes it."""
+
+    query: str  # projections before rotary, [B, S, heads * D]
+    key: str  # [B, S, kv_heads * D]
+    value: str
+    past_key: str
+    past_value: str
+    output: str  # [B, S, heads * D], what o_proj reads
+    present_key: str
+    present_value: str
+    num_heads: int
+    scale: float
+    cos: str  # the graph's rotary tables [B, 1, S, D], shared by every layer
+    signed_sin: str
+
+
+def _rotary_input(graph: _Graph, name: str) -> tuple[str, str, str]:
+    """For `name` = x·cos + (x₂, x₁)·signed_sin (export/decoder.apply_rotary): (x, cos,
+    signed_sin); LookupError otherwise."""
+    add = graph.made_by(name, "Add")
+    products = [graph.made_by(i, "Mul") for i in add.input] if add is not None else []
+    if len(products) != 2 or products[0] is None or products[1] is None:
+        raise LookupError(name)
+    for plain, rotated in (products, products[::-1]):
+        halves = graph.made_by(rotated.input[0], "Concat")
+        slices = [graph.made_by(i, "Slice") for i in halves.input] if halves is not None else []
+        x = plain.input[0]
+        if len(slices) == 2 and all(s is not None and s.input[0] == x for s in slices):
+            return x, plain.input[1], rotated.input[1]
+    raise LookupError(name)
+
+
+def _unsplit_heads(graph: _Graph, name: str) -> str:
+    """For `name` = Transpose(0,2,1,3)(Reshape(x, [B, S, H, D])): x, the [B, S, H·D] tensor."""
+    transpose = graph.made_by(name, "Transpose")
+    reshape = graph.made_by(transpose.input[0], "Reshape") if transpose is not None else None
+    if transpose is None or reshape is None or _perm(transpose) != TO_HEADS:
+        raise LookupError(name)
+    return reshape.input[0]
+
+
+def _through(graph: _Graph, name: str, *ops: str) -> onnx.NodeProto:
+    """Follow `name` through its one consumer of each type in `ops` in turn; the last node."""
+    node = None
+    for op in ops:
+        users = [n for n in graph.consumers.get(name, []) if n.op_type == op]
+        if len(users) != 1:
+            raise LookupError(name)
+        node, name = users[0], users[0].output[0]
+    assert node is not None
+    return node
+
+
+def _constant_item(graph: _Graph, name: str) -> int:
+    value = graph.constant(name)
+    if value is None or value.size != 1:
+        raise LookupError(name)
+    return int(value.reshape(()))
+
+
+def match_self_attention(
+    graph: _Graph, past_key: str, past_value: str, present_key: str, present_value: str
+) -> FusedSelfAttention:
+    """One layer's cached self-attention (export/decoder.attention), found from the cache
+    tensors the manifest names; LookupError when the graph around them is another pattern:
+
+        present_k = Concat(past_k, rotary(heads(k)));  present_v = Concat(past_v, heads(v))
+        scores = Reshape(rotary(heads(q)) · scale, [B, KV, G, S, D])
+                 @ Transpose(Unsqueeze(present_k))
+        out = Reshape(Transpose(Reshape(Softmax(Where(causal, scores)) @ Unsqueeze(present_v))))
+    """
+    keys, values = graph.made_by(present_key, "Concat"), graph.made_by(present_value, "Concat")
+    if keys is None or values is None or (keys.input[0], values.input[0]) != (past_key, past_value):
+        raise LookupError(present_key)
+    key_heads, cos, signed_sin = _rotary_input(graph, keys.input[1])
+    scores = _through(graph, present_key, "Unsqueeze", "Transpose", "MatMul")
+    softmax = _through(graph, scores.output[0], "Where", "Softmax")
+    mixed = _through(graph, softmax.output[0], "MatMul")
+    if mixed.input[1] != _through(graph, present_value, "Unsqueeze").output[0]:
+        raise LookupError(present_key)
+    grouped = graph.made_by(scores.input[0], "Reshape")
+    scaled = graph.producer.get(grouped.input[0]) if grouped is not None else None
+    scale = _scale_of(graph, scaled) if scaled is not None else None
+    if scaled is None or scale is None:
+        raise LookupError(present_key)
+    query_heads, *tables = _rotary_input(graph, scaled.input[0])
+    if tables != [cos, signed_sin]:
+        raise LookupError(present_key)
+    heads_view = _through(graph, mixed.output[0], "Reshape")  # [B, H, S, D]
+    output = _through(graph, heads_view.output[0], "Transpose", "Reshape").output[0]
+    shape = graph.made_by(heads_view.input[1], "Concat")
+    if shape is None or len(shape.input) != 4:
+        raise LookupError(present_key)
+    return FusedSelfAttention(
+        query=_unsplit_heads(graph, query_heads),
+        key=_unsplit_heads(graph, key_heads),
+        value=_unsplit_heads(graph, values.input[1]),
+        past_key=past_key,
+        past_value=past_value,
+        output=output,
+        present_key=present_key,
+        present_value=present_value,
+        num_heads=_constant_item(graph, shape.input[1]),
+        scale=scale,
+        cos=cos,
+        signed_sin=signed_sin,
+    )
+
+
+def _inv_freq(model: onnx.ModelProto, graph: _Graph, cos: str) -> np.ndarray:
+    """The rotary frequencies behind the cos table [B, 1, S, D] = Unsqueeze(Concat(c, c)) with
+    c = Cos(positions · inv_freq)."""
+    from onnx import numpy_helper
+
+    halves = graph.made_by(graph.made_by(cos, "Unsqueeze").input[0], "Concat")  # type: ignore[union-attr]
+    angles = graph.made_by(graph.made_by(halves.input[0], "Cos").input[0], "Mul")  # type: ignore[union-attr]
+    initializers = {t.name: t for t in model.graph.initializer}
+    found = [initializers[i] for i in angles.input if i in initializers]  # type: ignore[union-attr]
+    if len(found) != 1 or found[0].external_data:
+        raise LookupError(cos)
+    return numpy_helper.to_array(found[0]).astype(np.float32).reshape(-1)
+
+
+def _rotary_caches(inv_freq: np.ndarray, max_context: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [max_context, D/2] of position · inv_freq in float32, as the graph computes
+    them per call."""
+    angles = np.arange(max_context, dtype=np.float32)[:, None] * inv_freq[None, :]
+    return np.cos(angles), np.sin(angles)
+
+
+def _sequence_lengths(embeds: str, past_key: str) -> list[onnx.NodeProto]:
+    """Nodes computing GQA's `seqlens_k` [B] (int32, total - 1) and `total_sequence_length`
+    (int32 scalar) from the shapes of the embeddings [B, S, D] and a past key [B, KV, P, D]."""
+    from onnx import TensorProto, helper
+
+    def constant(name: str, values: list[int], dims: list[int]) -> onnx.NodeProto:
+        tensor = helper.make_tensor(name, TensorProto.INT32, dims, values)
+        return helper.make_node("Constant", [], [name], value=tensor)
+
+    return [
+        helper.make_node("Shape", [embeds], ["gqa_batch"], start=0, end=1),
+        helper.make_node("Shape", [embeds], ["gqa_seq"], start=1, end=2),
+        helper.make_node("Shape", [past_key], ["gqa_past"], start=2, end=3),
+        helper.make_node("Add", ["gqa_past", "gqa_seq"], ["gqa_total_64"]),
+        helper.make_node("Cast", ["gqa_total_64"], ["gqa_total_1"], to=TensorProto.INT32),
+        constant("gqa_one", [1], [1]),
+        helper.make_node("Sub", ["gqa_total_1", "gqa_one"], ["gqa_last"]),
+        helper.make_node("Expand", ["gqa_last", "gqa_batch"], [SEQLENS_K]),
+        helper.make_node("Squeeze", ["gqa_total_1"], [TOTAL_LENGTH]),
+    ]
+
+
+SEQLENS_K = "gqa_seqlens_k"
+TOTAL_LENGTH = "gqa_total_sequence_length"
+COS_CACHE = "gqa_cos_cache"
+SIN_CACHE = "gqa_sin_cache"
+
+
+def _group_query_attention(
+    block: FusedSelfAttention, kv_heads: int, positions: str, index: int
+) -> onnx.NodeProto:
+    from onnx import helper
+
+    inputs = [block.query, block.key, block.value, block.past_key, block.past_value]
+    inputs += [SEQLENS_K, TOTAL_LENGTH, COS_CACHE, SIN_CACHE, positions]
+    return helper.make_node(
+        "GroupQueryAttention",
+        inputs,
+        [block.output, block.present_key, block.present_value],
+        name=f"fused_self_attention_{index}",
+        domain=MS_DOMAIN,
+        num_heads=block.num_heads,
+        kv_num_heads=kv_heads,
+        scale=block.scale,
+        do_rotary=1,
+        rotary_interleaved=0,
+    )
+
+
+def fuse_decoder_attention(source: Path, output: Path, manifest: Manifest) -> int:
+    """Write `output`: the decoder graph at `source` with every cached self-attention block
+    (rotary of q and k included) fused into `GroupQueryAttention`, reading the graph's own
+    `position_ids`. Returns the number of fused layers; ExportError when none matched."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source), load_external_data=False)
+    graph = _Graph(model)
+    cache = manifest.kv_cache
+    blocks = []
+    for layer in range(cache.num_layers):
+        names = (cache.past_key, cache.past_value, cache.present_key, cache.present_value)
+        try:
+            blocks.append(match_self_attention(graph, *(n.format(layer=layer) for n in names)))
+        except LookupError:
+            continue  # a layer of another kind (none in today's decoders): stays as it is
+    try:
+        inv_freq = _inv_freq(model, graph, blocks[0].cos) if blocks else None
+    except (LookupError, AttributeError):
+        inv_freq = None
+    if inv_freq is None:
+        raise ExportError(
+            f"No self-attention block in {source.name} has the exported pattern",
+            why="the ONNX Runtime variant fuses the exporter's rotary + attention pattern",
+            fix="Re-export the bundle with this version of nvlm-export",
+        )
+    cos, sin = _rotary_caches(inv_freq, cache.max_context)
+    model.graph.initializer.extend(
+        [numpy_helper.from_array(cos, COS_CACHE), numpy_helper.from_array(sin, SIN_CACHE)]
+    )
+    replaced = {out for b in blocks for out in (b.output, b.present_key, b.present_value)}
+    kept = [n for n in model.graph.node if not any(o in replaced for o in n.output)]
+    fused = [
+        _group_query_attention(block, cache.num_kv_heads, POSITION_IDS, index)
+        for index, block in enumerate(blocks)
+    ]
+    lengths = _sequence_lengths(INPUTS_EMBEDS, blocks[0].past_key)
+    del model.graph.node[:]
+    model.graph.node.extend(_topological([*lengths, *kept, *fused]))
+    _drop_unused(model)
+    _add_ms_opset(model)
+    onnx.save(model, str(output))
+    return len(blocks)
+
+
 # --- the bundle's variants -----------------------------------------------------------------------
 
 ONNXRUNTIME = "onnxruntime"  # the backend name the runtime registers (runtime/backends)
 VARIANT_SUFFIX = ".ort.onnx"
-# Graph name -> the rewrite that makes its ONNX Runtime variant (source, output) -> fused blocks.
-REWRITES: dict[str, Callable[[Path, Path], int]] = {VISION_GRAPH: fuse_vision_attention}
-# The CPU kernels of the fused ops are registered for float32 only: graphs exported in fp16 keep
-# their standard graph on every backend.
-FLOAT_PRECISIONS = ("fp32", "int8", "fp8", "int4")
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """How one graph's ONNX Runtime variant is made: (source, output, manifest) -> fused blocks."""
+
+    write: Callable[[Path, Path, Manifest], int]
+    fused_ops: tuple[str, ...]
+
+
+REWRITES: dict[str, Rewrite] = {
+    VISION_GRAPH: Rewrite(
+        lambda source, output, _: fuse_vision_attention(source, output),
+        (f"{MS_DOMAIN}.MultiHeadAttention",),
+    ),
+    DECODER_GRAPH: Rewrite(fuse_decoder_attention, (f"{MS_DOMAIN}.GroupQueryAttention",)),
+}
 
 
 def add_onnxruntime_variants(bundle: Path, manifest: Manifest) -> Manifest:
@@ -289,11 +532,11 @@ def add_onnxruntime_variants(bundle: Path, manifest: Manifest) -> Manifest:
         if rewrite is not None and float_activations:
             file = graph.file.removesuffix(".onnx") + VARIANT_SUFFIX
             try:
-                rewrite(bundle / graph.file, bundle / file)
+                rewrite.write(bundle / graph.file, bundle / file, manifest)
             except ExportError:
                 pass  # no fusable attention: ONNX Runtime runs the standard graph
             else:
-                ops = (f"{MS_DOMAIN}.MultiHeadAttention",)
-                graph = replace(graph, variants={ONNXRUNTIME: GraphVariant(file, ops)})
+                variant = GraphVariant(file, rewrite.fused_ops)
+                graph = replace(graph, variants={ONNXRUNTIME: variant})
         graphs[name] = graph
     return replace(manifest, graphs=graphs)
