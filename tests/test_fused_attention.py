@@ -14,7 +14,7 @@ import pytest
 from conftest import TinyBundle
 
 from nvlm_export.errors import BundleError
-from nvlm_export.export.fused_attention import fuse_vision_attention
+from nvlm_export.export.fused_attention import fuse_decoder_attention, fuse_vision_attention
 from nvlm_export.export.qdq import quantize_static_graph
 from nvlm_export.runtime.backends import GraphSpec, get_backend
 from nvlm_export.runtime.manifest import (
@@ -41,9 +41,7 @@ def _tiles(count: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def _run(path: Path, spec: GraphSpec, tiles: np.ndarray) -> np.ndarray:
-    runner = get_backend("onnxruntime")(GraphSpec(spec.name, path, spec.inputs, spec.outputs))
-    with runner:
-        return next(iter(runner.infer({"pixel_values": tiles}).values()))
+    return next(iter(_run_graph(path, spec, {"pixel_values": tiles}).values()))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -197,3 +195,44 @@ def test_the_decoder_variant_computes_the_standard_graph_in_prefill_chunks_and_d
             assert np.abs(got[name] - value).max() <= 1e-5 * np.abs(value).max(), name
         assert got["logits"].argmax() == expected["logits"].argmax()
         outputs, past = expected, past + seq
+
+
+def test_a_decoder_variant_derived_from_an_int8_graph_keeps_its_quantization(
+    tiny_bundle: TinyBundle, tmp_path: Path
+) -> None:
+    _, bundle = tiny_bundle("internvl")
+    manifest = load_manifest(bundle)
+    graph = manifest.graph(DECODER_GRAPH)
+    spec = GraphSpec.from_manifest(DECODER_GRAPH, graph, bundle)
+    rng = np.random.default_rng(1)
+    hidden = manifest.embedding.hidden_size
+
+    def prompt(seq: int) -> dict[str, np.ndarray]:
+        feeds = {
+            "inputs_embeds": rng.standard_normal((1, seq, hidden)),
+            "position_ids": np.arange(seq)[None],
+            **_cache_feeds(manifest.kv_cache, None),
+        }
+        return _typed(spec, feeds, seq, rng)
+
+    int8, fused = tmp_path / "decoder.onnx", tmp_path / "decoder.ort.onnx"
+    quantize_static_graph(bundle / graph.file, int8, [prompt(6)], precision="int8", exclude=[])
+    assert fuse_decoder_attention(int8, fused, manifest) == manifest.kv_cache.num_layers
+
+    def qdq(path: Path) -> list[tuple[str, tuple[str, ...]]]:
+        model = onnx.load(str(path), load_external_data=False)
+        return sorted((n.op_type, tuple(n.input)) for n in model.graph.node if n.op_type in QDQ)
+
+    assert qdq(fused) == qdq(int8)
+    feeds = prompt(9)
+    expected = _run_graph(int8, spec, feeds)["logits"]
+    got = _run_graph(fused, spec, feeds)["logits"]
+    cosine = np.sum(expected * got) / np.linalg.norm(expected) / np.linalg.norm(got)
+    assert cosine > 0.9999
+    assert got.argmax() == expected.argmax()
+
+
+def _run_graph(path: Path, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    runner = get_backend("onnxruntime")(GraphSpec(spec.name, path, spec.inputs, spec.outputs))
+    with runner:
+        return runner.infer(feeds)
