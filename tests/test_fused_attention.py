@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import TinyBundle
+from helpers.tiny import TinyBundle
 
 from nvlm_export.errors import BundleError
 from nvlm_export.export.fused_attention import fuse_decoder_attention, fuse_vision_attention
