@@ -200,7 +200,7 @@ class EagerSystem:
         self.embedding = self.lm.get_input_embeddings()
         self.bundle = Path(bundle)  # for the tiling, prompt format and tokenizer only
         self.manifest = load_manifest(self.bundle)
-        self.tiling = TilingConfig.from_dict(self.manifest.tiling)
+        self.tiling = self.manifest.tiling
 
     def vision(self, tiles: int) -> float:
         tiling = tile_image(test_image(tiles, self.tiling), self.tiling)
@@ -214,15 +214,13 @@ class EagerSystem:
         vision, splice, `generate`. Token times come from a logits processor called per step."""
         from tokenizers import Tokenizer
 
-        from nvlm_export.runtime.prompt import PromptFormat, build_prompt
+        from nvlm_export.runtime.prompt import build_prompt
 
         torch = self.torch
         tokenizer = self._tokenizer(Tokenizer)
         start = time.perf_counter()
         tiling = tile_image(test_image(tiles, self.tiling), self.tiling)
-        prompt = build_prompt(
-            tokenizer, PromptFormat.from_dict(self.manifest.prompt), question, [tiling]
-        )
+        prompt = build_prompt(tokenizer, self.manifest.prompt, question, [tiling])
         with torch.no_grad():
             ids = torch.from_numpy(prompt.input_ids)[None, :]
             embeds = self.embedding(ids)

@@ -29,9 +29,8 @@ QUESTION_TOKENS = 32
 def _images(bundle: Path, count: int, scratch: Path) -> list[Path]:
     from nvlm_export.profiling.inputs import image_size_for_tiles, synthetic_image
     from nvlm_export.runtime.manifest import load_manifest
-    from nvlm_export.runtime.tiling import TilingConfig
 
-    tiling = TilingConfig.from_dict(load_manifest(bundle).tiling)
+    tiling = load_manifest(bundle).tiling
     size = image_size_for_tiles(1, tiling)
     paths = []
     for seed in range(count):

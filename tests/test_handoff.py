@@ -19,7 +19,6 @@ from nvlm_export.handoff.bundle import LLM_DIR, HandoffSettings, handoff_bundle
 from nvlm_export.handoff.tensorrt_llm import DOCUMENTED_FLAGS, TENSORRT_LLM_VERSION
 from nvlm_export.runtime.manifest import load_manifest
 from nvlm_export.runtime.pipeline import Pipeline
-from nvlm_export.runtime.prompt import PromptFormat
 
 LAYOUTS = ("nvlm-d", "internvl")
 
@@ -87,7 +86,7 @@ def test_chat_template_renders_the_bundles_conversation(handed_off, layout: str)
 
     _, bundle = handed_off(layout)
     tokenizer = AutoTokenizer.from_pretrained(bundle / LLM_DIR)
-    chat = PromptFormat.from_dict(load_manifest(bundle).prompt).chat
+    chat = load_manifest(bundle).prompt.chat
     user = [{"role": "user", "content": "What is it?"}]
     rendered = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
     assert rendered == chat.render("What is it?")
@@ -142,7 +141,7 @@ def test_tensorrt_llm_commands_follow_the_documented_cli(tiny_bundle, tmp_path: 
     assert int(build[1]["--max_input_len"]) < spec.max_context
     # Image features enter as prompt-table rows: a full batch of the largest images must fit.
     manifest = load_manifest(bundle)
-    tiles = manifest.tiling["max_tiles"] + 1  # + the thumbnail
+    tiles = manifest.tiling.max_tiles + 1  # + the thumbnail
     assert int(build[1]["--max_prompt_embedding_table_size"]) == 8 * tiles * 256
     assert serve[1]["--tokenizer"] == LLM_DIR and serve[1]["--backend"] == "tensorrt"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from nvlm_export.errors import BundleError
+from nvlm_export.models.families.nvlm_d import PROMPT_FORMAT as NVLM_D
 from nvlm_export.runtime.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -23,6 +24,7 @@ from nvlm_export.runtime.manifest import (
     TokenizerSpec,
     load_manifest,
 )
+from nvlm_export.runtime.tiling import TilingConfig
 
 
 def _manifest() -> Manifest:
@@ -46,8 +48,8 @@ def _manifest() -> Manifest:
         embedding=EmbeddingSpec(file="embed_tokens.npy", vocab_size=512, hidden_size=64),
         kv_cache=KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=16, max_context=4096),
         tokenizer=TokenizerSpec(file="tokenizer.json", eos_token_ids=(3,), placeholder_token_id=5),
-        tiling={"tile_size": 448, "min_tiles": 1, "max_tiles": 6, "use_thumbnail": True},
-        prompt={"name": "nvlm-d"},
+        tiling=TilingConfig(max_tiles=6),
+        prompt=NVLM_D,
     )
 
 
@@ -119,6 +121,31 @@ def test_broken_bundles_give_one_clear_error(bundle: Path, setup, message: str) 
     assert "\n" not in str(info.value)
 
 
+def test_tiling_prompt_and_engines_are_typed_and_checked_on_load(bundle: Path) -> None:
+    data = json.loads((bundle / MANIFEST_NAME).read_text())
+    assert load_manifest(bundle).prompt == NVLM_D
+    engine = {"file": "decoder.onnx", "tensorrt_version": "10.3.0", "compute_capability": "8.7"}
+    _rewrite(bundle, engines={"decoder": engine})
+    assert load_manifest(bundle).engines["decoder"].compute_capability == "8.7"
+    for key, value, message in [
+        ("engines", {"decoder": {"file": "decoder.onnx"}}, "malformed"),
+        ("tiling", {**data["tiling"], "max_tiles": 0}, "tiling is invalid.*max_tiles"),
+        ("prompt", {**data["prompt"], "image_layout": "spiral"}, "Unknown image layout"),
+        ("prompt", {**data["prompt"], "tokens_per_tile": 64}, "image_features tokens is 256"),
+    ]:
+        _rewrite(bundle, **{key: value})
+        with pytest.raises(BundleError, match=message):
+            load_manifest(bundle)
+        _rewrite(bundle, **{key: data[key]})
+
+
+def test_a_prompt_format_the_runtime_would_refuse_cannot_be_built() -> None:
+    with pytest.raises(BundleError, match="Unknown image layout"):
+        replace(NVLM_D, image_layout="spiral")
+    with pytest.raises(BundleError, match="tokens_per_tile 0"):
+        replace(NVLM_D, tokens_per_tile=0)
+
+
 def test_missing_bundle_directory(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="does not exist"):
         load_manifest(tmp_path / "nope")
@@ -161,7 +188,9 @@ def test_paths_outside_the_bundle_are_refused_naming_the_key(
     if path[-1] == "config_files":
         value = [outside]
     elif path == ("engines",):
-        value = {"decoder": {"file": outside}}
+        value = {
+            "decoder": {"file": outside, "tensorrt_version": "10.3", "compute_capability": "8.7"}
+        }
     _rewrite_nested(bundle, path, value)
     with pytest.raises(BundleError, match=f"{re.escape(key)} points outside the bundle"):
         load_manifest(bundle)

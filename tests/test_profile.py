@@ -89,7 +89,7 @@ def test_report_numbers_are_positive_and_consistent(reports, layout: str) -> Non
 def test_prompt_holds_the_question_and_the_image_tokens(bundles, reports, layout: str) -> None:
     report = reports(layout)
     one, three = report["cases"]
-    tokens_per_tile = load_manifest(bundles(layout)).prompt["tokens_per_tile"]
+    tokens_per_tile = load_manifest(bundles(layout)).prompt.tokens_per_tile
     # Two more tiles add their image tokens plus a few tile tags; the question is the same.
     assert three["prompt_tokens"] - one["prompt_tokens"] >= 2 * tokens_per_tile
 
@@ -155,7 +155,7 @@ def test_given_images_are_profiled_as_they_are(bundles, tmp_path: Path) -> None:
     settings = ProfileSettings(images=(path,), prompt_tokens=4, new_tokens=2, runs=1, warmup=0)
     report = profile_bundle(bundles("internvl"), settings, intra_op_threads=1).to_dict()
     (case,) = report["cases"]
-    config = TilingConfig.from_dict(load_manifest(bundles("internvl")).tiling)
+    config = load_manifest(bundles("internvl")).tiling
     assert case["label"] == "wide.png"
     assert case["image_size"] == [1800, 500]
     assert case["tiles"] == tile_count(choose_grid(1800, 500, config), config)

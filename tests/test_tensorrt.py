@@ -23,6 +23,7 @@ from nvlm_export.runtime.backends.tensorrt import (
     detect_local_gpu,
     select_profile,
 )
+from nvlm_export.runtime.manifest import EngineRecord
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 DECODE = {"inputs_embeds": ((1, 1, 8), (1, 1, 8)), "past": ((1, 2, 0, 4), (1, 2, 99, 4))}
@@ -38,7 +39,7 @@ def test_one_token_steps_use_the_decode_profile_and_prompts_the_prefill_one() ->
 
 
 def test_engines_for_another_gpu_or_tensorrt_version_are_refused() -> None:
-    record = {"tensorrt_version": "10.3.0", "compute_capability": "8.7", "device": "Orin"}
+    record = EngineRecord("engines/decoder.engine", "10.3.0", "8.7", device="Orin")
     check_engine_compatible(record, "decoder", "10.3.0", "8.7")
     with pytest.raises(BundleError, match=r"compute capability 8.7 \(Orin\).*this GPU is 9.0"):
         check_engine_compatible(record, "decoder", "10.3.0", "9.0")
@@ -94,8 +95,8 @@ def test_built_engines_are_recorded_in_the_manifest(engine_bundle: Path) -> None
     manifest = load_manifest(engine_bundle)
     assert set(manifest.engines) == set(manifest.graphs)
     for record in manifest.engines.values():
-        assert (engine_bundle / record["file"]).stat().st_size == record["size_bytes"]
-        assert record["compute_capability"] == detect_local_gpu().sm  # type: ignore[union-attr]
+        assert (engine_bundle / record.file).stat().st_size == record.size_bytes
+        assert record.compute_capability == detect_local_gpu().sm  # type: ignore[union-attr]
 
 
 @device
@@ -120,7 +121,9 @@ def test_decoder_runner_switches_profiles_without_reallocating(engine_bundle: Pa
 
     manifest = load_manifest(engine_bundle)
     graph = manifest.graph("decoder")
-    runner = get_backend("tensorrt")(GraphSpec.from_manifest("decoder", graph, engine_bundle))
+    engine = manifest.engines["decoder"]
+    spec = GraphSpec.from_manifest("decoder", graph, engine_bundle, engine=engine)
+    runner = get_backend("tensorrt")(spec)
     kv = manifest.kv_cache
     dtype = np.dtype(kv.dtype)
     hidden = manifest.embedding.hidden_size

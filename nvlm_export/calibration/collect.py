@@ -38,7 +38,6 @@ from nvlm_export.output import staged_output
 from nvlm_export.runtime.images import load_image
 from nvlm_export.runtime.manifest import load_manifest
 from nvlm_export.runtime.pipeline import Pipeline, PreparedRequest
-from nvlm_export.runtime.tiling import TilingConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DEFAULT_MAX_SAMPLES = 32
@@ -161,7 +160,7 @@ def collect_calibration(
             source=options.images or "builtin",
             held_out=[str(p) for p in held_out],
             max_context=manifest.kv_cache.max_context,
-            bundle_max_tiles=TilingConfig.from_dict(manifest.tiling).max_tiles,
+            bundle_max_tiles=manifest.tiling.max_tiles,
         )
         # Caches off: every graph must see every request whole (reuse would skip shared prefixes
         # and repeated images, and the recorded ranges would miss them).

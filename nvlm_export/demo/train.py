@@ -73,8 +73,8 @@ class TrainSettings:
     first_index: int = 0  # first training sample (continue where an earlier run stopped)
     single_tile_steps: int = 0  # a curriculum: the first steps use single-tile images only
     aux_loss: bool = True  # the per-image-token probe loss (see AUX_WEIGHT)
-    # Loss weight of the reading answers. Weighting them 4x did not get the decoder to look at
-    # the digit (docs/demo.md, How it got unstuck: run C); the attention hint did.
+    # Loss weight of the reading answers (a heavier weight alone does not teach reading:
+    # docs/demo.md, How it got unstuck).
     read_weight: float = 1.0
     attention_hint: float = 0.0  # weight of the retrieval hint for reading (see AttentionHint)
 
@@ -215,13 +215,11 @@ def answer_loss(
     return loss, first_right
 
 
-# The retrieval hint. Reading hangs on one image token among 256-1792. At the start the decoder's
-# attention gives that token a weight of ~1/N, so the answer's gradient barely reaches the keys
-# and queries that would single it out: a plateau. After 7600 steps of session 4's run the image
-# tokens carried the digit perfectly (probe 1.00) while no last-layer head gave the digit's token
-# more than 0.013 of its attention, and reading stayed near chance. The hint adds -log(the
-# attention one head of the last layer pays to the digit's token, at the position that answers the
-# reading question). Like the probe it only shapes training: model and export are unchanged.
+# The retrieval hint: -log(the attention one head of the last layer pays to the digit's token, at
+# the position that answers the reading question). Reading hangs on that one token among
+# 256-1792, which the decoder's attention starts by weighting ~1/N, so the answer's gradient
+# barely reaches the keys and queries that would single it out (docs/demo.md, How it got unstuck).
+# Like the probe it only shapes training: model and export are unchanged.
 HINT_HEAD = 0
 _HINTED_ATTENTION = "demo_hinted_sdpa"
 

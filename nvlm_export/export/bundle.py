@@ -178,8 +178,8 @@ def _write_bundle(
             min_tiles=config.min_dynamic_patch,
             max_tiles=settings.max_tiles or config.max_dynamic_patch,
             use_thumbnail=config.use_thumbnail,
-        ).to_dict(),
-        prompt=replace(arch.prompt_format, tokens_per_tile=config.tokens_per_tile).to_dict(),
+        ),
+        prompt=replace(arch.prompt_format, tokens_per_tile=config.tokens_per_tile),
         precision=settings.dtype,
         extras=arch.hooks.manifest_extras(model),
     )

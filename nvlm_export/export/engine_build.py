@@ -29,7 +29,7 @@ from nvlm_export.errors import BundleError, ExportError, MissingExtraError
 from nvlm_export.export.engine_plan import BuildPlan, EnginePlan
 from nvlm_export.output import output_lock
 from nvlm_export.runtime.backends.tensorrt import LocalGpu, local_gpu
-from nvlm_export.runtime.manifest import Manifest
+from nvlm_export.runtime.manifest import EngineRecord, Manifest
 
 Progress = Callable[[str], None]
 
@@ -174,20 +174,20 @@ def _network_flags(trt: Any, engine: EnginePlan) -> int:
 
 def engine_record(
     engine: EnginePlan, plan: BuildPlan, built: BuiltEngine, trt_version: str, device: LocalGpu
-) -> dict[str, Any]:
+) -> EngineRecord:
     """The manifest's `engines[graph]` entry: what the runner checks before loading."""
-    return {
-        "file": engine.engine,
-        "tensorrt_version": trt_version,
-        "compute_capability": device.sm,
-        "device": device.name,
-        "target": plan.target.name,
-        "precision": engine.precision,
-        "strongly_typed": engine.strongly_typed,
-        "profiles": [p.to_dict() for p in engine.profiles],
-        "size_bytes": built.size_bytes,
-        "build_seconds": round(built.seconds, 1),
-    }
+    return EngineRecord(
+        file=engine.engine,
+        tensorrt_version=trt_version,
+        compute_capability=device.sm,
+        device=device.name,
+        target=plan.target.name,
+        precision=engine.precision,
+        strongly_typed=engine.strongly_typed,
+        profiles=tuple(p.to_dict() for p in engine.profiles),
+        size_bytes=built.size_bytes,
+        build_seconds=round(built.seconds, 1),
+    )
 
 
 def local_device() -> LocalGpu:

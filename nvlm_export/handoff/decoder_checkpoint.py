@@ -36,7 +36,7 @@ from nvlm_export.models.config_io import read_config
 from nvlm_export.models.language import build_decoder, decoder_config
 from nvlm_export.models.registry import architecture_of
 from nvlm_export.runtime.manifest import Manifest
-from nvlm_export.runtime.prompt import ChatTemplate, PromptFormat
+from nvlm_export.runtime.prompt import ChatTemplate
 
 LANGUAGE_PREFIX = "language_model."  # our canonical names of decoder parameters start with it
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -206,8 +206,7 @@ def _write_tokenizer(manifest: Manifest, bundle: Path, out: Path) -> list[str]:
         written.append(Path(relative).name)
     path = out / TOKENIZER_CONFIG
     tokenizer_config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    chat = PromptFormat.from_dict(manifest.prompt).chat
-    tokenizer_config["chat_template"] = chat_template(chat)
+    tokenizer_config["chat_template"] = chat_template(manifest.prompt.chat)
     _write_json(path, tokenizer_config)
     return sorted({*written, TOKENIZER_CONFIG})
 

@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from nvlm_export import __version__
-from nvlm_export.errors import BundleError
+from nvlm_export.errors import BundleError, InputError
+from nvlm_export.runtime.prompt import PromptFormat
+from nvlm_export.runtime.tiling import TilingConfig
 
 # 1.1: the optional `language_engine` section; 2.0: file records required; 2.1: the optional
 # per-backend graph `variants`
@@ -182,6 +184,23 @@ class LanguageEngineSpec:
 
 
 @dataclass(frozen=True)
+class EngineRecord:
+    """A TensorRT engine built from one graph (`nvlm-export engine`): its file and what the runner
+    checks before loading it (an engine runs only with the TensorRT and GPU it was built by)."""
+
+    file: str
+    tensorrt_version: str
+    compute_capability: str  # "8.7"
+    device: str = ""
+    target: str = ""
+    precision: str = ""
+    strongly_typed: bool = False
+    profiles: tuple[dict[str, Any], ...] = ()  # per profile, each input's min/opt/max shape
+    size_bytes: int = 0
+    build_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class FileRecord:
     """A bundle file's size in bytes and SHA-256 (hex), as recorded when the bundle was written."""
 
@@ -197,14 +216,14 @@ class Manifest:
     embedding: EmbeddingSpec
     kv_cache: KVCacheSpec
     tokenizer: TokenizerSpec
-    tiling: dict[str, Any]
-    prompt: dict[str, Any]
+    tiling: TilingConfig
+    prompt: PromptFormat
     precision: str = "fp32"
     # Architecture-specific facts (for NVLM-X/H: the cross-attention layout), read by the
     # architecture's runtime strategy only.
     extras: dict[str, Any] = field(default_factory=dict)
-    # TensorRT engines keyed by graph name, each with the TensorRT version and compute capability.
-    engines: dict[str, Any] = field(default_factory=dict)
+    # TensorRT engines keyed by graph name.
+    engines: dict[str, EngineRecord] = field(default_factory=dict)
     # The decoder handed off to a serving engine (vLLM, TensorRT-LLM); None without a hand-off.
     language_engine: LanguageEngineSpec | None = None
     # Every file of the bundle but manifest.json, by path relative to the bundle; `save` fills it.
@@ -413,6 +432,10 @@ _NESTED: dict[tuple[type, str], tuple[str, type]] = {
     (Manifest, "graphs"): ("mapping", GraphSpec),
     (Manifest, "language_engine"): ("optional", LanguageEngineSpec),
     (Manifest, "files"): ("mapping", FileRecord),
+    (Manifest, "engines"): ("mapping", EngineRecord),
+    # Their own parsers: exact keys, value ranges, and the messages tests and users rely on.
+    (Manifest, "tiling"): ("parse", TilingConfig),
+    (Manifest, "prompt"): ("parse", PromptFormat),
     (GraphSpec, "inputs"): ("list", TensorSpec),
     (GraphSpec, "outputs"): ("list", TensorSpec),
     (GraphSpec, "variants"): ("mapping", GraphVariant),
@@ -424,6 +447,8 @@ def _convert(cls: type, key: str, value: Any, where: str, lenient: bool) -> Any:
     here = f"{where}: {key}"
     if kind == "one" or (kind == "optional" and value is not None):
         return _build(nested, value, here, lenient)
+    if kind == "parse":
+        return _parse(nested, value, here, lenient)
     if kind == "mapping":
         if not isinstance(value, dict):
             raise BundleError(
@@ -435,6 +460,21 @@ def _convert(cls: type, key: str, value: Any, where: str, lenient: bool) -> Any:
             raise BundleError(f"{here} must be a list, not a {type(value).__name__}", fix=_REEXPORT)
         return tuple(_build(nested, v, here, lenient) for v in value)
     return tuple(value) if isinstance(value, list) else value
+
+
+def _parse(cls: Any, value: Any, where: str, lenient: bool) -> Any:
+    if not isinstance(value, dict):
+        raise BundleError(f"{where} must be an object, not a {type(value).__name__}", fix=_REEXPORT)
+    if lenient:
+        known = {f.name for f in fields(cls)}
+        value = {k: v for k, v in value.items() if k in known}
+    try:
+        return cls.from_dict(value)
+    except BundleError:
+        raise
+    except (InputError, TypeError) as error:
+        why = error.what if isinstance(error, InputError) else str(error)
+        raise BundleError(f"{where} is invalid", why=why, fix=_REEXPORT) from None
 
 
 REQUIRED_GRAPHS = (VISION_GRAPH, DECODER_GRAPH)
@@ -477,6 +517,27 @@ def _check_values(manifest: Manifest, where: str) -> None:
     ):
         if name not in DTYPES:
             raise BundleError(f"{where}: {key} '{name}' is not a known dtype", fix=_REEXPORT)
+    _check_vision_shapes(manifest)
+
+
+def _check_vision_shapes(manifest: Manifest) -> None:
+    """The prompt's tokens per tile and the tile size must be what the vision graph computes:
+    otherwise features would be spliced into the wrong number of slots."""
+    vision = manifest.graph(VISION_GRAPH)
+    tile_size = manifest.tiling.tile_size
+    expected = {
+        f"{PIXEL_VALUES} height": (vision.input(PIXEL_VALUES).shape[-2:-1], tile_size),
+        f"{PIXEL_VALUES} width": (vision.input(PIXEL_VALUES).shape[-1:], tile_size),
+    }
+    for output in vision.outputs:
+        expected[f"{output.name} tokens"] = (output.shape[1:2], manifest.prompt.tokens_per_tile)
+    for what, (dims, value) in expected.items():
+        if dims and isinstance(dims[0], int) and dims[0] != value:
+            raise BundleError(
+                "The manifest's tiling or prompt settings do not match the vision graph",
+                why=f"the graph's {what} is {dims[0]}, the settings say {value}",
+                fix="Re-export the bundle",
+            )
 
 
 def _by_name(specs: tuple[TensorSpec, ...], name: str, where: str) -> TensorSpec:
@@ -497,8 +558,7 @@ def named_paths(manifest: Manifest) -> Iterator[tuple[str, str]]:
     for index, name in enumerate(manifest.tokenizer.config_files):
         yield f"tokenizer.config_files[{index}]", name
     for name, engine in manifest.engines.items():
-        if isinstance(engine, dict) and "file" in engine:
-            yield f"engines.{name}.file", engine["file"]
+        yield f"engines.{name}.file", engine.file
     if manifest.language_engine is not None:
         yield "language_engine.checkpoint", f"{manifest.language_engine.checkpoint}/config.json"
     for name in manifest.files:

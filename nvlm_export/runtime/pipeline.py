@@ -80,14 +80,13 @@ from nvlm_export.runtime.manifest import (
 from nvlm_export.runtime.manifest import GraphSpec as ManifestGraph
 from nvlm_export.runtime.prompt import (
     Message,
-    PromptFormat,
     PromptTokens,
     Slot,
     build_chat_prompt,
     build_prompt,
     count_prompt_tokens,
 )
-from nvlm_export.runtime.tiling import Tiling, TilingConfig, choose_grid, tile_count, tile_image
+from nvlm_export.runtime.tiling import Tiling, choose_grid, tile_count, tile_image
 
 # Activation memory bounds (docs/performance.md): one tile per vision call, prompts prefilled in
 # chunks of 512 tokens. Neither changes results; both keep peak memory near the weights' size.
@@ -185,9 +184,8 @@ class Pipeline:
         self.runners = runners
         self.tokenizer = tokenizer
         self.embedding = embedding  # [vocab, D], memory-mapped
-        self.tiling = _manifest_tiling(manifest)
-        self.prompt_format = PromptFormat.from_dict(manifest.prompt)
-        _check_vision_shapes(manifest, self.tiling, self.prompt_format)
+        self.tiling = manifest.tiling
+        self.prompt_format = manifest.prompt
         self._embeds_dtype = np.dtype(manifest.graph(DECODER_GRAPH).input("inputs_embeds").dtype)
         self.vision_tiles_per_call = vision_tiles_per_call
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -240,7 +238,10 @@ class Pipeline:
             if graphs is not None and name not in graphs:
                 continue
             variant_for = backend if graph_variants else None
-            spec = GraphSpec.from_manifest(name, graph, bundle_dir, backend=variant_for)
+            engine = manifest.engines.get(name)
+            spec = GraphSpec.from_manifest(
+                name, graph, bundle_dir, backend=variant_for, engine=engine
+            )
             if name in shared:
                 runners[name] = _check_shared(shared[name], spec, runner_class)
             else:
@@ -696,35 +697,6 @@ class timed:
 
     def __exit__(self, *_: object) -> None:
         self.stages[self.name] = self.stages.get(self.name, 0.0) + time.perf_counter() - self.start
-
-
-def _manifest_tiling(manifest: Manifest) -> TilingConfig:
-    try:
-        return TilingConfig.from_dict(manifest.tiling)
-    except (InputError, TypeError) as error:
-        why = error.what if isinstance(error, InputError) else str(error)
-        raise BundleError(
-            "The manifest's tiling settings are invalid", why=why, fix="Re-export the bundle"
-        ) from None
-
-
-def _check_vision_shapes(manifest: Manifest, tiling: TilingConfig, fmt: PromptFormat) -> None:
-    """The prompt's tokens per tile and the tile size must be what the vision graph computes:
-    otherwise features would be spliced into the wrong number of slots."""
-    vision = manifest.graph(VISION_GRAPH)
-    expected = {
-        f"{PIXEL_VALUES} height": (vision.input(PIXEL_VALUES).shape[-2:-1], tiling.tile_size),
-        f"{PIXEL_VALUES} width": (vision.input(PIXEL_VALUES).shape[-1:], tiling.tile_size),
-    }
-    for output in vision.outputs:
-        expected[f"{output.name} tokens"] = (output.shape[1:2], fmt.tokens_per_tile)
-    for what, (dims, value) in expected.items():
-        if dims and isinstance(dims[0], int) and dims[0] != value:
-            raise BundleError(
-                "The manifest's tiling or prompt settings do not match the vision graph",
-                why=f"the graph's {what} is {dims[0]}, the settings say {value}",
-                fix="Re-export the bundle",
-            )
 
 
 def _splice(

@@ -201,6 +201,20 @@ class PromptFormat:
     image_marker: str = "<image>"
     eos_token: str = "<|im_end|>"
 
+    def __post_init__(self) -> None:
+        per_tile = self.tokens_per_tile
+        if isinstance(per_tile, bool) or not isinstance(per_tile, int) or per_tile < 1:
+            raise BundleError(
+                f"The prompt format's tokens_per_tile {per_tile!r} is not a positive integer",
+                fix="Re-export the bundle with this version of nvlm-export",
+            )
+        if self.image_layout not in IMAGE_LAYOUTS:
+            raise BundleError(
+                f"Unknown image layout '{self.image_layout}' in the prompt format",
+                why=f"this runtime knows {', '.join(IMAGE_LAYOUTS)}",
+                fix="Re-export the bundle with this version of nvlm-export",
+            )
+
     @property
     def layout(self) -> ImageLayout:
         return IMAGE_LAYOUTS[self.image_layout]
@@ -220,20 +234,7 @@ class PromptFormat:
         )
         _require_strings("prompt format chat", data["chat"], data["chat"])
         _require_strings("prompt format", data, set(data) - {"chat", "tokens_per_tile"})
-        per_tile = data["tokens_per_tile"]
-        if isinstance(per_tile, bool) or not isinstance(per_tile, int) or per_tile < 1:
-            raise BundleError(
-                f"The prompt format's tokens_per_tile {per_tile!r} is not a positive integer",
-                fix="Re-export the bundle with this version of nvlm-export",
-            )
-        fmt = cls(**{**data, "chat": ChatTemplate(**data["chat"])})
-        if fmt.image_layout not in IMAGE_LAYOUTS:
-            raise BundleError(
-                f"Unknown image layout '{fmt.image_layout}' in the prompt format",
-                why=f"this runtime knows {', '.join(IMAGE_LAYOUTS)}",
-                fix="Re-export the bundle with this version of nvlm-export",
-            )
-        return fmt
+        return cls(**{**data, "chat": ChatTemplate(**data["chat"])})
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,6 +8,9 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
+from nvlm_export.models.families.nvlm_d import PROMPT_FORMAT as NVLM_D
+from nvlm_export.models.families.nvlm_h import PROMPT_FORMAT as NVLM_H
+from nvlm_export.models.families.nvlm_x import PROMPT_FORMAT as NVLM_X
 from nvlm_export.runtime.manifest import (
     EmbeddingSpec,
     GraphSpec,
@@ -17,11 +20,12 @@ from nvlm_export.runtime.manifest import (
     TensorSpec,
     TokenizerSpec,
 )
+from nvlm_export.runtime.tiling import TilingConfig
 
 LAYERS, KV_HEADS, HEAD_DIM, HIDDEN, VOCAB = 2, 2, 16, 64, 512
 CROSS_BLOCKS = 1
 MAX_CONTEXT, MAX_TILES = 4096, 6
-PROMPT_FORMATS = {"nvlm-d": "tile_tags", "nvlm-x": "cross_tile_tags", "nvlm-h": "hybrid"}
+PROMPT_FORMATS = {"nvlm-d": NVLM_D, "nvlm-x": NVLM_X, "nvlm-h": NVLM_H}
 
 
 def _kv(prefix: str, layer: int, length: str) -> tuple[TensorSpec, TensorSpec]:
@@ -77,8 +81,8 @@ def make_manifest(architecture: str = "nvlm-d", precision: str = "fp16") -> Mani
         embedding=EmbeddingSpec("embeddings.npy", VOCAB, HIDDEN, "float16"),
         kv_cache=KVCacheSpec(LAYERS, KV_HEADS, HEAD_DIM, MAX_CONTEXT, "float16"),
         tokenizer=TokenizerSpec("tokenizer.json", (3,), 5),
-        tiling={"tile_size": 448, "min_tiles": 1, "max_tiles": MAX_TILES, "use_thumbnail": True},
-        prompt={"name": architecture, "image_layout": PROMPT_FORMATS[architecture]},
+        tiling=TilingConfig(max_tiles=MAX_TILES),
+        prompt=PROMPT_FORMATS[architecture],
         precision=precision,
     )
 

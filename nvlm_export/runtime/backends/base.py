@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from nvlm_export.errors import InputError
-from nvlm_export.runtime.manifest import Dim, TensorSpec
+from nvlm_export.runtime.manifest import Dim, EngineRecord, TensorSpec
 from nvlm_export.runtime.manifest import GraphSpec as ManifestGraph
 
 
@@ -35,6 +35,7 @@ class GraphSpec:
     path: Path
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    engine: EngineRecord | None = None  # the graph's TensorRT engine, when the bundle has one
     _inputs_by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -45,11 +46,19 @@ class GraphSpec:
 
     @classmethod
     def from_manifest(
-        cls, name: str, graph: ManifestGraph, bundle_dir: Path, *, backend: str | None = None
+        cls,
+        name: str,
+        graph: ManifestGraph,
+        bundle_dir: Path,
+        *,
+        backend: str | None = None,
+        engine: EngineRecord | None = None,
     ) -> GraphSpec:
         """The manifest's entry for graph `name`, with its file resolved inside the bundle: the
-        variant declared for `backend` if there is one (None: always the standard graph)."""
-        return cls(name, Path(bundle_dir) / graph.file_for(backend), graph.inputs, graph.outputs)
+        variant declared for `backend` if there is one (None: always the standard graph), and
+        its TensorRT engine record if it has one."""
+        path = Path(bundle_dir) / graph.file_for(backend)
+        return cls(name, path, graph.inputs, graph.outputs, engine)
 
     @property
     def input_names(self) -> tuple[str, ...]:

@@ -1,35 +1,19 @@
 """ONNX Runtime runner: session set-up, load-time interface check, plain `run()`.
 
-IOBinding is not used (not measured to help here): on CPU, `run()` reads numpy inputs in place and
-hands its outputs to numpy without a copy; the per-step KV copy is the graph's own `Concat`, which
-binding cannot remove. Its real gain is a device-resident KV cache on GPU, which belongs with a
-preallocated cache object. The optimised graph is not cached beside the bundle by default
-(`optimized_model_path` opts in): loading is dominated by reading and pre-packing weights (cached
-vs not: 880 vs 920 ms for a 270 MB decoder), and the saved graph is machine-specific
-(docs/decoder-graph.md).
+The session settings, and why (measurements: docs/performance.md "What was changed for speed",
+docs/decoder-graph.md "What ONNX Runtime makes of it"):
 
-Intra-op worker threads spin while waiting for work by default (`allow_spinning=True`, ONNX
-Runtime's own default). A decode step is hundreds of ops, each matrix product split across the
-workers; a sleeping worker has to be woken for every one. On an idle 2-core machine the bench fp32
-decoder decoded 18.2 tokens/s spinning and 11.4-14.1 not (INT8 with an INT8 LM head: 34-39 vs
-31-35). Spinning burns the CPU time other processes need, though: on a 2-core machine shared with
-other jobs a decode step took 550 ms spinning and 220-340 ms not, and on a Jetson idle spinning
-costs power. `allow_spinning=False` (`--no-spin` on `run` and `profile`) is for those machines.
-
-The CPU memory arena is off (`memory_arena=False`). The arena keeps every block it ever allocated,
-including the buffers used while loading and prepacking weights: the bench vision graph held
-2.0 GB resident after loading with the arena and 1.3 GB (its weights) without, and activation
-peaks of a long prefill stay resident for the process's life. Without it, large buffers go back to
-the OS after each call; no slowdown was measurable (decode steps allocate only small tensors, and
-vision/prefill calls are seconds long).
-
-ONNX Runtime's common-subexpression elimination is switched off (`disabled_optimizers`). Our Q/DQ
-graphs give each quantized MatMul its own QuantizeLinear -> DequantizeLinear pair on the
-activation; q/k/v (and gate/up) read the same RMSNorm output, so their pairs are identical, CSE
-merges them into one pair with several consumers, and ORT's Q/DQ MatMul fusion then refuses that
-pair: on the tiny INT8 decoder only 4 of 14 MatMuls became `MatMulIntegerToFloat` (the other 10 ran
-in float on weights dequantized every call); without CSE all 14 do. On our fp32 and INT4 graphs
-CSE changes nothing (the exporter already shares identical subexpressions), so it is off for all.
+- plain `run()`, no IOBinding: on CPU `run()` reads numpy inputs in place and returns its outputs
+  without a copy; binding pays only with a device-resident KV cache.
+- the optimised graph is not saved beside the bundle unless `optimized_model_path` asks: loading is
+  bound by reading and pre-packing weights, and the saved graph is machine-specific.
+- intra-op workers spin (`allow_spinning=True`, ORT's default): the fastest decode on cores of
+  your own; `allow_spinning=False` (`--no-spin`) where other jobs need the CPU, or to save power.
+- no CPU memory arena (`memory_arena=False`): the arena would keep the load-time and peak
+  activation buffers resident for the life of the process.
+- no common-subexpression elimination: it merges the per-consumer Q/DQ pairs of INT8 graphs,
+  which ORT's integer MatMul fusion then refuses (the exporter already shares what fp32 and INT4
+  graphs could share).
 """
 
 from __future__ import annotations

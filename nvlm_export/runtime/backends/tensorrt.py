@@ -1,12 +1,15 @@
 """TensorRT runner: one deserialized engine, device buffers allocated once, one CUDA stream.
 
-    runner = get_backend("tensorrt")(GraphSpec.from_manifest("decoder", graph, bundle_dir))
+    engine = manifest.engines.get("decoder")
+    spec = GraphSpec.from_manifest("decoder", graph, bundle_dir, engine=engine)
+    runner = get_backend("tensorrt")(spec)
     with runner:
         outputs = runner.infer(feeds)   # numpy in, numpy out, like the ONNX Runtime runner
 
 The engine file and the TensorRT version / compute capability it was built with come from the
-bundle manifest's `engines[graph]` entry (written by `nvlm-export engine`); an engine built for
-another GPU or TensorRT version is refused before TensorRT sees it.
+bundle manifest's `engines[graph]` record (an `EngineRecord`, written by `nvlm-export engine` and
+validated by `load_manifest`); an engine built for another GPU or TensorRT version is refused
+before TensorRT sees it.
 
 Per call: pick the first optimisation profile whose min..max box holds the input shapes (the
 planner lists the decoder's `decode` profile first, so one-token steps use it), set input shapes,
@@ -26,7 +29,6 @@ set_tensor_address / execute_async_v3. Device memory and the stream: polygraphy.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ import numpy as np
 from nvlm_export.errors import BundleError, InputError, MissingExtraError
 from nvlm_export.runtime import nvidia_smi
 from nvlm_export.runtime.backends.base import GraphRunner, GraphSpec
+from nvlm_export.runtime.manifest import EngineRecord
 
 GiB = 2**30
 Shape = tuple[int, ...]
@@ -52,14 +55,14 @@ class TensorRTRunner(GraphRunner):
         self,
         spec: GraphSpec,
         *,
-        engine: Mapping[str, Any] | None = None,
+        engine: EngineRecord | None = None,
         bundle_dir: Path | None = None,
         validate_inputs: bool = True,
     ) -> None:
         require_tensorrt()  # fail at construction, before any bundle work, when TensorRT is absent
         super().__init__(spec, validate_inputs=validate_inputs)
         self.bundle_dir = Path(bundle_dir) if bundle_dir is not None else spec.path.parent
-        self.record = dict(engine) if engine is not None else None
+        self.record = engine or spec.engine  # the manifest's, through Pipeline.load
         self._trt: Any = None
         self._engine: Any = None
         self._context: Any = None
@@ -73,9 +76,14 @@ class TensorRTRunner(GraphRunner):
         trt = _import_tensorrt()
         from polygraphy import cuda
 
-        record = self.record or self._record_from_manifest()
+        record = self.record
+        if record is None:
+            raise BundleError(
+                f"The bundle has no TensorRT engine for the {self.spec.name} graph",
+                fix="Build the engines on this device with: nvlm-export engine BUNDLE",
+            )
         check_engine_compatible(record, self.spec.name, trt.__version__, local_gpu().sm)
-        path = self.bundle_dir / record["file"]
+        path = self.bundle_dir / record.file
         if not path.is_file():
             raise BundleError(
                 f"The {self.spec.name} engine {path} does not exist",
@@ -98,21 +106,6 @@ class TensorRTRunner(GraphRunner):
             self._profile_box(i) for i in range(self._engine.num_optimization_profiles)
         ]
         self._allocate(cuda)
-
-    def _record_from_manifest(self) -> dict[str, Any]:
-        path = self.bundle_dir / "manifest.json"
-        if not path.is_file():
-            raise BundleError(
-                f"No manifest beside the {self.spec.name} graph in {self.bundle_dir}",
-                fix="Pass bundle_dir= (the bundle directory) to the TensorRT runner",
-            )
-        engines = json.loads(path.read_text()).get("engines", {})
-        if self.spec.name not in engines:
-            raise BundleError(
-                f"The bundle has no TensorRT engine for the {self.spec.name} graph",
-                fix="Build the engines on this device with: nvlm-export engine BUNDLE",
-            )
-        return dict(engines[self.spec.name])
 
     def _io_names(self, mode: Any) -> list[str]:
         names = (self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors))
@@ -261,15 +254,14 @@ def _import_tensorrt() -> Any:
 
 
 def check_engine_compatible(
-    record: Mapping[str, Any], graph: str, trt_version: str, device_sm: str
+    record: EngineRecord, graph: str, trt_version: str, device_sm: str
 ) -> None:
     """Refuse an engine built for another GPU or TensorRT version, saying what to do instead."""
-    built_trt = record.get("tensorrt_version")
-    built_sm = record.get("compute_capability")
+    built_trt, built_sm = record.tensorrt_version, record.compute_capability
     if built_sm != device_sm:
         raise BundleError(
             f"The {graph} engine was built for compute capability {built_sm} "
-            f"({record.get('device', 'unknown GPU')})",
+            f"({record.device or 'unknown GPU'})",
             why=f"this GPU is {device_sm}; a TensorRT engine runs only on the GPU it was built for",
             fix="Rebuild the engines here with: nvlm-export engine BUNDLE --overwrite",
         )
