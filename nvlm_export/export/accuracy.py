@@ -36,8 +36,14 @@ from nvlm_export.calibration.collect import Request, capped_message, fit_to_cont
 from nvlm_export.calibration.dataset import RequestTiling
 from nvlm_export.compare import common_prefix, compare
 from nvlm_export.export.defaults import ACCURACY_STEPS
-from nvlm_export.runtime.generation import INPUTS_EMBEDS, LOGITS, POSITION_IDS, KVCache, prefill
-from nvlm_export.runtime.manifest import DECODER_GRAPH, VISION_GRAPH
+from nvlm_export.runtime.generation import KVCache, prefill
+from nvlm_export.runtime.manifest import (
+    DECODER_GRAPH,
+    INPUTS_EMBEDS,
+    LOGITS,
+    POSITION_IDS,
+    VISION_GRAPH,
+)
 from nvlm_export.runtime.pipeline import Features, Pipeline, PreparedRequest
 
 

@@ -37,6 +37,7 @@ from nvlm_export.models.checkpoint import (
 from nvlm_export.output import BUNDLE, publish_bundle, staged_output
 from nvlm_export.progress import Stages
 from nvlm_export.runtime.manifest import (
+    PAST_KEY,
     VISION_GRAPH,
     EmbeddingSpec,
     GraphSpec,
@@ -196,15 +197,16 @@ def graph_spec(io: GraphIO, precision: str) -> GraphSpec:
 
 
 def _kv_cache_spec(decoder: GraphIO, max_context: int) -> KVCacheSpec:
-    """Cache layout read off the decoder's first past input: (batch, kv_heads, past, head_dim)."""
-    past = [t for t in decoder.inputs if t.name.startswith("past_key_values.")]
-    _, kv_heads, _, head_dim = past[0].shape
+    """Cache layout read off the decoder's past inputs: (batch, kv_heads, past, head_dim)."""
+    inputs = {t.name: t for t in decoder.inputs}
+    first = inputs[PAST_KEY.format(layer=0)]
+    _, kv_heads, _, head_dim = first.shape
     return KVCacheSpec(
-        num_layers=len(past) // 2,
+        num_layers=sum(PAST_KEY.format(layer=i) in inputs for i in range(len(inputs))),
         num_kv_heads=int(kv_heads),
         head_dim=int(head_dim),
         max_context=max_context,
-        dtype=past[0].dtype,
+        dtype=first.dtype,
     )
 
 

@@ -48,7 +48,9 @@ from nvlm_export.models.cross_model import CrossAttentionVisionLanguageModel
 from nvlm_export.runtime.manifest import (
     CROSS_ATTENTION_MASK,
     CROSS_EMBEDS,
+    CROSS_KEY,
     CROSS_KV_GRAPH,
+    CROSS_VALUE,
     DECODER_GRAPH,
 )
 from nvlm_export.runtime.prompt import PromptTokens
@@ -62,7 +64,7 @@ CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per block: key, value (B, K
 
 def cross_kv_names(num_blocks: int) -> list[str]:
     """The cross_kv graph's outputs, which are also the decoder's inputs of the same name."""
-    return [f"cross_kv.{j}.{kind}" for j in range(num_blocks) for kind in ("key", "value")]
+    return [name.format(block=j) for j in range(num_blocks) for name in (CROSS_KEY, CROSS_VALUE)]
 
 
 def _pairs(flat: tuple[torch.Tensor, ...]) -> CrossKV:

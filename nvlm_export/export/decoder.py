@@ -36,6 +36,15 @@ from nvlm_export.export.onnx_utils import (
     needs_external_data,
     trace_to_onnx,
 )
+from nvlm_export.runtime.manifest import (
+    INPUTS_EMBEDS,
+    LOGITS,
+    PAST_KEY,
+    PAST_VALUE,
+    POSITION_IDS,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+)
 
 if TYPE_CHECKING:
     from nvlm_export.export.weights import CheckpointWeights
@@ -384,22 +393,22 @@ class ExportableDecoder(nn.Module):
     # ---- graph interface -------------------------------------------------------------------
 
     def past_names(self) -> list[str]:
-        return [f"past_key_values.{i}.{kind}" for i in range(self.spec.num_layers) for kind in KV]
+        return _layer_names(PAST_KEY, PAST_VALUE, self.spec.num_layers)
 
     def present_names(self) -> list[str]:
-        return [f"present.{i}.{kind}" for i in range(self.spec.num_layers) for kind in KV]
+        return _layer_names(PRESENT_KEY, PRESENT_VALUE, self.spec.num_layers)
 
     def graph_io(self, file: str, external_data: str | None, opset: int) -> GraphIO:
         spec, dtype = self.spec, NUMPY_DTYPE[self.dtype]
         kv_shape = ("batch", spec.num_kv_heads, "past", spec.head_dim)
         present_shape = ("batch", spec.num_kv_heads, "past + seq", spec.head_dim)
         inputs = (
-            TensorIO("inputs_embeds", dtype, ("batch", "seq", spec.hidden_size)),
-            TensorIO("position_ids", "int64", ("batch", "seq")),
+            TensorIO(INPUTS_EMBEDS, dtype, ("batch", "seq", spec.hidden_size)),
+            TensorIO(POSITION_IDS, "int64", ("batch", "seq")),
             *(TensorIO(name, dtype, kv_shape) for name in self.past_names()),
         )
         outputs = (
-            TensorIO("logits", "float32", ("batch", spec.vocab_size)),
+            TensorIO(LOGITS, "float32", ("batch", spec.vocab_size)),
             *(TensorIO(name, dtype, present_shape) for name in self.present_names()),
         )
         return GraphIO(file, external_data, opset, inputs, outputs)
@@ -503,3 +512,8 @@ def export_decoder_onnx(
         what="language decoder",
         weights=weights,
     )
+
+
+def _layer_names(key: str, value: str, num_layers: int) -> list[str]:
+    """Per layer, the key's then the value's name (the graph's order, see KV)."""
+    return [name.format(layer=i) for i in range(num_layers) for name in (key, value)]

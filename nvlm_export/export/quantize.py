@@ -33,10 +33,10 @@ from nvlm_export.export.defaults import ACCURACY_REQUESTS, ACCURACY_STEPS
 from nvlm_export.export.fused_attention import add_onnxruntime_variants
 from nvlm_export.output import BUNDLE, publish_bundle, staged_output
 from nvlm_export.progress import Stages
-from nvlm_export.runtime.generation import LOGITS
 from nvlm_export.runtime.manifest import (
     CROSS_KV_GRAPH,
     DECODER_GRAPH,
+    LOGITS,
     VISION_GRAPH,
     GraphSpec,
     Manifest,

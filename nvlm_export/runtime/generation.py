@@ -12,9 +12,8 @@ The pieces, wired by the pipeline in a few lines:
     result = stream.result
 
 `decoder` is any callable from feeds to outputs (a `GraphRunner.infer`), following the decoder
-graph contract: inputs `inputs_embeds` [B, S, D], `position_ids` [B, S], `past_key_values.{i}.key`
-/ `.value` [B, kv_heads, past, head_dim]; outputs `logits` [B, vocab] for the last position and
-`present.{i}.key` / `.value` [B, kv_heads, past + S, head_dim].
+graph contract whose names `runtime/manifest.py` declares (INPUTS_EMBEDS, POSITION_IDS, LOGITS and
+the KV cache's PAST_* / PRESENT_* patterns).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from nvlm_export.errors import BundleError, InputError, PromptError
-from nvlm_export.runtime.manifest import KVCacheSpec
+from nvlm_export.runtime.manifest import INPUTS_EMBEDS, LOGITS, POSITION_IDS, KVCacheSpec
 from nvlm_export.runtime.sampling import check_sampling_options, sample_next_token
 from nvlm_export.runtime.streaming import TextStream
 
@@ -36,10 +35,6 @@ FinishReason = Literal["eos", "stop", "length"]
 DecoderStep = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 # Token ids [B, S] int64 -> embeddings [B, S, D]; a memory-mapped table's `__getitem__` qualifies.
 EmbedTokens = Callable[[np.ndarray], np.ndarray]
-
-INPUTS_EMBEDS = "inputs_embeds"
-POSITION_IDS = "position_ids"
-LOGITS = "logits"
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,17 @@ PIXEL_VALUES = "pixel_values"  # vision input, float [tiles, 3, S, S]
 IMAGE_FEATURES = "image_features"  # vision output spliced into the decoder sequence [tiles, 256, D]
 CROSS_FEATURES = "cross_features"  # vision output for the cross key/value sequence [tiles, 256, D]
 CROSS_EMBEDS = "cross_embeds"  # cross_kv input [1, K, D]; its outputs are decoder inputs by name
+CROSS_KEY = "cross_kv.{block}.key"  # cross_kv outputs = decoder inputs [batch, KV, K, head_dim]
+CROSS_VALUE = "cross_kv.{block}.value"
+INPUTS_EMBEDS = "inputs_embeds"  # decoder input [batch, seq, D]
+POSITION_IDS = "position_ids"  # decoder input int64 [batch, seq]
+LOGITS = "logits"  # decoder output [batch, vocab]: the last position's
+# The decoder's self-attention cache, per layer: past inputs [batch, kv_heads, past, head_dim],
+# present outputs [batch, kv_heads, past + seq, head_dim] (past and new concatenated).
+PAST_KEY = "past_key_values.{layer}.key"
+PAST_VALUE = "past_key_values.{layer}.value"
+PRESENT_KEY = "present.{layer}.key"
+PRESENT_VALUE = "present.{layer}.value"
 CROSS_ATTENTION_MASK = "cross_attention_mask"  # decoder input bool [1, seq, K]
 
 
@@ -123,10 +134,10 @@ class KVCacheSpec:
     head_dim: int
     max_context: int
     dtype: str = "float32"
-    past_key: str = "past_key_values.{layer}.key"
-    past_value: str = "past_key_values.{layer}.value"
-    present_key: str = "present.{layer}.key"
-    present_value: str = "present.{layer}.value"
+    past_key: str = PAST_KEY
+    past_value: str = PAST_VALUE
+    present_key: str = PRESENT_KEY
+    present_value: str = PRESENT_VALUE
 
 
 @dataclass(frozen=True)

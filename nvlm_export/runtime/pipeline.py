@@ -72,6 +72,7 @@ from nvlm_export.runtime.manifest import (
     CROSS_KV_GRAPH,
     DECODER_GRAPH,
     IMAGE_FEATURES,
+    INPUTS_EMBEDS,
     PIXEL_VALUES,
     VISION_GRAPH,
     Manifest,
@@ -186,7 +187,7 @@ class Pipeline:
         self.embedding = embedding  # [vocab, D], memory-mapped
         self.tiling = manifest.tiling
         self.prompt_format = manifest.prompt
-        self._embeds_dtype = np.dtype(manifest.graph(DECODER_GRAPH).input("inputs_embeds").dtype)
+        self._embeds_dtype = np.dtype(manifest.graph(DECODER_GRAPH).input(INPUTS_EMBEDS).dtype)
         self.vision_tiles_per_call = vision_tiles_per_call
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.max_image_bytes = max_image_bytes  # image files and bytes above this are refused
