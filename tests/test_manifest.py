@@ -139,6 +139,11 @@ def test_tiling_prompt_and_engines_are_typed_and_checked_on_load(bundle: Path) -
         _rewrite(bundle, **{key: data[key]})
 
 
+def test_bundles_written_with_the_retired_extras_key_still_load(bundle: Path) -> None:
+    _rewrite(bundle, extras={"cross_attention": {"blocks": 2, "every": 1}})
+    assert load_manifest(bundle).prompt == NVLM_D
+
+
 def test_a_prompt_format_the_runtime_would_refuse_cannot_be_built() -> None:
     with pytest.raises(BundleError, match="Unknown image layout"):
         replace(NVLM_D, image_layout="spiral")

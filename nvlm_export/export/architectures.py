@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -44,8 +44,6 @@ class ExportHooks:
         [nn.Module, Path, str, int, int, CheckpointWeights | None], dict[str, GraphIO]
     ]
     reference_logits: ReferenceLogits
-    # facts the runtime strategy reads from manifest.extras (cross-attention layout)
-    manifest_extras: Callable[[nn.Module], dict[str, Any]] = lambda model: {}
 
 
 @dataclass(frozen=True)

@@ -182,7 +182,6 @@ def _write_bundle(
         ),
         prompt=replace(arch.prompt_format, tokens_per_tile=config.tokens_per_tile),
         precision=settings.dtype,
-        extras=arch.hooks.manifest_extras(model),
     )
     return manifest  # saved by publish_bundle, after validation
 

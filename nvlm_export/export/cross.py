@@ -318,13 +318,7 @@ def _cross_reference(
     return model(token_ids, images, prompt, logits_to_keep=1)[0, -1]
 
 
-def _cross_extras(model: nn.Module) -> dict[str, Any]:
-    cross = model.cross_attention
-    return {"cross_attention": {"blocks": cross.num_blocks, "every": cross.every}}
-
-
 CROSS_ATTENTION = ExportHooks(
     export_language=_cross_language,
     reference_logits=_cross_reference,
-    manifest_extras=_cross_extras,
 )

@@ -36,6 +36,8 @@ from nvlm_export.runtime.tiling import TilingConfig
 # 1.1: the optional `language_engine` section; 2.0: file records required; 2.1: the optional
 # per-backend graph `variants`
 SCHEMA_VERSION = "2.1"
+# Keys that writers of schema 2.0 and 2.1 put in every manifest and no reader needs: ignored.
+RETIRED_KEYS = ("extras",)
 MANIFEST_NAME = "manifest.json"
 
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
@@ -230,9 +232,6 @@ class Manifest:
     tiling: TilingConfig
     prompt: PromptFormat
     precision: str = "fp32"
-    # Architecture-specific facts (for NVLM-X/H: the cross-attention layout), read by the
-    # architecture's runtime strategy only.
-    extras: dict[str, Any] = field(default_factory=dict)
     # TensorRT engines keyed by graph name.
     engines: dict[str, EngineRecord] = field(default_factory=dict)
     # The decoder handed off to a serving engine (vLLM, TensorRT-LLM); None without a hand-off.
@@ -258,6 +257,7 @@ class Manifest:
     def from_dict(cls, data: dict[str, Any], *, where: str = MANIFEST_NAME) -> Manifest:
         version = data.get("schema_version")
         lenient = _check_schema_version(version, where)
+        data = {key: value for key, value in data.items() if key not in RETIRED_KEYS}
         try:
             manifest = _build(cls, data, where, lenient)
             _check_values(manifest, where)
