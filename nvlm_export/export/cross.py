@@ -33,8 +33,10 @@ from nvlm_export.export.decoder import (
     ExportableDecoder,
     KVCache,
     attention,
+    check_weights_dtype,
     rms_norm,
     swiglu,
+    trace_decoder,
 )
 from nvlm_export.export.onnx_utils import (
     GraphIO,
@@ -226,16 +228,6 @@ class CrossAttentionDecoder(ExportableDecoder):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_dtype(module: nn.Module, dtype: str) -> None:
-    actual = next(module.parameters()).dtype
-    if actual != DTYPES[dtype]:
-        raise ExportError(
-            f"The model's weights are {actual}, but a {dtype} graph was requested",
-            why="the graphs share the model's weights instead of converting a copy",
-            fix=f"Load the model with dtype {DTYPES[dtype]}",
-        )
-
-
 def export_cross_kv_onnx(
     model: CrossAttentionVisionLanguageModel,
     path: Path,
@@ -249,7 +241,7 @@ def export_cross_kv_onnx(
 
     spec = DecoderSpec.from_model(model.language_model)
     graph = CrossKVGraph(model.cross_layers, spec.num_kv_heads, spec.head_dim).eval()
-    _check_dtype(graph, dtype)
+    check_weights_dtype(graph, dtype)
     hidden = spec.hidden_size
     external = needs_external_data(graph)
     io = graph.graph_io(path.name, external_data_name(path) if external else None, opset, hidden)
@@ -273,18 +265,8 @@ def export_cross_decoder_onnx(
     decoder = CrossAttentionDecoder(
         model.language_model, model.cross_layers, model.cross_attention
     ).eval()
-    decoder.spec.check_max_context(max_context)
-    _check_dtype(decoder, dtype)
-    external = needs_external_data(decoder)
-    io = decoder.graph_io(path.name, external_data_name(path) if external else None, opset)
-    return trace_to_onnx(
-        decoder,
-        decoder.example_inputs(),
-        path,
-        io=io,
-        dynamic_shapes=decoder.dynamic_shapes(),
-        what="cross-attention decoder",
-        weights=weights,
+    return trace_decoder(
+        decoder, path, dtype, opset, max_context, weights, "cross-attention decoder"
     )
 
 

@@ -492,15 +492,34 @@ def export_decoder_onnx(
             ),
         )
     decoder = ExportableDecoder(lm).eval()
-    spec = decoder.spec
-    spec.check_max_context(max_context or spec.max_position_embeddings)
-    if decoder.dtype != DTYPES[dtype]:
+    context = max_context or decoder.spec.max_position_embeddings
+    return trace_decoder(decoder, Path(path), dtype, opset, context, weights, "language decoder")
+
+
+def check_weights_dtype(module: nn.Module, dtype: str) -> None:
+    """A graph shares its module's weights, so they must already be in the graph's `dtype`."""
+    actual = next(module.parameters()).dtype
+    if actual != DTYPES[dtype]:
         raise ExportError(
-            f"The model's weights are {decoder.dtype}, but a {dtype} graph was requested",
+            f"The model's weights are {actual}, but a {dtype} graph was requested",
             why="the graph shares the model's weights instead of converting a copy",
             fix=f"Load the model with torch_dtype={DTYPES[dtype]}",
         )
-    path = Path(path)
+
+
+def trace_decoder(
+    decoder: ExportableDecoder,
+    path: Path,
+    dtype: str,
+    opset: int,
+    max_context: int,
+    weights: CheckpointWeights | None,
+    what: str,
+) -> GraphIO:
+    """Check an `ExportableDecoder` (or a subclass) and trace it to `path` with its own I/O,
+    example inputs and dynamic axes; weights above 2 GB go to `<path>.data`."""
+    decoder.spec.check_max_context(max_context)
+    check_weights_dtype(decoder, dtype)
     external = needs_external_data(decoder)
     io = decoder.graph_io(path.name, external_data_name(path) if external else None, opset)
     return trace_to_onnx(
@@ -509,7 +528,7 @@ def export_decoder_onnx(
         path,
         io=io,
         dynamic_shapes=decoder.dynamic_shapes(),
-        what="language decoder",
+        what=what,
         weights=weights,
     )
 

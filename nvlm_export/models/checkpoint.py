@@ -28,7 +28,7 @@ from nvlm_export.errors import CheckpointError
 from nvlm_export.models.config import CONFIG_FILE, ModelConfig
 from nvlm_export.models.config_io import convert_layout, read_config, render_config
 from nvlm_export.models.model import AnyVisionLanguageModel, build_model
-from nvlm_export.models.registry import layout_spec
+from nvlm_export.models.registry import architecture_of, layout_spec
 from nvlm_export.output import apply_umask_permissions
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -176,7 +176,7 @@ def count_dummy_heads(config: ModelConfig, stored: StoredTensors) -> int:
 
 def resolve_image_token_id(directory: Path, config: ModelConfig) -> int:
     """The id of the layout's image placeholder, read from the checkpoint's tokenizer."""
-    token = layout_spec(config.layout).image_token
+    token = architecture_of(config.layout).prompt_format.placeholder_token
     path = Path(directory) / "tokenizer.json"
     if path.is_file():
         from tokenizers import Tokenizer

@@ -177,6 +177,33 @@ def require_key(config: Mapping[str, Any], key: str, where: str) -> Any:
     return config[key]
 
 
+def shared_vision_fields(vc: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The `VisionConfig` fields every layout's vision_config names alike (sizes required)."""
+    return {
+        "hidden_size": int(require_key(vc, "hidden_size", where)),
+        "num_layers": int(require_key(vc, "num_hidden_layers", where)),
+        "num_heads": int(require_key(vc, "num_attention_heads", where)),
+        "intermediate_size": int(require_key(vc, "intermediate_size", where)),
+        "num_channels": int(vc.get("num_channels", 3)),
+        "eps": float(vc.get("layer_norm_eps", 1e-6)),
+        "hidden_act": str(vc.get("hidden_act", "gelu")),
+    }
+
+
+def shared_vision_entries(v: VisionConfig) -> dict[str, Any]:
+    """The vision_config entries every layout writes alike (`shared_vision_fields`' inverse)."""
+    return {
+        "hidden_size": v.hidden_size,
+        "num_hidden_layers": v.num_layers,
+        "num_attention_heads": v.num_heads,
+        "intermediate_size": v.intermediate_size,
+        "norm_type": v.norm_type,
+        "num_channels": v.num_channels,
+        "layer_norm_eps": v.eps,
+        "hidden_act": v.hidden_act,
+    }
+
+
 def cross_attention_config(every: Any, llm: Mapping[str, Any], where: str) -> CrossAttentionConfig:
     """Validated cross-attention placement: at least one block, at most one per decoder layer."""
     layers = int(llm["num_hidden_layers"])

@@ -1,6 +1,6 @@
 """The architecture registry: every supported family and checkpoint layout, found by name.
 
-Torch-free. Generic code asks a spec (`layout_spec(config.layout).image_token`,
+Torch-free. Generic code asks a spec (`layout_spec(config.layout).key_rules`,
 `architecture_of(layout).prompt_format`, ...) and never compares a layout or family name.
 Adding a family is one module in `models/families/` and one entry in `ARCHITECTURES` below
 (docs/architecture.md).

@@ -26,7 +26,7 @@ from nvlm_export.models.checkpoint import DTYPES, canonical_parameters, default_
 from nvlm_export.models.config import ModelConfig, cross_attention_config
 from nvlm_export.models.families.spec import TinyShape
 from nvlm_export.models.model import build_model
-from nvlm_export.models.registry import LAYOUTS, layout_spec
+from nvlm_export.models.registry import LAYOUTS, architecture_of, layout_spec
 
 # Initial spread per parameter role, first match wins: (name pattern, mean, std).
 # Tiny models get large, sharp weights so that tokens depend visibly on prompt and image.
@@ -180,7 +180,7 @@ def make_tiny_checkpoint(
     shape = shape_for(size, layout)
     directory = Path(directory)
     tokenizer = save_tiny_tokenizer(directory, layout)
-    image_token_id = tokenizer.token_to_id(layout_spec(layout).image_token)
+    image_token_id = tokenizer.token_to_id(architecture_of(layout).prompt_format.placeholder_token)
     eos_id = tokenizer.token_to_id("<|im_end|>")
     vocab = tokenizer.get_vocab_size()
     config = tiny_config(size, layout, vocab, image_token_id, eos_id, layers)

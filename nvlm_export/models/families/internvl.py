@@ -11,7 +11,14 @@ from types import MappingProxyType
 from typing import Any
 
 from nvlm_export.errors import CheckpointError
-from nvlm_export.models.config import ModelConfig, VisionConfig, decoder_architecture, require_key
+from nvlm_export.models.config import (
+    ModelConfig,
+    VisionConfig,
+    decoder_architecture,
+    require_key,
+    shared_vision_entries,
+    shared_vision_fields,
+)
 from nvlm_export.models.families import tiny_shapes as tiny
 from nvlm_export.models.families.remote_code import (
     REMOTE_CODE_KEYS,
@@ -94,7 +101,6 @@ def parse_hf(config: Mapping[str, Any], spec: LayoutSpec) -> ModelConfig:
     vc = require_key(config, "vision_config", "config.json")
     text = dict(require_key(config, "text_config", "config.json"))
     decoder_architecture(text)
-    where = "config.json vision_config"
     if not vc.get("use_mean_pooling", True) or not vc.get("use_absolute_position_embeddings", True):
         raise CheckpointError(
             "Unsupported InternVL vision tower variant",
@@ -102,18 +108,12 @@ def parse_hf(config: Mapping[str, Any], spec: LayoutSpec) -> ModelConfig:
             fix="Convert the checkpoint with transformers' defaults for InternVL",
         )
     vision = VisionConfig(
-        hidden_size=int(require_key(vc, "hidden_size", where)),
-        num_layers=int(require_key(vc, "num_hidden_layers", where)),
-        num_heads=int(require_key(vc, "num_attention_heads", where)),
-        intermediate_size=int(require_key(vc, "intermediate_size", where)),
+        **shared_vision_fields(vc, "config.json vision_config"),
         norm_type=str(vc.get("norm_type", "layer_norm")),
         qk_normalization=bool(vc.get("use_qk_norm", False)),
         qkv_bias=bool(vc.get("attention_bias", False)),
         patch_size=_single(vc.get("patch_size", 14)),
         image_size=_single(vc.get("image_size", 448)),
-        num_channels=int(vc.get("num_channels", 3)),
-        eps=float(vc.get("layer_norm_eps", 1e-6)),
-        hidden_act=str(vc.get("hidden_act", "gelu")),
     )
     ratio = float(config.get("downsample_ratio", 0.5))
     return ModelConfig(
@@ -136,19 +136,12 @@ def render_hf(config: ModelConfig, spec: LayoutSpec) -> dict[str, Any]:
     out = copy.deepcopy(config.raw) if config.raw.get("model_type") == spec.model_type else {}
     vision_config = dict(out.get("vision_config", {}))
     vision_config.update(
+        shared_vision_entries(v),
         model_type="internvl_vision",
-        hidden_size=v.hidden_size,
-        num_hidden_layers=v.num_layers,
-        num_attention_heads=v.num_heads,
-        intermediate_size=v.intermediate_size,
-        norm_type=v.norm_type,
         use_qk_norm=v.qk_normalization,
         attention_bias=v.qkv_bias,
         patch_size=[v.patch_size, v.patch_size],
         image_size=[v.image_size, v.image_size],
-        num_channels=v.num_channels,
-        layer_norm_eps=v.eps,
-        hidden_act=v.hidden_act,
         use_mean_pooling=True,
         use_absolute_position_embeddings=True,
     )
@@ -186,14 +179,8 @@ HF_TOKENIZER = TokenizerSpec(
 
 # InternVL2-1B: InternViT-300M + Qwen2-0.5B. Vocabulary 151655 as in InternVL2-1B's config.json
 # (Qwen2-0.5B itself pads to 151936); untied embeddings, as InternVL2-1B states.
-BENCH_VIT = VisionConfig(
-    hidden_size=1024,
-    num_layers=24,
-    num_heads=16,
-    intermediate_size=4096,
-    norm_type="layer_norm",
-    qk_normalization=False,
-    qkv_bias=True,
+BENCH_VIT = replace(
+    tiny.TINY_VIT_300M, hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096
 )
 BENCH_LLM = MappingProxyType(
     {
@@ -228,7 +215,6 @@ REMOTE_LAYOUT = LayoutSpec(
     name="internvl",
     model_type="internvl_chat",
     description="OpenGVLab InternVL2/2.5/3 remote-code checkpoint",
-    image_token="<IMG_CONTEXT>",
     stores_dummy_heads=False,
     default_dummy_heads=0,
     projector_bias=True,

@@ -29,8 +29,6 @@ PROMPT_FORMAT = PromptFormat(
     image_end="</Image>",
 )
 
-IMAGE_TOKEN = "<|vision_pad|>"
-
 # The tiny NVLM checkpoints mirror NVLM-D-72B's llm_config quirk: model_type "llama", Qwen2 inside.
 TINY = TinyShape(
     tiny.TINY_VIT_6B, tiny.TINY_LLM, "float32", tiny.TINY_SHARD_BYTES, "chatml", 6, "llama"
@@ -40,7 +38,6 @@ LAYOUT = LayoutSpec(
     name="nvlm-d",
     model_type="NVLM_D",
     description="NVIDIA NVLM-D remote-code checkpoint (InternViT-6B style, Qwen2 decoder)",
-    image_token=IMAGE_TOKEN,
     stores_dummy_heads=True,
     default_dummy_heads=NVLM_D_DUMMY_HEADS,
     projector_bias=False,

@@ -20,6 +20,8 @@ from nvlm_export.models.config import (
     cross_attention_config,
     decoder_architecture,
     require_key,
+    shared_vision_entries,
+    shared_vision_fields,
 )
 from nvlm_export.models.families.spec import KeyRule, LayoutSpec, key_rule
 
@@ -47,21 +49,14 @@ CROSS_ATTENTION_EVERY = "cross_attention_every"
 
 
 def _vision(vc: Mapping[str, Any], image_size: int, dummy_heads: int) -> VisionConfig:
-    where = "config.json vision_config"
     return VisionConfig(
-        hidden_size=int(require_key(vc, "hidden_size", where)),
-        num_layers=int(require_key(vc, "num_hidden_layers", where)),
-        num_heads=int(require_key(vc, "num_attention_heads", where)),
-        intermediate_size=int(require_key(vc, "intermediate_size", where)),
+        **shared_vision_fields(vc, "config.json vision_config"),
         norm_type=str(vc.get("norm_type", "rms_norm")),
         qk_normalization=bool(vc.get("qk_normalization", False)),
         qkv_bias=bool(vc.get("qkv_bias", True)),
         num_dummy_heads=dummy_heads,
         patch_size=int(vc.get("patch_size", 14)),
         image_size=int(image_size or vc.get("image_size", 448)),
-        num_channels=int(vc.get("num_channels", 3)),
-        eps=float(vc.get("layer_norm_eps", 1e-6)),
-        hidden_act=str(vc.get("hidden_act", "gelu")),
     )
 
 
@@ -94,18 +89,11 @@ def render_remote_code(config: ModelConfig, spec: LayoutSpec) -> dict[str, Any]:
     out = copy.deepcopy(config.raw) if same_layout else {}
     vision_config = dict(out.get("vision_config", {}))
     vision_config.update(
-        hidden_size=v.hidden_size,
-        num_hidden_layers=v.num_layers,
-        num_attention_heads=v.num_heads,
-        intermediate_size=v.intermediate_size,
-        norm_type=v.norm_type,
+        shared_vision_entries(v),
         qk_normalization=v.qk_normalization,
         qkv_bias=v.qkv_bias,
         patch_size=v.patch_size,
         image_size=v.image_size,
-        num_channels=v.num_channels,
-        layer_norm_eps=v.eps,
-        hidden_act=v.hidden_act,
     )
     out.update(
         architectures=out.get("architectures", [spec.remote_architecture]),

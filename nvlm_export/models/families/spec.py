@@ -78,7 +78,6 @@ class LayoutSpec:
     name: str
     model_type: str  # config.json's model_type, which identifies the layout
     description: str
-    image_token: str  # the placeholder whose embeddings image features overwrite
     stores_dummy_heads: bool  # padded attention heads allowed; their count is read from tensors
     default_dummy_heads: int  # used when no stored tensors are available to count them
     projector_bias: bool

@@ -7,6 +7,7 @@ composes its `LayoutSpec.shapes` from these.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import MappingProxyType
 
 from nvlm_export.models.config import NVLM_D_DUMMY_HEADS, VisionConfig
@@ -39,15 +40,9 @@ TINY_VIT_6B = VisionConfig(
     num_dummy_heads=NVLM_D_DUMMY_HEADS,
 )
 
-# InternViT-300M style (InternVL2/2.5/3): LayerNorm, qkv bias, no QK-norm.
-TINY_VIT_300M = VisionConfig(
-    hidden_size=64,
-    num_layers=2,
-    num_heads=4,
-    intermediate_size=128,
-    norm_type="layer_norm",
-    qk_normalization=False,
-    qkv_bias=True,
+# InternViT-300M style (InternVL2/2.5/3): LayerNorm, qkv bias, no QK-norm, no padded heads.
+TINY_VIT_300M = replace(
+    TINY_VIT_6B, norm_type="layer_norm", qk_normalization=False, qkv_bias=True, num_dummy_heads=0
 )
 
 TINY_SHARD_BYTES = 512 * 1024  # several shards, so sharded reading is exercised
