@@ -36,7 +36,9 @@ def profile(
     ] = 32,
     runs: Annotated[int, typer.Option(help="Measured requests per case; medians are quoted.")] = 3,
     warmup: Annotated[int, typer.Option(help="Unmeasured requests per case first.")] = 1,
-    backend: Annotated[str, Runtime(help="onnxruntime or tensorrt.")] = "onnxruntime",
+    backend: Annotated[
+        str, Runtime(help="onnxruntime, tensorrt or openvino (the openvino extra).")
+    ] = "onnxruntime",
     threads: opts.Threads = None,
     spin: opts.Spin = True,
     graph_variants: Annotated[

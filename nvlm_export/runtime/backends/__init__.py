@@ -76,3 +76,8 @@ register_backend(
         "tensorrt", "nvlm_export.runtime.backends.tensorrt", "TensorRTRunner", extra="tensorrt"
     )
 )
+register_backend(
+    BackendEntry(
+        "openvino", "nvlm_export.runtime.backends.openvino", "OpenVinoRunner", extra="openvino"
+    )
+)
