@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from nvlm_export.errors import InputError
+from nvlm_export.errors import BundleError, InputError
 from nvlm_export.runtime.manifest import Dim, EngineRecord, TensorSpec
 from nvlm_export.runtime.manifest import GraphSpec as ManifestGraph
 
@@ -70,6 +70,15 @@ class GraphSpec:
 
     def has_input(self, name: str) -> bool:
         return name in self._inputs_by_name
+
+    def existing_path(self) -> Path:
+        """The graph file, or a BundleError when it is missing."""
+        if not self.path.is_file():
+            raise BundleError(
+                f"The {self.name} graph file {self.path} does not exist",
+                fix="Check the bundle directory or re-export it",
+            )
+        return self.path
 
 
 class CallTimings:

@@ -118,12 +118,7 @@ class OnnxRuntimeRunner(GraphRunner):
         return options
 
     def _activate_impl(self) -> None:
-        path = self.spec.path
-        if not path.is_file():
-            raise BundleError(
-                f"The {self.spec.name} graph file {path} does not exist",
-                fix="Check the bundle directory or re-export it",
-            )
+        path = self.spec.existing_path()
         try:
             self.session = ort.InferenceSession(
                 str(path),

@@ -63,12 +63,7 @@ class OpenVinoRunner(GraphRunner):
     def _activate_impl(self) -> None:
         import openvino
 
-        path = self.spec.path
-        if not path.is_file():
-            raise BundleError(
-                f"The {self.spec.name} graph file {path} does not exist",
-                fix="Check the bundle directory or re-export it",
-            )
+        path = self.spec.existing_path()
         core = openvino.Core()
         try:
             compiled = core.compile_model(core.read_model(str(path)), "CPU", self._config())
