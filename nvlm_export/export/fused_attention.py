@@ -36,8 +36,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from nvlm_export.errors import ExportError
-from nvlm_export.runtime.generation import INPUTS_EMBEDS, POSITION_IDS
-from nvlm_export.runtime.manifest import DECODER_GRAPH, VISION_GRAPH, GraphVariant, Manifest
+from nvlm_export.runtime.manifest import (
+    DECODER_GRAPH,
+    INPUTS_EMBEDS,
+    POSITION_IDS,
+    VISION_GRAPH,
+    GraphVariant,
+    Manifest,
+)
 
 if TYPE_CHECKING:
     import onnx
