@@ -326,6 +326,46 @@ def test_int4_gemm_becomes_a_matmul_on_dequantized_weights_that_computes_the_sam
     assert [n.op_type for n in onnx.load(kept).graph.node] == ["Gemm"]
 
 
+def test_int4_weights_read_in_row_blocks_quantize_to_the_same_bytes_as_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A vocabulary-sized LM head is read and quantized a block of rows at a time (so it never
+    sits in memory whole); the INT4 values and scales are the ones the whole tensor gets, for a
+    stored [N, K] head (Gemm transB) and a [K, N] MatMul weight with an odd N."""
+    from onnx import helper
+
+    from nvlm_export.export import qdq
+
+    rng = np.random.default_rng(0)
+    head, mlp = rng.normal(size=(70, 64)), rng.normal(size=(64, 33))
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "mlp"], ["h"], name="mlp"),
+            helper.make_node("Gemm", ["h2", "head"], ["y"], name="head", transB=1),
+        ],
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 64]) for n in ("x", "h2")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("h", "y")],
+        [
+            numpy_helper.from_array(w.astype(np.float32), n)
+            for n, w in (("head", head), ("mlp", mlp))
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, tmp_path / "g.onnx", save_as_external_data=True, size_threshold=0)
+
+    def quantized(read_bytes: int) -> dict[str, bytes]:
+        monkeypatch.setattr(qdq, "INT4_READ_BYTES", read_bytes)
+        out = tmp_path / f"q{read_bytes}" / "g.onnx"
+        qdq.quantize_int4_graph(tmp_path / "g.onnx", out, exclude=(), block_size=16, external=True)
+        loaded = onnx.load(out)
+        return {t.name: numpy_helper.to_array(t).tobytes() for t in loaded.graph.initializer}
+
+    whole = quantized(1 << 30)
+    assert quantized(4 * 64 * 6) == whole  # 6 head rows, 16 MLP rows (one K-block) at a time
+    assert {"head_kn_DQ_Q4", "mlp_DQ_Q4_scales"} <= set(whole)
+
+
 def test_excluding_every_node_is_an_error_not_a_fully_quantized_graph(
     sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
 ) -> None:

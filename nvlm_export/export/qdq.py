@@ -52,6 +52,8 @@ INT4_BLOCK_SIZES = (128, 64, 32, 16)  # largest first: 128 is TensorRT's usual I
 FP8_MIN_OPSET = 19  # QuantizeLinear / DequantizeLinear with float8 types
 INT4_MIN_OPSET = 21  # blocked DequantizeLinear, INT4 tensors
 INT4_MIN_IR_VERSION = 10
+# fp32 bytes of one weight read at a time for INT4 (a block of rows of the stored tensor).
+INT4_READ_BYTES = 64 << 20
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 # Quantized graphs whose source is above this size get their weights in an external data file,
 # written one tensor at a time; the exporter's rule (an inline graph is serialised whole).
@@ -437,23 +439,59 @@ def quantize_int4_graph(
 def _write_int4_weight(
     graph: SourceGraph, target: _Int4Target, block_size: int, sink: TensorSink
 ) -> None:
+    """Quantize one weight in row blocks of the stored tensor and write it.
+
+    Blocks run along K (the input channel), so every output column is quantized on its own:
+    a stored [N, K] weight (Gemm transB) is cut into groups of columns, a [K, N] weight into
+    groups of whole K-blocks, and the pieces' packed values and scales are placed where the
+    whole tensor's would be (same bytes). Only the INT4 result (1/8 of the fp32 weight) is held
+    whole, so a vocabulary-sized LM head does not decide the peak.
+    """
     from onnx import TensorProto, helper
+
+    rows, cols = graph.shape(target.weight)
+    k, n = (cols, rows) if target.transposed else (rows, cols)
+    block_rows = max(1, INT4_READ_BYTES // (4 * cols))
+    if target.transposed:
+        # an even number of columns per piece, so no packed byte holds nibbles of two pieces
+        block_rows = block_rows + block_rows % 2 if n % 2 == 0 else rows
+    else:
+        block_rows = max(block_size, block_rows // block_size * block_size)
+    packed = np.empty((k * n + 1) // 2, np.uint8)  # row-major [K, N], two values a byte
+    scales = None  # in the weight's dtype, as the kernel returns them
+    for start, block in graph.row_blocks(target.weight, block_rows):
+        part, part_scales = _int4_block_quant(
+            np.ascontiguousarray(block.T if target.transposed else block), block_size
+        )
+        if scales is None:
+            scales = np.empty((-(-k // block_size), n), part_scales.dtype)
+        stop = start + block.shape[0]
+        if block_rows >= rows:
+            packed[:], scales[:] = part, part_scales
+        elif target.transposed:
+            packed.reshape(k, n // 2)[:, start // 2 : stop // 2] = part.reshape(k, -1)
+            scales[:, start:stop] = part_scales
+        else:
+            packed[start * n // 2 : start * n // 2 + part.size] = part
+            scales[start // block_size : start // block_size + part_scales.shape[0]] = part_scales
+    name = _int4_name(target)
+    sink.add(helper.make_tensor(name, TensorProto.INT4, (k, n), packed.tobytes(), raw=True))
+    sink.add_array(scales, f"{name}_scales")
+
+
+def _int4_block_quant(kn: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """onnxruntime.quantization's block-wise symmetric INT4 of a [K, N] weight: packed, scales."""
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         DefaultWeightOnlyQuantizer,
     )
 
-    weight = graph.array(target.weight)
-    kn = np.ascontiguousarray(weight.T if target.transposed else weight)  # [K, N]
-    del weight
     config = DefaultWeightOnlyQuantConfig(
         block_size=block_size, is_symmetric=True, quant_format=QuantFormat.QDQ
     )
     packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(kn)
-    name = _int4_name(target)
-    sink.add(helper.make_tensor(name, TensorProto.INT4, kn.shape, packed.tobytes(), raw=True))
-    sink.add_array(scales, f"{name}_scales")
+    return packed, scales
 
 
 def _int4_name(target: _Int4Target) -> str:

@@ -13,7 +13,8 @@ classes (the file layout is onnx's: `location`, `offset`, `length` per tensor).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -29,6 +30,8 @@ INLINE_BYTES = 1024
 # memory-map them.
 ALIGN_BYTES = 4096
 ALIGN_ABOVE_BYTES = 1 << 20
+# onnx.TensorProto FLOAT, FLOAT16, DOUBLE: element types read as plain bytes, row by row.
+FLOAT_TYPES = (1, 10, 11)
 
 
 class SourceGraph:
@@ -60,6 +63,60 @@ class SourceGraph:
         from onnx import numpy_helper
 
         return numpy_helper.to_array(self.tensor(name))
+
+    def row_blocks(self, name: str, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Initializer `name` as (first row, rows) blocks of at most `block_rows` along axis 0.
+
+        A float tensor in a data file beside the graph is read block by block, so a
+        vocabulary-sized weight never sits in memory whole (`tensor` holds it twice: the bytes
+        read and the proto they are copied into). Anything else (inline data, another file
+        layout) is read whole through onnx and sliced.
+        """
+        raw = self._raw_external(name)
+        if raw is None:
+            array = self.array(name)
+            for start in range(0, array.shape[0], block_rows):
+                yield start, array[start : start + block_rows]
+            return
+        file, offset, dtype = raw
+        shape = self.shape(name)
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        with open(file, "rb") as data:
+            for start in range(0, shape[0], block_rows):
+                rows = min(block_rows, shape[0] - start)
+                block = np.empty((rows, *shape[1:]), dtype)
+                data.seek(offset + start * row_bytes)
+                if data.readinto(memoryview(block).cast("B")) != block.nbytes:
+                    raise ValueError(f"external data of {name!r} ends early in {file}")
+                yield start, block
+
+    def _raw_external(self, name: str) -> tuple[Path, int, np.dtype] | None:
+        """(file, offset, dtype) of a float initializer stored as plain bytes in a data file in
+        the graph's own directory (what `TensorSink` and the exporter write), else None.
+
+        Checked as strictly as onnx's loader: a bare file name (no directory, no '..'), a
+        regular file that is not a link, the tensor's bytes inside it.
+        """
+        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        tensor = self.initializers[name]
+        if not uses_external_data(tensor) or tensor.data_type not in FLOAT_TYPES:
+            return None
+        info = ExternalDataInfo(tensor)
+        file = self.path.parent / info.location
+        if Path(info.location).name != info.location or info.location in ("", ".", ".."):
+            return None
+        if file.is_symlink() or not file.is_file() or file.stat().st_nlink != 1:
+            return None
+        dtype = np.dtype(tensor_dtype_to_np_dtype(tensor.data_type))
+        offset = int(info.offset or 0)
+        length = math.prod(self.shape(name)) * dtype.itemsize
+        if info.length is not None and int(info.length) != length:
+            return None
+        if offset + length > file.stat().st_size:
+            raise ValueError(f"external data of {name!r} lies beyond the end of {file}")
+        return file, offset, dtype
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(int(d) for d in self.initializers[name].dims)
