@@ -331,13 +331,14 @@ def test_int4_weights_read_in_row_blocks_quantize_to_the_same_bytes_as_whole(
 ) -> None:
     """A vocabulary-sized LM head is read and quantized a block of rows at a time (so it never
     sits in memory whole); the INT4 values and scales are the ones the whole tensor gets, for a
-    stored [N, K] head (Gemm transB) and a [K, N] MatMul weight with an odd N."""
+    stored [N, K] head (Gemm transB) and a [K, N] MatMul weight, both with an odd N (pieces of
+    the head then share bytes of the packed tensor)."""
     from onnx import helper
 
     from nvlm_export.export import qdq
 
     rng = np.random.default_rng(0)
-    head, mlp = rng.normal(size=(70, 64)), rng.normal(size=(64, 33))
+    head, mlp = rng.normal(size=(71, 64)), rng.normal(size=(64, 33))
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["x", "mlp"], ["h"], name="mlp"),

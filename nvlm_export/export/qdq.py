@@ -439,44 +439,58 @@ def quantize_int4_graph(
 def _write_int4_weight(
     graph: SourceGraph, target: _Int4Target, block_size: int, sink: TensorSink
 ) -> None:
-    """Quantize one weight in row blocks of the stored tensor and write it.
+    """Quantize one weight a block of stored rows at a time and write it.
 
-    Blocks run along K (the input channel), so every output column is quantized on its own:
-    a stored [N, K] weight (Gemm transB) is cut into groups of columns, a [K, N] weight into
-    groups of whole K-blocks, and the pieces' packed values and scales are placed where the
-    whole tensor's would be (same bytes). Only the INT4 result (1/8 of the fp32 weight) is held
-    whole, so a vocabulary-sized LM head does not decide the peak.
+    INT4 blocks run along K (the input channel), so each output column is quantized on its own
+    and the pieces' values and scales are exactly the whole tensor's: a [K, N] weight is read in
+    groups of whole K-blocks, a stored [N, K] weight (Gemm transB, e.g. the LM head) in groups
+    of columns. Only the INT4 result is held whole (for the latter unpacked, one byte a value:
+    a byte of packed [K, N] may hold two pieces' values when N is odd, as in a 151655-word
+    vocabulary), so a vocabulary-sized head does not decide the peak.
     """
     from onnx import TensorProto, helper
 
     rows, cols = graph.shape(target.weight)
     k, n = (cols, rows) if target.transposed else (rows, cols)
     block_rows = max(1, INT4_READ_BYTES // (4 * cols))
-    if target.transposed:
-        # an even number of columns per piece, so no packed byte holds nibbles of two pieces
-        block_rows = block_rows + block_rows % 2 if n % 2 == 0 else rows
-    else:
+    if not target.transposed:
         block_rows = max(block_size, block_rows // block_size * block_size)
+    values = np.empty((k, n), np.uint8) if target.transposed else None
     packed = np.empty((k * n + 1) // 2, np.uint8)  # row-major [K, N], two values a byte
     scales = None  # in the weight's dtype, as the kernel returns them
     for start, block in graph.row_blocks(target.weight, block_rows):
+        stop = start + block.shape[0]
         part, part_scales = _int4_block_quant(
             np.ascontiguousarray(block.T if target.transposed else block), block_size
         )
         if scales is None:
             scales = np.empty((-(-k // block_size), n), part_scales.dtype)
-        stop = start + block.shape[0]
-        if block_rows >= rows:
-            packed[:], scales[:] = part, part_scales
-        elif target.transposed:
-            packed.reshape(k, n // 2)[:, start // 2 : stop // 2] = part.reshape(k, -1)
+        if values is not None:
+            values[:, start:stop] = _unpack_int4(part, k * (stop - start)).reshape(k, -1)
             scales[:, start:stop] = part_scales
         else:
             packed[start * n // 2 : start * n // 2 + part.size] = part
             scales[start // block_size : start // block_size + part_scales.shape[0]] = part_scales
+    if values is not None:
+        packed = _pack_int4(values.reshape(-1))
+        del values
     name = _int4_name(target)
     sink.add(helper.make_tensor(name, TensorProto.INT4, (k, n), packed.tobytes(), raw=True))
     sink.add_array(scales, f"{name}_scales")
+
+
+def _unpack_int4(packed: np.ndarray, count: int) -> np.ndarray:
+    """The `count` 4-bit values of `packed`, one a byte (ONNX order: low nibble first)."""
+    values = np.empty(2 * packed.size, np.uint8)
+    values[0::2], values[1::2] = packed & 0x0F, packed >> 4
+    return values[:count]
+
+
+def _pack_int4(values: np.ndarray) -> np.ndarray:
+    """Inverse of `_unpack_int4`: two 4-bit values a byte, an odd last one in a low nibble."""
+    packed = values[0::2].copy()
+    packed[: values.size // 2] |= values[1::2] << 4
+    return packed
 
 
 def _int4_block_quant(kn: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
