@@ -326,6 +326,23 @@ def test_int4_gemm_becomes_a_matmul_on_dequantized_weights_that_computes_the_sam
     assert [n.op_type for n in onnx.load(kept).graph.node] == ["Gemm"]
 
 
+def test_a_sink_holds_no_written_tensor_data_so_memory_stays_flat_in_depth(tmp_path: Path) -> None:
+    """Quantizing writes every weight through one TensorSink: what it keeps per tensor must not
+    grow with the tensor (a protobuf header copied with its data keeps that data allocated)."""
+    from nvlm_export.export.tensor_files import TensorSink
+
+    def resident_mib() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+    before = resident_mib()
+    with TensorSink(tmp_path / "g.onnx", external=True) as sink:
+        for index in range(16):  # 256 MiB written
+            sink.add_array(np.full(4 << 20, index, np.float32), f"w{index}")
+        grown = resident_mib() - before
+    assert grown < 64, f"{grown:.0f} MiB kept after writing 256 MiB"
+    assert (tmp_path / "g.onnx.data").stat().st_size == 16 * (16 << 20)
+
+
 def test_int4_weights_read_in_row_blocks_quantize_to_the_same_bytes_as_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

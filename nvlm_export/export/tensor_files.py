@@ -148,7 +148,8 @@ class TensorSink:
             self._file = open(self.output.parent / self.location, "wb")  # noqa: SIM115
 
     def add(self, tensor: onnx.TensorProto) -> None:
-        """Keep `tensor` (with its data) in the new graph; its data leaves memory if external."""
+        """Keep `tensor` (with its data) in the new graph; its data leaves memory if external
+        (and `tensor` itself is left without it)."""
         import onnx
 
         data = tensor.raw_data if tensor.HasField("raw_data") else None
@@ -160,9 +161,12 @@ class TensorSink:
             offset += ALIGN_BYTES - offset % ALIGN_BYTES
             self._file.seek(offset)
         self._file.write(data)
+        # The header is copied from the tensor without its data: a copied then cleared
+        # raw_data stays allocated in the header's protobuf arena for as long as the header
+        # lives, i.e. every tensor written would stay in memory until the graph is saved.
+        tensor.ClearField("raw_data")
         header = onnx.TensorProto()
         header.CopyFrom(tensor)
-        header.ClearField("raw_data")
         header.data_location = onnx.TensorProto.EXTERNAL
         for key, value in (("location", self.location), ("offset", offset), ("length", len(data))):
             entry = header.external_data.add()
