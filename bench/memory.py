@@ -201,10 +201,20 @@ def parse_time(text: str) -> tuple[int, float, float, int]:
         float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", text).group(1))
         for kind in ("User", "System")
     )
-    status = re.search(r"Exit status: (\d+)", text)
+    return rss, seconds, cpu, exit_code(text)
+
+
+def exit_code(text: str) -> int:
+    """The stage's exit code; 128 + N when signal N killed it (e.g. the kernel's OOM killer),
+    which GNU time reports with a "Command terminated by signal" line and "Exit status: 0"."""
+    killed = re.search(r"Command terminated by signal (\d+)", text)
+    if killed:
+        return 128 + int(killed.group(1))
     failed = re.search(r"Command exited with non-zero status (\d+)", text)
-    code = int(failed.group(1)) if failed else int(status.group(1)) if status else 0
-    return rss, seconds, cpu, code
+    if failed:
+        return int(failed.group(1))
+    status = re.search(r"Exit status: (\d+)", text)
+    return int(status.group(1)) if status else 0
 
 
 def graph_bytes(bundle: Path) -> int:
