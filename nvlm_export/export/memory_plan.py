@@ -35,6 +35,11 @@ GiB = 1024**3
 # with onnxruntime.quantization imported, on tiny checkpoints).
 BASE_OVERHEAD = int(0.7 * GiB)
 QUANTIZE_OVERHEAD = int(1.1 * GiB)
+# INT4 without the accuracy check imports neither torch nor onnxruntime's session machinery and
+# holds only the largest weight's INT4 result (values, packed bytes, their serialised copy):
+# fitted on the bench and 3b checkpoints at 1ccfec4, 0.43 and 0.81 GiB measured (docs/memory.md).
+INT4_OVERHEAD = int(0.15 * GiB)
+INT4_RESULT_BYTES = 2.25
 # The dry-run imports torch and builds a meta-device model: 0.36 GiB measured for the bench, 3b
 # and NVLM-D-72B configs alike.
 DRY_RUN = int(0.4 * GiB)
@@ -292,18 +297,29 @@ def quantized_bytes(inv: Inventory, precision: str, lm_head: bool) -> int:
     return int(total)
 
 
+def quantize_int4(inv: Inventory) -> int:
+    """INT4 weight-only quantization without the accuracy check: nothing runs the model.
+
+    Each weight is read a 64 MiB block of rows at a time and quantized; only its INT4 result is
+    held whole (for a stored [N, K] head unpacked, one byte a value, then packed and serialised),
+    so the largest tensor costs INT4_RESULT_BYTES per value, not its fp32 bytes. Nothing else
+    grows with the model: the written tensors leave memory at once.
+    """
+    return int(INT4_OVERHEAD + INT4_RESULT_BYTES * inv.largest_tensor)
+
+
 def quantize(inv: Inventory, precision: str) -> int:
     """Weight quantization without the accuracy check.
 
-    Weights are quantized one initializer at a time (read, scaled, rounded: about three fp32
-    copies of the largest tensor in flight), for every precision. INT8 and FP8 first fit
+    INT4: `quantize_int4`. INT8 and FP8 quantize one initializer at a time (read, scaled,
+    rounded: about three fp32 copies of the largest tensor in flight), and first fit
     activation ranges on the calibration set with one ONNX Runtime session per graph (running
     amax, nothing stored): that graph's weights once, the copies ONNX Runtime pre-packs for its
     MatMul kernels, and one sample's activations. The larger phase is the peak.
     """
-    streamed = int(BASE_OVERHEAD + 3 * inv.largest_tensor * WEIGHT_BYTES["fp32"])
     if precision == "int4":
-        return streamed
+        return quantize_int4(inv)
+    streamed = int(BASE_OVERHEAD + 3 * inv.largest_tensor * WEIGHT_BYTES["fp32"])
     ranges = max(
         RUN_WEIGHT_COPIES * params * WEIGHT_BYTES["fp32"]
         + inv.gemm_parameters.get(graph, 0) * WEIGHT_BYTES["fp32"]  # pre-packed MatMul weights
