@@ -37,7 +37,7 @@ BASE_OVERHEAD = int(0.7 * GiB)
 QUANTIZE_OVERHEAD = int(1.1 * GiB)
 # INT4 without the accuracy check imports neither torch nor onnxruntime's session machinery and
 # holds only the largest weight's INT4 result (values, packed bytes, their serialised copy):
-# fitted on the bench and 3b checkpoints at 1ccfec4, 0.43 and 0.81 GiB measured (docs/memory.md).
+# fitted on the bench and 3b checkpoints at 450bf28, 0.43 and 0.81 GiB measured (docs/memory.md).
 INT4_OVERHEAD = int(0.15 * GiB)
 INT4_RESULT_BYTES = 2.25
 # The dry-run imports torch and builds a meta-device model: 0.36 GiB measured for the bench, 3b
