@@ -93,3 +93,12 @@ def test_jetson_device_tree_names_the_module(tmp_path: Path) -> None:
     assert gpu is not None and gpu.compute_capability == (11, 0)
     model.write_bytes(b"Raspberry Pi 5\x00")
     assert gpu_from_device_tree(model) is None
+
+
+def test_every_precision_has_a_weight_size_for_the_profiler_and_the_memory_plan() -> None:
+    from nvlm_export.export.memory_plan import WEIGHT_BYTES
+    from nvlm_export.profiling.cost import BYTES_PER_WEIGHT
+    from nvlm_export.runtime.manifest import PRECISIONS
+
+    assert set(PRECISIONS) <= set(BYTES_PER_WEIGHT)
+    assert set(PRECISIONS) <= set(WEIGHT_BYTES)

@@ -23,9 +23,10 @@ from typing import Any
 from nvlm_export.errors import InputError
 from nvlm_export.export.defaults import ACCURACY_REQUESTS, ACCURACY_STEPS
 from nvlm_export.output import BUNDLE, check_output, output_lock, refuse_unsafe_location
+from nvlm_export.runtime.manifest import QUANTIZED_PRECISIONS, Precision
 
 STATE_FILE = "state.json"
-BUILD_PRECISIONS = ("fp16", "int8", "fp8", "int4")
+BUILD_PRECISIONS = (Precision.FP16, *QUANTIZED_PRECISIONS)
 BACKENDS = ("onnxruntime", "tensorrt")
 
 

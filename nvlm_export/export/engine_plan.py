@@ -44,13 +44,13 @@ from typing import Any
 
 from nvlm_export.errors import BundleError, InputError
 from nvlm_export.export.targets import GiB, Target, check_precision, check_workspace
-from nvlm_export.runtime.manifest import GraphSpec, Manifest
+from nvlm_export.runtime.manifest import QUANTIZED_PRECISIONS, GraphSpec, Manifest
 from nvlm_export.runtime.prompt import ImageLayout
 from nvlm_export.runtime.tiling import choose_grid, tile_count
 
 PLAN_NAME = "engine_plan.json"
 ENGINE_DIR = "engines"
-QUANTIZED = ("int8", "fp8", "int4")
+QUANTIZED = QUANTIZED_PRECISIONS
 FLOATS = ("fp32", "fp16")
 OPTIMIZATION_LEVELS = range(0, 6)  # IBuilderConfig.builder_optimization_level: 0..5, default 3
 DEFAULT_OPTIMIZATION_LEVEL = 3

@@ -367,7 +367,9 @@ def plan(
         StagePlan("export fp16 + validation", validated_export(inv, "fp16"), fp16, True),
         StagePlan("calibrate", calibrate(inv), calibration_bytes(inv), True),
     ]
-    for precision in ("int8", "fp8", "int4"):
+    from nvlm_export.runtime.manifest import QUANTIZED_PRECISIONS
+
+    for precision in QUANTIZED_PRECISIONS:
         out = quantized_bytes(inv, precision, lm_head=False)
         name = f"quantize {precision}"
         stages.append(StagePlan(name, quantize(inv, precision), out, precision != "int4"))

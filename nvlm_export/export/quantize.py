@@ -37,13 +37,14 @@ from nvlm_export.runtime.manifest import (
     CROSS_KV_GRAPH,
     DECODER_GRAPH,
     LOGITS,
+    QUANTIZED_PRECISIONS,
     VISION_GRAPH,
     GraphSpec,
     Manifest,
     load_manifest,
 )
 
-PRECISIONS = ("int8", "fp8", "int4")
+PRECISIONS = QUANTIZED_PRECISIONS
 ACCURACY_FILE = "accuracy.json"
 
 # Which precisions each component may take. INT4 is weight-only, which pays off where GEMMs are

@@ -19,10 +19,10 @@ from typing import Any
 
 from nvlm_export.errors import InputError
 from nvlm_export.runtime.backends.tensorrt import LocalGpu, detect_local_gpu, total_memory_gib
+from nvlm_export.runtime.manifest import PRECISIONS
 
 GiB = 2**30
 
-PRECISIONS = ("fp32", "fp16", "int8", "fp8", "int4")
 
 # The lowest compute capability with usable kernels for each precision. FP8 E4M3 tensor cores
 # arrived with Ada (8.9) and Hopper (9.0); INT4 weight-only GEMMs in TensorRT 10 need Ampere (8.0+).

@@ -144,7 +144,7 @@ def _graph_file_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in files if f.is_file())
 
 
-BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5}
 
 
 def _bytes_per_weight(manifest: Manifest) -> float:

@@ -25,6 +25,7 @@ import types
 import typing
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,6 +42,22 @@ RETIRED_KEYS = ("extras",)
 MANIFEST_NAME = "manifest.json"
 
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
+
+
+class Precision(StrEnum):
+    """A graph's or a bundle's numeric precision: the manifest's `precision` values, the CLI's
+    --precision choices. Members are their strings ("int8" == Precision.INT8)."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+    FP8 = "fp8"
+    INT4 = "int4"
+
+
+PRECISIONS: tuple[Precision, ...] = tuple(Precision)
+# Made by `nvlm-export quantize` from a float bundle (explicit Q/DQ or block-wise weights).
+QUANTIZED_PRECISIONS = (Precision.INT8, Precision.FP8, Precision.INT4)
 
 Dim = int | str  # a fixed size, or the name of a dynamic axis ("tiles", "seq", "past")
 
