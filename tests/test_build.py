@@ -66,6 +66,7 @@ def test_interrupted_build_resumes_and_finished_stages_are_not_redone(
     assert (changed.ran, changed.skipped) == (["quantize"], ["export", "calibrate"])
 
 
+@pytest.mark.slow
 def test_int4_weight_only_build_never_runs_the_model_and_says_it_is_unchecked(
     checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -217,6 +217,7 @@ def test_graph_io_describes_the_written_file(qwen2_export) -> None:
     json.dumps(io.to_dict())  # plain data for the manifest
 
 
+@pytest.mark.slow
 def test_fp16_graph_keeps_fp32_logits_and_stays_close(tmp_path: Path) -> None:
     lm = qwen2()
     path = tmp_path / "decoder_fp16.onnx"
@@ -235,6 +236,7 @@ def test_fp16_graph_keeps_fp32_logits_and_stays_close(tmp_path: Path) -> None:
         np.testing.assert_allclose(g, e, rtol=0, atol=0.01 * scale, err_msg=f"call {step}")
 
 
+@pytest.mark.slow
 def test_large_models_write_weights_to_a_side_file(tmp_path: Path, monkeypatch) -> None:
     """Above the 2 GB protobuf limit the weights go to model.onnx.data (threshold lowered here)."""
     monkeypatch.setattr(onnx_utils, "EXTERNAL_DATA_THRESHOLD_BYTES", 1024)
