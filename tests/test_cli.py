@@ -165,7 +165,7 @@ def test_build_options_reach_the_build_settings(
     settings = seen["settings"]
     assert (settings.precision, settings.images, settings.target) == ("int4", "x/*", "orin")
     assert (settings.max_samples, settings.seed, settings.accuracy_requests) == (3, 5, 2)
-    assert settings.exclude == ("lm_head", "*.mlp.*") and settings.quantize_lm_head is False
+    assert settings.exclude == ("lm_head", "*.mlp.*") and settings.lm_head == "float"
     assert settings.force and settings.overwrite
     assert not settings.validate and not settings.check_accuracy
     assert settings.backend == "onnxruntime" and settings.decode_steps == 4  # not given: defaults

@@ -105,7 +105,11 @@ def test_dry_run_prints_every_stage_and_writes_nothing(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     shown = json.loads(result.output)
     assert set(shown["stages"]) == set(memory_plan.STAGES)
-    assert shown["runs"] == ["export fp32 + validation", "quantize int4 + accuracy check"]
+    assert shown["runs"] == [
+        "export fp32 + validation",
+        "calibrate vision",
+        "quantize int4 + accuracy check",
+    ]
     assert not out.exists()
 
     weight_only = ["--no-validate", "--no-accuracy-check"]

@@ -24,7 +24,7 @@ from nvlm_export.export.lint import lint_model
 from nvlm_export.export.qdq import quantize_static_graph
 from nvlm_export.export.quantize import (
     ACCURACY_FILE,
-    COMPONENT_PRECISIONS,
+    PRECISION_PLAN,
     QuantizeSettings,
     quantize_bundle,
 )
@@ -63,9 +63,7 @@ def quantized(
         if (layout, precision) not in cache:
             bundle, calib = sources(layout)
             out = tmp_path_factory.mktemp(f"{layout}-{precision}") / "bundle"
-            quantize_bundle(
-                bundle, out, fast(precision), calib if precision != "int4" else None, quiet=True
-            )
+            quantize_bundle(bundle, out, fast(precision), calib, quiet=True)
             cache[layout, precision] = out
         return cache[layout, precision]
 
@@ -81,26 +79,31 @@ def test_quantized_bundle_runs_and_has_the_tensorrt_qdq_pattern(
     out = quantized(layout, precision)
     manifest = load_manifest(out)
     assert manifest.precision == precision and manifest.engines == {}
-    expected = {n for n in manifest.graphs if precision in COMPONENT_PRECISIONS[n]}
-    assert DECODER_GRAPH in expected and (VISION_GRAPH in expected) == (precision != "int4")
-    assert {n for n, g in manifest.graphs.items() if g.quantization} == expected
+    # Every graph is quantized; an INT4 bundle's vision graph is INT8 (W8A8), not weight-only.
+    assert {n: g.precision for n, g in manifest.graphs.items()} == {
+        n: PRECISION_PLAN[precision][n] for n in manifest.graphs
+    }
+    assert manifest.graph(VISION_GRAPH).precision == ("int8" if precision == "int4" else precision)
     for name, spec in manifest.graphs.items():
         graph = Graph(out / spec.file)
-        if spec.quantization is None:
-            assert not graph.qdq(), f"{name} is not quantized but has Q/DQ"
-            continue
         record = spec.quantization
-        assert record["library"].startswith("onnxruntime.quantization")
-        check_qdq(graph, precision, record)
+        assert record is not None and record["library"].startswith("onnxruntime.quantization")
+        assert ("calibration" in record) == (spec.precision != "int4")
+        check_qdq(graph, spec.precision, record)
         findings = lint_model(graph.model, graph=name, base_dir=out / spec.file)
         assert not [f for f in findings if f.code.startswith("qdq") or f.code == "dtype"]
     record = manifest.graph(DECODER_GRAPH).quantization
     assert record is not None
-    head_quantized = precision == "int4"  # the default per precision (QUANTIZE_LM_HEAD_BY_DEFAULT)
-    assert record["lm_head"]["module"] == "lm_head"
-    assert record["lm_head"]["quantized"] is head_quantized
+    # --lm-head auto (the default): the quantized head is tried first and kept when the bundle is
+    # within budget with it; otherwise the float head's figures are measured and reported too.
+    accuracy = json.loads((out / ACCURACY_FILE).read_text())
+    head = accuracy["lm_head"]
+    assert record["lm_head"]["module"] == "lm_head" and record["lm_head"]["setting"] == "auto"
+    assert record["lm_head"]["quantized"] is head["quantized"]
+    assert head["measured"]["quantized"]["passed"] is head["quantized"]
+    assert ("float" in head["measured"]) is (not head["quantized"])
     excluded = [n["module"] for n in record["excluded_nodes"]]
-    assert excluded == ([] if head_quantized else ["lm_head"])
+    assert excluded == ([] if head["quantized"] else ["lm_head"])
     # ONNX Runtime runs the quantized bundle through the normal pipeline.
     pipe = Pipeline.load(out)
     image = np.full((400, 500, 3), 128, dtype=np.uint8)
@@ -115,7 +118,7 @@ def test_exclude_keeps_matching_nodes_in_float(
     sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
 ) -> None:
     bundle, _ = sources("nvlm-d")
-    settings = fast("int4", exclude=("*mlp.down_proj",), quantize_lm_head=False)
+    settings = fast("int4", exclude=("*mlp.down_proj",), lm_head="float")
     quantize_bundle(bundle, tmp_path / "q", settings, None, quiet=True)
     spec = load_manifest(tmp_path / "q").graph(DECODER_GRAPH)
     modules = [n["module"] for n in spec.quantization["excluded_nodes"]]  # type: ignore[index]
@@ -127,16 +130,50 @@ def test_exclude_keeps_matching_nodes_in_float(
             assert not graph.dequantized_inputs(node)
 
 
-def test_int4_vision_is_an_unsupported_component(
+def test_int4_without_calibration_keeps_vision_in_float_and_says_so(
     sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
 ) -> None:
     bundle, _ = sources("nvlm-d")
-    with pytest.raises(InputError, match="Unsupported precision for a component"):
+    warnings: list[str] = []
+    quantize_bundle(bundle, tmp_path / "q", fast("int4"), None, quiet=True, warn=warnings.append)
+    manifest = load_manifest(tmp_path / "q")
+    assert manifest.graph(VISION_GRAPH).quantization is None
+    assert manifest.graph(VISION_GRAPH).precision == "fp32"
+    assert manifest.graph(DECODER_GRAPH).precision == "int4"
+    assert not Graph(tmp_path / "q" / manifest.graph(VISION_GRAPH).file).qdq()
+    [note] = [w for w in warnings if w.startswith("vision kept in fp32")]
+    assert "--calib" in note and "--graphs vision" in note
+
+
+def test_int4_vision_asked_for_by_name_needs_a_calibration_set(
+    sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
+) -> None:
+    bundle, _ = sources("nvlm-d")
+    with pytest.raises(InputError, match=r"vision \(int8\) needs a calibration set"):
         quantize_bundle(bundle, tmp_path / "q", fast("int4", components=("vision",)), None)
     assert not (tmp_path / "q").exists()
 
 
-def test_cli_reports_unsupported_component(
+def test_int4_vision_is_calibrated_from_a_vision_only_set(
+    sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
+) -> None:
+    """`calibrate --graphs vision` records vision samples only (the decoder is never run) and is
+    enough for an INT4 bundle: INT8 vision, INT4 decoder; an INT8 bundle refuses the set."""
+    bundle, _ = sources("nvlm-d")
+    calib = tmp_path / "calib"
+    options = CalibrationOptions(max_samples=2, graphs=(VISION_GRAPH,))
+    info = collect_calibration(bundle, calib, options, warn=quiet, progress=False).info
+    assert set(info.graphs) == {VISION_GRAPH} and info.requests == 2
+    assert info.graphs[VISION_GRAPH].count == sum(t.tiles for t in info.tiling)  # a call per tile
+    quantize_bundle(bundle, tmp_path / "q", fast("int4"), calib, quiet=True)
+    manifest = load_manifest(tmp_path / "q")
+    assert manifest.graph(VISION_GRAPH).precision == "int8"
+    assert manifest.graph(DECODER_GRAPH).precision == "int4"
+    with pytest.raises(InputError, match="no samples for the decoder graph"):
+        quantize_bundle(bundle, tmp_path / "q8", fast("int8"), calib, quiet=True)
+
+
+def test_cli_reports_a_component_that_needs_calibration(
     sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
 ) -> None:
     import typer
@@ -147,19 +184,11 @@ def test_cli_reports_unsupported_component(
     app.command()(quantize)
     app.command("other")(lambda: None)  # two commands: Typer keeps `quantize` as a subcommand
     bundle, _ = sources("nvlm-d")
-    args = [
-        "quantize",
-        str(bundle),
-        "-p",
-        "int4",
-        "--components",
-        "vision",
-        "-o",
-        str(tmp_path / "q"),
-    ]
-    result = CliRunner().invoke(app, args)
+    args = ["quantize", str(bundle), "-p", "int4", "--components", "vision", "-o"]
+    result = CliRunner().invoke(app, [*args, str(tmp_path / "q")])
     assert result.exit_code != 0
     assert isinstance(result.exception, InputError)
+    assert "needs a calibration set" in str(result.exception)
 
 
 def test_accuracy_outside_budget_leaves_no_bundle_unless_forced(
@@ -213,6 +242,76 @@ def test_int8_needs_a_calibration_set(
 # --- the LM head --------------------------------------------------------------------------------
 
 
+def test_auto_lm_head_falls_back_to_float_when_the_quantized_head_misses_the_budget(
+    sources: Callable[[str], tuple[Path, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An accuracy check that fails whenever the head is quantized: auto quantizes the decoder
+    again with the head in float (its activation ranges not recomputed), checks again, and
+    reports both candidates' figures; the bundle's head is float."""
+    from nvlm_export.calibration import ranges
+    from nvlm_export.export import quantize as quantize_module
+
+    real_accuracy, real_amax = quantize_module._accuracy, ranges.activation_amax
+    checked, ranged = [], []
+
+    def accuracy(bundle: Path, staging: Path, manifest: Any, *args: Any) -> Any:
+        report = real_accuracy(bundle, staging, manifest, *args)
+        head = manifest.graph(DECODER_GRAPH).quantization["lm_head"]["quantized"]
+        checked.append(head)
+        report.failures = ["quantized head: pretend KL too high"] if head else []
+        return report
+
+    def amax(graph: Any, *args: Any) -> Any:
+        ranged.append(Path(graph.path).name)
+        return real_amax(graph, *args)
+
+    monkeypatch.setattr(quantize_module, "_accuracy", accuracy)
+    monkeypatch.setattr(ranges, "activation_amax", amax)
+    bundle, calib = sources("nvlm-d")
+    quantize_bundle(bundle, tmp_path / "q", fast("int8"), calib, quiet=True)
+    assert checked == [True, False]
+    assert sorted(ranged) == ["decoder.onnx", "vision.onnx"]  # each graph's ranges run once
+    spec = load_manifest(tmp_path / "q").graph(DECODER_GRAPH)
+    assert spec.quantization["lm_head"]["quantized"] is False  # type: ignore[index]
+    graph = Graph(tmp_path / "q" / spec.file)
+    assert lm_head_weight_dq(graph, spec.quantization["lm_head"]["node"]) is None  # type: ignore[index]
+    report = json.loads((tmp_path / "q" / ACCURACY_FILE).read_text())
+    assert report["passed"] and report["lm_head"]["quantized"] is False
+    assert set(report["lm_head"]["measured"]) == {"quantized", "float"}
+    assert report["lm_head"]["measured"]["quantized"]["passed"] is False
+    assert report["lm_head"]["reason"].startswith("float (auto: with the quantized head")
+
+
+def test_lm_head_without_an_accuracy_check_follows_the_precision_default(
+    sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
+) -> None:
+    bundle, _ = sources("nvlm-d")
+    settings = fast("int4", check_accuracy=False)
+    quantize_bundle(bundle, tmp_path / "q", settings, None, quiet=True, warn=quiet)
+    record = load_manifest(tmp_path / "q").graph(DECODER_GRAPH).quantization
+    assert record is not None and record["lm_head"]["quantized"] is True  # INT4's default
+    assert not (tmp_path / "q" / ACCURACY_FILE).exists()
+    assert fast("int8", check_accuracy=False).lm_head_quantized is False
+
+
+def test_deprecated_lm_head_flags_map_onto_lm_head(
+    sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
+) -> None:
+    bundle, _ = sources("nvlm-d")
+    out = tmp_path / "q"
+    base = ["quantize", str(bundle), "-p", "int4", "--accuracy-requests", "1", "-o", str(out)]
+    result = CliRunner().invoke(cli_app, [*base, "--keep-lm-head"])
+    assert result.exit_code == 0, result.output
+    assert "--keep-lm-head is deprecated; use --lm-head float" in result.stderr
+    record = load_manifest(out).graph(DECODER_GRAPH).quantization
+    assert record is not None and record["lm_head"]["quantized"] is False
+    assert record["lm_head"]["setting"] == "float"
+    result = CliRunner().invoke(
+        cli_app, [*base, "--overwrite", "--keep-lm-head", "--lm-head", "quantized"]
+    )
+    assert result.exit_code == 2 and "contradicts --lm-head quantized" in result.stderr
+
+
 def lm_head_weight_dq(graph: Graph, node_name: str) -> onnx.NodeProto | None:
     node = next(n for n in graph.nodes if n.name == node_name)
     weight = graph.producer.get(node.input[1])
@@ -223,7 +322,7 @@ def test_quantize_lm_head_puts_per_channel_int8_qdq_on_the_head(
     sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
 ) -> None:
     bundle, calib = sources("nvlm-d")
-    settings = fast("int8", quantize_lm_head=True)
+    settings = fast("int8", lm_head="quantized")
     quantize_bundle(bundle, tmp_path / "q", settings, calib, quiet=True)
     spec = load_manifest(tmp_path / "q").graph(DECODER_GRAPH)
     record = spec.quantization
@@ -243,7 +342,7 @@ def test_keep_lm_head_leaves_the_int4_head_in_float(
     sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
 ) -> None:
     bundle, _ = sources("nvlm-d")
-    quantize_bundle(bundle, tmp_path / "q", fast("int4", quantize_lm_head=False), None, quiet=True)
+    quantize_bundle(bundle, tmp_path / "q", fast("int4", lm_head="float"), None, quiet=True)
     spec = load_manifest(tmp_path / "q").graph(DECODER_GRAPH)
     record = spec.quantization
     assert record is not None and record["lm_head"]["quantized"] is False

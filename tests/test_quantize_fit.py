@@ -27,7 +27,7 @@ from nvlm_export.errors import PromptError
 from nvlm_export.export.accuracy import DEFAULT_THRESHOLDS, measure_accuracy
 from nvlm_export.export.quantize import (
     ACCURACY_FILE,
-    COMPONENT_PRECISIONS,
+    PRECISION_PLAN,
     QuantizeSettings,
     quantize_bundle,
 )
@@ -230,8 +230,7 @@ def nvlm_h_quantized(
         if precision not in cache:
             bundle, calib = nvlm_h
             out = tmp_path_factory.mktemp(f"nvlm-h-{precision}") / "bundle"
-            calibration = calib if precision != "int4" else None
-            quantize_bundle(bundle, out, fast(precision), calibration, quiet=True)
+            quantize_bundle(bundle, out, fast(precision), calib, quiet=True)
             cache[precision] = out
         return cache[precision]
 
@@ -245,9 +244,8 @@ def test_nvlm_h_quantized_bundle_runs_within_its_accuracy_budget(
     out = nvlm_h_quantized(precision)
     manifest = load_manifest(out)
     assert manifest.architecture == "nvlm-h" and manifest.precision == precision
-    expected = {n for n in manifest.graphs if precision in COMPONENT_PRECISIONS[n]}
-    assert {DECODER_GRAPH, CROSS_KV_GRAPH} <= expected
-    assert (VISION_GRAPH in expected) == (precision != "int4")
+    expected = {n for n in manifest.graphs if n in PRECISION_PLAN[precision]}
+    assert expected == {DECODER_GRAPH, CROSS_KV_GRAPH, VISION_GRAPH}
     assert {n for n, g in manifest.graphs.items() if g.quantization} == expected
     # NVLM-H puts the thumbnail in the decoder sequence and the tiles in cross-attention: a
     # multi-tile image exercises both paths of the quantized bundle.
@@ -257,7 +255,7 @@ def test_nvlm_h_quantized_bundle_runs_within_its_accuracy_budget(
     assert stream.prepared.tilings[0].num_tiles == 3 and 1 <= len(result.token_ids) <= 3
     accuracy = json.loads((out / ACCURACY_FILE).read_text())
     assert accuracy["passed"], accuracy["failures"]
-    # Every quantized side graph is compared; an unchanged one (int4's vision) is listed instead.
+    # Every quantized side graph is compared (int4's INT8 vision too); none is left unchanged.
     compared = {o["graph"] for o in accuracy["outputs"]}
     assert compared == expected - {DECODER_GRAPH}
     assert set(accuracy["unchanged_graphs"]) == set(manifest.graphs) - expected
@@ -275,7 +273,7 @@ def test_nvlm_h_quantized_graphs_have_the_tensorrt_qdq_pattern(
         if spec.quantization is None:
             assert not graph.qdq(), f"{name} is not quantized but has Q/DQ"
             continue
-        check_qdq(graph, precision, spec.quantization)
+        check_qdq(graph, spec.precision, spec.quantization)
 
 
 # --- the error cases of issue #6 through the real CLI ---------------------------------------------
@@ -307,15 +305,15 @@ def test_cli_calibration_of_another_bundle_fails_and_writes_nothing(
     assert not list(tmp_path.iterdir())
 
 
-def test_cli_unsupported_precision_for_a_component_fails_and_writes_nothing(
+def test_cli_int4_vision_without_calibration_fails_and_writes_nothing(
     small_bundle: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "q"
     args = ["quantize", str(small_bundle), "-p", "int4", "--components", "vision", "-o", str(out)]
     result = cli(*args)
     assert result.exit_code == 2
-    assert "Unsupported precision for a component" in result.stderr
-    assert "vision supports int8, fp8" in result.stderr
+    assert "Quantizing vision (int8) needs a calibration set" in result.stderr
+    assert "nvlm-export calibrate" in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.iterdir())
 
 

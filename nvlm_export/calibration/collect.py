@@ -16,7 +16,7 @@ every request and one line says when images were capped.
 from __future__ import annotations
 
 import glob
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from nvlm_export.calibration.dataset import (
 from nvlm_export.errors import ImageError, InputError
 from nvlm_export.output import staged_output
 from nvlm_export.runtime.images import load_image
-from nvlm_export.runtime.manifest import load_manifest
+from nvlm_export.runtime.manifest import VISION_GRAPH, load_manifest
 from nvlm_export.runtime.pipeline import Pipeline, PreparedRequest
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -59,6 +59,9 @@ class CalibrationOptions:
     max_samples: int = DEFAULT_MAX_SAMPLES  # requests (image + prompt) to record
     seed: int = 0
     decode_steps: int = DEFAULT_DECODE_STEPS
+    # The graphs to record (None: all). Vision alone (what an INT4 bundle's INT8 vision graph
+    # needs) only tiles and encodes each image: the decoder is neither loaded nor run.
+    graphs: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.max_samples < 1:
@@ -92,9 +95,16 @@ class RecordingRunner:
     __call__ = infer
 
 
-def record_calls(pipe: Pipeline, record: Callable[[str, Mapping[str, np.ndarray]], None]) -> None:
-    """Wrap every runner of `pipe` so each graph call is recorded as (graph name, feeds)."""
+def record_calls(
+    pipe: Pipeline,
+    record: Callable[[str, Mapping[str, np.ndarray]], None],
+    graphs: Collection[str] | None = None,
+) -> None:
+    """Wrap the runners of `pipe` (those of `graphs`, default all) so each graph call is recorded
+    as (graph name, feeds)."""
     for name, runner in list(pipe.runners.items()):
+        if graphs is not None and name not in graphs:
+            continue
         pipe.runners[name] = RecordingRunner(runner, lambda feeds, n=name: record(n, feeds))
 
 
@@ -105,9 +115,16 @@ def fit_to_context(pipe: Pipeline, request: Request, new_tokens: int) -> Request
     return replace(request, max_tiles=budget)
 
 
-def run_request(pipe: Pipeline, request: Request, new_tokens: int) -> RequestTiling:
-    """One greedy request through the real pipeline, tiled to fit; returns how it was tiled."""
+def run_request(
+    pipe: Pipeline, request: Request, new_tokens: int, *, encode_only: bool = False
+) -> RequestTiling:
+    """One greedy request through the real pipeline, tiled to fit; returns how it was tiled.
+    `encode_only`: tile and encode the image, nothing after the vision graph."""
     request = fit_to_context(pipe, request, new_tokens)
+    if encode_only:
+        prepared = pipe.prepare(request.prompt, [request.image], max_tiles=request.max_tiles)
+        pipe.encode_images(prepared.tilings)
+        return tiling_record(request, prepared)
     stream = pipe.generate(
         request.prompt, [request.image], max_new_tokens=new_tokens, max_tiles=request.max_tiles
     )
@@ -162,14 +179,22 @@ def collect_calibration(
             max_context=manifest.kv_cache.max_context,
             bundle_max_tiles=manifest.tiling.max_tiles,
         )
+        graphs = _graphs_to_record(options, manifest.graphs)
+        encode_only = set(graphs) == {VISION_GRAPH}
         # Caches off: every graph must see every request whole (reuse would skip shared prefixes
         # and repeated images, and the recorded ranges would miss them).
-        pipe = Pipeline.load(bundle, feature_cache_bytes=0, prefix_cache_bytes=0)
+        pipe = Pipeline.load(
+            bundle,
+            graphs=[VISION_GRAPH] if encode_only else None,
+            feature_cache_bytes=0,
+            prefix_cache_bytes=0,
+        )
         writer = CalibrationWriter(staged.path, info)
-        record_calls(pipe, writer.add)
+        record_calls(pipe, writer.add, graphs)
         requests = _requests(calibration, prompts, options, info, warn)
         for request in _with_progress(requests, options.max_samples, progress):
-            info.tiling.append(run_request(pipe, request, new_tokens=options.decode_steps + 1))
+            steps = options.decode_steps + 1
+            info.tiling.append(run_request(pipe, request, steps, encode_only=encode_only))
             info.images.append(request.name)
             info.requests += 1
         _check_not_empty(info, options)
@@ -179,6 +204,19 @@ def collect_calibration(
         writer.finish()
         staged.publish()
     return CalibrationSet.open(out)
+
+
+def _graphs_to_record(options: CalibrationOptions, bundle_graphs: Collection[str]) -> list[str]:
+    if options.graphs is None:
+        return list(bundle_graphs)
+    unknown = [g for g in options.graphs if g not in bundle_graphs]
+    if unknown or not options.graphs:
+        raise InputError(
+            f"--graphs {','.join(options.graphs)!r} is not a list of this bundle's graphs",
+            why=f"unknown: {', '.join(unknown)}" if unknown else "no graph was named",
+            fix=f"Choose among: {', '.join(bundle_graphs)}",
+        )
+    return list(dict.fromkeys(options.graphs))
 
 
 # --- sources ----------------------------------------------------------------------------------

@@ -56,11 +56,20 @@ ExcludeOption = Annotated[
     ),
 ]
 LmHeadOption = Annotated[
+    str,
+    Budget(
+        "--lm-head",
+        help="The decoder's LM head: auto (quantize it, keep it only if the accuracy check stays "
+        "within budget, otherwise float; the build summary and accuracy.json say which, with "
+        "the figures), quantized (at the decoder's precision), or float.",
+    ),
+]
+OldLmHeadOption = Annotated[
     bool | None,
     typer.Option(
         "--quantize-lm-head/--keep-lm-head",
-        help="Quantize the decoder's LM head too (INT8/FP8 per-channel, INT4 block-wise), or "
-        "keep it in float. Default: kept for int8/fp8, quantized for int4.",
+        help="Deprecated: use --lm-head quantized / --lm-head float.",
+        hidden=True,
         show_default=False,
     ),
 ]
@@ -96,6 +105,15 @@ def calibrate(
     max_samples: MaxSamplesOption = 32,
     seed: SeedOption = 0,
     decode_steps: DecodeStepsOption = 4,
+    graphs: Annotated[
+        str | None,
+        Data(
+            "--graphs",
+            help="Comma-separated graphs to record (default: all). 'vision' alone is what an "
+            "INT4 bundle's INT8 vision graph needs: it only tiles and encodes the images, much "
+            "faster.",
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing calibration set.")] = False,
 ) -> None:
     """Record a calibration set: the inputs every graph sees when the bundle answers requests.
@@ -108,10 +126,12 @@ def calibrate(
     Example:
 
       nvlm-export calibrate bundle/ --images photos/ -o calib/
+
+      nvlm-export calibrate bundle/ --images photos/ --graphs vision -o calib-vision/  # for int4
     """
     from nvlm_export.calibration.collect import CalibrationOptions, collect_calibration
 
-    options = settings_from(CalibrationOptions, locals())
+    options = settings_from(CalibrationOptions, locals(), graphs=_names(graphs))
     calib = collect_calibration(bundle, output, options, overwrite=overwrite, warn=_warn)
     info = calib.info
     counts = ", ".join(f"{g} {s.count} ({s.bytes / 2**20:.1f} MiB)" for g, s in info.graphs.items())
@@ -125,18 +145,24 @@ def quantize(
     output: Annotated[Path, typer.Option("--output", "-o", help="Quantized bundle directory.")],
     calib: Annotated[
         Path | None,
-        typer.Option("--calib", help="Calibration set from nvlm-export calibrate (int8/fp8)."),
+        typer.Option(
+            "--calib",
+            help="Calibration set from nvlm-export calibrate: required for int8/fp8; for int4 it "
+            "quantizes the vision graph to INT8 (without it vision stays in float, with a "
+            "warning).",
+        ),
     ] = None,
     components: Annotated[
         str | None,
         typer.Option(
             "--components",
-            help="Comma-separated graphs: vision, decoder, cross_kv (default: every graph that "
-            "supports the precision; int4 is decoder and cross_kv only).",
+            help="Comma-separated graphs: vision, decoder, cross_kv (default: all). In an int4 "
+            "bundle vision is INT8 (W8A8), decoder and cross_kv INT4 weight-only.",
         ),
     ] = None,
     exclude: ExcludeOption = None,
-    quantize_lm_head: LmHeadOption = None,
+    lm_head: LmHeadOption = "auto",
+    quantize_lm_head: OldLmHeadOption = None,
     min_cosine: Annotated[
         float | None, Budget(help="Lowest cosine of any vision/cross_kv output.")
     ] = None,
@@ -151,6 +177,9 @@ def quantize(
     ] = False,
 ) -> None:
     """Quantize a bundle with explicit Q/DQ (INT8, FP8 or INT4 weight-only) and measure it.
+
+    INT4 bundles quantize the decoder (and cross_kv) to INT4 weight-only and, given --calib, the
+    vision encoder to INT8 W8A8: weight-only INT4 does not speed up the ViT's compute-bound GEMMs.
 
     Every run compares the quantized bundle with its source on held-out requests (cosine of each
     quantized vision/cross_kv output, next-token top-1 agreement, KL divergence, identical greedy
@@ -173,9 +202,12 @@ def quantize(
             min_top1=defaults.min_top1 if min_top1 is None else min_top1,
             max_kl=defaults.max_kl if max_kl is None else max_kl,
         )
-    chosen = tuple(c.strip() for c in components.split(",") if c.strip()) if components else None
     settings = settings_from(
-        QuantizeSettings, locals(), components=chosen, exclude=tuple(exclude or ())
+        QuantizeSettings,
+        locals(),
+        components=_names(components),
+        exclude=tuple(exclude or ()),
+        lm_head=_lm_head_setting(lm_head, quantize_lm_head),
     )
     report = quantize_bundle(bundle, output, settings, calib, warn=_warn)
     if as_json:
@@ -193,7 +225,13 @@ def build(
         Path | None, typer.Argument(help="Checkpoint directory (default: the built-in demo model).")
     ] = None,
     precision: Annotated[
-        str, typer.Option("--precision", "-p", help="fp16, int8, fp8 or int4.")
+        str,
+        typer.Option(
+            "--precision",
+            "-p",
+            help="fp16, int8, fp8 or int4 (INT4 weight-only decoder, INT8 vision: calibrates the "
+            "vision graph only).",
+        ),
     ] = ...,
     output: BundleOutput = ...,
     images: ImagesOption = None,
@@ -210,7 +248,8 @@ def build(
     max_samples: MaxSamplesOption = 16,
     seed: SeedOption = 0,
     exclude: ExcludeOption = None,
-    quantize_lm_head: LmHeadOption = None,
+    lm_head: LmHeadOption = "auto",
+    quantize_lm_head: OldLmHeadOption = None,
     accuracy_requests: AccuracyRequestsOption = ACCURACY_REQUESTS,
     validate: Annotated[
         bool,
@@ -270,12 +309,38 @@ def build(
         memory = plan(model_dir, available_bytes=available_memory())
         print_memory_plan(memory, memory.build_stages(precision, check_accuracy, validate), as_json)
         return
-    settings = settings_from(BuildSettings, locals(), exclude=tuple(exclude or ()))
+    settings = settings_from(
+        BuildSettings,
+        locals(),
+        exclude=tuple(exclude or ()),
+        lm_head=_lm_head_setting(lm_head, quantize_lm_head),
+    )
     report = run_build(model_dir, output, settings, warn=_warn)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
     _print_build_summary(report)
+
+
+def _lm_head_setting(lm_head: str, deprecated: bool | None) -> str:
+    """--lm-head, or the deprecated --quantize-lm-head / --keep-lm-head mapped onto it."""
+    if deprecated is None:
+        return lm_head
+    mapped = "quantized" if deprecated else "float"
+    flag = "--quantize-lm-head" if deprecated else "--keep-lm-head"
+    if lm_head not in ("auto", mapped):
+        from nvlm_export.errors import InputError
+
+        raise InputError(
+            f"{flag} contradicts --lm-head {lm_head}", fix=f"Pass only --lm-head {lm_head}"
+        )
+    _warn(f"{flag} is deprecated; use --lm-head {mapped}")
+    return mapped
+
+
+def _names(csv: str | None) -> tuple[str, ...] | None:
+    """A comma-separated option as a tuple of names (None when not given)."""
+    return tuple(c.strip() for c in csv.split(",") if c.strip()) if csv else None
 
 
 def print_accuracy(report: AccuracyReport) -> None:
@@ -307,6 +372,8 @@ def print_accuracy(report: AccuracyReport) -> None:
     table.add_row(
         "identical greedy tokens (mean)", f"{d.mean_identical:.1f} / {d.greedy_steps}", ""
     )
+    if report.lm_head is not None:
+        table.add_row("LM head", report.lm_head["reason"], f"--lm-head {report.lm_head['setting']}")
     capped = _capped_tiles(report)
     if capped:
         table.add_row(
@@ -346,6 +413,8 @@ def _print_build_summary(report: Any) -> None:
             f"Accuracy: {cosines}top-1 {d['top1_agreement']:.3f}; "
             f"KL {d['mean_kl']:.4f}; passed {report.accuracy['passed']}"
         )
+        if report.accuracy.get("lm_head"):
+            typer.echo(f"LM head: {report.accuracy['lm_head']['reason']}")
     for note in report.notes:
         typer.echo(f"Note: {note}")
 

@@ -116,6 +116,8 @@ class AccuracyReport:
     tiling: list[RequestTiling] = field(default_factory=list)
     # Graphs the quantized bundle holds unchanged (not quantized): nothing to compare.
     unchanged_graphs: list[str] = field(default_factory=list)
+    # How the LM head was chosen (export/quantize.py: LmHeadChoice), with each candidate's figures.
+    lm_head: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:

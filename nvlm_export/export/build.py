@@ -43,7 +43,7 @@ class BuildSettings:
     max_tiles: int | None = None
     max_context: int | None = None
     exclude: tuple[str, ...] = ()
-    quantize_lm_head: bool | None = None  # None: the precision's default (export/quantize.py)
+    lm_head: str = "auto"  # export/quantize.py: LM_HEAD_CHOICES
     force: bool = False
     overwrite: bool = False
     accuracy_requests: int = ACCURACY_REQUESTS
@@ -173,19 +173,25 @@ def _calibrate_and_quantize(
     warn: Callable[[str], None],
 ) -> str:
     from nvlm_export.calibration.collect import CalibrationOptions, collect_calibration
-    from nvlm_export.export.quantize import QuantizeSettings, quantize_bundle
+    from nvlm_export.export.quantize import QuantizeSettings, calibrated_graphs, quantize_bundle
 
     calib = work / "calib"
+    graphs = calibrated_graphs(settings.precision)
     options = CalibrationOptions(
         images=settings.images,
         prompts=settings.prompts,
         max_samples=settings.max_samples,
         seed=settings.seed,
         decode_steps=settings.decode_steps,
+        graphs=graphs,
     )
     images = _images_fingerprint(settings.images) if settings.images else "builtin"
     prompts = _file_hash(settings.prompts) if settings.prompts else "builtin"
-    needs_calibration = settings.precision != "int4"
+    # INT8/FP8 need every graph's ranges. INT4 needs the vision graph's for its INT8 vision, except
+    # on the weight-only path (--no-validate --no-accuracy-check), which never runs the model:
+    # there the vision graph stays in float, and quantize says so.
+    weight_only = not settings.validate and not settings.check_accuracy
+    needs_calibration = graphs is None or (bool(graphs) and not weight_only)
     if needs_calibration:
         key = runner.run(
             "calibrate",
@@ -198,7 +204,7 @@ def _calibrate_and_quantize(
     quantize = QuantizeSettings(
         settings.precision,
         exclude=settings.exclude,
-        quantize_lm_head=settings.quantize_lm_head,
+        lm_head=settings.lm_head,
         force=settings.force,
         overwrite=True,
         accuracy_requests=settings.accuracy_requests,

@@ -232,7 +232,10 @@ def plan_build(
     axes = axis_ranges(manifest, options)
     engines = []
     for name, graph in manifest.graphs.items():
-        precision, strongly_typed, fp16_flag = graph_typing(name, graph, options.precision, major)
+        requested = options.precision
+        if requested == manifest.precision:
+            requested = None  # the bundle's own precision: each graph as quantized (INT4: INT8 ViT)
+        precision, strongly_typed, fp16_flag = graph_typing(name, graph, requested, major)
         check_precision(target, precision)
         engines.append(
             EnginePlan(

@@ -64,11 +64,13 @@ STAGES = (
     "export fp16",
     "export fp16 + validation",
     "calibrate",
+    "calibrate vision",
     "quantize int8",
     "quantize int8 + accuracy check",
     "quantize fp8",
     "quantize fp8 + accuracy check",
     "quantize int4",
+    "quantize int4 + int8 vision",
     "quantize int4 + accuracy check",
     "dry-run",
 )
@@ -108,6 +110,7 @@ class Inventory:
 
 EMBEDDING = "embedding"
 DECODER_GRAPH = "decoder"  # runtime.manifest.DECODER_GRAPH (not imported: the runtime is lazy)
+VISION_GRAPH = "vision"
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,16 @@ class MemoryPlan:
         names = [f"export fp32{validation}"]
         if precision != "int4":
             names.append("calibrate")
-        names.append(f"quantize {precision}" + (" + accuracy check" if accuracy_check else ""))
+            names.append(f"quantize {precision}" + (" + accuracy check" if accuracy_check else ""))
+        elif not validate and not accuracy_check:  # the weight-only path: vision stays fp32
+            names.append("quantize int4")
+        else:  # INT4 builds calibrate and quantize the vision graph only (INT8), as build does
+            names.append("calibrate vision")
+            names.append(
+                "quantize int4 + accuracy check"
+                if accuracy_check
+                else "quantize int4 + int8 vision"
+            )
         return [self.stages[n] for n in names]
 
     def to_dict(self) -> dict[str, Any]:
@@ -280,20 +292,33 @@ def calibrate(inv: Inventory) -> int:
     return running(inv, "fp32", tiles=inv.max_tiles + 1)
 
 
-def quantized_bytes(inv: Inventory, precision: str, lm_head: bool) -> int:
-    """The quantized bundle: GEMM weights in `precision` where the graph takes it, the rest fp32."""
-    from nvlm_export.export.quantize import COMPONENT_PRECISIONS, QUANTIZE_LM_HEAD_BY_DEFAULT
+def calibrate_vision(inv: Inventory) -> int:
+    """Vision-only calibration (INT4 builds) loads and runs the fp32 vision graph alone."""
+    weights = RUN_WEIGHT_COPIES * inv.graph_parameters[VISION_GRAPH] * WEIGHT_BYTES["fp32"]
+    tile = VISION_ACTIVATION_VALUES_PER_TILE * inv.vision_width * WEIGHT_BYTES["fp32"]
+    return int(BASE_OVERHEAD + weights + tile)
 
-    del lm_head  # the default per precision is what build uses
+
+def quantized_bytes(inv: Inventory, precision: str, calibrated: bool = True) -> int:
+    """The quantized bundle: GEMM weights in the precision each graph takes in a `precision`
+    bundle (`PRECISION_PLAN`), the rest fp32. Without `calibrated`, graphs that need activation
+    ranges stay in fp32 (INT4's vision graph when quantize gets no calibration set)."""
+    from nvlm_export.export.quantize import (
+        CALIBRATED_PRECISIONS,
+        PRECISION_PLAN,
+        QUANTIZE_LM_HEAD_BY_DEFAULT,
+    )
+
     keep_head = not QUANTIZE_LM_HEAD_BY_DEFAULT[precision]
     total = 0.0
     for graph, params in inv.graph_parameters.items():
         gemm = inv.gemm_parameters.get(graph, 0)
-        if graph == EMBEDDING or precision not in COMPONENT_PRECISIONS.get(graph, ()):
+        target = PRECISION_PLAN[precision].get(graph)
+        if target is None or (target in CALIBRATED_PRECISIONS and not calibrated):
             total += params * WEIGHT_BYTES["fp32"]
             continue
         head = inv.lm_head_parameters if keep_head and graph == DECODER_GRAPH else 0
-        total += (gemm - head) * WEIGHT_BYTES[precision] + (params - gemm + head) * 4
+        total += (gemm - head) * WEIGHT_BYTES[target] + (params - gemm + head) * 4
     return int(total)
 
 
@@ -308,23 +333,31 @@ def quantize_int4(inv: Inventory) -> int:
     return int(INT4_OVERHEAD + INT4_RESULT_BYTES * inv.largest_tensor)
 
 
-def quantize(inv: Inventory, precision: str) -> int:
+def quantize(inv: Inventory, precision: str, calibrated: bool = True) -> int:
     """Weight quantization without the accuracy check.
 
-    INT4: `quantize_int4`. INT8 and FP8 quantize one initializer at a time (read, scaled,
-    rounded: about three fp32 copies of the largest tensor in flight), and first fit
-    activation ranges on the calibration set with one ONNX Runtime session per graph (running
-    amax, nothing stored): that graph's weights once, the copies ONNX Runtime pre-packs for its
-    MatMul kernels, and one sample's activations. The larger phase is the peak.
+    INT4 weights: `quantize_int4`. INT8 and FP8 weights are quantized one initializer at a time
+    (read, scaled, rounded: about three fp32 copies of the largest tensor in flight). Graphs
+    quantized to INT8 or FP8 (every graph of such a bundle; an INT4 bundle's vision graph, when
+    `calibrated`) first fit activation ranges on the calibration set with one ONNX Runtime
+    session per graph (running amax, nothing stored): that graph's weights once, the copies ONNX
+    Runtime pre-packs for its MatMul kernels, and one sample's activations. The larger phase is
+    the peak.
     """
+    from nvlm_export.export.quantize import CALIBRATED_PRECISIONS, PRECISION_PLAN
+
     if precision == "int4":
-        return quantize_int4(inv)
-    streamed = int(BASE_OVERHEAD + 3 * inv.largest_tensor * WEIGHT_BYTES["fp32"])
+        streamed = quantize_int4(inv)
+    else:
+        streamed = int(BASE_OVERHEAD + 3 * inv.largest_tensor * WEIGHT_BYTES["fp32"])
+    plan = PRECISION_PLAN[precision]
+    ranged = [g for g in inv.graphs if calibrated and plan.get(g) in CALIBRATED_PRECISIONS]
+    if not ranged:
+        return streamed
     ranges = max(
-        RUN_WEIGHT_COPIES * params * WEIGHT_BYTES["fp32"]
+        RUN_WEIGHT_COPIES * inv.graph_parameters[graph] * WEIGHT_BYTES["fp32"]
         + inv.gemm_parameters.get(graph, 0) * WEIGHT_BYTES["fp32"]  # pre-packed MatMul weights
-        for graph, params in inv.graph_parameters.items()
-        if graph != EMBEDDING
+        for graph in ranged
     )
     return max(streamed, int(QUANTIZE_OVERHEAD + ranges))
 
@@ -334,18 +367,22 @@ def accuracy_check(inv: Inventory, precision: str) -> int:
 
     Both run side by side, graph by graph, so both sets of weights are resident.
     """
-    quantized = quantized_bytes(inv, precision, lm_head=False)
+    quantized = quantized_bytes(inv, precision)
     return int(running(inv, "fp32", tiles=inv.max_tiles + 1) + RUN_WEIGHT_COPIES * quantized)
 
 
-def calibration_bytes(inv: Inventory, requests: int = 16, decode_steps: int = 4) -> int:
+def calibration_bytes(
+    inv: Inventory, requests: int = 16, decode_steps: int = 4, vision_only: bool = False
+) -> int:
     """The calibration set on disk: every graph call's feeds, in fp32.
 
     Per request: the tiles (3 x 448 x 448), the prompt's embeddings, and per decode step the whole
-    KV cache of the prompt so far (that is what the decoder is fed).
+    KV cache of the prompt so far (that is what the decoder is fed); `vision_only`: the tiles.
     """
     tokens = (inv.max_tiles + 1) * inv.tokens_per_tile + PROMPT_TOKENS
     tiles = (inv.max_tiles + 1) * 3 * 448 * 448
+    if vision_only:
+        return int(requests * tiles * WEIGHT_BYTES["fp32"])
     embeds = tokens * inv.llm_width
     kv = decode_steps * inv.kv_values_per_token * tokens
     return int(requests * (tiles + embeds + kv) * WEIGHT_BYTES["fp32"])
@@ -366,15 +403,25 @@ def plan(
         StagePlan("export fp16", streamed_export(inv, "fp16"), fp16, False),
         StagePlan("export fp16 + validation", validated_export(inv, "fp16"), fp16, True),
         StagePlan("calibrate", calibrate(inv), calibration_bytes(inv), True),
+        StagePlan(
+            "calibrate vision",
+            calibrate_vision(inv),
+            calibration_bytes(inv, vision_only=True),
+            True,
+        ),
     ]
     from nvlm_export.runtime.manifest import QUANTIZED_PRECISIONS
 
     for precision in QUANTIZED_PRECISIONS:
-        out = quantized_bytes(inv, precision, lm_head=False)
+        out = quantized_bytes(inv, precision)
         name = f"quantize {precision}"
-        stages.append(StagePlan(name, quantize(inv, precision), out, precision != "int4"))
+        if precision == "int4":  # without a calibration set: weight-only, vision left in fp32
+            weight_only = quantized_bytes(inv, precision, calibrated=False)
+            stages.append(StagePlan(name, quantize(inv, precision, False), weight_only, False))
+            name = "quantize int4 + int8 vision"
+        stages.append(StagePlan(name, quantize(inv, precision), out, True))
         check = max(quantize(inv, precision), accuracy_check(inv, precision))
-        stages.append(StagePlan(f"{name} + accuracy check", check, out, True))
+        stages.append(StagePlan(f"quantize {precision} + accuracy check", check, out, True))
     stages.append(StagePlan("dry-run", DRY_RUN, 0, False))
     by_name = {s.stage: s for s in stages}
     weight_only = max(by_name["export fp32"].peak_bytes, by_name["quantize int4"].peak_bytes)

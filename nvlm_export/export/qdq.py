@@ -185,8 +185,11 @@ def quantize_static_graph(
     *,
     precision: str,
     exclude: Sequence[str],
-) -> None:
-    """INT8 or FP8 Q/DQ on the MatMul/Gemm/Conv inputs of `source`, written to `output`.
+    amax: Mapping[str, np.float32] | None = None,
+) -> dict[str, np.float32]:
+    """INT8 or FP8 Q/DQ on the MatMul/Gemm/Conv inputs of `source`, written to `output`; returns
+    the activation amax it used. `amax` from an earlier call on the same graph and samples is
+    used instead of running them again when it covers every activation to quantize.
 
     Streamed: activation ranges are a running amax per tensor (`activation_ranges`), and each
     weight is read, quantized and written on its own (`tensor_files`).
@@ -202,7 +205,8 @@ def quantize_static_graph(
             fix="Exclude fewer nodes, or leave this graph out of --components",
         )
     plan = _static_plan(graph, targets)
-    amax = activation_amax(graph, plan.activations, samples)
+    if amax is None or not set(plan.activations) <= set(amax):
+        amax = activation_amax(graph, plan.activations, samples)
     external = graph_bytes(source) > EXTERNAL_DATA_BYTES
     with TensorSink(output, external=external) as sink:
         rewired = _write_static_weights(graph, plan, sink, precision)
@@ -213,6 +217,7 @@ def quantize_static_graph(
             _raise_opset(model, FP8_MIN_OPSET)
             del model.graph.value_info[:]  # Q outputs were recorded as float by the exporter
         sink.save(model, new_nodes)
+    return dict(amax)
 
 
 def _write_static_weights(
