@@ -86,6 +86,19 @@ def test_report_numbers_are_positive_and_consistent(reports, layout: str) -> Non
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_multi_tile_cases_time_vision_one_tile_per_call_and_batched(reports, layout: str) -> None:
+    one, three = reports(layout)["cases"]
+    assert one["vision_batching"] is None  # a single tile has nothing to batch
+    batching = three["vision_batching"]
+    assert batching["batch"] == 3  # the default 4, capped at the image's tiles
+    single, batched = batching["ms_per_tile_one_per_call"], batching["ms_per_tile_batched"]
+    assert single["count"] == batched["count"] == 2  # one per measured round
+    assert single["median"] > 0 and batched["median"] > 0
+    ratio = batching["batched_over_one_per_call"]
+    assert ratio == pytest.approx(batched["median"] / single["median"])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_prompt_holds_the_question_and_the_image_tokens(bundles, reports, layout: str) -> None:
     report = reports(layout)
     one, three = report["cases"]

@@ -35,6 +35,13 @@ def profile(
         int, Workload(help="Tokens to generate per request (end-of-turn is ignored).")
     ] = 32,
     runs: Annotated[int, typer.Option(help="Measured requests per case; medians are quoted.")] = 3,
+    vision_batch: Annotated[
+        int,
+        Runtime(
+            help="On multi-tile cases, also time the image's tiles in vision calls of this many "
+            "tiles against one tile per call (the runtime's default, for memory); 0: off.",
+        ),
+    ] = 4,
     warmup: Annotated[int, typer.Option(help="Unmeasured requests per case first.")] = 1,
     backend: Annotated[
         str, Runtime(help="onnxruntime, tensorrt or openvino (the openvino extra).")
@@ -99,6 +106,7 @@ def profile(
         runs=runs,
         warmup=warmup,
         bandwidth_gbs=bandwidth_gbs,
+        vision_batch=vision_batch,
     )
     options: dict[str, Any] = {"intra_op_threads": threads} if threads is not None else {}
     if not spin:

@@ -45,9 +45,12 @@ from nvlm_export.profiling.stats import Distribution
 from nvlm_export.profiling.tegrastats import TegrastatsMonitor, summarize
 from nvlm_export.runtime.images import load_image
 from nvlm_export.runtime.pipeline import Pipeline
-from nvlm_export.runtime.tiling import choose_grid, tile_count
+from nvlm_export.runtime.tiling import choose_grid, tile_count, tile_image
 
 STAGES = ("prepare", "vision", "splice", "prefill")
+# Tiles per vision call the profiler compares with one per call. Four tiles of InternViT-300M
+# activations are ~0.6 GB (one 7-tile call peaked 1.2 GB, one tile 0.2-0.3 GB: performance.md).
+DEFAULT_VISION_BATCH_TILES = 4
 # Asked right after each measured request, about the same image: its TTFT shows what the feature
 # and prefix caches save (docs/conversations.md).
 FOLLOW_UP_QUESTION = "And what else can you see?"
@@ -63,11 +66,14 @@ class ProfileSettings:
     runs: int = 3
     warmup: int = 1
     bandwidth_gbs: float | None = None  # measured memory bandwidth, for the roofline estimate
+    # Tiles per vision call timed against one tile per call on multi-tile cases (0: not timed).
+    vision_batch: int = DEFAULT_VISION_BATCH_TILES
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tiles", tuple(self.tiles))
         object.__setattr__(self, "images", tuple(Path(p) for p in self.images))
-        for name, low in (("prompt_tokens", 1), ("new_tokens", 1), ("runs", 1), ("warmup", 0)):
+        lows = (("prompt_tokens", 1), ("new_tokens", 1), ("runs", 1), ("warmup", 0))
+        for name, low in (*lows, ("vision_batch", 0)):
             value = getattr(self, name)
             if value < low:
                 raise InputError(f"{name} must be >= {low}, got {value}")
@@ -92,6 +98,26 @@ class RunTiming:
 
 
 @dataclass
+class VisionBatching:
+    """One image's tiles encoded one per vision call and `batch` per call, alternated: seconds
+    per tile of each. Tiles are independent, so both give the same features; a batch costs
+    activation memory for `batch` tiles at once (the runtime's default is one per call)."""
+
+    batch: int
+    one_per_call: list[float] = field(default_factory=list)
+    batched: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        one, many = Distribution.of(self.one_per_call), Distribution.of(self.batched)
+        return {
+            "batch": self.batch,
+            "ms_per_tile_one_per_call": one.scaled(MS).to_dict(),
+            "ms_per_tile_batched": many.scaled(MS).to_dict(),
+            "batched_over_one_per_call": many.median / one.median if one.median else None,
+        }
+
+
+@dataclass
 class CaseProfile:
     """Every measured run of one image + question."""
 
@@ -100,6 +126,7 @@ class CaseProfile:
     tiles: int
     prompt_tokens: int  # whole prompt: template + question + image tokens
     runs: list[RunTiming] = field(default_factory=list)
+    vision_batching: VisionBatching | None = None
 
     def summary(self) -> dict[str, Any]:
         def dist(values: Sequence[float]) -> dict[str, float | int]:
@@ -121,6 +148,7 @@ class CaseProfile:
                 [run.decode_tokens_per_second for run in self.runs]
             ).median,
             "e2e_ms": dist([run.end_to_end for run in self.runs]),
+            "vision_batching": self.vision_batching.to_dict() if self.vision_batching else None,
             "runs": [
                 {
                     "stages_ms": {s: run.stages[s] * MS for s in STAGES},
@@ -164,6 +192,7 @@ class ProfileReport:
                 "new_tokens": self.settings.new_tokens,
                 "runs": self.settings.runs,
                 "warmup": self.settings.warmup,
+                "vision_batch": self.settings.vision_batch,
             },
             "cases": cases,
             "memory": self.memory,
@@ -272,7 +301,30 @@ def _profile_case(
         case.prompt_tokens = prompt_tokens
         if index >= settings.warmup:
             case.runs.append(run)
+    if settings.vision_batch > 1 and tiles > 1:
+        case.vision_batching = _vision_batching(pipe, image, settings)
     return case
+
+
+def _vision_batching(pipe: Pipeline, image: Path, settings: ProfileSettings) -> VisionBatching:
+    """Encode the image's tiles one per call and in batches, alternating which goes first; the
+    first round of each warms its shapes and is not kept."""
+    tiling = tile_image(load_image(image), pipe.tiling)
+    result = VisionBatching(min(settings.vision_batch, tiling.num_tiles))
+    saved = pipe.vision_tiles_per_call
+    try:
+        for round_ in range(settings.runs + 1):
+            order = (1, result.batch) if round_ % 2 == 0 else (result.batch, 1)
+            for per_call in order:
+                pipe.vision_tiles_per_call = per_call
+                start = time.perf_counter()
+                pipe.encode_images([tiling])
+                seconds = (time.perf_counter() - start) / tiling.num_tiles
+                if round_:
+                    (result.one_per_call if per_call == 1 else result.batched).append(seconds)
+    finally:
+        pipe.vision_tiles_per_call = saved
+    return result
 
 
 def _one_request(

@@ -39,6 +39,12 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "decode per token": case["decode_ms_per_token"],
             "e2e": case["e2e_ms"],
         }
+        batching = case.get("vision_batching")
+        if batching:
+            metrics["vision per tile, 1 per call"] = batching["ms_per_tile_one_per_call"]
+            metrics[f"vision per tile, {batching['batch']} per call"] = batching[
+                "ms_per_tile_batched"
+            ]
         base = {
             "case": case["label"],
             "tiles": case["tiles"],
@@ -121,7 +127,8 @@ def _stage_table(report: dict[str, Any]) -> Table:
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
     memory, cost = report["memory"], report["analytic"]
-    lines = [
+    lines = [_batching_line(case) for case in report["cases"] if case.get("vision_batching")]
+    lines += [
         f"memory: peak RSS {_size(memory['peak_rss_bytes'])} ({memory['peak_rss_scope']}), "
         f"{memory['peak_rss_over_weights']:.2f}x the bundle's "
         f"{_size(memory['bundle_weight_bytes'])} of weights; GPU "
@@ -152,6 +159,18 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             + f" ({tegra['samples']} tegrastats samples)"
         )
     return lines
+
+
+def _batching_line(case: dict[str, Any]) -> str:
+    batching = case["vision_batching"]
+    one = batching["ms_per_tile_one_per_call"]["median"]
+    many = batching["ms_per_tile_batched"]["median"]
+    ratio = batching["batched_over_one_per_call"]
+    verdict = "faster" if ratio < 1 else "not faster"
+    return (
+        f"vision batching, {case['label']}: {_ms(one)} ms/tile one tile per call, {_ms(many)} "
+        f"ms/tile {batching['batch']} per call ({ratio:.2f}x: {verdict})"
+    )
 
 
 def _ms(value: float) -> str:
