@@ -7,7 +7,7 @@ being measured is busy and slow drifts of a shared machine hit both sides alike.
 
 Every system answers the same operations, all timed inside the worker:
 
-    vision(tiles)                       -> seconds to encode that many tiles
+    vision(tiles)                       -> seconds to encode that many tiles (one image)
     request(tiles, question, new)       -> TTFT and per-token decode seconds for an image request
     decoder(prompt_ids, new)            -> prefill seconds and per-token decode seconds, text only
     peak_rss()                          -> this process's peak resident bytes since it loaded
@@ -243,27 +243,7 @@ class EagerSystem:
         return {"prefill": stamps[0] - start, "decode": list(np.diff(stamps))}
 
     def _generate(self, embeds: Any, new_tokens: int) -> list[float]:
-        """Greedy generate with the KV cache; the time each token's logits were ready."""
-        from transformers import LogitsProcessor, LogitsProcessorList
-
-        stamps: list[float] = []
-
-        class Stamp(LogitsProcessor):
-            def __call__(self, input_ids: Any, scores: Any) -> Any:
-                stamps.append(time.perf_counter())
-                return scores
-
-        self.lm.generate(
-            inputs_embeds=embeds,
-            attention_mask=self.torch.ones(embeds.shape[:2], dtype=self.torch.long),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            use_cache=True,
-            logits_processor=LogitsProcessorList([Stamp()]),
-            pad_token_id=0,
-        )
-        return stamps
+        return _stamped_generate(self.lm, new_tokens, inputs_embeds=embeds)
 
     def _tokenizer(self, tokenizer_class: Any) -> Any:
         if not hasattr(self, "_tok"):
@@ -272,6 +252,89 @@ class EagerSystem:
 
     def peak_rss(self) -> int:
         return peak_rss_bytes()
+
+
+class Bf16EagerSystem:
+    """transformers' InternVLForConditionalGeneration in bf16 on the CPU (issue #19's baseline:
+    what a PyTorch user gets with one `from_pretrained(..., dtype=torch.bfloat16)`), on the same
+    weights in the transformers layout. Tiling and prompt come from the same numpy code as ours;
+    the bundle only lends its tiling, prompt format and tokenizer."""
+
+    def __init__(self, hf_dir: str, bundle: str, threads: int) -> None:
+        import torch
+        from tokenizers import Tokenizer
+        from transformers import InternVLForConditionalGeneration
+
+        from nvlm_export.runtime.manifest import load_manifest
+        from nvlm_export.runtime.prompt import PromptFormat
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = InternVLForConditionalGeneration.from_pretrained(
+            hf_dir, dtype=torch.bfloat16
+        ).eval()
+        self.manifest = load_manifest(Path(bundle))
+        self.tiling = TilingConfig.from_dict(self.manifest.tiling)
+        self.format = PromptFormat.from_dict(self.manifest.prompt)
+        self.tokenizer = Tokenizer.from_file(str(Path(bundle) / self.manifest.tokenizer.file))
+        self.placeholder = self.tokenizer.token_to_id(self.format.placeholder_token)
+
+    def vision(self, tiles: int) -> float:
+        tiling = tile_image(test_image(tiles, self.tiling), self.tiling)
+        start = time.perf_counter()
+        pixels = self.torch.from_numpy(tiling.pixel_values).to(self.torch.bfloat16)
+        with self.torch.inference_mode():
+            self.model.model.get_image_features(pixel_values=pixels)
+        return time.perf_counter() - start
+
+    def request(self, tiles: int, question: str, new_tokens: int) -> dict[str, Any]:
+        """Tiling and prompt (shared numpy code), then `generate` with the pixels: vision,
+        splice, prefill and decode are transformers'. The first token's time is TTFT."""
+        from nvlm_export.runtime.prompt import build_prompt
+
+        torch = self.torch
+        start = time.perf_counter()
+        tiling = tile_image(test_image(tiles, self.tiling), self.tiling)
+        prompt = build_prompt(self.tokenizer, self.format, question, [tiling])
+        ids = torch.from_numpy(prompt.input_ids)[None, :].clone()
+        ids[ids == self.placeholder] = self.model.config.image_token_id
+        pixels = torch.from_numpy(tiling.pixel_values).to(torch.bfloat16)
+        with torch.inference_mode():
+            stamps = _stamped_generate(self.model, new_tokens, input_ids=ids, pixel_values=pixels)
+        return {
+            "ttft": stamps[0] - start,
+            "decode": list(np.diff(stamps)),
+            "prompt_tokens": int(ids.shape[1]),
+        }
+
+    def peak_rss(self) -> int:
+        return peak_rss_bytes()
+
+
+def _stamped_generate(model: Any, new_tokens: int, **inputs: Any) -> list[float]:
+    """Greedy `generate` with the KV cache; the time each token's logits were ready."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    stamps: list[float] = []
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            stamps.append(time.perf_counter())
+            return scores
+
+    first = next(v for v in inputs.values() if v is not None)
+    model.generate(
+        **inputs,
+        attention_mask=torch.ones(first.shape[:2], dtype=torch.long),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=True,
+        logits_processor=LogitsProcessorList([Stamp()]),
+        pad_token_id=0,
+    )
+    return stamps
 
 
 class GenAISystem:
@@ -294,6 +357,7 @@ SYSTEMS: dict[str, Callable[..., Any]] = {
     "ours": OursSystem,
     "reuse": ReuseSystem,
     "eager": EagerSystem,
+    "bf16": Bf16EagerSystem,
     "genai": GenAISystem,
 }
 
