@@ -69,6 +69,7 @@ def exported(tiny_bundle) -> Path:
 # --- one writer per output ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_export_of_the_same_output_fails_at_once(checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     with output_lock(out):  # another writer (this test process) is at work on `out`
@@ -197,6 +198,7 @@ def test_a_failed_writer_keeps_the_previous_output(tmp_path: Path) -> None:
     assert hidden_leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_the_manifest_is_written_after_validation(
     checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -219,6 +221,7 @@ def test_the_manifest_is_written_after_validation(
 # --- unsafe output paths, refused before any work -----------------------------------------------
 
 
+@pytest.mark.slow
 def test_output_that_is_or_holds_the_current_directory_is_refused(
     checkpoint: Path, exported: Path, tmp_path: Path
 ) -> None:
@@ -233,6 +236,7 @@ def test_output_that_is_or_holds_the_current_directory_is_refused(
     assert Pipeline.load(inside).manifest.architecture == "nvlm-d"
 
 
+@pytest.mark.slow
 def test_output_that_overlaps_the_input_is_refused(checkpoint: Path, exported: Path) -> None:
     line = one_error_line(cli("export", str(checkpoint), "-o", str(checkpoint / "bundle")))
     assert f"overlaps the input '{checkpoint}'" in line
@@ -253,6 +257,7 @@ def modes(root: Path) -> dict[str, int]:
     }
 
 
+@pytest.mark.slow
 def test_bundles_follow_the_umask_even_for_files_libraries_create_private(
     exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -269,6 +274,7 @@ def test_bundles_follow_the_umask_even_for_files_libraries_create_private(
     assert found == {name: 0o755 if (out / name).is_dir() else 0o644 for name in found}
 
 
+@pytest.mark.slow
 def test_checkpoints_and_exports_follow_a_stricter_umask_too(
     checkpoint: Path, tmp_path: Path
 ) -> None:
