@@ -365,10 +365,12 @@ def quantize(inv: Inventory, precision: str, calibrated: bool = True) -> int:
 def accuracy_check(inv: Inventory, precision: str) -> int:
     """The accuracy check decodes held-out requests with the fp32 and the quantized bundle.
 
-    Both run side by side, graph by graph, so both sets of weights are resident.
+    They run one after the other (export/accuracy.py): the fp32 bundle answers every request and
+    is unloaded before the quantized one is loaded, so the fp32 run, the larger, decides (ONNX
+    Runtime keeps Q/DQ weights quantized: it does not fold DequantizeLinear into float copies).
     """
-    quantized = quantized_bytes(inv, precision)
-    return int(running(inv, "fp32", tiles=inv.max_tiles + 1) + RUN_WEIGHT_COPIES * quantized)
+    del precision  # every quantized bundle is smaller than its fp32 source
+    return running(inv, "fp32", tiles=inv.max_tiles + 1)
 
 
 def calibration_bytes(
@@ -447,8 +449,9 @@ def where_accuracy_runs(inv: Inventory, stages: dict[str, StagePlan], available:
         return f"here (the INT4 check needs {gib(check)})"
     layer = inv.largest_layer * WEIGHT_BYTES["fp32"] + BASE_OVERHEAD
     return (
-        f"not here: the INT4 check needs {gib(check)} with the fp32 and the quantized bundle "
-        f"resident; run quantize where that fits, or skip the check with a warning; layer by "
+        f"not here: the INT4 check needs {gib(check)} with the fp32 bundle resident (the two "
+        f"bundles run one after the other); run quantize where that fits, or skip the check "
+        f"with a warning (--no-accuracy-check); layer by "
         f"layer (one block of each resident, not implemented yet) it would need about "
         f"{gib(int(layer + inv.largest_tensor * 4))}"
     )
