@@ -588,6 +588,36 @@ def test_an_unchanged_vision_graph_is_shared_and_run_once_per_request(
     assert sum(vision_tiles) == report["tiling"][0]["tiles"]  # the reference's one encode
 
 
+def test_the_accuracy_check_holds_one_bundle_at_a_time(
+    sources: Callable[[str], tuple[Path, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source bundle answers every request and is unloaded before the quantized one is
+    loaded: a model that fits in memory once can be checked."""
+    from nvlm_export.runtime.backends.base import GraphRunner
+
+    bundle, calib = sources("nvlm-d")
+    resident: dict[int, Path] = {}
+    together: list[set[Path]] = []
+    activate, deactivate = GraphRunner.activate, GraphRunner.deactivate
+
+    def tracked_activate(self: GraphRunner) -> GraphRunner:
+        runner = activate(self)
+        resident[id(self)] = self.spec.path.parent
+        together.append(set(resident.values()))
+        return runner
+
+    def tracked_deactivate(self: GraphRunner) -> None:
+        resident.pop(id(self), None)
+        deactivate(self)
+
+    monkeypatch.setattr(GraphRunner, "activate", tracked_activate)
+    monkeypatch.setattr(GraphRunner, "deactivate", tracked_deactivate)
+    quantize_bundle(bundle, tmp_path / "q", fast("int8", force=True), calib, quiet=True)
+    assert len({path for paths in together for path in paths}) == 2  # both bundles ran
+    assert max(len(paths) for paths in together) == 1
+    assert not resident  # and both were unloaded
+
+
 def test_cli_accuracy_requests_sets_how_many_requests_are_checked(
     sources: Callable[[str], tuple[Path, Path]], tmp_path: Path
 ) -> None:
