@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import InternVLVisionConfig, InternVLVisionModel
 
-from nvlm_export.models.checkpoint import INTERNVL_HF_KEYS
 from nvlm_export.models.config import VisionConfig
+from nvlm_export.models.families.internvl import HF_KEYS as INTERNVL_HF_KEYS
 from nvlm_export.models.tiny import randomize
 from nvlm_export.models.vision import InternViT, RealChannelRMSNorm, pixel_shuffle
 
