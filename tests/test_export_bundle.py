@@ -19,7 +19,7 @@ from nvlm_export.export.architectures import architecture_for_layout
 from nvlm_export.export.bundle import ExportSettings, export_bundle
 from nvlm_export.export.reference import TorchReference
 from nvlm_export.models.checkpoint import load_checkpoint
-from nvlm_export.runtime.manifest import MANIFEST_NAME, Manifest
+from nvlm_export.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 from nvlm_export.runtime.pipeline import Pipeline
 
 STEPS = 24
@@ -195,7 +195,9 @@ def test_cli_bad_bundle_path(tmp_path: Path) -> None:
 
 def test_cli_corrupt_onnx(exported, tmp_path: Path) -> None:
     bundle = copy_bundle(exported("nvlm-d")[1], tmp_path / "b")
-    (bundle / "decoder.onnx").write_bytes(b"\x00garbage")
+    # The file ONNX Runtime loads: the fused-attention variant where the bundle declares one.
+    decoder = load_manifest(bundle).graphs["decoder"].file_for("onnxruntime")
+    (bundle / decoder).write_bytes(b"\x00garbage")
     _rerecord(bundle)  # as a careless writer would: sizes and hashes match the garbage
     assert_one_line_error(cli("run", str(bundle), "-p", "x"), "cannot load the decoder graph")
 
