@@ -248,10 +248,10 @@ def test_auto_lm_head_falls_back_to_float_when_the_quantized_head_misses_the_bud
     """An accuracy check that fails whenever the head is quantized: auto quantizes the decoder
     again with the head in float (its activation ranges not recomputed), checks again, and
     reports both candidates' figures; the bundle's head is float."""
-    from nvlm_export.calibration import ranges
+    from nvlm_export.export import qdq
     from nvlm_export.export import quantize as quantize_module
 
-    real_accuracy, real_amax = quantize_module._accuracy, ranges.activation_amax
+    real_accuracy, real_amax = quantize_module._accuracy, qdq.activation_amax
     checked, ranged = [], []
 
     def accuracy(bundle: Path, staging: Path, manifest: Any, *args: Any) -> Any:
@@ -266,7 +266,7 @@ def test_auto_lm_head_falls_back_to_float_when_the_quantized_head_misses_the_bud
         return real_amax(graph, *args)
 
     monkeypatch.setattr(quantize_module, "_accuracy", accuracy)
-    monkeypatch.setattr(ranges, "activation_amax", amax)
+    monkeypatch.setattr(qdq, "activation_amax", amax)
     bundle, calib = sources("nvlm-d")
     quantize_bundle(bundle, tmp_path / "q", fast("int8"), calib, quiet=True)
     assert checked == [True, False]
