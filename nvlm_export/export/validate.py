@@ -30,7 +30,7 @@ from nvlm_export.export.architectures import ArchitectureExport
 from nvlm_export.export.reference import TorchReference, reference_pixel_values
 from nvlm_export.runtime.generation import KVCache, prefill
 from nvlm_export.runtime.images import ImageSource, load_image
-from nvlm_export.runtime.manifest import DECODER_GRAPH, Manifest, load_manifest
+from nvlm_export.runtime.manifest import DECODER_GRAPH, Manifest
 from nvlm_export.runtime.pipeline import Pipeline, PreparedRequest
 from nvlm_export.runtime.tiling import TilingConfig
 
@@ -38,11 +38,6 @@ DEFAULT_QUESTION = "Describe the image in detail."
 
 # (absolute, relative to the reference's largest magnitude) tolerance per bundle precision.
 TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (1e-2, 2e-2)}
-# ONNX Runtime options per bundle precision while validating. The CPU provider computes an fp16
-# graph in fp32: its optimiser inserts Casts and folds them into an fp32 copy of every weight (the
-# session then holds twice the bundle, pre-packed on top). Unoptimised, each weight is cast when
-# it is used, so the session holds the fp16 bundle once; the arithmetic is the same Cast-then-fp32.
-RUN_OPTIONS: dict[str, dict[str, Any]] = {"fp16": {"optimization_level": "disable"}}
 
 
 @dataclass
@@ -167,9 +162,7 @@ def _run_bundle(
 ) -> BundleRun:
     """Every vision output, the first-step logits and (greedy_steps > 0) the greedy tokens of
     the bundle on ONNX Runtime; its sessions are closed before this returns."""
-    manifest = manifest or load_manifest(bundle)
-    options = RUN_OPTIONS.get(manifest.precision, {})
-    pipeline = Pipeline.load(bundle, manifest=manifest, **options)
+    pipeline = Pipeline.load(bundle, manifest=manifest)
     try:
         prepared = pipeline.prepare(question, images)
         features = pipeline.encode_images(prepared.tilings)
