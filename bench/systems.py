@@ -266,7 +266,6 @@ class Bf16EagerSystem:
         from transformers import InternVLForConditionalGeneration
 
         from nvlm_export.runtime.manifest import load_manifest
-        from nvlm_export.runtime.prompt import PromptFormat
 
         torch.set_num_threads(threads)
         self.torch = torch
@@ -274,8 +273,8 @@ class Bf16EagerSystem:
             hf_dir, dtype=torch.bfloat16
         ).eval()
         self.manifest = load_manifest(Path(bundle))
-        self.tiling = TilingConfig.from_dict(self.manifest.tiling)
-        self.format = PromptFormat.from_dict(self.manifest.prompt)
+        self.tiling = self.manifest.tiling
+        self.format = self.manifest.prompt
         self.tokenizer = Tokenizer.from_file(str(Path(bundle) / self.manifest.tokenizer.file))
         self.placeholder = self.tokenizer.token_to_id(self.format.placeholder_token)
 
