@@ -273,6 +273,11 @@ def test_auto_lm_head_falls_back_to_float_when_the_quantized_head_misses_the_bud
     assert sorted(ranged) == ["decoder.onnx", "vision.onnx"]  # each graph's ranges run once
     spec = load_manifest(tmp_path / "q").graph(DECODER_GRAPH)
     assert spec.quantization["lm_head"]["quantized"] is False  # type: ignore[index]
+    # What ONNX Runtime loads (the fused variant) was derived again from the float-head decoder.
+    head = spec.quantization["lm_head"]["node"]  # type: ignore[index]
+    for file in (spec.file, spec.variants["onnxruntime"].file):
+        graph = Graph(tmp_path / "q" / file)
+        assert not graph.dequantized_inputs(next(n for n in graph.nodes if n.name == head)), file
     graph = Graph(tmp_path / "q" / spec.file)
     assert lm_head_weight_dq(graph, spec.quantization["lm_head"]["node"]) is None  # type: ignore[index]
     report = json.loads((tmp_path / "q" / ACCURACY_FILE).read_text())

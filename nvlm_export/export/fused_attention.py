@@ -41,6 +41,7 @@ from nvlm_export.runtime.manifest import (
     INPUTS_EMBEDS,
     POSITION_IDS,
     VISION_GRAPH,
+    GraphSpec,
     GraphVariant,
     Manifest,
 )
@@ -526,23 +527,29 @@ REWRITES: dict[str, Rewrite] = {
 }
 
 
+def variant_file(graph_file: str) -> str:
+    """Where a graph's ONNX Runtime variant is written, beside the graph."""
+    return graph_file.removesuffix(".onnx") + VARIANT_SUFFIX
+
+
 def add_onnxruntime_variants(bundle: Path, manifest: Manifest) -> Manifest:
     """Write the ONNX Runtime variant of every graph with a rewrite into `bundle` and declare it
     in the returned manifest (earlier variants are dropped: they belong to the graphs they were
     derived from). Graphs whose attention does not match stay without one."""
-    graphs = {}
-    float_activations = manifest.source.settings.get("dtype", "fp32") == "fp32"
-    for name, graph in manifest.graphs.items():
-        graph = replace(graph, variants={})
-        rewrite = REWRITES.get(name)
-        if rewrite is not None and float_activations:
-            file = graph.file.removesuffix(".onnx") + VARIANT_SUFFIX
-            try:
-                rewrite.write(bundle / graph.file, bundle / file, manifest)
-            except ExportError:
-                pass  # no fusable attention: ONNX Runtime runs the standard graph
-            else:
-                variant = GraphVariant(file, rewrite.fused_ops)
-                graph = replace(graph, variants={ONNXRUNTIME: variant})
-        graphs[name] = graph
+    graphs = {name: with_onnxruntime_variant(bundle, manifest, name) for name in manifest.graphs}
     return replace(manifest, graphs=graphs)
+
+
+def with_onnxruntime_variant(bundle: Path, manifest: Manifest, name: str) -> GraphSpec:
+    """Graph `name` of `manifest` with its ONNX Runtime variant derived from the graph file as it
+    is now in `bundle` (a graph written again needs its variant written again)."""
+    graph = replace(manifest.graphs[name], variants={})
+    rewrite = REWRITES.get(name)
+    if rewrite is None or manifest.source.settings.get("dtype", "fp32") != "fp32":
+        return graph
+    file = variant_file(graph.file)
+    try:
+        rewrite.write(bundle / graph.file, bundle / file, manifest)
+    except ExportError:
+        return graph  # no fusable attention: ONNX Runtime runs the standard graph
+    return replace(graph, variants={ONNXRUNTIME: GraphVariant(file, rewrite.fused_ops)})

@@ -30,7 +30,11 @@ from nvlm_export.export.accuracy import (
     measure_accuracy,
 )
 from nvlm_export.export.defaults import ACCURACY_REQUESTS, ACCURACY_STEPS
-from nvlm_export.export.fused_attention import add_onnxruntime_variants
+from nvlm_export.export.fused_attention import (
+    add_onnxruntime_variants,
+    variant_file,
+    with_onnxruntime_variant,
+)
 from nvlm_export.output import BUNDLE, publish_bundle, staged_output
 from nvlm_export.progress import Stages
 from nvlm_export.runtime.manifest import (
@@ -314,7 +318,8 @@ class _GraphQuantizer:
         graph = self.manifest.graphs[name]
         source, target = self.bundle / graph.file, self.staging / graph.file
         # An earlier attempt's files may still be mapped by a session: unlink, never truncate.
-        for path in (target, target.with_name(target.name + ".data")):
+        variant = self.staging / variant_file(graph.file)
+        for path in (target, target.with_name(target.name + ".data"), variant):
             path.unlink(missing_ok=True)
         model = onnx.load(str(source), load_external_data=False)
         nodes = qdq.quantizable_nodes(model)
@@ -391,6 +396,8 @@ def _check_accuracy(
     if head is not None and q.settings.auto_lm_head and not accuracy.passed:
         with stages.stage("decoder graph again, LM head in float (auto)"):
             decoder = q(DECODER_GRAPH, components[DECODER_GRAPH], quantize_head=False)
+            quantized = replace(quantized, graphs={**quantized.graphs, DECODER_GRAPH: decoder})
+            decoder = with_onnxruntime_variant(q.staging, quantized, DECODER_GRAPH)
         quantized = replace(quantized, graphs={**quantized.graphs, DECODER_GRAPH: decoder})
         with stages.stage("accuracy, LM head in float"):
             accuracy = measure(quantized)
