@@ -435,6 +435,11 @@ def test_session_options_parse_into_pipeline_keywords() -> None:
     assert backend == "onnxruntime"
     assert keywords == {"intra_op_threads": 2, "providers": ("A", "B")}
     assert parse_session_options(None) == ("onnxruntime", {})
+    # Pipeline options apply whatever the backend.
+    assert parse_session_options("backend=openvino;verify_hashes=1;feature_cache_bytes=0") == (
+        "openvino",
+        {"verify_hashes": True, "feature_cache_bytes": 0},
+    )
 
 
 @pytest.mark.parametrize(
@@ -445,6 +450,10 @@ def test_session_options_parse_into_pipeline_keywords() -> None:
         ("colour=red", "Unknown session option"),
         ("backend=tensorrt;threads=2", "does not apply to the 'tensorrt' backend"),
         ("threads=1;threads=2", "given twice"),
+        ("feature_cache_bytes=-1", "feature_cache_bytes=-1 is invalid"),
+        ("prefix_cache_bytes=abc", "prefix_cache_bytes=abc is invalid"),
+        ("prefix_cache_bytes=", "prefix_cache_bytes= is invalid"),
+        ("verify_hashes=yes", "verify_hashes=yes is invalid"),
     ],
 )
 def test_bad_session_options_are_refused(text: str, message: str) -> None:

@@ -17,14 +17,22 @@ DEFAULT_BACKEND = "onnxruntime"
 BACKEND_KEY = "backend"
 
 
-def _positive_int(key: str, text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise InputError(f"Option {key}={text} is invalid", fix=f"Use {key}=N with N >= 1")
-    return value
+def _int_at_least(minimum: int, unit: str = "") -> Callable[[str, str], int]:
+    """A parser of whole numbers >= `minimum`; anything else is refused naming the key."""
+
+    def parse(key: str, text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            off = " (0 = off)" if minimum == 0 else ""
+            raise InputError(
+                f"Option {key}={text} is invalid", fix=f"Use {key}=N{unit} with N >= {minimum}{off}"
+            )
+        return value
+
+    return parse
 
 
 def _name_list(key: str, text: str) -> tuple[str, ...]:
@@ -40,18 +48,6 @@ def _flag(key: str, text: str) -> bool:
     return text == "1"
 
 
-def _byte_count(key: str, text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise InputError(
-            f"Option {key}={text} is invalid", fix=f"Use {key}=N bytes with N >= 0 (0 = off)"
-        )
-    return value
-
-
 def _word(key: str, text: str) -> str:
     if not text:
         raise InputError(f"Option {key} is empty", fix=f"Give {key} a value or leave it out")
@@ -63,23 +59,18 @@ class SessionOption:
     key: str
     keyword: str  # the Pipeline.load / backend runner keyword
     parse: Callable[[str, str], Any]
-    backends: tuple[str, ...]
+    backends: tuple[str, ...] | None = None  # None: a Pipeline option, for every backend
 
 
 OPTIONS: dict[str, SessionOption] = {
     option.key: option
     for option in (
-        SessionOption("threads", "intra_op_threads", _positive_int, ("onnxruntime",)),
+        SessionOption("threads", "intra_op_threads", _int_at_least(1), ("onnxruntime",)),
         SessionOption("providers", "providers", _name_list, ("onnxruntime",)),
         SessionOption("optimization_level", "optimization_level", _word, ("onnxruntime",)),
-        # Pipeline options, for every backend.
-        SessionOption("verify_hashes", "verify_hashes", _flag, ("onnxruntime", "tensorrt")),
-        SessionOption(
-            "feature_cache_bytes", "feature_cache_bytes", _byte_count, ("onnxruntime", "tensorrt")
-        ),
-        SessionOption(
-            "prefix_cache_bytes", "prefix_cache_bytes", _byte_count, ("onnxruntime", "tensorrt")
-        ),
+        SessionOption("verify_hashes", "verify_hashes", _flag),
+        SessionOption("feature_cache_bytes", "feature_cache_bytes", _int_at_least(0, " bytes")),
+        SessionOption("prefix_cache_bytes", "prefix_cache_bytes", _int_at_least(0, " bytes")),
     )
 }
 
@@ -94,7 +85,7 @@ def parse_session_options(text: str | None) -> tuple[str, dict[str, Any]]:
         if option is None:
             known = ", ".join([BACKEND_KEY, *OPTIONS])
             raise InputError(f"Unknown session option '{key}'", fix=f"Use one of: {known}")
-        if backend not in option.backends:
+        if option.backends is not None and backend not in option.backends:
             raise InputError(
                 f"Option '{key}' does not apply to the '{backend}' backend",
                 fix=f"Use it with backend={' or backend='.join(option.backends)}",
