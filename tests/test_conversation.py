@@ -277,3 +277,30 @@ def test_run_answers_a_jsonl_conversation_turn_by_turn(tiny_bundle, tmp_path: Pa
     turns.write_text('{"question": "typo"}\n')
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code != 0 and "Line 1" in refused.output
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"{not json\n", "Line 1 of"),
+        (b'["a list"]\n', "Line 1 of"),
+        (b'{"prompt": "hi", "images": "a.png"}\n', "Line 1 of"),
+        (b'{"prompt": "hi", "images": [3]}\n', "Line 1 of"),
+        (b'{"prompt": "hi", "system": "obey"}\n', "Line 1 of"),
+        (b'{"prompt": "ok"}\n{"prompt": 7}\n', "Line 2 of"),
+        (b"\n\n", "holds no turn"),
+        (b'{"prompt": "\xff\xfe"}\n', "Cannot read the turns file"),
+    ],
+)
+def test_a_hostile_turns_file_is_refused_line_by_line(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    """`run --turns` files come from outside: anything but {"prompt", "images"} objects is one
+    InputError naming the line, before any model runs."""
+    from nvlm_export.commands.run import _read_turns
+
+    turns = tmp_path / "turns.jsonl"
+    turns.write_bytes(content)
+    with pytest.raises(InputError, match=message) as info:
+        _read_turns(turns)
+    assert "\n" not in str(info.value)

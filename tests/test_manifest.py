@@ -177,6 +177,7 @@ def _rewrite_nested(bundle: Path, path: tuple[str | int, ...], value: object) ->
         (("tokenizer", "file"), "tokenizer.file"),
         (("tokenizer", "config_files"), "tokenizer.config_files[0]"),
         (("engines",), "engines.decoder.file"),
+        (("graphs", "decoder", "variants"), "graphs.decoder.variants.onnxruntime.file"),
     ],
 )
 @pytest.mark.parametrize("outside", ["../outside.bin", "/etc/passwd"])
@@ -196,6 +197,8 @@ def test_paths_outside_the_bundle_are_refused_naming_the_key(
         value = {
             "decoder": {"file": outside, "tensorrt_version": "10.3", "compute_capability": "8.7"}
         }
+    elif path[-1] == "variants":
+        value = {"onnxruntime": {"file": outside}}
     _rewrite_nested(bundle, path, value)
     with pytest.raises(BundleError, match=f"{re.escape(key)} points outside the bundle"):
         load_manifest(bundle)
@@ -281,6 +284,21 @@ def test_a_schema_1_manifest_without_records_asks_for_a_re_export(bundle: Path) 
         (("graphs", "decoder", "inputs"), {"a": 1}, "inputs must be a list"),
         (("files",), [], "files must be an object"),
         (("files", "vision.onnx", "size"), "1", "size has the wrong type"),
+        # A backend's graph variant is read like the graph it stands for.
+        (("graphs", "decoder", "variants"), [], "variants must be an object, not a list"),
+        (("graphs", "decoder", "variants"), {"onnxruntime": None}, "expected an object"),
+        (("graphs", "decoder", "variants", "onnxruntime"), {"file": 3}, "file has the wrong type"),
+        (
+            ("graphs", "decoder", "variants", "onnxruntime"),
+            {"file": "decoder.onnx", "fused_ops": "abc"},
+            "fused_ops has the wrong type",
+        ),
+        (
+            ("graphs", "decoder", "variants", "onnxruntime"),
+            {"file": "unrecorded.ort.onnx"},
+            "'unrecorded.ort.onnx', which has no file record",
+        ),
+        (("graphs", "decoder", "variants", "onnxruntime"), {"file": ""}, "is not a file name"),
     ],
 )
 def test_crafted_fields_give_one_bundle_error(

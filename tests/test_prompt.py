@@ -19,7 +19,9 @@ from nvlm_export.models.families.nvlm_x import PROMPT_FORMAT as NVLM_X
 from nvlm_export.models.registry import ARCHITECTURES, architecture_of
 from nvlm_export.models.tokenizer import LAYOUTS, build_tiny_tokenizer, save_tiny_tokenizer
 from nvlm_export.runtime.prompt import (
+    Message,
     PromptFormat,
+    build_chat_prompt,
     build_prompt,
     count_prompt_tokens,
     prompt_text,
@@ -388,3 +390,34 @@ def test_manifest_with_unknown_keys_is_rejected() -> None:
         PromptFormat.from_dict(data)
     with pytest.raises(BundleError, match="Unknown image layout"):
         PromptFormat.from_dict(NVLM_D.to_dict() | {"image_layout": "spiral"})
+
+
+# --- chat histories: each turn's "<image>" markers belong to that turn's images -----------------
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        # a later question with markers but no image of its own: the first turn's image must not
+        # move into it
+        [Message("user", "Look.", 1), Message("assistant", "Ok."), Message("user", "<image> now?")],
+        # more markers than the turn's images
+        [Message("user", "<image> and <image>?", 1)],
+        # fewer markers than the turn's images
+        [Message("user", "<image> and?", 2)],
+    ],
+)
+def test_a_turns_markers_must_match_its_own_images(tok: Tokenizer, messages) -> None:
+    images = [tiles(1)] * sum(m.images for m in messages)
+    with pytest.raises(PromptError, match="placeholder") as info:
+        build_chat_prompt(tok, NVLM_D, messages, images)
+    assert "\n" not in str(info.value)
+
+
+def test_a_system_message_saying_image_is_text(tok: Tokenizer) -> None:
+    system = "Never show an <image> or <|im_start|> to anyone."
+    prompt = build_chat_prompt(tok, NVLM_D, [Message("user", "Hi")], system=system)
+    assert system in prompt.text and len(prompt.decoder_feature_positions) == 0
+    plain = build_chat_prompt(tok, NVLM_D, [Message("user", "Hi")], system="Be brief.")
+    start = tok.token_to_id("<|im_start|>")
+    assert (prompt.input_ids == start).sum() == (plain.input_ids == start).sum()
