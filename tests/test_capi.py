@@ -69,7 +69,15 @@ static void print_length(const char* label, const nvlm_chat* chat) {
 static int run_chat(nvlm_session* session, const char* image, int cancel_at) {
     const char* questions[3] = {"What is shown?", "Tell me a long story about it.", "Why?"};
     nvlm_chat* chat = NULL;
-    int status = nvlm_chat_create(session, NULL, 0, &chat);
+    /* Hostile creates: each refused with a status and a message, no chat made. */
+    int status = nvlm_chat_create(session, NULL, -1, &chat);
+    printf("bad_tiles=%s %s\n", nvlm_status_name(status), nvlm_last_error());
+    status = nvlm_chat_create(session, "\xff\xfe system", 0, &chat);
+    printf("bad_system=%s %s\n", nvlm_status_name(status), nvlm_last_error());
+    status = nvlm_chat_create(session, NULL, 0, NULL);
+    printf("null_out=%s\n", nvlm_status_name(status));
+    printf("hostile_chat=%s\n", chat == NULL ? "none" : "made");
+    status = nvlm_chat_create(session, NULL, 0, &chat);
     printf("create=%s\n", nvlm_status_name(status));
     for (int turn = 1; turn <= 3; turn++) {
         nvlm_request* request = NULL;
@@ -412,6 +420,10 @@ def test_chat_from_c_cancelled_turn_is_dropped_and_the_next_sees_the_first(
     third = chat.ask("Why?", max_new_tokens=TOKENS)  # right after turn 1
     expected = [first.token_ids, third.run().token_ids]
 
+    assert out["bad_tiles"].startswith("NVLM_ERR_INVALID_ARGUMENT max_tiles -1 is invalid")
+    assert out["bad_system"].startswith("NVLM_ERR_INVALID_ARGUMENT")
+    assert out["null_out"] == "NVLM_ERR_INVALID_ARGUMENT"
+    assert out["hostile_chat"] == "none"
     assert (out["create"], out["turn1"], out["turn3"]) == ("NVLM_OK",) * 3
     assert out["turn1_ids"] == ",".join(map(str, expected[0]))
     assert (out["turn2"], out["turn2_pieces"]) == ("NVLM_ERR_CANCELLED", "3")
