@@ -357,11 +357,7 @@ class CApi:
     ) -> Status:
         session = self.handles.get(session_handle, Session)
         system_text = self.text(system, "system message", allow_null=True)
-        if max_tiles < 0:
-            raise InputError(
-                f"max_tiles {max_tiles} is invalid", fix="Use 0 (the bundle's) or >= 1"
-            )
-        conversation = session.pipeline.chat(system=system_text, max_tiles=max_tiles or None)
+        conversation = session.pipeline.chat(system=system_text, max_tiles=_tile_budget(max_tiles))
         self.store(out_chat, Chat(session, conversation), "nvlm_chat *")
         return Status.OK
 
@@ -402,7 +398,7 @@ class CApi:
     def chat_get_length(self, handle: Cdata, out_turns: Cdata, out_tokens: Cdata) -> Status:
         conversation = self.handles.get(handle, Chat).conversation
         if out_turns != self.ffi.NULL:
-            out_turns[0] = len(conversation.messages) // 2
+            out_turns[0] = conversation.turns
         if out_tokens != self.ffi.NULL:
             out_tokens[0] = conversation.num_tokens
         return Status.OK
@@ -484,11 +480,7 @@ class CApi:
 
     def request_set_max_tiles(self, handle: Cdata, max_tiles: int) -> Status:
         request = self.handles.get(handle, Request)
-        if max_tiles < 0:
-            raise InputError(
-                f"max_tiles {max_tiles} is invalid", fix="Use 0 (the bundle's) or >= 1"
-            )
-        request.max_tiles = max_tiles or None
+        request.max_tiles = _tile_budget(max_tiles)
         return Status.OK
 
     # -- results --
@@ -522,6 +514,13 @@ class CApi:
 
     def result_destroy(self, handle: Cdata) -> None:
         self.handles.remove(handle, Result)
+
+
+def _tile_budget(max_tiles: int) -> int | None:
+    """A C tile budget: 0 means the bundle's own, a negative one is refused."""
+    if max_tiles < 0:
+        raise InputError(f"max_tiles {max_tiles} is invalid", fix="Use 0 (the bundle's) or >= 1")
+    return max_tiles or None
 
 
 def _chat_turn(arguments: dict[str, Any]) -> tuple[str, list[Image.Image], GenerateOptions]:

@@ -188,10 +188,12 @@ def _calibrate_and_quantize(
     images = _images_fingerprint(settings.images) if settings.images else "builtin"
     prompts = _file_hash(settings.prompts) if settings.prompts else "builtin"
     # INT8/FP8 need every graph's ranges. INT4 needs the vision graph's for its INT8 vision, except
-    # on the weight-only path (--no-validate --no-accuracy-check), which never runs the model:
-    # there the vision graph stays in float, and quantize says so.
-    weight_only = not settings.validate and not settings.check_accuracy
-    needs_calibration = graphs is None or (bool(graphs) and not weight_only)
+    # on the weight-only path, which never runs the model: there the vision graph stays in float,
+    # and quantize says so.
+    from nvlm_export.export.memory_plan import weight_only
+
+    skip = weight_only(settings.validate, settings.check_accuracy)
+    needs_calibration = graphs is None or (bool(graphs) and not skip)
     if needs_calibration:
         key = runner.run(
             "calibrate",

@@ -50,7 +50,6 @@ from nvlm_export.runtime.tiling import choose_grid, tile_count
 
 PLAN_NAME = "engine_plan.json"
 ENGINE_DIR = "engines"
-QUANTIZED = QUANTIZED_PRECISIONS
 FLOATS = ("fp32", "fp16")
 OPTIMIZATION_LEVELS = range(0, 6)  # IBuilderConfig.builder_optimization_level: 0..5, default 3
 DEFAULT_OPTIMIZATION_LEVEL = 3
@@ -281,7 +280,7 @@ def graph_typing(
     source = graph.precision
     if requested is None or requested == source:
         return source, True, False
-    if requested in QUANTIZED and source in FLOATS:
+    if requested in QUANTIZED_PRECISIONS and source in FLOATS:
         # A graph the quantizer left in float (typically the vision encoder) keeps its precision.
         return source, True, False
     if requested == "fp16" and source == "fp32":
@@ -300,7 +299,7 @@ def graph_typing(
 
 
 def _check_requested_precision_reachable(manifest: Manifest, requested: str | None) -> None:
-    if requested not in QUANTIZED:
+    if requested not in QUANTIZED_PRECISIONS:
         return
     if not any(g.precision == requested for g in manifest.graphs.values()):
         have = sorted({g.precision for g in manifest.graphs.values()})
@@ -315,7 +314,7 @@ def _check_requested_precision_reachable(manifest: Manifest, requested: str | No
 def _typing_note(source: str, precision: str, strongly_typed: bool) -> tuple[str, ...]:
     if not strongly_typed:
         return (f"weakly typed: {source} ONNX with the FP16 builder flag (TensorRT 10 only)",)
-    if precision in QUANTIZED:
+    if precision in QUANTIZED_PRECISIONS:
         return (f"strongly typed: {precision} from the graph's Q/DQ nodes",)
     return (f"strongly typed: tensor types as in the {source} ONNX",)
 

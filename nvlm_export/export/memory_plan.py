@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nvlm_export.models.families.spec import EMBEDDING_TABLE as EMBEDDING
+from nvlm_export.runtime.manifest import DECODER_GRAPH, QUANTIZED_PRECISIONS, VISION_GRAPH
+
 GiB = 1024**3
 
 # The Python process with torch, onnx and onnxruntime imported, the traced graph structure and
@@ -108,9 +111,10 @@ class Inventory:
         return sum(self.graph_parameters.values())
 
 
-EMBEDDING = "embedding"
-DECODER_GRAPH = "decoder"  # runtime.manifest.DECODER_GRAPH (not imported: the runtime is lazy)
-VISION_GRAPH = "vision"
+def weight_only(validate: bool, accuracy_check: bool) -> bool:
+    """Whether an INT4 build is weight-only: with neither validation nor the accuracy check no
+    stage runs the model, so the vision graph is not calibrated either and stays in float."""
+    return not validate and not accuracy_check
 
 
 @dataclass(frozen=True)
@@ -142,7 +146,7 @@ class MemoryPlan:
         if precision != "int4":
             names.append("calibrate")
             names.append(f"quantize {precision}" + (" + accuracy check" if accuracy_check else ""))
-        elif not validate and not accuracy_check:  # the weight-only path: vision stays fp32
+        elif weight_only(validate, accuracy_check):
             names.append("quantize int4")
         else:  # INT4 builds calibrate and quantize the vision graph only (INT8), as build does
             names.append("calibrate vision")
@@ -362,14 +366,14 @@ def quantize(inv: Inventory, precision: str, calibrated: bool = True) -> int:
     return max(streamed, int(QUANTIZE_OVERHEAD + ranges))
 
 
-def accuracy_check(inv: Inventory, precision: str) -> int:
+def accuracy_check(inv: Inventory) -> int:
     """The accuracy check decodes held-out requests with the fp32 and the quantized bundle.
 
     They run one after the other (export/accuracy.py): the fp32 bundle answers every request and
     is unloaded before the quantized one is loaded, so the fp32 run, the larger, decides (ONNX
     Runtime keeps Q/DQ weights quantized: it does not fold DequantizeLinear into float copies).
+    Every quantized bundle is smaller than its fp32 source, so this holds for every precision.
     """
-    del precision  # every quantized bundle is smaller than its fp32 source
     return running(inv, "fp32", tiles=inv.max_tiles + 1)
 
 
@@ -412,8 +416,6 @@ def plan(
             True,
         ),
     ]
-    from nvlm_export.runtime.manifest import QUANTIZED_PRECISIONS
-
     for precision in QUANTIZED_PRECISIONS:
         out = quantized_bytes(inv, precision)
         name = f"quantize {precision}"
@@ -421,8 +423,9 @@ def plan(
             weight_only = quantized_bytes(inv, precision, calibrated=False)
             stages.append(StagePlan(name, quantize(inv, precision, False), weight_only, False))
             name = "quantize int4 + int8 vision"
-        stages.append(StagePlan(name, quantize(inv, precision), out, True))
-        check = max(quantize(inv, precision), accuracy_check(inv, precision))
+        peak = quantize(inv, precision)
+        stages.append(StagePlan(name, peak, out, True))
+        check = max(peak, accuracy_check(inv))
         stages.append(StagePlan(f"quantize {precision} + accuracy check", check, out, True))
     stages.append(StagePlan("dry-run", DRY_RUN, 0, False))
     by_name = {s.stage: s for s in stages}

@@ -48,7 +48,6 @@ from nvlm_export.runtime.manifest import (
     load_manifest,
 )
 
-PRECISIONS = QUANTIZED_PRECISIONS
 ACCURACY_FILE = "accuracy.json"
 
 # The precision each graph takes in a bundle of each precision (a graph not listed stays in
@@ -97,10 +96,10 @@ class QuantizeSettings:
     check_accuracy: bool = True
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
+        if self.precision not in QUANTIZED_PRECISIONS:
             raise InputError(
                 f"Unknown quantization precision '{self.precision}'",
-                fix=f"Choose one of: {', '.join(PRECISIONS)}",
+                fix=f"Choose one of: {', '.join(QUANTIZED_PRECISIONS)}",
             )
         if self.lm_head not in LM_HEAD_CHOICES:
             raise InputError(
@@ -249,7 +248,7 @@ def quantize_bundle(
 
 
 def _check_source(manifest: Manifest, bundle: Path) -> None:
-    if manifest.precision in PRECISIONS:
+    if manifest.precision in QUANTIZED_PRECISIONS:
         raise InputError(
             f"Bundle '{bundle}' is already quantized ({manifest.precision})",
             fix="Quantize the unquantized bundle it came from",

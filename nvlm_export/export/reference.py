@@ -42,11 +42,16 @@ def _tile_by_tile(
 ) -> Callable[..., torch.Tensor]:
     """`tile_tokens` run on one tile at a time, as the runtime calls the vision graph (tiles are
     encoded independently). Seven tiles at once hold seven sets of InternViT attention maps, about
-    1 GB of activations on top of the weights."""
+    1 GB of activations on top of the weights. Tiles are independent, so the model computes the
+    same either way; the model keeps the per-tile form."""
+
+    if getattr(tile_tokens, "one_tile_at_a_time", False):
+        return tile_tokens  # a second reference on the same model
 
     def per_tile(pixel_values: torch.Tensor) -> torch.Tensor:
         return torch.cat([tile_tokens(tile[None]) for tile in pixel_values])
 
+    per_tile.one_tile_at_a_time = True  # type: ignore[attr-defined]
     return per_tile
 
 

@@ -43,6 +43,11 @@ class Conversation:
         self._state: KVState | None = None
 
     @property
+    def turns(self) -> int:
+        """Answered turns so far (each a question and its answer)."""
+        return len(self.messages) // 2
+
+    @property
     def num_tokens(self) -> int:
         """Tokens of the conversation so far whose keys/values are kept."""
         return self._state.length if self._state is not None else 0
@@ -99,7 +104,7 @@ class Conversation:
         capacity = self.pipeline.manifest.kv_cache.max_context
         if prompt_tokens < capacity:
             return
-        turns = len(self.messages) // 2
+        turns = self.turns
         raise PromptError(
             f"The conversation is full: {turns} earlier turn{'s' if turns != 1 else ''} and this "
             f"question take {prompt_tokens} of the context's {capacity} tokens",

@@ -76,6 +76,8 @@ class GenerateOptions:
     ) -> GenerateOptions:
         """`options` (default: the defaults) with some fields given as keyword arguments: how
         every generate call's keyword arguments become options."""
+        if not overrides:
+            return options or cls()
         unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
         if unknown:
             known = ", ".join(f.name for f in fields(cls))

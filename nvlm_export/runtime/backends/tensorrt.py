@@ -55,14 +55,12 @@ class TensorRTRunner(GraphRunner):
         self,
         spec: GraphSpec,
         *,
-        engine: EngineRecord | None = None,
-        bundle_dir: Path | None = None,
         validate_inputs: bool = True,
     ) -> None:
         require_tensorrt()  # fail at construction, before any bundle work, when TensorRT is absent
         super().__init__(spec, validate_inputs=validate_inputs)
-        self.bundle_dir = Path(bundle_dir) if bundle_dir is not None else spec.path.parent
-        self.record = engine or spec.engine  # the manifest's, through Pipeline.load
+        self.bundle_dir = spec.path.parent
+        self.record = spec.engine  # the manifest's engines[graph], through Pipeline.load
         self._trt: Any = None
         self._engine: Any = None
         self._context: Any = None
