@@ -24,7 +24,12 @@ from nvlm_export.errors import InputError
 from nvlm_export.profiling import cost as cost_module
 from nvlm_export.profiling.cost import decoder_cost
 from nvlm_export.profiling.inputs import image_size_for_tiles, question_with_tokens
-from nvlm_export.profiling.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+from nvlm_export.profiling.memory import (
+    CallPeaks,
+    current_rss_bytes,
+    peak_rss_bytes,
+    reset_peak_rss,
+)
 from nvlm_export.profiling.profiler import ProfileSettings, profile_bundle
 from nvlm_export.profiling.report import CSV_FIELDS
 from nvlm_export.profiling.tegrastats import TegrastatsMonitor, parse_tegrastats_line, summarize
@@ -36,6 +41,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 LAYOUTS = ("nvlm-d", "internvl")  # quantized and NVLM-X bundles: test_quantize.py
 NEW_TOKENS = 4
 PROMPT_TOKENS = 12
+PREFILL_CHUNKS = (16, 0)  # 16-token chunks against the whole prompt in one call
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +56,12 @@ def reports(bundles):
     def get(layout: str) -> dict:
         if layout not in cache:
             settings = ProfileSettings(
-                tiles=(1, 3), prompt_tokens=PROMPT_TOKENS, new_tokens=NEW_TOKENS, runs=2, warmup=1
+                tiles=(1, 3),
+                prompt_tokens=PROMPT_TOKENS,
+                new_tokens=NEW_TOKENS,
+                runs=2,
+                warmup=1,
+                prefill_chunks=PREFILL_CHUNKS,
             )
             report = profile_bundle(bundles(layout), settings, intra_op_threads=1)
             cache[layout] = report.to_dict()
@@ -96,6 +107,32 @@ def test_multi_tile_cases_time_vision_one_tile_per_call_and_batched(reports, lay
     assert single["median"] > 0 and batched["median"] > 0
     ratio = batching["batched_over_one_per_call"]
     assert ratio == pytest.approx(batched["median"] / single["median"])
+    for side in ("one_per_call", "batched"):
+        assert batching[f"peak_rss_rise_bytes_{side}"] >= 0  # measured (Linux resets the peak)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_long_prompts_time_each_prefill_chunk_size(reports, layout: str) -> None:
+    report = reports(layout)
+    assert report["settings"]["prefill_chunks"] == list(PREFILL_CHUNKS)
+    for case in report["cases"]:
+        assert case["prompt_tokens"] > PREFILL_CHUNKS[0]  # the tiny prompts are all longer
+        rows = case["prefill_chunking"]["chunks"]
+        assert [row["chunk_tokens"] for row in rows] == list(PREFILL_CHUNKS)
+        for row in rows:
+            assert row["prefill_ms"]["count"] == 2  # one per measured round
+            assert row["prefill_ms"]["median"] > 0
+            assert row["peak_rss_rise_bytes"] >= 0
+    # The comparisons reset the peak resident size; the report's peak is still the whole one.
+    assert report["memory"]["peak_rss_bytes"] >= report["memory"]["rss_after_load_bytes"]
+
+
+def test_prefill_chunking_is_skipped_when_every_chunk_holds_the_prompt(bundles) -> None:
+    settings = ProfileSettings(
+        tiles=(1,), prompt_tokens=4, new_tokens=2, runs=1, warmup=0, prefill_chunks=(4096, 0)
+    )
+    (case,) = profile_bundle(bundles("internvl"), settings, intra_op_threads=1).to_dict()["cases"]
+    assert case["prompt_tokens"] < 4096 and case["prefill_chunking"] is None
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -217,6 +254,7 @@ def test_cli_table(bundles) -> None:
         (["--tiles", "1,x"], "not a list of whole numbers"),
         (["--tiles", "2"], "No image tiles into exactly 2 tiles"),
         (["--runs", "0"], "runs must be >= 1"),
+        (["--prefill-chunks", "512,-1"], "--prefill-chunks '512,-1' has a number below 0"),
     ],
 )
 def test_cli_bad_options_are_one_line_errors(bundles, args: list[str], message: str) -> None:
@@ -248,6 +286,21 @@ def test_question_has_exactly_the_requested_tokens(bundles, tokens: int) -> None
 
 
 # --- memory --------------------------------------------------------------------------------------
+
+
+def test_call_peaks_measure_a_call_and_keep_the_phase_peak() -> None:
+    peaks = CallPeaks()
+    if not peaks.resettable:
+        pytest.skip("this OS cannot reset the peak resident size")
+    block = np.ones(96 * 1024 * 1024 // 8)  # 96 MiB, touched, before any call
+    high = peak_rss_bytes()
+    del block
+    seconds, rise = peaks.measure(lambda: np.ones(48 * 1024 * 1024 // 8).sum())  # 48 MiB
+    assert seconds > 0
+    assert rise is not None and 44 * 1024 * 1024 <= rise < 90 * 1024 * 1024
+    # The reset in measure() did not lose the earlier, higher peak (the kernel's RSS counters
+    # are approximate by a few pages; the call's own peak is ~48 MiB below it).
+    assert peaks.phase_peak() >= high - 2 * 1024 * 1024
 
 
 def test_peak_rss_sees_a_transient_allocation() -> None:

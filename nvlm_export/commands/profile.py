@@ -42,6 +42,14 @@ def profile(
             "tiles against one tile per call (the runtime's default, for memory); 0: off.",
         ),
     ] = 4,
+    prefill_chunks: Annotated[
+        str,
+        Runtime(
+            help="Prefill chunk sizes in tokens to time against each other, alternated, with "
+            "each one's memory peak (0: the whole prompt in one call), e.g. 512,1024; on the "
+            "cases whose prompt is longer than the smallest. Default: not timed.",
+        ),
+    ] = "",
     warmup: Annotated[int, typer.Option(help="Unmeasured requests per case first.")] = 1,
     backend: Annotated[
         str, Runtime(help="onnxruntime, tensorrt or openvino (the openvino extra).")
@@ -99,7 +107,7 @@ def profile(
     from nvlm_export.profiling.report import print_report, write_outputs
 
     settings = ProfileSettings(
-        tiles=_tile_counts(tiles),
+        tiles=_whole_numbers(tiles, "--tiles", low=1),
         images=tuple(image or ()),
         prompt_tokens=prompt_tokens,
         new_tokens=new_tokens,
@@ -107,6 +115,7 @@ def profile(
         warmup=warmup,
         bandwidth_gbs=bandwidth_gbs,
         vision_batch=vision_batch,
+        prefill_chunks=_whole_numbers(prefill_chunks, "--prefill-chunks", low=0),
     )
     options: dict[str, Any] = {"intra_op_threads": threads} if threads is not None else {}
     if not spin:
@@ -179,13 +188,14 @@ def _profile_concurrent(
     Console().print(table)
 
 
-def _tile_counts(text: str) -> tuple[int, ...]:
+def _whole_numbers(text: str, option: str, *, low: int) -> tuple[int, ...]:
+    """A comma-separated list of whole numbers >= `low`."""
     try:
         counts = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise InputError(
-            f"--tiles '{text}' is not a list of whole numbers", fix="Write e.g. --tiles 1,3,7"
+            f"{option} '{text}' is not a list of whole numbers", fix=f"Write e.g. {option} 1,3,7"
         ) from None
-    if any(count < 1 for count in counts):
-        raise InputError(f"--tiles '{text}' has a count below 1", fix="Use counts >= 1")
+    if any(count < low for count in counts):
+        raise InputError(f"{option} '{text}' has a number below {low}", fix=f"Use numbers >= {low}")
     return counts

@@ -13,6 +13,7 @@ import os
 import resource
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,6 +57,33 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+class CallPeaks:
+    """Time and peak memory of single calls inside a phase whose own peak is read at its end.
+
+    Each call's peak is measured from a reset, so it is what the call added on top of the
+    resident size it started from; those resets would lose the peak the phase reached before
+    them, so it is kept here and `phase_peak()` is the true one.
+    """
+
+    def __init__(self) -> None:
+        self.resettable = reset_peak_rss()
+        self._seen = 0
+
+    def measure(self, call: Callable[[], object]) -> tuple[float, int | None]:
+        """Seconds `call` took and the bytes its peak rose above the resident size it started
+        from (None where the OS cannot reset the peak)."""
+        self._seen = max(self._seen, peak_rss_bytes())
+        start_rss = current_rss_bytes()
+        reset = reset_peak_rss()
+        start = time.perf_counter()
+        call()
+        seconds = time.perf_counter() - start
+        return seconds, max(peak_rss_bytes() - start_rss, 0) if reset else None
+
+    def phase_peak(self) -> int:
+        return max(self._seen, peak_rss_bytes())
 
 
 def gpu_memory_bytes(pid: int | None = None) -> int | None:

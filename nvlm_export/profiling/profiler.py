@@ -20,10 +20,10 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -35,11 +35,10 @@ from nvlm_export.profiling.inputs import (
     synthetic_image,
 )
 from nvlm_export.profiling.memory import (
+    CallPeaks,
     PeakSampler,
     current_rss_bytes,
     gpu_memory_bytes,
-    peak_rss_bytes,
-    reset_peak_rss,
 )
 from nvlm_export.profiling.stats import Distribution
 from nvlm_export.profiling.tegrastats import TegrastatsMonitor, summarize
@@ -68,15 +67,24 @@ class ProfileSettings:
     bandwidth_gbs: float | None = None  # measured memory bandwidth, for the roofline estimate
     # Tiles per vision call timed against one tile per call on multi-tile cases (0: not timed).
     vision_batch: int = DEFAULT_VISION_BATCH_TILES
+    # Prefill chunk sizes (tokens; 0: the whole prompt in one call) timed against each other on
+    # the cases whose prompt is longer than the smallest; () : not timed.
+    prefill_chunks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tiles", tuple(self.tiles))
         object.__setattr__(self, "images", tuple(Path(p) for p in self.images))
+        object.__setattr__(self, "prefill_chunks", tuple(dict.fromkeys(self.prefill_chunks)))
         lows = (("prompt_tokens", 1), ("new_tokens", 1), ("runs", 1), ("warmup", 0))
         for name, low in (*lows, ("vision_batch", 0)):
             value = getattr(self, name)
             if value < low:
                 raise InputError(f"{name} must be >= {low}, got {value}")
+        if any(chunk < 0 for chunk in self.prefill_chunks):
+            raise InputError(
+                f"prefill chunk sizes must be >= 0, got {list(self.prefill_chunks)}",
+                fix="Give token counts, or 0 for the whole prompt in one call",
+            )
         if not self.images and not self.tiles:
             raise InputError("Nothing to profile", fix="Give --tiles or at least one --image")
 
@@ -97,24 +105,60 @@ class RunTiming:
         return len(self.decode_steps) / total if total > 0 else 0.0
 
 
+# One measured call of a compared choice: seconds, and the bytes its peak resident set rose
+# above the resident set it started from (None where the OS cannot say).
+Measurement = tuple[float, int | None]
+
+
+def _highest(measurements: Sequence[Measurement]) -> int | None:
+    peaks = [peak for _, peak in measurements if peak is not None]
+    return max(peaks) if peaks else None
+
+
 @dataclass
 class VisionBatching:
     """One image's tiles encoded one per vision call and `batch` per call, alternated: seconds
-    per tile of each. Tiles are independent, so both give the same features; a batch costs
-    activation memory for `batch` tiles at once (the runtime's default is one per call)."""
+    per tile and the activation peak of each. Tiles are independent, so both give the same
+    features; a batch costs activation memory for `batch` tiles at once."""
 
     batch: int
-    one_per_call: list[float] = field(default_factory=list)
-    batched: list[float] = field(default_factory=list)
+    one_per_call: list[Measurement] = field(default_factory=list)
+    batched: list[Measurement] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        one, many = Distribution.of(self.one_per_call), Distribution.of(self.batched)
+        one = Distribution.of([seconds for seconds, _ in self.one_per_call])
+        many = Distribution.of([seconds for seconds, _ in self.batched])
         return {
             "batch": self.batch,
             "ms_per_tile_one_per_call": one.scaled(MS).to_dict(),
             "ms_per_tile_batched": many.scaled(MS).to_dict(),
             "batched_over_one_per_call": many.median / one.median if one.median else None,
+            "peak_rss_rise_bytes_one_per_call": _highest(self.one_per_call),
+            "peak_rss_rise_bytes_batched": _highest(self.batched),
         }
+
+
+@dataclass
+class PrefillChunking:
+    """One prompt prefilled in chunks of each size (0: one call), alternated: the prefill stage's
+    seconds and the request's memory peak above where it started. Chunking does not change the
+    result; larger chunks read the weights fewer times but hold larger attention activations."""
+
+    chunks: tuple[int, ...]
+    measured: dict[int, list[Measurement]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = []
+        for chunk in self.chunks:
+            seconds = Distribution.of([s for s, _ in self.measured.get(chunk, [])])
+            rows.append(
+                {
+                    "chunk_tokens": chunk,
+                    "prefill_ms": seconds.scaled(MS).to_dict(),
+                    "peak_rss_rise_bytes": _highest(self.measured.get(chunk, [])),
+                }
+            )
+        return {"chunks": rows}
 
 
 @dataclass
@@ -127,6 +171,7 @@ class CaseProfile:
     prompt_tokens: int  # whole prompt: template + question + image tokens
     runs: list[RunTiming] = field(default_factory=list)
     vision_batching: VisionBatching | None = None
+    prefill_chunking: PrefillChunking | None = None
 
     def summary(self) -> dict[str, Any]:
         def dist(values: Sequence[float]) -> dict[str, float | int]:
@@ -149,6 +194,9 @@ class CaseProfile:
             ).median,
             "e2e_ms": dist([run.end_to_end for run in self.runs]),
             "vision_batching": self.vision_batching.to_dict() if self.vision_batching else None,
+            "prefill_chunking": (
+                self.prefill_chunking.to_dict() if self.prefill_chunking else None
+            ),
             "runs": [
                 {
                     "stages_ms": {s: run.stages[s] * MS for s in STAGES},
@@ -193,6 +241,7 @@ class ProfileReport:
                 "runs": self.settings.runs,
                 "warmup": self.settings.warmup,
                 "vision_batch": self.settings.vision_batch,
+                "prefill_chunks": list(self.settings.prefill_chunks),
             },
             "cases": cases,
             "memory": self.memory,
@@ -236,7 +285,7 @@ def profile_pipeline(
     say = progress or (lambda _: None)
     question = question_with_tokens(pipe.tokenizer, settings.prompt_tokens)
     rss_after_load = current_rss_bytes()
-    peak_reset = reset_peak_rss()
+    peaks = CallPeaks()
     gpu = _uses_gpu(pipe)
     with tempfile.TemporaryDirectory(prefix="nvlm-profile-") as scratch:
         images = _case_images(pipe, settings, Path(scratch))
@@ -247,11 +296,11 @@ def profile_pipeline(
             cases = []
             for label, path in images:
                 say(f"profiling {label}")
-                cases.append(_profile_case(pipe, label, path, question, settings))
+                cases.append(_profile_case(pipe, label, path, question, settings, peaks))
     memory = {
         "rss_after_load_bytes": rss_after_load,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "peak_rss_scope": "generation" if peak_reset else "process lifetime",
+        "peak_rss_bytes": peaks.phase_peak(),
+        "peak_rss_scope": "generation" if peaks.resettable else "process lifetime",
         "bundle_weight_bytes": bundle_weight_bytes(pipe),
         "gpu_peak_bytes": gpu_peak.peak,
         "gpu_note": None if gpu else "no GPU in use (CPU execution)",
@@ -291,7 +340,12 @@ def _case_images(
 
 
 def _profile_case(
-    pipe: Pipeline, label: str, image: Path, question: str, settings: ProfileSettings
+    pipe: Pipeline,
+    label: str,
+    image: Path,
+    question: str,
+    settings: ProfileSettings,
+    peaks: CallPeaks,
 ) -> CaseProfile:
     size = load_image(image).size
     tiles = tile_count(choose_grid(*size, pipe.tiling), pipe.tiling)
@@ -302,29 +356,77 @@ def _profile_case(
         if index >= settings.warmup:
             case.runs.append(run)
     if settings.vision_batch > 1 and tiles > 1:
-        case.vision_batching = _vision_batching(pipe, image, settings)
+        case.vision_batching = _vision_batching(pipe, image, settings, peaks)
+    chunked = [chunk for chunk in settings.prefill_chunks if chunk]
+    if len(settings.prefill_chunks) > 1 and chunked and case.prompt_tokens > min(chunked):
+        case.prefill_chunking = _prefill_chunking(pipe, image, question, settings, peaks)
     return case
 
 
-def _vision_batching(pipe: Pipeline, image: Path, settings: ProfileSettings) -> VisionBatching:
-    """Encode the image's tiles one per call and in batches, alternating which goes first; the
-    first round of each warms its shapes and is not kept."""
+Choice = TypeVar("Choice", bound=Hashable)
+
+
+def _alternated(
+    choices: Sequence[Choice], rounds: int, measure: Callable[[Choice], Measurement]
+) -> dict[Choice, list[Measurement]]:
+    """Measure every choice once per round, rotating which goes first so drifting load falls
+    on all alike; an extra first round warms each choice's shapes and is not kept."""
+    results: dict[Choice, list[Measurement]] = {choice: [] for choice in choices}
+    for round_ in range(rounds + 1):
+        shift = round_ % len(choices)
+        for choice in [*choices[shift:], *choices[:shift]]:
+            measurement = measure(choice)
+            if round_:
+                results[choice].append(measurement)
+    return results
+
+
+def _vision_batching(
+    pipe: Pipeline, image: Path, settings: ProfileSettings, peaks: CallPeaks
+) -> VisionBatching:
+    """Encode the image's tiles one per call and in batches, alternated."""
     tiling = tile_image(load_image(image), pipe.tiling)
-    result = VisionBatching(min(settings.vision_batch, tiling.num_tiles))
+    batch = min(settings.vision_batch, tiling.num_tiles)
+
+    def encode(per_call: int) -> Measurement:
+        pipe.vision_tiles_per_call = per_call
+        seconds, peak = peaks.measure(lambda: pipe.encode_images([tiling]))
+        return seconds / tiling.num_tiles, peak
+
     saved = pipe.vision_tiles_per_call
     try:
-        for round_ in range(settings.runs + 1):
-            order = (1, result.batch) if round_ % 2 == 0 else (result.batch, 1)
-            for per_call in order:
-                pipe.vision_tiles_per_call = per_call
-                start = time.perf_counter()
-                pipe.encode_images([tiling])
-                seconds = (time.perf_counter() - start) / tiling.num_tiles
-                if round_:
-                    (result.one_per_call if per_call == 1 else result.batched).append(seconds)
+        measured = _alternated((1, batch), settings.runs, encode)
     finally:
         pipe.vision_tiles_per_call = saved
-    return result
+    return VisionBatching(batch, measured[1], measured[batch])
+
+
+def _prefill_chunking(
+    pipe: Pipeline, image: Path, question: str, settings: ProfileSettings, peaks: CallPeaks
+) -> PrefillChunking:
+    """The case's request, answering one token, with each prefill chunk size, alternated. The
+    image's features come from the feature cache and no prefix is reused, so the prefill stage
+    differs only in its chunking."""
+
+    def request(chunk: int) -> Measurement:
+        pipe.prefill_chunk_tokens = chunk or None
+        pipe.prefix_cache.clear()
+        stages: dict[str, float] = {}
+
+        def answer() -> None:  # generate() runs vision and prefill before it returns
+            stream = pipe.generate(question, [image], max_new_tokens=1, ignore_eos=True)
+            stream.run()
+            stages.update(stream.stage_seconds)
+
+        _, peak = peaks.measure(answer)
+        return stages["prefill"], peak
+
+    saved = pipe.prefill_chunk_tokens
+    try:
+        measured = _alternated(settings.prefill_chunks, settings.runs, request)
+    finally:
+        pipe.prefill_chunk_tokens = saved
+    return PrefillChunking(settings.prefill_chunks, measured)
 
 
 def _one_request(

@@ -45,6 +45,8 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             metrics[f"vision per tile, {batching['batch']} per call"] = batching[
                 "ms_per_tile_batched"
             ]
+        for row in (case.get("prefill_chunking") or {}).get("chunks", []):
+            metrics[f"prefill, {_chunk_name(row['chunk_tokens'])}"] = row["prefill_ms"]
         base = {
             "case": case["label"],
             "tiles": case["tiles"],
@@ -128,6 +130,7 @@ def _stage_table(report: dict[str, Any]) -> Table:
 def summary_lines(report: dict[str, Any]) -> list[str]:
     memory, cost = report["memory"], report["analytic"]
     lines = [_batching_line(case) for case in report["cases"] if case.get("vision_batching")]
+    lines += [_chunking_line(case) for case in report["cases"] if case.get("prefill_chunking")]
     lines += [
         f"memory: peak RSS {_size(memory['peak_rss_bytes'])} ({memory['peak_rss_scope']}), "
         f"{memory['peak_rss_over_weights']:.2f}x the bundle's "
@@ -167,10 +170,31 @@ def _batching_line(case: dict[str, Any]) -> str:
     many = batching["ms_per_tile_batched"]["median"]
     ratio = batching["batched_over_one_per_call"]
     verdict = "faster" if ratio < 1 else "not faster"
+    peaks = (batching["peak_rss_rise_bytes_one_per_call"], batching["peak_rss_rise_bytes_batched"])
     return (
         f"vision batching, {case['label']}: {_ms(one)} ms/tile one tile per call, {_ms(many)} "
-        f"ms/tile {batching['batch']} per call ({ratio:.2f}x: {verdict})"
+        f"ms/tile {batching['batch']} per call ({ratio:.2f}x: {verdict}); memory peak +"
+        f"{_maybe_size(peaks[0])} vs +{_maybe_size(peaks[1])}"
     )
+
+
+def _chunking_line(case: dict[str, Any]) -> str:
+    parts = [
+        f"{_chunk_name(row['chunk_tokens'])} {_ms(row['prefill_ms']['median'])} ms, memory peak "
+        f"+{_maybe_size(row['peak_rss_rise_bytes'])}"
+        for row in case["prefill_chunking"]["chunks"]
+    ]
+    return f"prefill chunking, {case['label']} ({case['prompt_tokens']} tokens): " + "; ".join(
+        parts
+    )
+
+
+def _chunk_name(tokens: int) -> str:
+    return f"{tokens}-token chunks" if tokens else "one call"
+
+
+def _maybe_size(value: int | None) -> str:
+    return _size(value) if value is not None else "?"
 
 
 def _ms(value: float) -> str:
