@@ -18,6 +18,7 @@ from nvlm_export.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "c" / "nvlm_example.c"
+CHAT_EXAMPLE = REPO / "examples" / "c" / "nvlm_chat_example.c"
 QUESTION = "What is shown?"
 TOKENS = 12
 
@@ -248,6 +249,13 @@ def example(capi_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def chat_example(capi_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_with_pkgconfig(
+        capi_dir, CHAT_EXAMPLE, tmp_path_factory.mktemp("chat_example") / "nvlm_chat_example"
+    )
+
+
+@pytest.fixture(scope="module")
 def harness(capi_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("harness")
     (directory / "harness.c").write_text(HARNESS)
@@ -272,11 +280,12 @@ def python_answer(bundle: Path, image: np.ndarray) -> str:
     return pipeline.generate(QUESTION, [image], max_new_tokens=TOKENS).run().text
 
 
-def run(program: Path, *args: object) -> subprocess.CompletedProcess[str]:
+def run(program: Path, *args: object, stdin: str = "") -> subprocess.CompletedProcess[str]:
     # A clean environment: the library must find its Python environment by itself.
     return subprocess.run(
         [str(program), *map(str, args)],
         env={"PATH": "/usr/bin:/bin"},
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=120,
@@ -324,6 +333,78 @@ def test_example_raw_pixels_with_row_stride(
 
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
+
+
+CHAT_QUESTIONS = ("What is shown?", "Why?", "And then?")
+TURN_LINE = re.compile(r"\[turn (\d+): (\d+) prompt tokens, (\d+) reused")
+
+
+def python_conversation(bundle: Path, image: Path, questions: tuple[str, ...]) -> list[str]:
+    """The answers of `Pipeline.chat()` to `questions`, the image joining the first."""
+    from nvlm_export.runtime.pipeline import Pipeline
+
+    chat = Pipeline.load(bundle, intra_op_threads=1).chat()
+    images = [image]
+    answers = []
+    for question in questions:
+        answers.append(chat.ask(question, images, max_new_tokens=TOKENS).run().text)
+        images = []
+    return answers
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_chat_example_streams_the_python_conversation_reusing_earlier_turns(
+    chat_example: Path, bundle: Path, pixels: np.ndarray, tmp_path: Path
+) -> None:
+    """Three questions about one image, as arguments: each answer is Pipeline.chat()'s, and each
+    follow-up prefills only its own tokens."""
+    image = tmp_path / "image.png"
+    Image.fromarray(pixels).save(image)
+    expected = python_conversation(bundle, image, CHAT_QUESTIONS)
+
+    result = run(chat_example, "--max-new-tokens", TOKENS, bundle, image, *CHAT_QUESTIONS)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "".join(answer + "\n" for answer in expected)
+    turns = [tuple(map(int, found)) for found in TURN_LINE.findall(result.stderr)]
+    assert [number for number, _, _ in turns] == [1, 2, 3]
+    prompts, reused = [turn[1] for turn in turns], [turn[2] for turn in turns]
+    assert reused[0] == 0
+    for n in (1, 2):  # the turns before a follow-up are not prefilled again
+        assert prompts[n - 1] <= reused[n] < prompts[n]
+    assert "[conversation: 3 turns" in result.stderr
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_chat_example_reads_stdin_and_resets(
+    chat_example: Path, bundle: Path, pixels: np.ndarray, tmp_path: Path
+) -> None:
+    """Questions one per line on stdin; after /reset the image joins the next question again, so
+    the same first question gets the same answer."""
+    image = tmp_path / "image.png"
+    Image.fromarray(pixels).save(image)
+    (first,) = python_conversation(bundle, image, CHAT_QUESTIONS[:1])
+
+    stdin = f"{CHAT_QUESTIONS[0]}\n\n/reset\n{CHAT_QUESTIONS[0]}\n"
+    result = run(chat_example, "--max-new-tokens", TOKENS, bundle, image, stdin=stdin)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{first}\n{first}\n"
+    assert "[new conversation]" in result.stderr
+    assert "[conversation: 1 turns" in result.stderr
+
+
+@needs_compiler
+def test_chat_example_missing_image_is_one_error_line_and_its_status(
+    chat_example: Path, bundle: Path, tmp_path: Path
+) -> None:
+    result = run(chat_example, bundle, tmp_path / "no-such.png", "What is shown?")
+    assert result.returncode == 3  # NVLM_ERR_IMAGE
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: building the turn failed (NVLM_ERR_IMAGE): ")
+    assert result.stdout == ""
 
 
 # --- failures are status codes ----------------------------------------------------------------
