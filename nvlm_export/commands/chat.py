@@ -31,6 +31,7 @@ def chat(
     stop: gen.Stop = None,
     max_tiles: opts.TileBudget = None,
     system: opts.SystemMessage = None,
+    backend: opts.Backend = "onnxruntime",
     threads: opts.Threads = None,
     spin: opts.Spin = True,
     cache_mib: Annotated[
@@ -59,10 +60,10 @@ def chat(
     budget = cache_mib * 2**20
     pipeline = Pipeline.load(
         bundle,
-        intra_op_threads=threads,
-        allow_spinning=spin,
+        backend=backend,
         feature_cache_bytes=budget,
         prefix_cache_bytes=budget,
+        **opts.runner_options(backend, threads, spin),
     )
     conversation = pipeline.chat(system=system, max_tiles=max_tiles)
     pending: list[Any] = [pipeline.load_image(path) for path in image or []]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -45,6 +46,13 @@ TileBudget = Annotated[
 SystemMessage = Annotated[
     str | None, typer.Option(help="Replace the chat template's default system message.")
 ]
+Backend = Annotated[
+    str,
+    in_panel(RUNTIME)(
+        help="Inference backend: onnxruntime; tensorrt (engines built on the target, the "
+        "tensorrt extra); openvino (OpenVINO's CPU plugin, the openvino extra)."
+    ),
+]
 Threads = Annotated[
     int | None, in_panel(RUNTIME)(help="CPU threads for ONNX Runtime (default: all cores).")
 ]
@@ -63,3 +71,23 @@ TensorParallelSize = Annotated[
         help="vLLM: devices to split the decoder across (default: the manifest's).",
     ),
 ]
+
+
+def runner_options(backend: str, threads: int | None, spin: bool) -> dict[str, Any]:
+    """--threads and --no-spin as keywords of `backend`'s graph runner, given only when set, so
+    each runner keeps its own defaults; refused in one line where the runner has no such knob."""
+    from nvlm_export.errors import InputError
+    from nvlm_export.runtime.backends import get_backend
+
+    given: dict[str, Any] = {} if threads is None else {"intra_op_threads": threads}
+    if not spin:
+        given["allow_spinning"] = False
+    accepted = inspect.signature(get_backend(backend)).parameters if given else {}
+    for keyword, flag in (("intra_op_threads", "--threads"), ("allow_spinning", "--no-spin")):
+        if keyword in given and keyword not in accepted:
+            raise InputError(
+                f"{flag} does not apply to the '{backend}' backend",
+                why="its runner sets that itself",
+                fix=f"Leave {flag} out",
+            )
+    return given

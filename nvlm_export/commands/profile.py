@@ -51,9 +51,7 @@ def profile(
         ),
     ] = "",
     warmup: Annotated[int, typer.Option(help="Unmeasured requests per case first.")] = 1,
-    backend: Annotated[
-        str, Runtime(help="onnxruntime, tensorrt or openvino (the openvino extra).")
-    ] = "onnxruntime",
+    backend: opts.Backend = "onnxruntime",
     threads: opts.Threads = None,
     spin: opts.Spin = True,
     graph_variants: Annotated[
@@ -117,9 +115,7 @@ def profile(
         vision_batch=vision_batch,
         prefill_chunks=_whole_numbers(prefill_chunks, "--prefill-chunks", low=0),
     )
-    options: dict[str, Any] = {"intra_op_threads": threads} if threads is not None else {}
-    if not spin:
-        options["allow_spinning"] = False  # an ONNX Runtime option: only passed when asked for
+    options = opts.runner_options(backend, threads, spin)
     if not graph_variants:
         options["graph_variants"] = False
     stderr = Console(stderr=True)

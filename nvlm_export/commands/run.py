@@ -84,6 +84,7 @@ def run(
             "--raw.",
         ),
     ] = False,
+    backend: opts.Backend = "onnxruntime",
     threads: opts.Threads = None,
     spin: opts.Spin = True,
     llm_engine: Annotated[
@@ -109,6 +110,8 @@ def run(
       nvlm-export run bundle/ -i photo.jpg -p "Describe it." --llm-engine vllm --tp 2
 
       nvlm-export run bundle/ --turns conversation.jsonl --json
+
+      nvlm-export run bundle/ -i photo.jpg -p "Describe it." --backend openvino
     """
     from nvlm_export.errors import InputError
 
@@ -121,7 +124,11 @@ def run(
         )
     options = gen.generate_options(max_new_tokens, temperature, top_k, top_p, seed, stop)
     pipeline = load_pipeline(
-        bundle, llm_engine, tensor_parallel_size, intra_op_threads=threads, allow_spinning=spin
+        bundle,
+        llm_engine,
+        tensor_parallel_size,
+        backend=backend,
+        **opts.runner_options(backend, threads, spin),
     )
     if turns is not None:
         conversation = pipeline.chat(system=system, max_tiles=max_tiles)

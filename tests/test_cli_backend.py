@@ -1,0 +1,98 @@
+"""`--backend` on `run`, `chat` and `profile`: one declaration, each runner's own knobs, and a
+backend whose package is missing is one line naming the extra to install."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers.tiny import TinyBundle
+from PIL import Image
+from typer.testing import CliRunner
+
+from nvlm_export.cli import app
+from nvlm_export.commands.options import runner_options
+from nvlm_export.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle: TinyBundle) -> Path:
+    return tiny_bundle("internvl")[1]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("image") / "a.png"
+    pixels = (np.random.default_rng(4).random((120, 200, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def invoke(args: list[str], stdin: str = "") -> tuple[int, str]:
+    result = CliRunner().invoke(app, args, input=stdin)
+    return result.exit_code, result.output
+
+
+def commands(bundle: Path, image: Path) -> dict[str, tuple[list[str], str]]:
+    """Each command that takes --backend, as (arguments, stdin)."""
+    return {
+        "run": (["run", str(bundle), "-i", str(image), "-p", "What is it?", "-n", "3"], ""),
+        "chat": (["chat", str(bundle), "-i", str(image), "-n", "3"], "What is it?\n"),
+        "profile": (["profile", str(bundle), "--tiles", "1", "--runs", "1", "--warmup", "0"], ""),
+    }
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "profile"])
+def test_a_backend_whose_package_is_missing_is_one_line_naming_the_extra(
+    bundle: Path, image: Path, command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # absent, whether installed or not
+    args, stdin = commands(bundle, image)[command]
+    code, output = invoke([*args, "--backend", "openvino"], stdin)
+    assert code == 3  # MissingExtraError
+    assert "The 'openvino' backend needs OpenVINO" in output
+    assert "pip install 'nvlm-export[openvino]'" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("command", ["run", "chat"])
+def test_an_unknown_backend_lists_the_known_ones(bundle: Path, image: Path, command: str) -> None:
+    args, stdin = commands(bundle, image)[command]
+    code, output = invoke([*args, "--backend", "onnx"], stdin)
+    assert code != 0
+    assert "Unknown backend 'onnx'" in output
+    assert "onnxruntime, openvino, tensorrt" in output
+
+
+def test_a_knob_the_backend_does_not_have_is_refused(bundle: Path, image: Path) -> None:
+    args, _ = commands(bundle, image)["run"]
+    code, output = invoke([*args, "--backend", "tensorrt", "--threads", "2"])
+    assert code != 0
+    assert "--threads does not apply to the 'tensorrt' backend" in output
+
+
+def test_runner_options_are_given_only_when_set() -> None:
+    assert runner_options("onnxruntime", None, True) == {}  # each runner keeps its defaults
+    assert runner_options("onnxruntime", 2, False) == {
+        "intra_op_threads": 2,
+        "allow_spinning": False,
+    }
+    assert runner_options("openvino", 2, True) == {"intra_op_threads": 2}
+    assert runner_options("tensorrt", None, True) == {}
+    with pytest.raises(InputError, match="--no-spin does not apply to the 'tensorrt' backend"):
+        runner_options("tensorrt", None, False)
+
+
+def test_run_on_openvino_answers_as_the_openvino_pipeline(bundle: Path, image: Path) -> None:
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    from nvlm_export.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(bundle, backend="openvino", intra_op_threads=1)
+    expected = pipe.generate("What is it?", [image], max_new_tokens=3).run().token_ids
+    args, _ = commands(bundle, image)["run"]
+    code, output = invoke([*args, "--backend", "openvino", "--threads", "1", "--json"])
+    assert code == 0, output
+    assert json.loads(output[output.index("{") :])["token_ids"] == list(expected)
