@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ from nvlm_export.calibration.builtin import builtin_image
 from nvlm_export.calibration.collect import builtin_requests
 from nvlm_export.errors import BundleError, InputError
 from nvlm_export.export.quantize import QuantizeSettings, quantize_bundle
-from nvlm_export.runtime.manifest import DECODER_GRAPH, VISION_GRAPH
+from nvlm_export.runtime.manifest import DECODER_GRAPH, VISION_GRAPH, load_manifest
 from nvlm_export.runtime.pipeline import Pipeline
 
 FAST = CalibrationOptions(max_samples=2, seed=0, decode_steps=2)
@@ -135,6 +138,77 @@ def test_quantize_refuses_a_calibration_set_of_another_bundle(
             bundle, tmp_path / "q", QuantizeSettings("int8"), tmp_path / "calib", quiet=True
         )
     assert not (tmp_path / "q").exists()
+
+
+def bundle_as_written_before_extras_retired(bundle: Path, out: Path) -> Path:
+    """A copy of `bundle` whose manifest.json has the `extras` key every 2.x writer put there
+    until it was retired (docs/bundle.md); the typed manifest reads it and drops it."""
+    shutil.copytree(bundle, out)
+    data = json.loads((out / "manifest.json").read_text())
+    with_extras = {}
+    for key, value in data.items():
+        with_extras[key] = value
+        if key == "precision":
+            with_extras["extras"] = {}
+    (out / "manifest.json").write_text(json.dumps(with_extras, indent=2) + "\n")
+    return out
+
+
+def fingerprint_of(data: dict) -> str:
+    data = {key: value for key, value in data.items() if key != "engines"}
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def fingerprint_recorded_by_earlier_versions(bundle: Path) -> str:
+    """What `calibrate` recorded before the typed manifest: Manifest.to_dict() was then the
+    manifest as written, so its fingerprint was that of the file's content without `engines`."""
+    return fingerprint_of(json.loads((bundle / "manifest.json").read_text()))
+
+
+def with_recorded_fingerprint(calib: Path, fingerprint: str) -> CalibrationSet:
+    info = json.loads((calib / "calibration.json").read_text())
+    info["bundle_fingerprint"] = fingerprint
+    (calib / "calibration.json").write_text(json.dumps(info, indent=2) + "\n")
+    return CalibrationSet.open(calib)
+
+
+def test_a_set_recorded_before_the_typed_manifest_still_matches_its_bundle(
+    bundle: Path, tmp_path: Path
+) -> None:
+    """Reading a manifest into the typed Manifest drops or normalises keys (here `extras`); a set
+    recorded on the same bundle by an earlier version must not be refused for that."""
+    old = bundle_as_written_before_extras_retired(bundle, tmp_path / "bundle")
+    collect(old, tmp_path / "calib", CalibrationOptions(max_samples=1, decode_steps=0))
+    calib = with_recorded_fingerprint(
+        tmp_path / "calib", fingerprint_recorded_by_earlier_versions(old)
+    )
+    calib.check_matches(load_manifest(old), old)  # no BundleError
+
+
+def test_a_set_recorded_since_the_typed_manifest_still_matches_its_bundle(
+    bundle: Path, tmp_path: Path
+) -> None:
+    """Sets recorded from the typed manifest's introduction on hashed its to_dict()."""
+    old = bundle_as_written_before_extras_retired(bundle, tmp_path / "bundle")
+    collect(old, tmp_path / "calib", CalibrationOptions(max_samples=1, decode_steps=0))
+    typed = fingerprint_of(load_manifest(old).to_dict())
+    assert typed != fingerprint_recorded_by_earlier_versions(old)  # what the test is about
+    calib = with_recorded_fingerprint(tmp_path / "calib", typed)
+    calib.check_matches(load_manifest(old), old)  # no BundleError
+
+
+def test_a_set_is_refused_once_its_bundle_manifest_changed(bundle: Path, tmp_path: Path) -> None:
+    old = bundle_as_written_before_extras_retired(bundle, tmp_path / "bundle")
+    collect(old, tmp_path / "calib", CalibrationOptions(max_samples=1, decode_steps=0))
+    calib = with_recorded_fingerprint(
+        tmp_path / "calib", fingerprint_recorded_by_earlier_versions(old)
+    )
+    data = json.loads((old / "manifest.json").read_text())
+    data["tiling"]["max_tiles"] -= 1
+    (old / "manifest.json").write_text(json.dumps(data, indent=2) + "\n")
+    with pytest.raises(BundleError, match="recorded on another bundle"):
+        calib.check_matches(load_manifest(old), old)
 
 
 def test_not_a_calibration_set(tmp_path: Path) -> None:

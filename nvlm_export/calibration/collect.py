@@ -170,7 +170,7 @@ def collect_calibration(
         calibration, held_out = _split_images(options, warn)
         info = CalibrationInfo(
             bundle=str(Path(bundle).resolve()),
-            bundle_fingerprint=bundle_fingerprint(manifest),
+            bundle_fingerprint=bundle_fingerprint(bundle),
             seed=options.seed,
             decode_steps=options.decode_steps,
             max_samples=options.max_samples,

@@ -27,17 +27,23 @@ import numpy as np
 
 from nvlm_export.errors import BundleError, InputError
 from nvlm_export.output import OutputKind
-from nvlm_export.runtime.manifest import Manifest
+from nvlm_export.runtime.manifest import MANIFEST_NAME, Manifest
 
 CALIBRATION_MANIFEST = "calibration.json"
 CALIBRATION_SET = OutputKind("calibration set", CALIBRATION_MANIFEST)
 FORMAT_VERSION = 1
 
 
-def bundle_fingerprint(manifest: Manifest) -> str:
-    """SHA-256 of the manifest without its `engines` (building engines does not change graphs)."""
-    data = manifest.to_dict()
-    data.pop("engines", None)
+def bundle_fingerprint(bundle: str | os.PathLike[str]) -> str:
+    """SHA-256 of the bundle's manifest.json as written, without `engines` (building engines does
+    not change graphs). The file, not the typed `Manifest`: reading one normalises it (retired
+    keys dropped, new fields filled with defaults) differently from version to version, and a set
+    must keep matching the bundle it was recorded on."""
+    return _fingerprint(json.loads((Path(bundle) / MANIFEST_NAME).read_text()))
+
+
+def _fingerprint(manifest_data: Mapping[str, Any]) -> str:
+    data = {key: value for key, value in manifest_data.items() if key != "engines"}
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -149,8 +155,11 @@ class CalibrationSet:
         return cls(root, info)
 
     def check_matches(self, manifest: Manifest, bundle: Path) -> None:
-        """Refuse a set recorded on another bundle: its samples have another graph's inputs."""
-        if bundle_fingerprint(manifest) != self.info.bundle_fingerprint:
+        """Refuse a set recorded on another bundle: its samples have another graph's inputs.
+        `manifest` is `bundle`'s, as loaded: sets recorded from the typed manifest's introduction
+        until the fingerprint read the file carry the fingerprint of its `to_dict()`."""
+        recorded = self.info.bundle_fingerprint
+        if recorded not in (bundle_fingerprint(bundle), _fingerprint(manifest.to_dict())):
             raise BundleError(
                 f"Calibration set '{self.directory}' was recorded on another bundle",
                 why=f"it belongs to '{self.info.bundle}' and the manifest of '{bundle}' differs",
