@@ -6,6 +6,8 @@ what went wrong, why, and what to do about it.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 
 class NvlmError(Exception):
     """Base class: an error the user can fix, printed as one line by the CLI."""
@@ -66,6 +68,14 @@ class ValidationError(NvlmError):
     """A numerical comparison (export validation, verify, accuracy budget) failed."""
 
     exit_code = 5
+
+
+def check_choice(
+    value: object, choices: Collection[str], what: str, error: type[NvlmError] = InputError
+) -> None:
+    """Refuse a value that is not one of `choices`: "Unknown {what} '{value}'", listing them."""
+    if value not in choices:
+        raise error(f"Unknown {what} '{value}'", fix=f"Choose one of: {', '.join(choices)}")
 
 
 def require_extra(extra: str, *modules: str) -> None:

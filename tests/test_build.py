@@ -17,10 +17,9 @@ from nvlm_export.runtime.manifest import load_manifest
 from nvlm_export.runtime.pipeline import Pipeline
 
 
-def settings(**kwargs: object) -> BuildSettings:
+def settings(precision: str = "int8", **kwargs: object) -> BuildSettings:
     # Budget checks are covered by test_quantize; here a flat-logit tiny model must not flake.
     base: dict[str, object] = dict(
-        precision="int8",
         max_samples=1,
         decode_steps=1,
         max_tiles=6,
@@ -28,7 +27,7 @@ def settings(**kwargs: object) -> BuildSettings:
         accuracy_steps=4,
         force=True,
     )
-    return BuildSettings(**{**base, **kwargs})  # type: ignore[arg-type]
+    return BuildSettings.of(precision, **{**base, **kwargs})
 
 
 @pytest.fixture(scope="module")

@@ -163,9 +163,10 @@ def test_build_options_reach_the_build_settings(
     args += ["--no-validate", "--no-accuracy-check"]
     assert runner.invoke(app, args).exit_code == 0
     settings = seen["settings"]
-    assert (settings.precision, settings.images, settings.target) == ("int4", "x/*", "orin")
-    assert (settings.max_samples, settings.seed, settings.accuracy_requests) == (3, 5, 2)
-    assert settings.exclude == ("lm_head", "*.mlp.*") and settings.lm_head == "float"
-    assert settings.force and settings.overwrite
-    assert not settings.validate and not settings.check_accuracy
-    assert settings.backend == "onnxruntime" and settings.decode_steps == 4  # not given: defaults
+    calibration, quantize = settings.calibration, settings.quantize
+    assert (settings.precision, calibration.images, settings.target) == ("int4", "x/*", "orin")
+    assert (calibration.max_samples, calibration.seed, quantize.accuracy_requests) == (3, 5, 2)
+    assert quantize.exclude == ("lm_head", "*.mlp.*") and quantize.lm_head == "float"
+    assert settings.force and quantize.force and settings.overwrite
+    assert not settings.validate and not quantize.check_accuracy
+    assert settings.backend == "onnxruntime" and calibration.decode_steps == 4  # defaults

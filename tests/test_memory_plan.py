@@ -88,7 +88,7 @@ def test_build_refuses_a_plan_larger_than_available_memory_unless_forced(
     monkeypatch.setattr(memory_plan, "available_memory", lambda: 1024**2)
     out = tmp_path / "out"
     with pytest.raises(InputError, match="--force") as refused:
-        build(tmp_path / "ckpt", out, BuildSettings("int4"), quiet=True)
+        build(tmp_path / "ckpt", out, BuildSettings.of("int4"), quiet=True)
     assert "1.0 MiB" not in str(refused.value) and "0.0 GiB is available" in str(refused.value)
     assert not out.exists()
 

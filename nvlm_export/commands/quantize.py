@@ -305,16 +305,14 @@ def build(
         from nvlm_export.commands.plan import print_memory_plan
         from nvlm_export.export.memory_plan import available_memory, plan
 
-        BuildSettings(precision=precision, backend=backend)  # reject a bad precision first
+        BuildSettings.of(precision, backend=backend)  # reject a bad precision first
         memory = plan(model_dir, available_bytes=available_memory())
         print_memory_plan(memory, memory.build_stages(precision, check_accuracy, validate), as_json)
         return
-    settings = settings_from(
-        BuildSettings,
-        locals(),
-        exclude=tuple(exclude or ()),
-        lm_head=_lm_head_setting(lm_head, quantize_lm_head),
-    )
+    values = {name: value for name, value in locals().items() if name in BuildSettings.names()}
+    values["exclude"] = tuple(exclude or ())
+    values["lm_head"] = _lm_head_setting(lm_head, quantize_lm_head)
+    settings = BuildSettings.of(**values)
     report = run_build(model_dir, output, settings, warn=_warn)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))

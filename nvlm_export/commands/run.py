@@ -21,7 +21,7 @@ def load_pipeline(
 ) -> Any:
     """The bundle's own decoder graph (`bundle`), or its hand-off served by vLLM (`vllm`); both
     give the same `generate` interface."""
-    from nvlm_export.errors import InputError
+    from nvlm_export.errors import InputError, check_choice
 
     if llm_engine == "vllm":
         from nvlm_export.handoff.vllm_engine import VLLMPipeline
@@ -29,9 +29,7 @@ def load_pipeline(
         return VLLMPipeline.load(
             bundle, tensor_parallel_size=tensor_parallel_size, **backend_options
         )
-    if llm_engine != "bundle":
-        choices = ", ".join(LLM_ENGINES)
-        raise InputError(f"Unknown language engine '{llm_engine}'", fix=f"Choose one of: {choices}")
+    check_choice(llm_engine, LLM_ENGINES, "language engine")
     if tensor_parallel_size is not None:
         raise InputError(
             "--tensor-parallel-size needs --llm-engine vllm",

@@ -15,13 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nvlm_export.errors import InputError
-from nvlm_export.export.defaults import ACCURACY_REQUESTS, ACCURACY_STEPS
+from nvlm_export.calibration.collect import CalibrationOptions
+from nvlm_export.errors import InputError, check_choice
 from nvlm_export.output import BUNDLE, check_output, output_lock, refuse_unsafe_location
 from nvlm_export.runtime.manifest import QUANTIZED_PRECISIONS, Precision
 
@@ -29,41 +29,69 @@ STATE_FILE = "state.json"
 BUILD_PRECISIONS = (Precision.FP16, *QUANTIZED_PRECISIONS)
 BACKENDS = ("onnxruntime", "tensorrt")
 
+# BuildSettings fields that are not named settings: the stages themselves, and the graphs to
+# calibrate, which follow from the precision.
+_NOT_SETTINGS = {"quantize", "calibration", "graphs"}
+
+if TYPE_CHECKING:
+    from nvlm_export.export.quantize import QuantizeSettings
+
 
 @dataclass(frozen=True)
 class BuildSettings:
-    precision: str
-    images: str | None = None
-    prompts: Path | None = None
+    """What `build` makes. The quantize and calibrate stages take their own settings whole:
+    `quantize` None builds an fp16 bundle (no calibrate or quantize stage), otherwise its
+    precision is the bundle's; the graphs `calibration` records follow from that precision."""
+
+    quantize: QuantizeSettings | None
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     target: str | None = None
     backend: str = "onnxruntime"
-    max_samples: int = 16
-    seed: int = 0
-    decode_steps: int = 4
     max_tiles: int | None = None
     max_context: int | None = None
-    exclude: tuple[str, ...] = ()
-    lm_head: str = "auto"  # export/quantize.py: LM_HEAD_CHOICES
-    force: bool = False
+    force: bool = False  # start even when the memory plan predicts more than is available
     overwrite: bool = False
-    accuracy_requests: int = ACCURACY_REQUESTS
-    accuracy_steps: int = ACCURACY_STEPS
-    # False: the stages that check the result by running the model are skipped, with a warning
-    # (export validation against PyTorch; the quantized bundle's accuracy check). What is left
-    # only moves weights, which is how a model too large to run here is built (docs/memory.md).
+    # False: export validation against PyTorch is skipped, with a warning. With the quantized
+    # bundle's accuracy check also off, what is left only moves weights, which is how a model too
+    # large to run here is built (docs/memory.md).
     validate: bool = True
-    check_accuracy: bool = True
 
     def __post_init__(self) -> None:
-        if self.precision not in BUILD_PRECISIONS:
-            raise InputError(
-                f"Unknown precision '{self.precision}'",
-                fix=f"Choose one of: {', '.join(BUILD_PRECISIONS)}",
-            )
-        if self.backend not in BACKENDS:
-            raise InputError(
-                f"Unknown backend '{self.backend}'", fix=f"Choose one of: {', '.join(BACKENDS)}"
-            )
+        check_choice(self.backend, BACKENDS, "backend")
+
+    @classmethod
+    def of(cls, precision: str, **values: Any) -> BuildSettings:
+        """A `precision` bundle's settings from one flat set of named values, as the CLI has
+        them: each goes to the field of that name of the build, its quantize stage or its
+        calibration (`force` and `overwrite` to both the build and quantize). An fp16 bundle has
+        no quantize stage, so quantize's values go unused."""
+        from nvlm_export.export.quantize import QuantizeSettings
+
+        check_choice(precision, BUILD_PRECISIONS, "precision")
+        unknown = set(values) - cls.names()
+        if unknown:
+            raise TypeError(f"BuildSettings has no settings {sorted(unknown)}")
+        quantize = None
+        if precision != Precision.FP16:
+            quantize = QuantizeSettings(precision, **_named(QuantizeSettings, values))
+        calibration = CalibrationOptions(**_named(CalibrationOptions, values))
+        return cls(quantize, calibration, **_named(cls, values))
+
+    @classmethod
+    def names(cls) -> set[str]:
+        """The names `of` takes: the build's, quantize's and calibration's own settings."""
+        from nvlm_export.export.quantize import QuantizeSettings
+
+        stages = (cls, QuantizeSettings, CalibrationOptions)
+        return {f.name for stage in stages for f in fields(stage)} - _NOT_SETTINGS
+
+    @property
+    def precision(self) -> str:
+        return self.quantize.precision if self.quantize else Precision.FP16
+
+    @property
+    def check_accuracy(self) -> bool:
+        return self.quantize is not None and self.quantize.check_accuracy
 
 
 @dataclass
@@ -81,6 +109,11 @@ class BuildReport:
         data = asdict(self)
         data["bundle"], data["work_dir"] = str(self.bundle), str(self.work_dir)
         return data
+
+
+def _named(cls: Any, values: Mapping[str, Any]) -> dict[str, Any]:
+    own = {f.name for f in fields(cls)} - _NOT_SETTINGS - {"precision"}
+    return {name: value for name, value in values.items() if name in own}
 
 
 def work_directory(out: Path) -> Path:
@@ -172,21 +205,15 @@ def _calibrate_and_quantize(
     quiet: bool,
     warn: Callable[[str], None],
 ) -> str:
-    from nvlm_export.calibration.collect import CalibrationOptions, collect_calibration
-    from nvlm_export.export.quantize import QuantizeSettings, calibrated_graphs, quantize_bundle
+    from nvlm_export.calibration.collect import collect_calibration
+    from nvlm_export.export.quantize import calibrated_graphs, quantize_bundle
 
+    assert settings.quantize is not None
     calib = work / "calib"
     graphs = calibrated_graphs(settings.precision)
-    options = CalibrationOptions(
-        images=settings.images,
-        prompts=settings.prompts,
-        max_samples=settings.max_samples,
-        seed=settings.seed,
-        decode_steps=settings.decode_steps,
-        graphs=graphs,
-    )
-    images = _images_fingerprint(settings.images) if settings.images else "builtin"
-    prompts = _file_hash(settings.prompts) if settings.prompts else "builtin"
+    options = replace(settings.calibration, graphs=graphs)
+    images = _images_fingerprint(options.images) if options.images else "builtin"
+    prompts = _file_hash(options.prompts) if options.prompts else "builtin"
     # INT8/FP8 need every graph's ranges. INT4 needs the vision graph's for its INT8 vision, except
     # on the weight-only path, which never runs the model: there the vision graph stays in float,
     # and quantize says so.
@@ -203,16 +230,7 @@ def _calibrate_and_quantize(
                 exported, calib, options, overwrite=True, warn=warn, progress=not quiet
             ),
         )
-    quantize = QuantizeSettings(
-        settings.precision,
-        exclude=settings.exclude,
-        lm_head=settings.lm_head,
-        force=settings.force,
-        overwrite=True,
-        accuracy_requests=settings.accuracy_requests,
-        accuracy_steps=settings.accuracy_steps,
-        check_accuracy=settings.check_accuracy,
-    )
+    quantize = replace(settings.quantize, overwrite=True)  # `out` is the build's own output
     return runner.run(
         "quantize",
         _fingerprint("quantize", key, asdict(quantize)),

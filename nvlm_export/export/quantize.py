@@ -21,7 +21,7 @@ from typing import Any
 
 from nvlm_export.calibration.collect import held_out_requests
 from nvlm_export.calibration.dataset import CalibrationSet
-from nvlm_export.errors import ExportError, InputError, ValidationError
+from nvlm_export.errors import ExportError, InputError, ValidationError, check_choice
 from nvlm_export.export.accuracy import (
     DEFAULT_THRESHOLDS,
     AccuracyReport,
@@ -96,16 +96,8 @@ class QuantizeSettings:
     check_accuracy: bool = True
 
     def __post_init__(self) -> None:
-        if self.precision not in QUANTIZED_PRECISIONS:
-            raise InputError(
-                f"Unknown quantization precision '{self.precision}'",
-                fix=f"Choose one of: {', '.join(QUANTIZED_PRECISIONS)}",
-            )
-        if self.lm_head not in LM_HEAD_CHOICES:
-            raise InputError(
-                f"Unknown --lm-head '{self.lm_head}'",
-                fix=f"Choose one of: {', '.join(LM_HEAD_CHOICES)}",
-            )
+        check_choice(self.precision, QUANTIZED_PRECISIONS, "quantization precision")
+        check_choice(self.lm_head, LM_HEAD_CHOICES, "--lm-head")
 
     @property
     def budget(self) -> Thresholds:

@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from nvlm_export.errors import InputError
-from nvlm_export.runtime.backends.tensorrt import LocalGpu, detect_local_gpu, total_memory_gib
+from nvlm_export.errors import BundleError, InputError, check_choice
+from nvlm_export.runtime.backends.tensorrt import LocalGpu, local_gpu, total_memory_gib
 from nvlm_export.runtime.manifest import PRECISIONS
 
 GiB = 2**30
@@ -145,20 +145,13 @@ def resolve_target(name: str) -> Target:
     key = name.strip().lower()
     if key == "auto":
         return detect_local_target()
-    if key not in TARGETS:
-        raise InputError(
-            f"Unknown target '{name}'",
-            fix=f"Choose one of: {', '.join(TARGET_NAMES)}",
-        )
+    check_choice(key, TARGET_NAMES, "target")
     return TARGETS[key]
 
 
 def check_precision(target: Target, precision: str) -> None:
     """Refuse, before any work, a precision the target's GPU has no kernels for."""
-    if precision not in PRECISIONS:
-        raise InputError(
-            f"Unknown precision '{precision}'", fix=f"Choose one of: {', '.join(PRECISIONS)}"
-        )
+    check_choice(precision, PRECISIONS, "precision")
     if precision in target.precisions:
         return
     needed = ".".join(str(part) for part in MIN_COMPUTE_CAPABILITY[precision])
@@ -189,13 +182,14 @@ def check_workspace(target: Target, workspace_bytes: int) -> None:
 
 def detect_local_target() -> Target:
     """A Target for this machine's GPU; a clear error when none can be read."""
-    gpu = detect_local_gpu()
-    if gpu is None:
+    try:
+        gpu = local_gpu()
+    except BundleError as error:  # said for running engines: here it is about choosing a target
         raise InputError(
             "Cannot detect a local GPU for --target auto",
-            why="nvidia-smi, cuda-python and the Jetson device tree gave no GPU",
+            why=error.why,
             fix=f"Name the target instead: --target one of {', '.join(TARGETS)}",
-        )
+        ) from None
     return target_for_gpu(gpu)
 
 

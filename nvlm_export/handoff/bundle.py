@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from nvlm_export.errors import InputError
+from nvlm_export.errors import InputError, check_choice
 from nvlm_export.handoff.decoder_checkpoint import DEFAULT_SHARD_BYTES, write_decoder_checkpoint
 from nvlm_export.handoff.tensorrt_llm import (
     TENSORRT_LLM_VERSION,
@@ -51,11 +51,7 @@ class HandoffSettings:
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
 
     def __post_init__(self) -> None:
-        if self.engine not in LANGUAGE_ENGINES:
-            raise InputError(
-                f"Unknown language engine '{self.engine}'",
-                fix=f"Choose one of: {', '.join(LANGUAGE_ENGINES)}",
-            )
+        check_choice(self.engine, LANGUAGE_ENGINES, "language engine")
         for name in ("tensor_parallel_size", "max_batch_size"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -147,13 +143,6 @@ def _with_tensorrt_llm_commands(
     spec: LanguageEngineSpec, manifest: Manifest, max_batch_size: int
 ) -> LanguageEngineSpec:
     tiles = tile_count((manifest.tiling.max_tiles, 1), manifest.tiling)
-    plan = TensorRTLLMPlan(
-        architecture=spec.architecture,
-        checkpoint=spec.checkpoint,
-        dtype=spec.dtype,
-        tensor_parallel_size=spec.tensor_parallel_size,
-        max_context=spec.max_context,
-        max_batch_size=max_batch_size,
-        max_image_tokens=min(tiles * manifest.prompt.tokens_per_tile, spec.max_context),
-    )
+    image_tokens = min(tiles * manifest.prompt.tokens_per_tile, spec.max_context)
+    plan = TensorRTLLMPlan(spec, max_batch_size, image_tokens)
     return replace(spec, engine_version=TENSORRT_LLM_VERSION, commands=tensorrt_llm_commands(plan))

@@ -22,6 +22,8 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
+from nvlm_export.runtime.manifest import LanguageEngineSpec
+
 TENSORRT_LLM_VERSION = "1.0.0"
 
 # The example directory whose convert_checkpoint.py handles each decoder class.
@@ -56,37 +58,34 @@ DOCUMENTED_FLAGS: dict[str, frozenset[str]] = {
 
 @dataclass(frozen=True)
 class TensorRTLLMPlan:
-    """The inputs of the three commands. Paths are relative to the bundle directory."""
+    """The inputs of the three commands: the hand-off's record (its checkpoint, llm/, is the
+    Hugging Face decoder) and the engine's sizes. Paths are relative to the bundle directory."""
 
-    architecture: str
-    checkpoint: str  # the Hugging Face decoder (llm/)
-    dtype: str
-    tensor_parallel_size: int
-    max_context: int
+    spec: LanguageEngineSpec
     max_batch_size: int
     max_image_tokens: int  # one request's image tokens: max tiles x tokens per tile
     work_dir: str = "trtllm"
 
     @property
     def converted_dir(self) -> str:
-        return f"{self.work_dir}/checkpoint_tp{self.tensor_parallel_size}"
+        return f"{self.work_dir}/checkpoint_tp{self.spec.tensor_parallel_size}"
 
     @property
     def engine_dir(self) -> str:
-        return f"{self.work_dir}/engine_tp{self.tensor_parallel_size}"
+        return f"{self.work_dir}/engine_tp{self.spec.tensor_parallel_size}"
 
 
 def tensorrt_llm_commands(plan: TensorRTLLMPlan) -> tuple[str, ...]:
     """convert, build and serve, as shell command lines to run from the bundle directory."""
-    if plan.architecture not in CONVERTERS:
-        raise ValueError(f"TensorRT-LLM has no converter here for {plan.architecture}")
+    if plan.spec.architecture not in CONVERTERS:
+        raise ValueError(f"TensorRT-LLM has no converter here for {plan.spec.architecture}")
     convert = [
         "python3",
-        f"$TENSORRT_LLM_SRC/{CONVERTERS[plan.architecture]}",
-        *("--model_dir", plan.checkpoint),
+        f"$TENSORRT_LLM_SRC/{CONVERTERS[plan.spec.architecture]}",
+        *("--model_dir", plan.spec.checkpoint),
         *("--output_dir", plan.converted_dir),
-        *("--dtype", DTYPE_NAMES[plan.dtype]),
-        *("--tp_size", str(plan.tensor_parallel_size)),
+        *("--dtype", DTYPE_NAMES[plan.spec.dtype]),
+        *("--tp_size", str(plan.spec.tensor_parallel_size)),
     ]
     build = [
         "trtllm-build",
@@ -94,20 +93,20 @@ def tensorrt_llm_commands(plan: TensorRTLLMPlan) -> tuple[str, ...]:
         *("--output_dir", plan.engine_dir),
         *("--gemm_plugin", "auto"),
         *("--max_batch_size", str(plan.max_batch_size)),
-        *("--max_input_len", str(plan.max_context - 1)),
-        *("--max_seq_len", str(plan.max_context)),
+        *("--max_input_len", str(plan.spec.max_context - 1)),
+        *("--max_seq_len", str(plan.spec.max_context)),
         # Image features enter as prompt-table rows: room for every request of a full batch.
         *("--max_prompt_embedding_table_size", str(plan.max_batch_size * plan.max_image_tokens)),
-        *("--workers", str(plan.tensor_parallel_size)),
+        *("--workers", str(plan.spec.tensor_parallel_size)),
     ]
     serve = [
         "trtllm-serve",
         plan.engine_dir,
-        *("--tokenizer", plan.checkpoint),
+        *("--tokenizer", plan.spec.checkpoint),
         *("--backend", "tensorrt"),
-        *("--tp_size", str(plan.tensor_parallel_size)),
+        *("--tp_size", str(plan.spec.tensor_parallel_size)),
         *("--max_batch_size", str(plan.max_batch_size)),
-        *("--max_seq_len", str(plan.max_context)),
+        *("--max_seq_len", str(plan.spec.max_context)),
     ]
     return tuple(_shell(words) for words in (convert, build, serve))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from nvlm_export.errors import InputError, MissingExtraError
+from nvlm_export.errors import MissingExtraError, check_choice
 from nvlm_export.runtime.backends.base import Backend, GraphRunner, GraphSpec, TensorSpec
 
 __all__ = [
@@ -50,12 +50,8 @@ def available_backends() -> list[str]:
 
 def get_backend(name: str) -> Backend:
     """The runner class registered as `name`, imported on first use."""
-    entry = _REGISTRY.get(name)
-    if entry is None:
-        raise InputError(
-            f"Unknown backend '{name}'",
-            fix=f"Choose one of: {', '.join(available_backends())}",
-        )
+    check_choice(name, available_backends(), "backend")
+    entry = _REGISTRY[name]
     try:
         module = importlib.import_module(entry.module)
     except ImportError as error:

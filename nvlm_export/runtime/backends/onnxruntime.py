@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from nvlm_export.errors import BundleError, InputError
+from nvlm_export.errors import BundleError, InputError, check_choice
 from nvlm_export.runtime.backends.base import GraphRunner, GraphSpec, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -84,11 +84,7 @@ class OnnxRuntimeRunner(GraphRunner):
         validate_inputs: bool = True,
     ) -> None:
         super().__init__(spec, validate_inputs=validate_inputs)
-        if optimization_level not in OPTIMIZATION_LEVELS:
-            raise InputError(
-                f"Unknown graph optimisation level '{optimization_level}'",
-                fix=f"Choose one of: {', '.join(OPTIMIZATION_LEVELS)}",
-            )
+        check_choice(optimization_level, OPTIMIZATION_LEVELS, "graph optimisation level")
         self.requested_providers = tuple(providers)
         self.intra_op_threads = intra_op_threads
         self.optimization_level = optimization_level

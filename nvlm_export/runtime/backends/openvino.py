@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from nvlm_export.errors import BundleError, InputError, MissingExtraError
+from nvlm_export.errors import BundleError, InputError, MissingExtraError, check_choice
 from nvlm_export.runtime.backends.base import GraphRunner, GraphSpec
 
 # `inference_precision` values: the plugin's default (bf16 where the CPU has it), or forced.
@@ -42,11 +42,7 @@ class OpenVinoRunner(GraphRunner):
     ) -> None:
         require_openvino()
         super().__init__(spec, validate_inputs=validate_inputs)
-        if inference_precision not in PRECISIONS:
-            raise InputError(
-                f"Unknown OpenVINO inference precision '{inference_precision}'",
-                fix=f"Choose one of: {', '.join(PRECISIONS)}",
-            )
+        check_choice(inference_precision, PRECISIONS, "OpenVINO inference precision")
         self.intra_op_threads = intra_op_threads
         self.inference_precision = PRECISIONS[inference_precision]
         self._request: Any = None
