@@ -52,6 +52,7 @@ from nvlm_export.models.checkpoint import load_checkpoint
 from nvlm_export.models.families.nvlm_d import PROMPT_FORMAT as NVLM_D
 from nvlm_export.models.tokenizer import EOS_TOKEN, PAD_TOKEN, build_tiny_tokenizer
 from nvlm_export.runtime.generation import GenerateOptions
+from nvlm_export.runtime.manifest import load_manifest
 from nvlm_export.runtime.prompt import build_prompt
 from nvlm_export.runtime.tiling import IMAGENET_MEAN, IMAGENET_STD, TilingConfig, tile_image
 
@@ -398,8 +399,7 @@ def test_demo_eval_command_rejects_a_stray_directory(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_tiling_config_of_the_bundle_is_nvlm_d(demo_bundle: Path) -> None:
-    manifest = json.loads((demo_bundle / "manifest.json").read_text())
-    assert TilingConfig.from_dict(manifest["tiling"]) == TilingConfig(max_tiles=6)
+    assert load_manifest(demo_bundle).tiling == TilingConfig(max_tiles=6)
 
 
 def test_demo_evaluation_of_a_bundle_needs_no_torch() -> None:

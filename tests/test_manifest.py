@@ -139,6 +139,31 @@ def test_tiling_prompt_and_engines_are_typed_and_checked_on_load(bundle: Path) -
         _rewrite(bundle, **{key: data[key]})
 
 
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [
+        (("precision",), "precision"),
+        (("graphs", "decoder", "precision"), "graphs.decoder.precision"),
+        (("engines",), "engines.decoder.precision"),
+    ],
+)
+def test_an_unknown_precision_is_refused_on_load_in_one_line(
+    bundle: Path, path: tuple[str, ...], key: str
+) -> None:
+    """A copied or hand-edited bundle may name a precision no part of nvlm-export implements;
+    quantize, engine planning and the profiler would each misread it later."""
+    value: object = "int3"
+    if path == ("engines",):
+        engine = {"file": "decoder.onnx", "tensorrt_version": "10.3", "compute_capability": "8.7"}
+        value = {"decoder": {**engine, "precision": "int3"}}
+    _rewrite_nested(bundle, path, value)
+    with pytest.raises(BundleError) as refused:
+        load_manifest(bundle)
+    line = str(refused.value)
+    assert f"{key} 'int3' is not a known precision" in line and "fp32, fp16, int8" in line
+    assert "\n" not in line
+
+
 def test_bundles_written_with_the_retired_extras_key_still_load(bundle: Path) -> None:
     _rewrite(bundle, extras={"cross_attention": {"blocks": 2, "every": 1}})
     assert load_manifest(bundle).prompt == NVLM_D

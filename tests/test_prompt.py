@@ -18,6 +18,7 @@ from nvlm_export.models.families.nvlm_h import PROMPT_FORMAT as NVLM_H
 from nvlm_export.models.families.nvlm_x import PROMPT_FORMAT as NVLM_X
 from nvlm_export.models.registry import ARCHITECTURES, architecture_of
 from nvlm_export.models.tokenizer import LAYOUTS, build_tiny_tokenizer, save_tiny_tokenizer
+from nvlm_export.runtime.manifest import record_from_json
 from nvlm_export.runtime.prompt import (
     Message,
     PromptFormat,
@@ -272,7 +273,7 @@ def test_count_matches_built_prompt(tok: Tokenizer, fmt: PromptFormat) -> None:
 
 @pytest.mark.parametrize("fmt", PROMPT_FORMATS.values(), ids=PROMPT_FORMATS.keys())
 def test_format_round_trips_through_json(fmt: PromptFormat) -> None:
-    assert PromptFormat.from_dict(json.loads(json.dumps(fmt.to_dict()))) == fmt
+    assert record_from_json(PromptFormat, json.loads(json.dumps(fmt.to_dict())), "prompt") == fmt
 
 
 def test_system_message_override(tok: Tokenizer) -> None:
@@ -386,10 +387,16 @@ def test_tokenizer_without_the_placeholder_is_a_prompt_error() -> None:
 
 def test_manifest_with_unknown_keys_is_rejected() -> None:
     data = NVLM_D.to_dict() | {"surprise": 1}
-    with pytest.raises(BundleError, match="unknown \\['surprise'\\]"):
-        PromptFormat.from_dict(data)
+    with pytest.raises(BundleError, match="unknown keys \\['surprise'\\]"):
+        record_from_json(PromptFormat, data, "prompt")
     with pytest.raises(BundleError, match="Unknown image layout"):
-        PromptFormat.from_dict(NVLM_D.to_dict() | {"image_layout": "spiral"})
+        record_from_json(PromptFormat, NVLM_D.to_dict() | {"image_layout": "spiral"}, "prompt")
+    with pytest.raises(BundleError, match="prompt: chat: turn_end has the wrong type"):
+        bad_chat = NVLM_D.to_dict() | {"chat": {**data["chat"], "turn_end": 3}}
+        record_from_json(PromptFormat, bad_chat, "prompt")
+    without_name = {key: value for key, value in NVLM_D.to_dict().items() if key != "name"}
+    with pytest.raises(BundleError, match=r"prompt is malformed.*name"):
+        record_from_json(PromptFormat, without_name, "prompt")
 
 
 # --- chat histories: each turn's "<image>" markers belong to that turn's images -----------------

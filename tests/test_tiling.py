@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from nvlm_export.errors import InputError
+from nvlm_export.runtime.manifest import record_from_json
 from nvlm_export.runtime.tiling import (
     Tiling,
     TilingConfig,
@@ -241,12 +242,12 @@ def test_config_round_trips_through_a_dict() -> None:
     config = TilingConfig(tile_size=448, min_tiles=1, max_tiles=12, use_thumbnail=False)
     data = config.to_dict()
     assert data == {"tile_size": 448, "min_tiles": 1, "max_tiles": 12, "use_thumbnail": False}
-    assert TilingConfig.from_dict(data) == config
+    assert record_from_json(TilingConfig, data, "tiling") == config
 
 
 def test_config_rejects_unknown_keys_and_bad_values() -> None:
     with pytest.raises(InputError, match="max_num"):
-        TilingConfig.from_dict({"max_num": 6})
+        record_from_json(TilingConfig, {"max_num": 6}, "tiling")
     with pytest.raises(InputError, match="min_tiles"):
         TilingConfig(min_tiles=7, max_tiles=6)
     with pytest.raises(InputError, match="tile_size"):

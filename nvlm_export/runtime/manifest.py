@@ -24,7 +24,7 @@ import tempfile
 import types
 import typing
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -403,6 +403,15 @@ def _parse_version(text: str, where: str) -> tuple[int, int]:
     return major, minor
 
 
+def record_from_json(cls: type[T], data: Any, where: str) -> T:
+    """One of the manifest's records (a dataclass it holds: `PromptFormat`, `GraphSpec`, ...)
+    from its JSON object, with the checks `load_manifest` makes; any failure is a BundleError."""
+    try:
+        return _build(cls, data, where, lenient=False)
+    except (TypeError, ValueError) as error:
+        raise BundleError(f"{where} is malformed", why=str(error), fix=_REEXPORT) from None
+
+
 def _build(cls: type[T], data: dict[str, Any], where: str, lenient: bool) -> T:
     if not isinstance(data, dict):
         raise BundleError(f"{where}: expected an object for {cls.__name__}, got {data!r}")
@@ -414,8 +423,10 @@ def _build(cls: type[T], data: dict[str, Any], where: str, lenient: bool) -> T:
             why="they are not part of manifest schema " + SCHEMA_VERSION,
             fix="Check the file for typos or re-export the bundle",
         )
-    values = {k: _convert(cls, k, v, where, lenient) for k, v in data.items() if k in known}
     hints = typing.get_type_hints(cls)
+    values = {
+        k: _convert(hints[k], v, f"{where}: {k}", lenient) for k, v in data.items() if k in known
+    }
     for key, value in values.items():
         if not _matches(value, hints[key]):
             raise BundleError(
@@ -423,7 +434,12 @@ def _build(cls: type[T], data: dict[str, Any], where: str, lenient: bool) -> T:
                 why=f"{cls.__name__}.{key} is {_type_name(hints[key])}",
                 fix="Check the file or re-export the bundle",
             )
-    return cls(**values)
+    try:
+        return cls(**values)
+    except BundleError:
+        raise
+    except InputError as error:  # a record's own range checks (TilingConfig's)
+        raise BundleError(f"{where} is invalid", why=error.what, fix=_REEXPORT) from None
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -450,59 +466,28 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-# How the nested fields of each dataclass are built from JSON: a dataclass, or a mapping / list of
-# them. Everything else passes through (lists become tuples, the manifest's dataclasses are frozen).
-_NESTED: dict[tuple[type, str], tuple[str, type]] = {
-    (Manifest, "source"): ("one", SourceSpec),
-    (Manifest, "embedding"): ("one", EmbeddingSpec),
-    (Manifest, "kv_cache"): ("one", KVCacheSpec),
-    (Manifest, "tokenizer"): ("one", TokenizerSpec),
-    (Manifest, "graphs"): ("mapping", GraphSpec),
-    (Manifest, "language_engine"): ("optional", LanguageEngineSpec),
-    (Manifest, "files"): ("mapping", FileRecord),
-    (Manifest, "engines"): ("mapping", EngineRecord),
-    # Their own parsers: exact keys, value ranges, and the messages tests and users rely on.
-    (Manifest, "tiling"): ("parse", TilingConfig),
-    (Manifest, "prompt"): ("parse", PromptFormat),
-    (GraphSpec, "inputs"): ("list", TensorSpec),
-    (GraphSpec, "outputs"): ("list", TensorSpec),
-    (GraphSpec, "variants"): ("mapping", GraphVariant),
-}
-
-
-def _convert(cls: type, key: str, value: Any, where: str, lenient: bool) -> Any:
-    kind, nested = _NESTED.get((cls, key), ("plain", object))
-    here = f"{where}: {key}"
-    if kind == "one" or (kind == "optional" and value is not None):
-        return _build(nested, value, here, lenient)
-    if kind == "parse":
-        return _parse(nested, value, here, lenient)
-    if kind == "mapping":
+def _convert(hint: Any, value: Any, here: str, lenient: bool) -> Any:
+    """A field's JSON value as its type hint says: a dataclass, an optional one, or a mapping or
+    list of them. Everything else passes through (lists become tuples: the manifest's
+    dataclasses are frozen)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and value is not None:
+        nested = [arg for arg in args if is_dataclass(arg)]
+        if nested:
+            return _convert(nested[0], value, here, lenient)
+    if is_dataclass(hint):
+        return _build(hint, value, here, lenient)  # type: ignore[arg-type]
+    if origin is dict and is_dataclass(args[1]):
         if not isinstance(value, dict):
             raise BundleError(
                 f"{here} must be an object, not a {type(value).__name__}", fix=_REEXPORT
             )
-        return {name: _build(nested, v, f"{here}.{name}", lenient) for name, v in value.items()}
-    if kind == "list":
+        return {name: _build(args[1], v, f"{here}.{name}", lenient) for name, v in value.items()}
+    if origin is tuple and is_dataclass(args[0]):
         if not isinstance(value, list):
             raise BundleError(f"{here} must be a list, not a {type(value).__name__}", fix=_REEXPORT)
-        return tuple(_build(nested, v, here, lenient) for v in value)
+        return tuple(_build(args[0], v, here, lenient) for v in value)
     return tuple(value) if isinstance(value, list) else value
-
-
-def _parse(cls: Any, value: Any, where: str, lenient: bool) -> Any:
-    if not isinstance(value, dict):
-        raise BundleError(f"{where} must be an object, not a {type(value).__name__}", fix=_REEXPORT)
-    if lenient:
-        known = {f.name for f in fields(cls)}
-        value = {k: v for k, v in value.items() if k in known}
-    try:
-        return cls.from_dict(value)
-    except BundleError:
-        raise
-    except (InputError, TypeError) as error:
-        why = error.what if isinstance(error, InputError) else str(error)
-        raise BundleError(f"{where} is invalid", why=why, fix=_REEXPORT) from None
 
 
 REQUIRED_GRAPHS = (VISION_GRAPH, DECODER_GRAPH)
@@ -539,13 +524,29 @@ def _check_values(manifest: Manifest, where: str) -> None:
                 why=f"token ids run from 0 to {vocab - 1}",
                 fix=_REEXPORT,
             )
-    for key, name in (
-        ("embedding.dtype", manifest.embedding.dtype),
-        ("kv_cache.dtype", manifest.kv_cache.dtype),
-    ):
-        if name not in DTYPES:
-            raise BundleError(f"{where}: {key} '{name}' is not a known dtype", fix=_REEXPORT)
+    _check_names(manifest, where)
     _check_vision_shapes(manifest)
+
+
+def _check_names(manifest: Manifest, where: str) -> None:
+    """Every dtype and precision the manifest names is one this runtime knows."""
+    named = [
+        ("embedding.dtype", manifest.embedding.dtype, "dtype", DTYPES),
+        ("kv_cache.dtype", manifest.kv_cache.dtype, "dtype", DTYPES),
+        ("precision", manifest.precision, "precision", PRECISIONS),
+    ]
+    for name, graph in manifest.graphs.items():
+        named.append((f"graphs.{name}.precision", graph.precision, "precision", PRECISIONS))
+    for name, engine in manifest.engines.items():
+        if engine.precision:  # empty: not recorded
+            named.append((f"engines.{name}.precision", engine.precision, "precision", PRECISIONS))
+    for key, value, kind, known in named:
+        if value not in known:
+            raise BundleError(
+                f"{where}: {key} '{value:.40}' is not a known {kind}",
+                why=f"this runtime knows {', '.join(known)}",
+                fix=_REEXPORT,
+            )
 
 
 def _check_vision_shapes(manifest: Manifest) -> None:

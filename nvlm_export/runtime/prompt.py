@@ -29,8 +29,8 @@ from __future__ import annotations
 import json
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -224,17 +224,7 @@ class PromptFormat:
         return self.thumbnail_tag if tile == num_tiles - 1 else self.tile_tag.format(index=tile + 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PromptFormat:
-        _require_exact_keys("prompt format", data, {f.name for f in fields(cls)})
-        _require_exact_keys(
-            "prompt format chat", data["chat"], {f.name for f in fields(ChatTemplate)}
-        )
-        _require_strings("prompt format chat", data["chat"], data["chat"])
-        _require_strings("prompt format", data, set(data) - {"chat", "tokens_per_tile"})
-        return cls(**{**data, "chat": ChatTemplate(**data["chat"])})
+        return asdict(self)  # read back, keys and types checked, by runtime/manifest.py
 
 
 @dataclass(frozen=True, eq=False)
@@ -693,28 +683,4 @@ def _check_placeholder_count(fmt: PromptFormat, positions: np.ndarray, slots: in
             f"need {expected}",
             why="the raw prompt contains the reserved image token itself",
             fix=f"Remove '{fmt.placeholder_token}' from the text",
-        )
-
-
-def _require_strings(what: str, data: dict[str, Any], keys: Iterable[str]) -> None:
-    for key in keys:
-        if not isinstance(data[key], str):
-            raise BundleError(
-                f"The {what} in the manifest has a non-string {key}: {data[key]!r:.40}",
-                fix="Re-export the bundle with this version of nvlm-export",
-            )
-
-
-def _require_exact_keys(what: str, data: Any, expected: set[str]) -> None:
-    if not isinstance(data, dict):
-        raise BundleError(
-            f"The {what} in the manifest is not an object",
-            fix="Re-export the bundle with this version of nvlm-export",
-        )
-    missing, unknown = expected - set(data), set(data) - expected
-    if missing or unknown:
-        raise BundleError(
-            f"The {what} in the manifest does not match this runtime",
-            why=f"missing {sorted(missing)}, unknown {sorted(unknown)}",
-            fix="Re-export the bundle with this version of nvlm-export",
         )

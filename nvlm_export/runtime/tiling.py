@@ -44,7 +44,7 @@ TileKind = Literal["tile", "thumbnail"]
 class TilingConfig:
     """How images are tiled. Defaults are NVLM-D-72B's; InternVL2 uses `max_tiles=12`.
 
-    Written into the bundle manifest with `to_dict()` and read back with `from_dict()`.
+    Written into the bundle manifest with `to_dict()`; runtime/manifest.py reads it back.
     """
 
     tile_size: int = 448
@@ -78,18 +78,6 @@ class TilingConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TilingConfig:
-        """Read a manifest entry; unknown keys are rejected so a typo cannot pass silently."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(
-                f"Unknown tiling setting(s): {', '.join(unknown)}",
-                why=f"the known settings are {', '.join(sorted(known))}",
-            )
-        return cls(**data)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing ndarray fields has no single truth value
