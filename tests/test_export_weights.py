@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from nvlm_export.errors import CheckpointError
 from nvlm_export.export.architectures import architecture_for_layout
 from nvlm_export.export.bundle import ExportSettings, export_bundle
+from nvlm_export.export.decoder import LanguageExport
 from nvlm_export.export.onnx_utils import initializer_differences, save_embedding_table
 from nvlm_export.export.vision import VisionGraph, export_vision_onnx
 from nvlm_export.models.checkpoint import SINGLE_FILE, load_checkpoint
@@ -38,7 +39,7 @@ def export_in_memory(checkpoint: Path, out: Path, dtype: str, max_context: int) 
         hidden_size=config.llm_hidden_size,
         opset=18,
     )
-    arch.hooks.export_language(model, out, dtype, 18, max_context, None)
+    arch.hooks.export_language(LanguageExport(model, out, dtype, 18, max_context))
     save_embedding_table(model.embed_tokens.weight, out / "embed_tokens.npy", dtype=NUMPY[dtype])
 
 

@@ -13,20 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from nvlm_export.export.decoder import export_decoder_onnx
+from nvlm_export.export.decoder import LanguageExport, export_decoder_onnx
 from nvlm_export.export.onnx_utils import GraphIO
 from nvlm_export.models.families.spec import ArchitectureSpec, resolve
 from nvlm_export.models.registry import architecture_of
+from nvlm_export.runtime.manifest import DECODER_GRAPH
 from nvlm_export.runtime.prompt import PromptFormat, PromptTokens
 
 if TYPE_CHECKING:
-    from nvlm_export.export.weights import CheckpointWeights
+    pass
 
 # (model, prompt, token ids so far [1, T], tiles of every image [N, 3, S, S] or None) -> logits [V]
 ReferenceLogits = Callable[
@@ -38,11 +38,7 @@ ReferenceLogits = Callable[
 class ExportHooks:
     """The PyTorch-side code a family's export needs, named by its `ArchitectureSpec.export`."""
 
-    # writes the decoder (and cross_kv) graphs into a bundle directory:
-    # (model, bundle, dtype, opset, max_context, weights of a skeleton model or None)
-    export_language: Callable[
-        [nn.Module, Path, str, int, int, CheckpointWeights | None], dict[str, GraphIO]
-    ]
+    export_language: Callable[[LanguageExport], dict[str, GraphIO]]
     reference_logits: ReferenceLogits
 
 
@@ -69,23 +65,16 @@ class ArchitectureExport:
         return self.spec.graph_of(parameter)
 
 
-def _decoder_only_language(
-    model: nn.Module,
-    bundle: Path,
-    dtype: str,
-    opset: int,
-    max_context: int,
-    weights: CheckpointWeights | None,
-) -> dict[str, GraphIO]:
+def _decoder_only_language(request: LanguageExport) -> dict[str, GraphIO]:
     io = export_decoder_onnx(
-        model.language_model,
-        bundle / "decoder.onnx",
-        dtype=dtype,
-        opset=opset,
-        max_context=max_context,
-        weights=weights,
+        request.model.language_model,
+        request.bundle / "decoder.onnx",
+        dtype=request.dtype,
+        opset=request.opset,
+        max_context=request.max_context,
+        weights=request.weights,
     )
-    return {"decoder": io}
+    return {DECODER_GRAPH: io}
 
 
 def _decoder_only_reference(

@@ -22,7 +22,7 @@ import torch
 
 from nvlm_export.errors import InputError, ValidationError
 from nvlm_export.export.architectures import ArchitectureExport, architecture_for_layout
-from nvlm_export.export.decoder import DEFAULT_OPSET
+from nvlm_export.export.decoder import DEFAULT_OPSET, LanguageExport
 from nvlm_export.export.fused_attention import add_onnxruntime_variants
 from nvlm_export.export.onnx_utils import GraphIO, write_embedding_table
 from nvlm_export.export.validate import ValidationReport, validate_bundle
@@ -149,9 +149,10 @@ def _write_bundle(
             weights=weights,
         )
     with stages.stage("language graphs"):
-        language = arch.hooks.export_language(
+        request = LanguageExport(
             model, bundle, settings.dtype, settings.opset, max_context, weights
         )
+        language = arch.hooks.export_language(request)
     with stages.stage("embedding table and tokenizer"):
         embed = model.embed_tokens.weight
         key, shape = weights.key_of(embed), tuple(embed.shape)

@@ -18,7 +18,6 @@ validation compares against).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,7 +30,7 @@ from nvlm_export.export.decoder import (
     NUMPY_DTYPE,
     DecoderSpec,
     ExportableDecoder,
-    KVCache,
+    LanguageExport,
     attention,
     check_weights_dtype,
     rms_norm,
@@ -46,7 +45,6 @@ from nvlm_export.export.onnx_utils import (
     trace_to_onnx,
 )
 from nvlm_export.models.config import CrossAttentionConfig
-from nvlm_export.models.cross_model import CrossAttentionVisionLanguageModel
 from nvlm_export.runtime.manifest import (
     CROSS_ATTENTION_MASK,
     CROSS_EMBEDS,
@@ -58,7 +56,7 @@ from nvlm_export.runtime.manifest import (
 from nvlm_export.runtime.prompt import PromptTokens
 
 if TYPE_CHECKING:
-    from nvlm_export.export.weights import CheckpointWeights
+    pass
 
 CROSS_AXIS = "cross"  # the cross key/value sequence length K (engine_plan.CROSS_AXES)
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per block: key, value (B, KV, K, hd)
@@ -148,7 +146,7 @@ class CrossAttentionDecoder(ExportableDecoder):
     """`ExportableDecoder` plus cross K/V and mask inputs and the gated blocks between layers.
 
     forward(inputs_embeds, position_ids, *past, *cross_kv, cross_attention_mask)
-        -> (logits, *present); the base class passes the inputs after `past` to `run_layers`.
+        -> (logits, *present); the base class passes the inputs after `past` to `between_layers`.
     """
 
     def __init__(self, lm: nn.Module, blocks: nn.ModuleList, cross: CrossAttentionConfig) -> None:
@@ -161,29 +159,18 @@ class CrossAttentionDecoder(ExportableDecoder):
         self.blocks = blocks  # shared, not copied
         self.cross = cross
 
-    def run_layers(
-        self,
-        hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        allowed: torch.Tensor,
-        cache: KVCache,
-        *extra: torch.Tensor,
-    ) -> tuple[torch.Tensor, KVCache]:
-        """Decoder layers with a gated cross block after every k-th; `extra` = the graph's
+    def between_layers(
+        self, index: int, hidden: torch.Tensor, extra: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        """A gated cross block after every k-th decoder layer; `extra` = the graph's
         cross_kv.{j}.key/value inputs, then cross_attention_mask."""
-        cross_kv, mask = _pairs(extra[:-1]), extra[-1]
-        presents: KVCache = []
-        for index, (layer, (past_k, past_v)) in enumerate(zip(self.layers, cache, strict=True)):
-            hidden, present = self.decoder_layer(layer, hidden, cos, sin, allowed, past_k, past_v)
-            presents.append(present)
-            block = self.cross.block_after(index)
-            if block is not None:
-                key, value = cross_kv[block]
-                hidden = gated_cross_block(
-                    self.blocks[block], hidden, key, value, mask, self.spec.rms_norm_eps
-                )
-        return hidden, presents
+        block = self.cross.block_after(index)
+        if block is None:
+            return hidden
+        key, value = _pairs(extra[:-1])[block]
+        return gated_cross_block(
+            self.blocks[block], hidden, key, value, extra[-1], self.spec.rms_norm_eps
+        )
 
     # ---- graph interface -------------------------------------------------------------------
 
@@ -228,68 +215,54 @@ class CrossAttentionDecoder(ExportableDecoder):
 # --------------------------------------------------------------------------------------------
 
 
-def export_cross_kv_onnx(
-    model: CrossAttentionVisionLanguageModel,
-    path: Path,
-    *,
-    dtype: str,
-    opset: int,
-    weights: CheckpointWeights | None = None,
-) -> GraphIO:
-    """Trace the cross_kv graph (dynamic batch and cross length) to `path`."""
+def export_cross_kv_onnx(request: LanguageExport) -> GraphIO:
+    """Trace the cross_kv graph (dynamic batch and cross length) into the bundle."""
     from torch.export import Dim
 
+    model, path = request.model, request.bundle / "cross_kv.onnx"
     spec = DecoderSpec.from_model(model.language_model)
     graph = CrossKVGraph(model.cross_layers, spec.num_kv_heads, spec.head_dim).eval()
-    check_weights_dtype(graph, dtype)
+    check_weights_dtype(graph, request.dtype)
     hidden = spec.hidden_size
     external = needs_external_data(graph)
-    io = graph.graph_io(path.name, external_data_name(path) if external else None, opset, hidden)
-    example = torch.zeros(2, 5, hidden, dtype=DTYPES[dtype])
+    io = graph.graph_io(
+        path.name, external_data_name(path) if external else None, request.opset, hidden
+    )
+    example = torch.zeros(2, 5, hidden, dtype=DTYPES[request.dtype])
     axes = ({0: Dim("batch", min=1), 1: Dim(CROSS_AXIS, min=1)},)
     return trace_to_onnx(
-        graph, (example,), path, io=io, dynamic_shapes=axes, what="cross_kv graph", weights=weights
+        graph,
+        (example,),
+        path,
+        io=io,
+        dynamic_shapes=axes,
+        what="cross_kv graph",
+        weights=request.weights,
     )
 
 
-def export_cross_decoder_onnx(
-    model: CrossAttentionVisionLanguageModel,
-    path: Path,
-    *,
-    dtype: str,
-    opset: int,
-    max_context: int,
-    weights: CheckpointWeights | None = None,
-) -> GraphIO:
-    """Trace the decoder with its gated cross-attention blocks to `path`."""
+def export_cross_decoder_onnx(request: LanguageExport) -> GraphIO:
+    """Trace the decoder with its gated cross-attention blocks into the bundle."""
+    model = request.model
     decoder = CrossAttentionDecoder(
         model.language_model, model.cross_layers, model.cross_attention
     ).eval()
+    path = request.bundle / "decoder.onnx"
     return trace_decoder(
-        decoder, path, dtype, opset, max_context, weights, "cross-attention decoder"
+        decoder,
+        path,
+        request.dtype,
+        request.opset,
+        request.max_context,
+        request.weights,
+        "cross-attention decoder",
     )
 
 
-def _cross_language(
-    model: nn.Module,
-    bundle: Path,
-    dtype: str,
-    opset: int,
-    max_context: int,
-    weights: CheckpointWeights | None,
-) -> dict[str, GraphIO]:
+def _cross_language(request: LanguageExport) -> dict[str, GraphIO]:
     return {
-        CROSS_KV_GRAPH: export_cross_kv_onnx(
-            model, bundle / "cross_kv.onnx", dtype=dtype, opset=opset, weights=weights
-        ),
-        DECODER_GRAPH: export_cross_decoder_onnx(
-            model,
-            bundle / "decoder.onnx",
-            dtype=dtype,
-            opset=opset,
-            max_context=max_context,
-            weights=weights,
-        ),
+        CROSS_KV_GRAPH: export_cross_kv_onnx(request),
+        DECODER_GRAPH: export_cross_decoder_onnx(request),
     }
 
 

@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -283,8 +283,17 @@ def swiglu(x: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
 # The module that gets traced
 # --------------------------------------------------------------------------------------------
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (key, value), each (B, KV, S, D)
+KVPair = tuple[torch.Tensor, torch.Tensor]  # one layer's (key, value), each (B, KV, S, D)
+KVCache = list[KVPair]  # per layer
 KV = ("key", "value")  # order of the per-layer cache tensors in the graph's inputs and outputs
+
+
+class StepInputs(NamedTuple):
+    """What every layer of one forward step shares."""
+
+    cos: torch.Tensor  # rotary (B, T, D)
+    sin: torch.Tensor
+    allowed: torch.Tensor  # causal mask (T, P+T)
 
 
 class ExportableDecoder(nn.Module):
@@ -294,7 +303,7 @@ class ExportableDecoder(nn.Module):
             *past: key₀, value₀, key₁, value₁, ... each (B, KV, P, D))
         -> (logits (B, vocab) float32 for the last position, key₀', value₀', ... (B, KV, P+T, D))
 
-    Subclasses add inputs (e.g. NVLM-X cross K/V) by overriding `run_layers` and `graph_io`.
+    Subclasses add inputs (e.g. NVLM-X cross K/V) by overriding `between_layers` and `graph_io`.
     """
 
     def __init__(self, lm: nn.Module) -> None:
@@ -317,8 +326,8 @@ class ExportableDecoder(nn.Module):
         cache = list(zip(past[0::2], past[1::2], strict=True))
         seq, past_len = inputs_embeds.shape[1], cache[0][0].shape[2]
         cos, sin = rotary_cos_sin(position_ids, self.inv_freq, inputs_embeds.dtype)
-        allowed = causal_mask(seq, past_len, inputs_embeds.device)  # (T, P+T)
-        hidden, presents = self.run_layers(inputs_embeds, cos, sin, allowed, cache, *extra)
+        step = StepInputs(cos, sin, causal_mask(seq, past_len, inputs_embeds.device))
+        hidden, presents = self.run_layers(inputs_embeds, step, cache, extra)
         last = rms_norm(hidden[:, -1], self.final_norm.weight, self.spec.rms_norm_eps)  # (B, C)
         logits = self.lm_head(last).float()  # (B, vocab): never materialise (T, vocab)
         return (logits, *(t for kv in presents for t in kv))
@@ -330,35 +339,31 @@ class ExportableDecoder(nn.Module):
     def run_layers(
         self,
         hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        allowed: torch.Tensor,
+        step: StepInputs,
         cache: KVCache,
-        *extra: torch.Tensor,
+        extra: tuple[torch.Tensor, ...],
     ) -> tuple[torch.Tensor, KVCache]:
-        """The layer loop. `extra` are the graph inputs after the KV cache (none here): the
-        extension point for subclasses that interleave blocks, e.g. gated cross-attention."""
+        """The layer loop; `extra` are the graph inputs after the KV cache."""
         presents: KVCache = []
-        for layer, (past_k, past_v) in zip(self.layers, cache, strict=True):
-            hidden, present = self.decoder_layer(layer, hidden, cos, sin, allowed, past_k, past_v)
+        for index, (layer, past) in enumerate(zip(self.layers, cache, strict=True)):
+            hidden, present = self.decoder_layer(layer, hidden, step, past)
             presents.append(present)
+            hidden = self.between_layers(index, hidden, extra)
         return hidden, presents
 
+    def between_layers(
+        self, index: int, hidden: torch.Tensor, extra: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        """What runs after decoder layer `index`: nothing here. The extension point for
+        subclasses that interleave blocks fed by `extra`, e.g. gated cross-attention."""
+        return hidden
+
     def decoder_layer(
-        self,
-        layer: nn.Module,
-        hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        allowed: torch.Tensor,
-        past_k: torch.Tensor,
-        past_v: torch.Tensor,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        self, layer: nn.Module, hidden: torch.Tensor, step: StepInputs, past: KVPair
+    ) -> tuple[torch.Tensor, KVPair]:
         eps = self.spec.rms_norm_eps
         x = rms_norm(hidden, layer.input_layernorm.weight, eps)
-        attended, present = self.self_attention(
-            layer.self_attn, x, cos, sin, allowed, past_k, past_v
-        )
+        attended, present = self.self_attention(layer.self_attn, x, step, past)
         hidden = hidden + attended
         hidden = hidden + swiglu(
             rms_norm(hidden, layer.post_attention_layernorm.weight, eps), layer.mlp
@@ -366,27 +371,20 @@ class ExportableDecoder(nn.Module):
         return hidden, present
 
     def self_attention(
-        self,
-        attn: nn.Module,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        allowed: torch.Tensor,
-        past_k: torch.Tensor,
-        past_v: torch.Tensor,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        self, attn: nn.Module, x: torch.Tensor, step: StepInputs, past: KVPair
+    ) -> tuple[torch.Tensor, KVPair]:
         batch, seq, _ = x.shape
         head_dim = self.spec.head_dim
 
         def heads(projection: nn.Module) -> torch.Tensor:  # (B, T, n·D) -> (B, n, T, D)
             return projection(x).reshape(batch, seq, -1, head_dim).transpose(1, 2)
 
-        q = apply_rotary(heads(attn.q_proj), cos, sin)  # (B, H, T, D)
-        k = apply_rotary(heads(attn.k_proj), cos, sin)  # (B, KV, T, D)
+        q = apply_rotary(heads(attn.q_proj), step.cos, step.sin)  # (B, H, T, D)
+        k = apply_rotary(heads(attn.k_proj), step.cos, step.sin)  # (B, KV, T, D)
         v = heads(attn.v_proj)  # (B, KV, T, D)
-        k = torch.cat((past_k, k), dim=2)  # (B, KV, P+T, D)
-        v = torch.cat((past_v, v), dim=2)
-        out = attention(q, k, v, allowed)  # (B, H, T, D)
+        k = torch.cat((past[0], k), dim=2)  # (B, KV, P+T, D)
+        v = torch.cat((past[1], v), dim=2)
+        out = attention(q, k, v, step.allowed)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(batch, seq, -1)  # (B, T, H·D)
         return attn.o_proj(out), (k, v)
 
@@ -462,6 +460,19 @@ def _check_weights_match_spec(lm: nn.Module, spec: DecoderSpec) -> None:
 # --------------------------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LanguageExport:
+    """What a family's `export_language` hook (export/architectures.py) writes: `model`'s
+    language graphs (the decoder, and cross_kv for cross-attention models) into `bundle`."""
+
+    model: nn.Module  # the whole vision-language model
+    bundle: Path
+    dtype: str
+    opset: int
+    max_context: int
+    weights: CheckpointWeights | None = None  # a skeleton model's weights, streamed (None: real)
 
 
 def export_decoder_onnx(

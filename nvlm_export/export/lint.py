@@ -275,47 +275,42 @@ def _tensor_types(c: _Context) -> Iterator[tuple[str, int]]:
 
 def _check_types(c: _Context) -> Iterator[Finding]:
     for name, elem_type in _tensor_types(c):
-        type_name = c.type_name(elem_type)
-        if type_name in UNSUPPORTED_TYPES:
-            yield c.finding(
-                "error",
-                "dtype",
-                name,
-                f"tensor is {UNSUPPORTED_TYPES[type_name]}, which TensorRT cannot hold",
-                "Keep strings and complex numbers outside the graph",
-            )
-        elif type_name == "DOUBLE":
-            yield c.finding(
-                "warning",
-                "dtype",
-                name,
-                "tensor is float64; TensorRT casts it to float32 (clamping to +-FLT_MAX)",
-                "Export in float32 to make the cast explicit",
-            )
-        elif type_name in UNSUPPORTED_FP8:
-            yield c.finding(
-                "error",
-                "dtype",
-                name,
-                f"tensor is {type_name}; TensorRT's FP8 is E4M3FN only",
-                "Quantize to FLOAT8E4M3FN",
-            )
-        elif type_name == "BFLOAT16" and c.target and not c.target.supports_bf16:
-            yield c.finding(
-                "error",
-                "dtype",
-                name,
-                f"tensor is bfloat16; {c.target.name} (sm {c.target.sm}) has no bf16",
-                "Export in float16 for this target",
-            )
-        elif type_name == "FLOAT8E4M3FN" and c.target and "fp8" not in c.target.precisions:
-            yield c.finding(
-                "error",
-                "dtype",
-                name,
-                f"tensor is FP8; {c.target.name} (sm {c.target.sm}) has no FP8 kernels",
-                "Quantize the bundle to int8 or int4 for this target",
-            )
+        problem = _type_problem(c.type_name(elem_type), c.target)
+        if problem is not None:
+            severity, what, fix = problem
+            yield c.finding(severity, "dtype", name, f"tensor is {what}", fix)
+
+
+def _type_problem(type_name: str, target: Target | None) -> tuple[str, str, str] | None:
+    """What TensorRT (on `target`, if named) makes of a tensor type: (severity, what the tensor
+    is and why that matters, what to do), or None when the type is fine."""
+    if type_name in UNSUPPORTED_TYPES:
+        return (
+            "error",
+            f"{UNSUPPORTED_TYPES[type_name]}, which TensorRT cannot hold",
+            "Keep strings and complex numbers outside the graph",
+        )
+    if type_name == "DOUBLE":
+        return (
+            "warning",
+            "float64; TensorRT casts it to float32 (clamping to +-FLT_MAX)",
+            "Export in float32 to make the cast explicit",
+        )
+    if type_name in UNSUPPORTED_FP8:
+        return "error", f"{type_name}; TensorRT's FP8 is E4M3FN only", "Quantize to FLOAT8E4M3FN"
+    if type_name == "BFLOAT16" and target and not target.supports_bf16:
+        return (
+            "error",
+            f"bfloat16; {target.name} (sm {target.sm}) has no bf16",
+            "Export in float16 for this target",
+        )
+    if type_name == "FLOAT8E4M3FN" and target and "fp8" not in target.precisions:
+        return (
+            "error",
+            f"FP8; {target.name} (sm {target.sm}) has no FP8 kernels",
+            "Quantize the bundle to int8 or int4 for this target",
+        )
+    return None
 
 
 def _check_qdq(c: _Context) -> Iterator[Finding]:

@@ -130,20 +130,6 @@ class CrossAttentionVisionLanguageModel(VisionLanguageBase):
         """Each image's tiles (n_i, 3, 448, 448) -> pixel-shuffled ViT tokens (n_i, 256, 4Dv)."""
         return [self.vision.tile_tokens(tiles) for tiles in images]
 
-    def forward_encoded(
-        self,
-        input_ids: torch.Tensor,
-        tokens: Sequence[torch.Tensor],
-        prompt: PromptTokens,
-        logits_to_keep: int = 0,
-    ) -> torch.Tensor:
-        """`forward` with the images already encoded (reuse them across greedy steps)."""
-        _check_prompt_prefix(input_ids, prompt)
-        embeds = self.input_embeddings(input_ids, tokens, prompt)
-        cross_kv = self.cross_key_values(self.cross_embeddings(tokens, prompt))
-        mask = extended_cross_mask(prompt, input_ids.shape[1])[None]  # (1, T, K)
-        return self.decode(embeds, cross_kv, mask, logits_to_keep)
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -157,7 +143,12 @@ class CrossAttentionVisionLanguageModel(VisionLanguageBase):
         `input_ids` starts with the prompt's ids and may continue with generated tokens; their
         cross-attention mask rows repeat the prompt's last row (they come after every image).
         """
-        return self.forward_encoded(input_ids, self.encode_images(images), prompt, logits_to_keep)
+        _check_prompt_prefix(input_ids, prompt)
+        tokens = self.encode_images(images)
+        embeds = self.input_embeddings(input_ids, tokens, prompt)
+        cross_kv = self.cross_key_values(self.cross_embeddings(tokens, prompt))
+        mask = extended_cross_mask(prompt, input_ids.shape[1])[None]  # (1, T, K)
+        return self.decode(embeds, cross_kv, mask, logits_to_keep)
 
 
 def extended_cross_mask(prompt: PromptTokens, length: int) -> torch.Tensor:
