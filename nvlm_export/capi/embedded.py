@@ -221,6 +221,16 @@ class Registry:
 # --- the entry points -----------------------------------------------------------------------
 
 
+def _result_field(name: str) -> Callable[[CApi, Cdata], Any]:
+    """The entry point `result_<name>`: that field of a result (C memory the result owns)."""
+
+    def result_field(api: CApi, handle: Cdata) -> Any:
+        return getattr(api.handles.get(handle, Result), name)
+
+    result_field.__name__ = f"result_{name}"
+    return result_field
+
+
 class CApi:
     """One method per `nvlm_py_*` function; `install` registers them with cffi."""
 
@@ -484,23 +494,16 @@ class CApi:
         return Status.OK
 
     # -- results --
-    def result_text(self, handle: Cdata) -> Cdata:
-        return self.handles.get(handle, Result).text
-
-    def result_finish_reason(self, handle: Cdata) -> Cdata:
-        return self.handles.get(handle, Result).finish_reason
+    result_text = _result_field("text")
+    result_finish_reason = _result_field("finish_reason")
+    result_prompt_tokens = _result_field("prompt_tokens")
+    result_reused_tokens = _result_field("reused_tokens")
 
     def result_token_ids(self, handle: Cdata, out_count: Cdata) -> Cdata:
         result = self.handles.get(handle, Result)
         if out_count != self.ffi.NULL:
             out_count[0] = result.num_tokens
         return result.token_ids
-
-    def result_prompt_tokens(self, handle: Cdata) -> int:
-        return self.handles.get(handle, Result).prompt_tokens
-
-    def result_reused_tokens(self, handle: Cdata) -> int:
-        return self.handles.get(handle, Result).reused_tokens
 
     def result_get_timings(self, handle: Cdata, out: Cdata) -> Status:
         timings = self.handles.get(handle, Result).timings

@@ -39,6 +39,7 @@ from nvlm_export.runtime.generation import (
     GenerateOptions,
     GenerationResult,
     TokenEvent,
+    TokenStream,
 )
 from nvlm_export.runtime.images import ImageSource
 from nvlm_export.runtime.manifest import VISION_GRAPH, LanguageEngineSpec
@@ -295,7 +296,7 @@ class VLLMPipeline:
         return answer.result()
 
 
-class VLLMRequestStream:
+class VLLMRequestStream(TokenStream):
     """Iterate for `TokenEvent`s as vLLM produces them; afterwards `result` holds the answer and
     `stage_seconds` the time of our stages (prepare, vision, splice) and of vLLM's generation.
 
@@ -357,9 +358,3 @@ class VLLMRequestStream:
                     yield token, output.finished and k == len(new) - 1
                 if output.finished:
                     return
-
-    def run(self) -> GenerationResult:
-        for _ in self:
-            pass
-        assert self.result is not None
-        return self.result

@@ -372,11 +372,27 @@ class Answer:
         )
 
 
-class GenerationStream:
+class TokenStream:
     """Iterate for `TokenEvent`s; `result` is set when the last event is yielded.
 
     The joined event texts equal `result.text`. Stopping the iteration early leaves `result` None.
     """
+
+    result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        raise NotImplementedError
+
+    def run(self) -> GenerationResult:
+        """Consume every event and return the result."""
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+class GenerationStream(TokenStream):
+    """The decoder's tokens, sampled one step at a time from a prefilled cache."""
 
     def __init__(
         self,
@@ -422,13 +438,6 @@ class GenerationStream:
             start = time.perf_counter()
             token = pick(self._step(token))
             answer.timings.decode_seconds.append(time.perf_counter() - start)
-
-    def run(self) -> GenerationResult:
-        """Consume every event and return the result."""
-        for _ in self:
-            pass
-        assert self.result is not None
-        return self.result
 
 
 class _DecodeStep:

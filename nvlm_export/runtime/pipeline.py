@@ -59,6 +59,7 @@ from nvlm_export.runtime.generation import (
     GenerationStream,
     KVCache,
     TokenEvent,
+    TokenStream,
     check_prompt_fits,
     generate,
     prefill,
@@ -124,7 +125,7 @@ class DecoderInputs:
     cross_key_values: Mapping[str, np.ndarray] | None = None  # NVLM-X/H: every block's K/V
 
 
-class RequestStream:
+class RequestStream(TokenStream):
     """Iterate for `TokenEvent`s as they are generated; afterwards `result` holds the answer and
     `stage_seconds` the time of every stage (tiling, prompt, vision, splice, prefill, decode)."""
 
@@ -152,15 +153,9 @@ class RequestStream:
         if self._on_finish is not None and self.result is not None:
             self._on_finish(self.result)
 
-    @property
+    @property  # type: ignore[override]
     def result(self) -> GenerationResult | None:
         return self._stream.result
-
-    def run(self) -> GenerationResult:
-        for _ in self:
-            pass
-        assert self.result is not None
-        return self.result
 
 
 class Pipeline:
