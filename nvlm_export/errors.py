@@ -71,11 +71,21 @@ class ValidationError(NvlmError):
 
 
 def check_choice(
-    value: object, choices: Collection[str], what: str, error: type[NvlmError] = InputError
+    value: object,
+    choices: Collection[str],
+    what: str,
+    error: type[NvlmError] = InputError,
+    *,
+    fix: str | None = None,
 ) -> None:
-    """Refuse a value that is not one of `choices`: "Unknown {what} '{value}'", listing them."""
-    if value not in choices:
-        raise error(f"Unknown {what} '{value}'", fix=f"Choose one of: {', '.join(choices)}")
+    """Refuse a value that is not one of `choices`: "Unknown {what} '{value}'", listing them.
+    With `fix` (a value the user did not choose, e.g. read from a bundle) they are the why."""
+    if value in choices:
+        return
+    known = ", ".join(choices)
+    if fix is None:
+        raise error(f"Unknown {what} '{value}'", fix=f"Choose one of: {known}")
+    raise error(f"Unknown {what} '{value}'", why=f"this nvlm-export knows {known}", fix=fix)
 
 
 def require_extra(extra: str, *modules: str) -> None:

@@ -296,6 +296,7 @@ class VLLMPipeline:
         return answer.result()
 
 
+@dataclass(eq=False)
 class VLLMRequestStream(TokenStream):
     """Iterate for `TokenEvent`s as vLLM produces them; afterwards `result` holds the answer and
     `stage_seconds` the time of our stages (prepare, vision, splice) and of vLLM's generation.
@@ -304,24 +305,14 @@ class VLLMRequestStream(TokenStream):
     requests go through `VLLMPipeline.generate_concurrent`.
     """
 
-    def __init__(
-        self,
-        owner: VLLMPipeline,
-        embeds: np.ndarray,
-        options: GenerateOptions,
-        answer: Answer,
-        prepared: PreparedRequest,
-        stage_seconds: dict[str, float],
-        start_time: float,
-    ) -> None:
-        self._owner = owner
-        self._embeds = embeds
-        self._options = options
-        self._answer = answer
-        self.prepared = prepared
-        self.stage_seconds = stage_seconds
-        self._start = start_time
-        self.result: GenerationResult | None = None
+    _owner: VLLMPipeline
+    _embeds: np.ndarray
+    _options: GenerateOptions
+    _answer: Answer
+    prepared: PreparedRequest
+    stage_seconds: dict[str, float]
+    _start: float
+    result: GenerationResult | None = field(default=None, init=False)
 
     def __iter__(self) -> Iterator[TokenEvent]:
         request_id = self._owner._add(self._embeds, self._options)

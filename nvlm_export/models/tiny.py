@@ -110,18 +110,14 @@ def tiny_config(
     llm = llm_config(shape, _round_up(vocab_size, 64), eos_id)
     if layers is not None:
         llm["num_hidden_layers"] = layers
-    ratio = ModelConfig.downsample_ratio
-    cross = spec.cross_projector_config(shape.vision, llm, ratio)
-    return ModelConfig(
-        layout=layout,
-        vision=shape.vision,
-        projector=spec.projector_config(shape.vision, llm, ratio),
-        llm_config=llm,
-        downsample_ratio=ratio,
+    cross = spec.family == "cross-attention"
+    return spec.model_config(
+        shape.vision,
+        llm,
+        ModelConfig.downsample_ratio,
         template=shape.template,
         max_dynamic_patch=shape.max_dynamic_patch,
         image_token_id=image_token_id,
-        cross_projector=cross,
         cross_attention=(
             cross_attention_config(shape.cross_attention_every, llm, f"{size} {layout}")
             if cross

@@ -328,7 +328,7 @@ def generate(
         first_logits,
         answer,
         options,
-        start_time=start_time if start_time is not None else time.perf_counter(),
+        start_time if start_time is not None else time.perf_counter(),
     )
 
 
@@ -391,25 +391,17 @@ class TokenStream:
         return self.result
 
 
+@dataclass(eq=False)
 class GenerationStream(TokenStream):
     """The decoder's tokens, sampled one step at a time from a prefilled cache."""
 
-    def __init__(
-        self,
-        step: _DecodeStep,
-        first_logits: np.ndarray,
-        answer: Answer,
-        options: GenerateOptions,
-        *,
-        start_time: float,
-    ) -> None:
-        self._step = step
-        self._first_logits = first_logits
-        self._answer = answer
-        self._options = options
-        self._start_time = start_time
-        self._started = False
-        self.result: GenerationResult | None = None
+    _step: _DecodeStep
+    _first_logits: np.ndarray
+    _answer: Answer
+    _options: GenerateOptions
+    _start_time: float
+    _started: bool = field(default=False, init=False)
+    result: GenerationResult | None = field(default=None, init=False)
 
     def __iter__(self) -> Iterator[TokenEvent]:
         if self._started:

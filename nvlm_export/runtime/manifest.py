@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from nvlm_export import __version__
-from nvlm_export.errors import BundleError, InputError
+from nvlm_export.errors import BundleError, InputError, check_choice
 from nvlm_export.runtime.prompt import PromptFormat
 from nvlm_export.runtime.tiling import TilingConfig
 
@@ -204,11 +204,13 @@ class LanguageEngineSpec:
     commands: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.engine not in LANGUAGE_ENGINES:
-            raise BundleError(
-                f"Unknown language engine '{self.engine}'",
-                fix=f"Hand off to one of: {', '.join(LANGUAGE_ENGINES)}",
-            )
+        check_choice(
+            self.engine,
+            LANGUAGE_ENGINES,
+            "language engine",
+            BundleError,
+            fix="Hand the decoder off again with nvlm-export handoff",
+        )
         if self.tensor_parallel_size < 1:
             raise BundleError(f"tensor_parallel_size {self.tensor_parallel_size} is below 1")
 

@@ -36,7 +36,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from tokenizers import Tokenizer
 
-from nvlm_export.errors import BundleError, PromptError
+from nvlm_export.errors import BundleError, PromptError, check_choice
 
 Slot = tuple[int, int]  # (image index, tile index)
 
@@ -208,12 +208,13 @@ class PromptFormat:
                 f"The prompt format's tokens_per_tile {per_tile!r} is not a positive integer",
                 fix="Re-export the bundle with this version of nvlm-export",
             )
-        if self.image_layout not in IMAGE_LAYOUTS:
-            raise BundleError(
-                f"Unknown image layout '{self.image_layout}' in the prompt format",
-                why=f"this runtime knows {', '.join(IMAGE_LAYOUTS)}",
-                fix="Re-export the bundle with this version of nvlm-export",
-            )
+        check_choice(
+            self.image_layout,
+            IMAGE_LAYOUTS,
+            "image layout",
+            BundleError,
+            fix="Re-export the bundle with this version of nvlm-export",
+        )
 
     @property
     def layout(self) -> ImageLayout:

@@ -116,12 +116,10 @@ def parse_hf(config: Mapping[str, Any], spec: LayoutSpec) -> ModelConfig:
         image_size=_single(vc.get("image_size", 448)),
     )
     ratio = float(config.get("downsample_ratio", 0.5))
-    return ModelConfig(
-        layout=spec.name,
-        vision=vision,
-        projector=spec.projector_config(vision, text, ratio),
-        llm_config=text,
-        downsample_ratio=ratio,
+    return spec.model_config(
+        vision,
+        text,
+        ratio,
         select_layer=int(config.get("vision_feature_layer", -1)),
         template="internvl2_5",
         max_dynamic_patch=12,

@@ -66,12 +66,10 @@ def parse_remote_code(config: Mapping[str, Any], spec: LayoutSpec) -> ModelConfi
     decoder_architecture(llm)
     ratio = float(config.get("downsample_ratio", 0.5))
     vision = _vision(vc, config.get("force_image_size") or 0, spec.default_dummy_heads)
-    return ModelConfig(
-        layout=spec.name,
-        vision=vision,
-        projector=spec.projector_config(vision, llm, ratio),
-        llm_config=llm,
-        downsample_ratio=ratio,
+    return spec.model_config(
+        vision,
+        llm,
+        ratio,
         select_layer=int(config.get("select_layer", -1)),
         ps_version=str(config.get("ps_version", "v2")),
         template=config.get("template"),
@@ -118,11 +116,7 @@ def parse_cross_attention(config: Mapping[str, Any], spec: LayoutSpec) -> ModelC
     parsed = parse_remote_code(config, spec)
     every = require_key(config, CROSS_ATTENTION_EVERY, "config.json")
     return replace(
-        parsed,
-        cross_projector=spec.cross_projector_config(
-            parsed.vision, parsed.llm_config, parsed.downsample_ratio
-        ),
-        cross_attention=cross_attention_config(every, parsed.llm_config, "config.json"),
+        parsed, cross_attention=cross_attention_config(every, parsed.llm_config, "config.json")
     )
 
 

@@ -94,6 +94,21 @@ class LayoutSpec:
     cross_projector_bias: bool = False  # the 1-layer tile projector of cross-attention models
     remote_architecture: str | None = None  # config.json `architectures` of remote-code layouts
 
+    def model_config(
+        self, vision: VisionConfig, llm: dict[str, Any], ratio: float, **settings: Any
+    ) -> ModelConfig:
+        """A config of this layout: its projectors' shapes follow from the vision tower, the
+        decoder's config and the pixel-shuffle ratio; `settings` are ModelConfig's other fields."""
+        return ModelConfig(
+            layout=self.name,
+            vision=vision,
+            projector=self.projector_config(vision, llm, ratio),
+            cross_projector=self.cross_projector_config(vision, llm, ratio),
+            llm_config=llm,
+            downsample_ratio=ratio,
+            **settings,
+        )
+
     def projector_config(
         self, vision: VisionConfig, llm: Mapping[str, Any], ratio: float
     ) -> ProjectorConfig | None:
