@@ -39,7 +39,7 @@ def test_a_family_declared_only_as_data_is_generated_loaded_saved_and_exported(
 ) -> None:
     """Adding a family is one spec: nothing generic compares family or layout names."""
     layout = replace(
-        internvl.REMOTE_LAYOUT, name="mini", model_type="mini_chat", remote_architecture="Mini"
+        internvl.REMOTE_LAYOUT, name="mini", model_type="mini_chat", config_architecture="Mini"
     )
     family = replace(
         internvl.ARCHITECTURE,

@@ -27,7 +27,7 @@ import numpy as np
 
 from nvlm_export.errors import BundleError, InputError
 from nvlm_export.output import OutputKind
-from nvlm_export.runtime.manifest import MANIFEST_NAME, Manifest
+from nvlm_export.runtime.manifest import MANIFEST_NAME, Manifest, read_index
 
 CALIBRATION_MANIFEST = "calibration.json"
 CALIBRATION_SET = OutputKind("calibration set", CALIBRATION_MANIFEST)
@@ -134,15 +134,11 @@ class CalibrationSet:
     def open(cls, directory: str | os.PathLike[str]) -> CalibrationSet:
         root = Path(directory)
         path = root / CALIBRATION_MANIFEST
-        if not path.is_file():
-            raise InputError(
-                f"'{root}' is not a calibration set",
-                why=f"it has no {CALIBRATION_MANIFEST}",
-                fix="Create one with: nvlm-export calibrate BUNDLE -o CALIB",
-            )
+        command = "nvlm-export calibrate BUNDLE -o CALIB"
+        data = read_index(root, CALIBRATION_MANIFEST, "calibration set", command, InputError)
         try:
-            info = CalibrationInfo.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError, KeyError) as error:
+            info = CalibrationInfo.from_dict(data)
+        except (TypeError, KeyError, AttributeError) as error:
             raise InputError(
                 f"{path} is malformed", why=str(error), fix="Run nvlm-export calibrate again"
             ) from None

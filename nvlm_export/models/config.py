@@ -8,6 +8,7 @@ bounds every parsed config is checked against.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -202,6 +203,22 @@ def shared_vision_entries(v: VisionConfig) -> dict[str, Any]:
         "layer_norm_eps": v.eps,
         "hidden_act": v.hidden_act,
     }
+
+
+def render_base(
+    config: ModelConfig, model_type: str, architecture: str, /, **vision: Any
+) -> dict[str, Any]:
+    """The start of a rendered config.json: the parsed file's own entries when it had this
+    model type (keys this project does not read survive a round trip; so do its
+    `architectures`, else `architecture`), the model type, and a vision_config with the
+    entries every layout writes alike and then the layout's own `vision` ones."""
+    out = copy.deepcopy(config.raw) if config.raw.get("model_type") == model_type else {}
+    out.setdefault("architectures", [architecture])
+    out["model_type"] = model_type
+    vision_config = dict(out.get("vision_config", {}))
+    vision_config.update(shared_vision_entries(config.vision), **vision)
+    out["vision_config"] = vision_config
+    return out
 
 
 def cross_attention_config(every: Any, llm: Mapping[str, Any], where: str) -> CrossAttentionConfig:

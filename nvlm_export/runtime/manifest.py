@@ -344,34 +344,38 @@ def load_manifest(bundle_dir: str | os.PathLike[str], *, verify_hashes: bool = F
     Every path it names must stay inside the bundle, and every recorded file must exist with its
     recorded size; `verify_hashes` also compares each file's SHA-256 (reads the whole bundle)."""
     bundle = Path(bundle_dir)
-    if not bundle.exists():
-        raise BundleError(
-            f"Bundle '{bundle}' does not exist",
-            fix="Pass the directory written by nvlm-export export",
+    data = read_index(bundle, MANIFEST_NAME, "bundle", "nvlm-export export", BundleError)
+    manifest = Manifest.from_dict(data, where=str(bundle / MANIFEST_NAME))
+    check_bundle_files(manifest, bundle, verify_hashes=verify_hashes)
+    return manifest
+
+
+def read_index(
+    directory: Path, name: str, kind: str, command: str, error: type[InputError]
+) -> dict[str, Any]:
+    """The JSON object in `directory/name`, the file that makes a directory a `kind` (a bundle,
+    a calibration set; `command` writes it, last). A missing directory or file, or one that is
+    not a JSON object, is one `error` line."""
+    if not directory.is_dir():
+        state = "is not a directory" if directory.exists() else "does not exist"
+        raise error(
+            f"{kind.capitalize()} '{directory}' {state}",
+            fix=f"Pass the directory written by {command}",
         )
-    if not bundle.is_dir():
-        raise BundleError(
-            f"Bundle '{bundle}' is not a directory",
-            fix="Pass the directory written by nvlm-export export, not a file in it",
-        )
-    path = bundle / MANIFEST_NAME
+    path = directory / name
     if not path.is_file():
-        raise BundleError(
-            f"'{bundle}' is not a bundle",
-            why=f"it has no {MANIFEST_NAME} (an export that failed or was interrupted leaves none)",
-            fix="Export it again with nvlm-export export",
+        raise error(
+            f"'{directory}' is not a {kind}",
+            why=f"it has no {name} (a run that failed or was interrupted leaves none)",
+            fix=f"Write one with: {command}",
         )
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BundleError(
-            f"{path} is not valid JSON", why=str(error), fix="Re-export the bundle"
-        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as bad:
+        raise error(f"{path} is not valid JSON", why=str(bad), fix=f"Run {command} again") from None
     if not isinstance(data, dict):
-        raise BundleError(f"{path} is not a JSON object", fix="Re-export the bundle")
-    manifest = Manifest.from_dict(data, where=str(path))
-    check_bundle_files(manifest, bundle, verify_hashes=verify_hashes)
-    return manifest
+        raise error(f"{path} is not a JSON object", fix=f"Run {command} again")
+    return data
 
 
 def _check_schema_version(version: Any, where: str) -> bool:

@@ -15,8 +15,8 @@ from nvlm_export.models.config import (
     ModelConfig,
     VisionConfig,
     decoder_architecture,
+    render_base,
     require_key,
-    shared_vision_entries,
     shared_vision_fields,
 )
 from nvlm_export.models.families import tiny_shapes as tiny
@@ -131,10 +131,10 @@ def parse_hf(config: Mapping[str, Any], spec: LayoutSpec) -> ModelConfig:
 def render_hf(config: ModelConfig, spec: LayoutSpec) -> dict[str, Any]:
     v = config.vision
     tied = bool(config.llm_config.get("tie_word_embeddings", False))
-    out = copy.deepcopy(config.raw) if config.raw.get("model_type") == spec.model_type else {}
-    vision_config = dict(out.get("vision_config", {}))
-    vision_config.update(
-        shared_vision_entries(v),
+    out = render_base(
+        config,
+        spec.model_type,
+        spec.config_architecture,
         model_type="internvl_vision",
         use_qk_norm=v.qk_normalization,
         attention_bias=v.qkv_bias,
@@ -144,9 +144,7 @@ def render_hf(config: ModelConfig, spec: LayoutSpec) -> dict[str, Any]:
         use_absolute_position_embeddings=True,
     )
     out.update(
-        architectures=["InternVLForConditionalGeneration"],
-        model_type=spec.model_type,
-        vision_config=vision_config,
+        architectures=[spec.config_architecture],
         text_config=copy.deepcopy(config.llm_config),
         image_token_id=config.image_token_id,
         image_seq_length=config.tokens_per_tile,
@@ -228,7 +226,7 @@ REMOTE_LAYOUT = LayoutSpec(
             "3b": QWEN_3B,
         }
     ),
-    remote_architecture="InternVLChatModel",
+    config_architecture="InternVLChatModel",
 )
 
 HF_LAYOUT = replace(
@@ -247,7 +245,7 @@ HF_LAYOUT = replace(
             "3b": QWEN_3B,
         }
     ),
-    remote_architecture=None,
+    config_architecture="InternVLForConditionalGeneration",
 )
 
 ARCHITECTURE = ArchitectureSpec(

@@ -51,7 +51,7 @@ LAYOUT = LayoutSpec(
             "tiny-engine": replace(TINY, llm=tiny.TINY_ENGINE_LLM),
         }
     ),
-    remote_architecture="NVLM_D",
+    config_architecture="NVLM_D",
 )
 
 ARCHITECTURE = ArchitectureSpec(

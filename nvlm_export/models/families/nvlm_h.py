@@ -17,7 +17,7 @@ LAYOUT = replace(
     description="NVLM-H (project format): NVLM-D's thumbnail path plus NVLM-X's gated "
     "cross-attention over the regular tiles",
     decoder_projector=True,
-    remote_architecture="NVLM_H",
+    config_architecture="NVLM_H",
 )
 
 ARCHITECTURE = replace(

@@ -31,7 +31,7 @@ LAYOUT = replace(
     shapes=MappingProxyType({"tiny": nvlm_d.TINY}),
     family="cross-attention",
     decoder_projector=False,
-    remote_architecture="NVLM_X",
+    config_architecture="NVLM_X",
 )
 
 MODEL = "nvlm_export.models.cross_model:CrossAttentionVisionLanguageModel"

@@ -19,8 +19,8 @@ from nvlm_export.models.config import (
     VisionConfig,
     cross_attention_config,
     decoder_architecture,
+    render_base,
     require_key,
-    shared_vision_entries,
     shared_vision_fields,
 )
 from nvlm_export.models.families.spec import KeyRule, LayoutSpec, key_rule
@@ -83,20 +83,16 @@ def parse_remote_code(config: Mapping[str, Any], spec: LayoutSpec) -> ModelConfi
 
 def render_remote_code(config: ModelConfig, spec: LayoutSpec) -> dict[str, Any]:
     v = config.vision
-    same_layout = config.raw.get("model_type") == spec.model_type
-    out = copy.deepcopy(config.raw) if same_layout else {}
-    vision_config = dict(out.get("vision_config", {}))
-    vision_config.update(
-        shared_vision_entries(v),
+    out = render_base(
+        config,
+        spec.model_type,
+        spec.config_architecture,
         qk_normalization=v.qk_normalization,
         qkv_bias=v.qkv_bias,
         patch_size=v.patch_size,
         image_size=v.image_size,
     )
     out.update(
-        architectures=out.get("architectures", [spec.remote_architecture]),
-        model_type=spec.model_type,
-        vision_config=vision_config,
         llm_config=copy.deepcopy(config.llm_config),
         downsample_ratio=config.downsample_ratio,
         force_image_size=v.image_size,

@@ -92,7 +92,7 @@ class LayoutSpec:
     family: Literal["decoder-only", "cross-attention"] = "decoder-only"
     decoder_projector: bool = True  # has the 2-layer MLP (NVLM-X has none)
     cross_projector_bias: bool = False  # the 1-layer tile projector of cross-attention models
-    remote_architecture: str | None = None  # config.json `architectures` of remote-code layouts
+    config_architecture: str = ""  # the class config.json names in `architectures`
 
     def model_config(
         self, vision: VisionConfig, llm: dict[str, Any], ratio: float, **settings: Any
