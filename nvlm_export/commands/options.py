@@ -63,6 +63,13 @@ Spin = Annotated[
         "--no-spin on a machine shared with other jobs, or to save power."
     ),
 ]
+LlmEngine = Annotated[
+    str,
+    in_panel(ENGINE)(
+        help="bundle: the bundle's decoder graph. vllm: the decoder handed off with "
+        "`nvlm-export handoff`, served by vLLM (needs the vllm extra)."
+    ),
+]
 TensorParallelSize = Annotated[
     int | None,
     in_panel(ENGINE)(

@@ -75,13 +75,7 @@ def profile(
             "--output", "-o", help="Write profile.json, profile.csv and profile.png here."
         ),
     ] = None,
-    llm_engine: Annotated[
-        str,
-        Runtime(
-            help="bundle: the bundle's decoder graph, one request at a time. vllm: the hand-off "
-            "served by vLLM; profiles --concurrency requests at once."
-        ),
-    ] = "bundle",
+    llm_engine: opts.LlmEngine = "bundle",
     concurrency: Annotated[
         int,
         Workload(help="vLLM: concurrent requests per case (aggregate tokens/s, TTFT per request)."),

@@ -13,7 +13,6 @@ from nvlm_export.commands import generation as gen
 from nvlm_export.commands import options as opts
 
 LLM_ENGINES = ("bundle", "vllm")
-Engine = opts.in_panel(opts.ENGINE)
 
 
 def load_pipeline(
@@ -85,13 +84,7 @@ def run(
     backend: opts.Backend = "onnxruntime",
     threads: opts.Threads = None,
     spin: opts.Spin = True,
-    llm_engine: Annotated[
-        str,
-        Engine(
-            help="bundle: the bundle's decoder graph. vllm: the decoder handed off with "
-            "`nvlm-export handoff`, served by vLLM (needs the vllm extra)."
-        ),
-    ] = "bundle",
+    llm_engine: opts.LlmEngine = "bundle",
     tensor_parallel_size: opts.TensorParallelSize = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print text, token ids and timings as JSON at the end.")
