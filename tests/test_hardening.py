@@ -117,8 +117,8 @@ def test_a_manifest_with_max_tiles_100000_is_refused_on_load(bundle: Path, tmp_p
     [
         (lambda d: d["prompt"].update(tokens_per_tile=1), "image_features tokens is 256"),
         (lambda d: d["tiling"].update(tile_size=224), "pixel_values height is 448"),
-        (lambda d: d["prompt"].update(tokens_per_tile="256"), "tokens_per_tile '256'"),
-        (lambda d: d["prompt"]["chat"].update(turn_end=None), "non-string turn_end"),
+        (lambda d: d["prompt"].update(tokens_per_tile="256"), "tokens_per_tile has the wrong type"),
+        (lambda d: d["prompt"]["chat"].update(turn_end=None), "chat: turn_end has the wrong type"),
     ],
 )
 def test_prompt_and_tiling_must_match_the_vision_graph(
