@@ -124,8 +124,8 @@ def section(runs: dict[str, dict[str, Any]], machine: dict[str, Any]) -> str:
         "",
         f"Machine: {machine['cpu']}, {machine['logical_cores']} logical cores "
         f"({machine.get('usable_cores') or '?'} usable), RAM {(machine['ram_bytes'] or 0) / GB:.1f}"
-        f" GB, onnxruntime {machine['onnxruntime']}; shared with other jobs, hence the absolute",
-        "times (the 7-tile TTFT row above, measured on a quieter machine: about 40 s).",
+        f" GB, onnxruntime {machine['onnxruntime']}. Absolute times depend on the load average"
+        " given per run below; the ratios compare sides measured next to each other.",
         "",
     ]
     for name, run in runs.items():
