@@ -164,6 +164,26 @@ def test_an_unknown_precision_is_refused_on_load_in_one_line(
     assert "\n" not in line
 
 
+@pytest.mark.parametrize(
+    ("path", "key"), [(("prompt",), "eos_token"), (("prompt", "chat"), "turn_prefix")]
+)
+def test_a_prompt_format_key_missing_from_the_manifest_is_refused(
+    bundle: Path, path: tuple[str, ...], key: str
+) -> None:
+    """The prompt format's defaults are NVLM-D's conventions: a bundle of another family whose
+    manifest lost a key would otherwise prompt (or stop) like NVLM-D without a word."""
+    manifest = bundle / MANIFEST_NAME
+    data = json.loads(manifest.read_text())
+    node = data
+    for step in path:
+        node = node[step]
+    del node[key]
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=f"lacks keys \\['{key}'\\]") as refused:
+        load_manifest(bundle)
+    assert "\n" not in str(refused.value) and "Re-export" in str(refused.value)
+
+
 def test_bundles_written_with_the_retired_extras_key_still_load(bundle: Path) -> None:
     _rewrite(bundle, extras={"cross_attention": {"blocks": 2, "every": 1}})
     assert load_manifest(bundle).prompt == NVLM_D

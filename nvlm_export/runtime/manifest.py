@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from nvlm_export import __version__
 from nvlm_export.errors import BundleError, InputError, check_choice
-from nvlm_export.runtime.prompt import PromptFormat
+from nvlm_export.runtime.prompt import ChatTemplate, PromptFormat
 from nvlm_export.runtime.tiling import TilingConfig
 
 # 1.1: the optional `language_engine` section; 2.0: file records required; 2.1: the optional
@@ -418,6 +418,11 @@ def record_from_json(cls: type[T], data: Any, where: str) -> T:
         raise BundleError(f"{where} is malformed", why=str(error), fix=_REEXPORT) from None
 
 
+# Records whose every key must be in the manifest, whatever its minor version: their defaults are
+# NVLM-D's prompt conventions, which a key missing from another family's bundle would silently give.
+_EVERY_KEY = (PromptFormat, ChatTemplate)
+
+
 def _build(cls: type[T], data: dict[str, Any], where: str, lenient: bool) -> T:
     if not isinstance(data, dict):
         raise BundleError(f"{where}: expected an object for {cls.__name__}, got {data!r}")
@@ -428,6 +433,13 @@ def _build(cls: type[T], data: dict[str, Any], where: str, lenient: bool) -> T:
             f"{where} has unknown keys {unknown} in {cls.__name__}",
             why="they are not part of manifest schema " + SCHEMA_VERSION,
             fix="Check the file for typos or re-export the bundle",
+        )
+    missing = sorted(known - set(data)) if cls in _EVERY_KEY else []
+    if missing:
+        raise BundleError(
+            f"{where} lacks keys {missing} of {cls.__name__}",
+            why="every bundle records the whole prompt format",
+            fix=_REEXPORT,
         )
     hints = typing.get_type_hints(cls)
     values = {
