@@ -316,7 +316,7 @@ def test_a_schema_1_manifest_without_records_asks_for_a_re_export(bundle: Path) 
 @pytest.mark.parametrize(
     ("path", "value", "message"),
     [
-        (("graphs",), {"decoder": None}, "expected an object for GraphSpec"),
+        (("graphs",), {"decoder": None}, "graphs.decoder must be an object for GraphSpec"),
         (("graphs",), [], "graphs must be an object, not a list"),
         (("tokenizer", "eos_token_ids"), "3", "eos_token_ids has the wrong type"),
         (("tokenizer", "eos_token_ids"), [3, True], "eos_token_ids has the wrong type"),
@@ -331,7 +331,7 @@ def test_a_schema_1_manifest_without_records_asks_for_a_re_export(bundle: Path) 
         (("files", "vision.onnx", "size"), "1", "size has the wrong type"),
         # A backend's graph variant is read like the graph it stands for.
         (("graphs", "decoder", "variants"), [], "variants must be an object, not a list"),
-        (("graphs", "decoder", "variants"), {"onnxruntime": None}, "expected an object"),
+        (("graphs", "decoder", "variants"), {"onnxruntime": None}, "must be an object"),
         (("graphs", "decoder", "variants", "onnxruntime"), {"file": 3}, "file has the wrong type"),
         (
             ("graphs", "decoder", "variants", "onnxruntime"),
@@ -353,6 +353,23 @@ def test_crafted_fields_give_one_bundle_error(
     with pytest.raises(BundleError, match=re.escape(message)) as info:
         load_manifest(bundle)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("prompt", "<|im_end|>" * 100, "prompt must be an object for PromptFormat, not a str"),
+        ("tiling", [448, 1, 6], "tiling must be an object for TilingConfig, not a list"),
+    ],
+)
+def test_a_record_that_is_not_an_object_says_what_to_do(
+    bundle: Path, key: str, value: object, message: str
+) -> None:
+    """One short line with the fix, not the crafted value echoed back."""
+    _rewrite(bundle, **{key: value})
+    with pytest.raises(BundleError, match=re.escape(message)) as refused:
+        load_manifest(bundle)
+    assert "Re-export the bundle" in str(refused.value) and "<|im_end|>" not in str(refused.value)
 
 
 def test_a_bundle_without_a_vision_graph_is_refused(bundle: Path) -> None:

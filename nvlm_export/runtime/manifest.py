@@ -425,7 +425,10 @@ _EVERY_KEY = (PromptFormat, ChatTemplate)
 
 def _build(cls: type[T], data: dict[str, Any], where: str, lenient: bool) -> T:
     if not isinstance(data, dict):
-        raise BundleError(f"{where}: expected an object for {cls.__name__}, got {data!r}")
+        raise BundleError(
+            f"{where} must be an object for {cls.__name__}, not a {type(data).__name__}",
+            fix=_REEXPORT,
+        )
     known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - known)
     if unknown and not lenient:
