@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,9 +23,6 @@ from nvlm_export.models.families.spec import ArchitectureSpec, resolve
 from nvlm_export.models.registry import architecture_of
 from nvlm_export.runtime.manifest import DECODER_GRAPH
 from nvlm_export.runtime.prompt import PromptFormat, PromptTokens
-
-if TYPE_CHECKING:
-    pass
 
 # (model, prompt, token ids so far [1, T], tiles of every image [N, 3, S, S] or None) -> logits [V]
 ReferenceLogits = Callable[

@@ -18,7 +18,7 @@ validation compares against).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,9 +54,6 @@ from nvlm_export.runtime.manifest import (
     DECODER_GRAPH,
 )
 from nvlm_export.runtime.prompt import PromptTokens
-
-if TYPE_CHECKING:
-    pass
 
 CROSS_AXIS = "cross"  # the cross key/value sequence length K (engine_plan.CROSS_AXES)
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per block: key, value (B, KV, K, hd)
