@@ -84,6 +84,9 @@ def test_runner_options_are_given_only_when_set() -> None:
     assert runner_options("tensorrt", None, True) == {}
     with pytest.raises(InputError, match="--no-spin does not apply to the 'tensorrt' backend"):
         runner_options("tensorrt", None, False)
+    # OpenVINO's CPU plugin schedules its own threads: there is nothing for --no-spin to change.
+    with pytest.raises(InputError, match="--no-spin does not apply to the 'openvino' backend"):
+        runner_options("openvino", None, False)
 
 
 def test_run_on_openvino_answers_as_the_openvino_pipeline(bundle: Path, image: Path) -> None:

@@ -37,7 +37,6 @@ class OpenVinoRunner(GraphRunner):
         *,
         intra_op_threads: int | None = None,
         inference_precision: str = "auto",
-        allow_spinning: bool = True,  # an ONNX Runtime option; OpenVINO's threads are its own
         validate_inputs: bool = True,
     ) -> None:
         require_openvino()
