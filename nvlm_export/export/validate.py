@@ -2,7 +2,8 @@
 
 Both run the real runtime (`Pipeline` on ONNX Runtime) and the PyTorch reference on the same real
 inputs — a tiled image and a chat prompt — one after the other (the runtime's results are kept,
-its graphs unloaded, then the reference runs), and compare stage by stage with one comparator:
+its graphs unloaded, then the reference runs; the bundle's graphs themselves run one at a time),
+and compare stage by stage with one comparator:
 
 - tiling: the runtime's pixel tensor against an independent re-statement of the reference
   transform (`verify` only; export validation uses the runtime's tiles on both sides);
@@ -16,7 +17,8 @@ the bundle's precision.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from nvlm_export.export.architectures import ArchitectureExport
 from nvlm_export.export.reference import TorchReference, reference_pixel_values
 from nvlm_export.runtime.generation import KVCache, prefill
 from nvlm_export.runtime.images import ImageSource, load_image
-from nvlm_export.runtime.manifest import DECODER_GRAPH, Manifest
+from nvlm_export.runtime.manifest import DECODER_GRAPH, VISION_GRAPH, Manifest, load_manifest
 from nvlm_export.runtime.pipeline import Pipeline, PreparedRequest
 from nvlm_export.runtime.tiling import TilingConfig
 
@@ -161,29 +163,49 @@ def _run_bundle(
     manifest: Manifest | None = None,
 ) -> BundleRun:
     """Every vision output, the first-step logits and (greedy_steps > 0) the greedy tokens of
-    the bundle on ONNX Runtime; its sessions are closed before this returns."""
-    pipeline = Pipeline.load(bundle, manifest=manifest)
-    try:
-        prepared = pipeline.prepare(question, images)
-        features = pipeline.encode_images(prepared.tilings)
+    the bundle on ONNX Runtime, one graph resident at a time: the vision graph encodes the
+    images and is unloaded, then the decoder's side prefills the prompt in the runtime's chunks.
+
+    Both graphs at once held both graphs' weights, and for an fp16 bundle ONNX Runtime's CPU
+    kernels hold those as fp32 copies (it folds the fp16->fp32 Casts it inserts around fp16
+    MatMuls), so the two sessions were twice the bundle; an unchunked prefill added the whole
+    prompt's attention scores on top (docs/memory.md). The greedy tokens (`verify`) come from
+    `Pipeline.generate`, which needs every graph: those are loaded together afterwards.
+    """
+    with _loaded(bundle, manifest, [VISION_GRAPH]) as vision:
+        prepared = vision.prepare(question, images)
+        features = [dict(f) for f in vision.encode_images(prepared.tilings)]
+        tiling, precision = vision.tiling, vision.manifest.precision
+        eos_token_ids = tuple(vision.manifest.tokenizer.eos_token_ids)
+    language = [name for name in (manifest or load_manifest(bundle)).graphs if name != VISION_GRAPH]
+    with _loaded(bundle, manifest, language) as pipeline:
         inputs = pipeline.decoder_inputs(prepared.prompt, features)
         cache = KVCache.from_spec(pipeline.manifest.kv_cache)
-        decoder = pipeline.runners[DECODER_GRAPH].infer
-        logits = prefill(decoder, inputs.inputs_embeds, cache, extra_feeds=inputs.prefill_feeds)
+        logits = prefill(
+            pipeline.runners[DECODER_GRAPH].infer,
+            inputs.inputs_embeds,
+            cache,
+            extra_feeds=inputs.prefill_feeds,
+            # As Pipeline.generate: cross-attention masks have a per-token axis, one call.
+            chunk_tokens=None if inputs.prefill_feeds else pipeline.prefill_chunk_tokens,
+        )
         del inputs, cache
-        tokens = None
-        if greedy_steps > 0:
+    tokens = None
+    if greedy_steps > 0:
+        with _loaded(bundle, manifest, None) as pipeline:
             generation = pipeline.generate(question, images, max_new_tokens=greedy_steps)
             tokens = list(generation.run().token_ids)
-        return BundleRun(
-            precision=pipeline.manifest.precision,
-            tiling=pipeline.tiling,
-            prepared=prepared,
-            features=[dict(f) for f in features],
-            logits=logits,
-            eos_token_ids=tuple(pipeline.manifest.tokenizer.eos_token_ids),
-            tokens=tokens,
-        )
+    return BundleRun(precision, tiling, prepared, features, logits, eos_token_ids, tokens)
+
+
+@contextmanager
+def _loaded(
+    bundle: Path, manifest: Manifest | None, graphs: Sequence[str] | None
+) -> Iterator[Pipeline]:
+    """The bundle with only `graphs` loaded (None: all), their sessions closed on exit."""
+    pipeline = Pipeline.load(bundle, manifest=manifest, graphs=graphs)
+    try:
+        yield pipeline
     finally:
         for runner in pipeline.runners.values():
             runner.deactivate()
