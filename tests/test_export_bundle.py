@@ -148,6 +148,34 @@ def test_failed_validation_leaves_no_bundle(exported, tmp_path: Path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_validation_holds_one_graph_of_the_bundle_at_a_time(
+    exported, tmp_path: Path, monkeypatch
+) -> None:
+    """Peak memory of validation is one graph's weights, not the bundle's (docs/memory.md)."""
+    from nvlm_export.runtime.backends.onnxruntime import OnnxRuntimeRunner
+
+    checkpoint, _ = exported("nvlm-d")
+    live: set[str] = set()
+    most: list[set[str]] = []
+    activate, deactivate = OnnxRuntimeRunner._activate_impl, OnnxRuntimeRunner.deactivate
+
+    def on_activate(runner) -> None:
+        activate(runner)
+        live.add(runner.spec.name)
+        most.append(set(live))
+
+    def on_deactivate(runner) -> None:
+        live.discard(runner.spec.name)
+        deactivate(runner)
+
+    monkeypatch.setattr(OnnxRuntimeRunner, "_activate_impl", on_activate)
+    monkeypatch.setattr(OnnxRuntimeRunner, "deactivate", on_deactivate)
+    report = export_bundle(checkpoint, tmp_path / "b", ExportSettings(), quiet=True)
+    assert report.validation is not None and report.validation.passed
+    assert most == [{"vision"}, {"decoder"}]
+    assert not live
+
+
 @pytest.mark.slow
 def test_fp16_export_validates(exported, tmp_path: Path) -> None:
     checkpoint, _ = exported("nvlm-d")

@@ -124,3 +124,11 @@ def test_dry_run_prints_every_stage_and_writes_nothing(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "quantize int8 + accuracy check" in result.output and "Accuracy check" in result.output
     assert not out.exists()
+
+
+def test_fp8_accuracy_check_runs_dequantized_weights_and_int8_the_fp32_reference() -> None:
+    stages = plan(NVLM_D_72B).stages
+    reference = stages["calibrate"].peak_bytes  # the fp32 bundle running, every graph at once
+    assert stages["quantize int8 + accuracy check"].peak_bytes == reference
+    # ONNX Runtime's CPU kernels dequantize FP8 weights to fp32 beside the FP8 bytes
+    assert stages["quantize fp8 + accuracy check"].peak_bytes > 1.2 * reference

@@ -50,14 +50,30 @@ DRY_RUN = int(0.4 * GiB)
 # proto, its serialized bytes and the tensors being copied in are alive together (measured on
 # the bench checkpoint's 1.2 GB fp32 vision graph: 2.8x its bytes).
 INLINE_COPIES = 2.8
-# ONNX Runtime holds an initializer once when it reads external data; activations, the arena and
-# the KV cache come on top (below). Measured ratios of peak to graph bytes sit at 1.05-1.15.
-RUN_WEIGHT_COPIES = 1.1
-# Activation working set of one ViT tile batch, in fp32 values per tile and ViT width:
-# (1025 positions) x (4 * intermediate + qkv) transients; we keep a round factor.
+# Activation working set of one ViT tile, in fp32 values per ViT width: (1025 positions) x
+# (4 * intermediate + qkv) transients; we keep a round factor. The runtime encodes one tile per
+# vision call (Pipeline's DEFAULT_VISION_TILES_PER_CALL).
 VISION_ACTIVATION_VALUES_PER_TILE = 1025 * 12
 # Bytes per weight of each encoding (scales included: INT4 blocks of 128 share one fp32 scale).
 WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5 + 4 / 128}
+# Bytes per weight ONNX Runtime's CPU kernels hold once a graph is loaded (measured on the bench
+# bundles, one graph per session: fp16 vision 1.31 GiB resident for 0.57 GiB of weights, int8
+# decoder 0.55 GiB for 0.46): fp16 MatMuls have no CPU kernel, so ORT casts to fp32 and folds the
+# Casts of the weights into fp32 copies (the fp16 originals are freed); INT8 and INT4 weights
+# stay as stored (integer MatMul fusions, MatMulNBits); FP8 has no CPU kernel either, its weights
+# are dequantized to fp32 when the graph runs, beside the FP8 bytes (measured: the FP8 accuracy
+# check peaks at 5.3 GiB on the bench checkpoint where the INT8 one peaks at 3.7).
+CPU_RUN_BYTES = {
+    "fp32": 4.0,
+    "fp16": 4.0,
+    "int8": 1.0,
+    "fp8": 4.0 + 1.0,
+    "int4": WEIGHT_BYTES["int4"],
+}
+# HF eager attention (the PyTorch reference) holds about three [heads, T, T] score tensors of
+# one layer at a time (scores, scores plus the causal mask, the softmax in fp32), 4 bytes each:
+# the reference recomputes the whole prompt, without a KV cache.
+REFERENCE_SCORE_BYTES = 3 * 4
 # The prompt around the image tokens, for sizing calibration and the accuracy check.
 PROMPT_TOKENS = 64
 
@@ -91,10 +107,12 @@ class Inventory:
     largest_layer: int
     vision_width: int
     llm_width: int
+    llm_heads: int
     kv_values_per_token: int  # keys + values over all decoder layers, per token
     tokens_per_tile: int
     max_tiles: int
     max_context: int
+    validation_tiles: int  # tiles of export validation's image (the example image)
     source_bytes: int  # the checkpoint's weights on disk (its dtype)
 
     @property
@@ -222,12 +240,31 @@ def inventory(
         largest_layer=max(layers.values(), default=0),
         vision_width=config.vision.hidden_size,
         llm_width=int(llm["hidden_size"]),
+        llm_heads=int(llm["num_attention_heads"]),
         kv_values_per_token=2 * int(llm["num_hidden_layers"]) * kv_heads * head_dim,
         tokens_per_tile=config.tokens_per_tile,
         max_tiles=max_tiles or config.max_dynamic_patch,
         max_context=context,
+        validation_tiles=_validation_tiles(config, max_tiles),
         source_bytes=_weights_on_disk(Path(checkpoint)),
     )
+
+
+def _validation_tiles(config: Any, max_tiles: int | None) -> int:
+    """How many tiles export validation's example image becomes (from its size alone)."""
+    from PIL import Image
+
+    from nvlm_export.assets import example_image_path
+    from nvlm_export.runtime.tiling import TilingConfig, choose_grid, tile_count
+
+    tiling = TilingConfig(
+        tile_size=config.vision.image_size,
+        min_tiles=config.min_dynamic_patch,
+        max_tiles=max_tiles or config.max_dynamic_patch,
+        use_thumbnail=config.use_thumbnail,
+    )
+    with Image.open(example_image_path()) as image:
+        return tile_count(choose_grid(image.width, image.height, tiling), tiling)
 
 
 def _weights_on_disk(checkpoint: Path) -> int:
@@ -270,60 +307,87 @@ def streamed_export(inv: Inventory, dtype: str) -> int:
     return int(BASE_OVERHEAD + max([in_flight, *(INLINE_COPIES * b for b in inline)]))
 
 
-def running(inv: Inventory, dtype: str, tiles: int) -> int:
-    """A stage that runs the bundle once: weights held once, plus activations and KV cache.
-
-    ONNX Runtime holds each graph's initializers once (external data read into its arena); on top
-    come the ViT activations of one tile batch and the decoder's KV cache for a full context.
+def running(inv: Inventory, graphs: list[str], precision: str = "fp32") -> int:
+    """The runtime running `graphs` of a `precision` bundle on ONNX Runtime: each graph's weights
+    as its CPU kernels hold them (`CPU_RUN_BYTES`), once, plus one tile's ViT activations and a
+    full-context KV cache. The embedding table is memory-mapped (only the rows looked up are
+    read), so it is not counted.
     """
-    weights = RUN_WEIGHT_COPIES * bundle_bytes(inv, dtype)
-    vision = tiles * VISION_ACTIVATION_VALUES_PER_TILE * inv.vision_width * WEIGHT_BYTES["fp32"]
-    kv_cache = inv.kv_values_per_token * inv.max_context * WEIGHT_BYTES[dtype]
-    return int(BASE_OVERHEAD + weights + vision + kv_cache)
+    weights = sum(graph_bytes(inv, graph, precision, CPU_RUN_BYTES) for graph in graphs)
+    return int(BASE_OVERHEAD + weights + _activations(inv, graphs, precision))
 
 
-def validated_export(inv: Inventory, dtype: str) -> int:
-    """Export with validation: the bundle runs, then the PyTorch reference, one after the other.
-
-    ONNX Runtime runs the bundle first and its sessions are released before the PyTorch model
-    is loaded, so the weights are resident once at a time: the larger run decides.
-    """
-    return max(streamed_export(inv, dtype), running(inv, dtype, tiles=inv.max_tiles + 1))
+def _activations(inv: Inventory, graphs: list[str], precision: str) -> float:
+    vision = VISION_ACTIVATION_VALUES_PER_TILE * inv.vision_width * WEIGHT_BYTES["fp32"]
+    kv_bytes = WEIGHT_BYTES["fp16" if precision == "fp16" else "fp32"]
+    kv_cache = inv.kv_values_per_token * inv.max_context * kv_bytes
+    return (vision if VISION_GRAPH in graphs else 0) + (kv_cache if DECODER_GRAPH in graphs else 0)
 
 
-def calibrate(inv: Inventory) -> int:
-    """Calibration runs the fp32 bundle on each request; the feeds are streamed to disk."""
-    return running(inv, "fp32", tiles=inv.max_tiles + 1)
-
-
-def calibrate_vision(inv: Inventory) -> int:
-    """Vision-only calibration (INT4 builds) loads and runs the fp32 vision graph alone."""
-    weights = RUN_WEIGHT_COPIES * inv.graph_parameters[VISION_GRAPH] * WEIGHT_BYTES["fp32"]
-    tile = VISION_ACTIVATION_VALUES_PER_TILE * inv.vision_width * WEIGHT_BYTES["fp32"]
-    return int(BASE_OVERHEAD + weights + tile)
-
-
-def quantized_bytes(inv: Inventory, precision: str, calibrated: bool = True) -> int:
-    """The quantized bundle: GEMM weights in the precision each graph takes in a `precision`
-    bundle (`PRECISION_PLAN`), the rest fp32. Without `calibrated`, graphs that need activation
-    ranges stay in fp32 (INT4's vision graph when quantize gets no calibration set)."""
+def graph_bytes(
+    inv: Inventory,
+    graph: str,
+    precision: str,
+    per_weight: dict[str, float] = WEIGHT_BYTES,
+    calibrated: bool = True,
+) -> float:
+    """One graph of a `precision` bundle: its GEMM weights in the precision the graph takes
+    (`PRECISION_PLAN`; a float bundle: all of it), the rest fp32, at `per_weight` bytes each.
+    Without `calibrated`, graphs that need activation ranges stay in fp32 (INT4's vision graph
+    when quantize gets no calibration set)."""
     from nvlm_export.export.quantize import (
         CALIBRATED_PRECISIONS,
         PRECISION_PLAN,
         QUANTIZE_LM_HEAD_BY_DEFAULT,
     )
 
+    params = inv.graph_parameters[graph]
+    if precision not in PRECISION_PLAN:  # fp32 or fp16: every weight in that dtype
+        return params * per_weight[precision]
+    target = PRECISION_PLAN[precision].get(graph)
+    if target is None or (target in CALIBRATED_PRECISIONS and not calibrated):
+        return params * per_weight["fp32"]
+    gemm = inv.gemm_parameters.get(graph, 0)
     keep_head = not QUANTIZE_LM_HEAD_BY_DEFAULT[precision]
-    total = 0.0
-    for graph, params in inv.graph_parameters.items():
-        gemm = inv.gemm_parameters.get(graph, 0)
-        target = PRECISION_PLAN[precision].get(graph)
-        if target is None or (target in CALIBRATED_PRECISIONS and not calibrated):
-            total += params * WEIGHT_BYTES["fp32"]
-            continue
-        head = inv.lm_head_parameters if keep_head and graph == DECODER_GRAPH else 0
-        total += (gemm - head) * WEIGHT_BYTES[target] + (params - gemm + head) * 4
-    return int(total)
+    head = inv.lm_head_parameters if keep_head and graph == DECODER_GRAPH else 0
+    return (gemm - head) * per_weight[target] + (params - gemm + head) * per_weight["fp32"]
+
+
+def reference_run(inv: Inventory, dtype: str) -> int:
+    """The PyTorch reference of export validation: every weight in `dtype` (the head and the
+    embedding table included), and the eager attention scores of one layer over the whole
+    validation prompt (`REFERENCE_SCORE_BYTES`)."""
+    tokens = inv.validation_tiles * inv.tokens_per_tile + PROMPT_TOKENS
+    scores = REFERENCE_SCORE_BYTES * inv.llm_heads * tokens**2
+    return int(BASE_OVERHEAD + inv.run_parameters() * WEIGHT_BYTES[dtype] + scores)
+
+
+def validated_export(inv: Inventory, dtype: str) -> int:
+    """Export with validation: the bundle's graphs run one at a time (export/validate.py: the
+    vision graph, unloaded, then the decoder's side), then the PyTorch reference; one model is
+    resident at a time, so the largest of these phases is the peak."""
+    vision = [g for g in inv.graphs if g == VISION_GRAPH]
+    language = [g for g in inv.graphs if g != VISION_GRAPH]
+    bundle = max(running(inv, vision, dtype), running(inv, language, dtype))
+    return max(streamed_export(inv, dtype), bundle, reference_run(inv, dtype))
+
+
+def calibrate(inv: Inventory) -> int:
+    """Calibration runs every graph of the fp32 bundle at once (Pipeline.load); the feeds are
+    streamed to disk."""
+    return running(inv, inv.graphs)
+
+
+def calibrate_vision(inv: Inventory) -> int:
+    """Vision-only calibration (INT4 builds) loads and runs the fp32 vision graph alone."""
+    return running(inv, [VISION_GRAPH])
+
+
+def quantized_bytes(inv: Inventory, precision: str, calibrated: bool = True) -> int:
+    """The quantized bundle on disk: every graph (`graph_bytes`) and the fp32 embedding table."""
+    embedding = inv.graph_parameters.get(EMBEDDING, 0) * WEIGHT_BYTES["fp32"]
+    graphs = sum(graph_bytes(inv, g, precision, calibrated=calibrated) for g in inv.graphs)
+    return int(embedding + graphs)
 
 
 def quantize_int4(inv: Inventory) -> int:
@@ -344,9 +408,11 @@ def quantize(inv: Inventory, precision: str, calibrated: bool = True) -> int:
     (read, scaled, rounded: about three fp32 copies of the largest tensor in flight). Graphs
     quantized to INT8 or FP8 (every graph of such a bundle; an INT4 bundle's vision graph, when
     `calibrated`) first fit activation ranges on the calibration set with one ONNX Runtime
-    session per graph (running amax, nothing stored): that graph's weights once, the copies ONNX
-    Runtime pre-packs for its MatMul kernels, and one sample's activations. The larger phase is
-    the peak.
+    session per graph (running amax, nothing stored): that graph's fp32 weights once (ONNX
+    Runtime's pre-packed MatMul weights replace the originals: measured, quantize int8 without
+    the check peaks at 2.73 GiB on the bench checkpoint, 1.84 GiB of it the decoder's weights)
+    and one sample's activations, in a process with onnx and ONNX Runtime's graph tools loaded
+    (QUANTIZE_OVERHEAD). The larger phase is the peak.
     """
     from nvlm_export.export.quantize import CALIBRATED_PRECISIONS, PRECISION_PLAN
 
@@ -358,23 +424,22 @@ def quantize(inv: Inventory, precision: str, calibrated: bool = True) -> int:
     ranged = [g for g in inv.graphs if calibrated and plan.get(g) in CALIBRATED_PRECISIONS]
     if not ranged:
         return streamed
-    ranges = max(
-        RUN_WEIGHT_COPIES * inv.graph_parameters[graph] * WEIGHT_BYTES["fp32"]
-        + inv.gemm_parameters.get(graph, 0) * WEIGHT_BYTES["fp32"]  # pre-packed MatMul weights
-        for graph in ranged
-    )
+    ranges = max(inv.graph_parameters[graph] * WEIGHT_BYTES["fp32"] for graph in ranged)
     return max(streamed, int(QUANTIZE_OVERHEAD + ranges))
 
 
-def accuracy_check(inv: Inventory) -> int:
+def accuracy_check(inv: Inventory, precision: str, calibrated: bool = True) -> int:
     """The accuracy check decodes held-out requests with the fp32 and the quantized bundle.
 
     They run one after the other (export/accuracy.py): the fp32 bundle answers every request and
-    is unloaded before the quantized one is loaded, so the fp32 run, the larger, decides (ONNX
-    Runtime keeps Q/DQ weights quantized: it does not fold DequantizeLinear into float copies).
-    Every quantized bundle is smaller than its fp32 source, so this holds for every precision.
+    is unloaded before the quantized one is loaded, so the larger of the two runs decides. For
+    INT8 and INT4 that is the fp32 run (their weights stay quantized on the CPU); FP8 weights are
+    dequantized to fp32 when they run (`CPU_RUN_BYTES`), so its quantized run is the larger.
     """
-    return running(inv, "fp32", tiles=inv.max_tiles + 1)
+    reference = running(inv, inv.graphs)
+    weights = sum(graph_bytes(inv, g, precision, CPU_RUN_BYTES, calibrated) for g in inv.graphs)
+    quantized = BASE_OVERHEAD + weights + _activations(inv, inv.graphs, "fp32")
+    return int(max(reference, quantized))
 
 
 def calibration_bytes(
@@ -425,7 +490,7 @@ def plan(
             name = "quantize int4 + int8 vision"
         peak = quantize(inv, precision)
         stages.append(StagePlan(name, peak, out, True))
-        check = max(peak, accuracy_check(inv))
+        check = max(peak, accuracy_check(inv, precision))
         stages.append(StagePlan(f"quantize {precision} + accuracy check", check, out, True))
     stages.append(StagePlan("dry-run", DRY_RUN, 0, False))
     by_name = {s.stage: s for s in stages}
