@@ -407,6 +407,19 @@ def test_chat_example_missing_image_is_one_error_line_and_its_status(
     assert result.stdout == ""
 
 
+@needs_compiler
+def test_chat_example_refuses_a_stdin_line_longer_than_its_buffer(
+    chat_example: Path, bundle: Path, tmp_path: Path
+) -> None:
+    """Not split into two questions the user never asked."""
+    image = tmp_path / "no-such.png"  # never reached: the line is refused before the turn
+    result = run(chat_example, bundle, image, stdin="a" * 5000 + "\nWhat is shown?\n")
+    assert result.returncode == 1  # NVLM_ERR_INVALID_ARGUMENT
+    (line,) = result.stderr.strip().splitlines()
+    assert line == "error: a question on stdin is longer than 4095 bytes"
+    assert result.stdout == ""
+
+
 # --- failures are status codes ----------------------------------------------------------------
 
 

@@ -120,14 +120,31 @@ static int reset(conversation* c) {
     return NVLM_OK;
 }
 
-/* The next question from the arguments or stdin, without its newline; NULL at the end. */
-static const char* next_question(const options* opts, int* index, char* line) {
-    if (opts->questions) return *index < opts->num_questions ? opts->questions[(*index)++] : NULL;
-    while (fgets(line, MAX_LINE, stdin)) {
-        line[strcspn(line, "\r\n")] = '\0';
-        if (line[0] != '\0') return line;
+/* The next question from the arguments or stdin, without its newline, in *question (NULL at the
+ * end). A stdin line that does not fit `line` is refused rather than split into two questions. */
+static int next_question(const options* opts, int* index, char* line, const char** question) {
+    *question = NULL;
+    if (opts->questions) {
+        if (*index < opts->num_questions) *question = opts->questions[(*index)++];
+        return NVLM_OK;
     }
-    return NULL;
+    while (fgets(line, MAX_LINE, stdin)) {
+        size_t length = strcspn(line, "\r\n");
+        if (line[length] == '\0' && length == MAX_LINE - 1) { /* full: is there more of it? */
+            int next = getc(stdin);
+            if (next != '\n' && next != EOF) {
+                fprintf(stderr, "error: a question on stdin is longer than %d bytes\n",
+                        MAX_LINE - 1);
+                return NVLM_ERR_INVALID_ARGUMENT;
+            }
+        }
+        line[length] = '\0';
+        if (length > 0) {
+            *question = line;
+            return NVLM_OK;
+        }
+    }
+    return NVLM_OK;
 }
 
 static int run(const options* opts) {
@@ -136,7 +153,8 @@ static int run(const options* opts) {
     char line[MAX_LINE];
     int index = 0;
     const char* question;
-    while (status == NVLM_OK && (question = next_question(opts, &index, line)) != NULL) {
+    while (status == NVLM_OK &&
+           (status = next_question(opts, &index, line, &question)) == NVLM_OK && question) {
         status = strcmp(question, "/reset") == 0 ? reset(&c) : ask(&c, question, opts->image);
     }
     if (status == NVLM_OK) {
