@@ -30,9 +30,9 @@ from nvlm_export.assets import example_image_path
 from nvlm_export.compare import Comparison, common_prefix, compare
 from nvlm_export.export.architectures import ArchitectureExport
 from nvlm_export.export.reference import TorchReference, reference_pixel_values
-from nvlm_export.runtime.generation import KVCache, prefill
+from nvlm_export.runtime.generation import KVCache
 from nvlm_export.runtime.images import ImageSource, load_image
-from nvlm_export.runtime.manifest import DECODER_GRAPH, VISION_GRAPH, Manifest, load_manifest
+from nvlm_export.runtime.manifest import VISION_GRAPH, Manifest, load_manifest
 from nvlm_export.runtime.pipeline import Pipeline, PreparedRequest
 from nvlm_export.runtime.tiling import TilingConfig
 
@@ -181,14 +181,7 @@ def _run_bundle(
     with _loaded(bundle, manifest, language) as pipeline:
         inputs = pipeline.decoder_inputs(prepared.prompt, features)
         cache = KVCache.from_spec(pipeline.manifest.kv_cache)
-        logits = prefill(
-            pipeline.runners[DECODER_GRAPH].infer,
-            inputs.inputs_embeds,
-            cache,
-            extra_feeds=inputs.prefill_feeds,
-            # As Pipeline.generate: cross-attention masks have a per-token axis, one call.
-            chunk_tokens=None if inputs.prefill_feeds else pipeline.prefill_chunk_tokens,
-        )
+        logits = pipeline.prefill(inputs, cache)
         del inputs, cache
     tokens = None
     if greedy_steps > 0:

@@ -437,6 +437,18 @@ class Pipeline:
                 prepared.prompt, features, start=start, cross_reuse=cross_reuse
             )
 
+    def prefill(self, inputs: DecoderInputs, cache: KVCache) -> np.ndarray:
+        """The prompt's embeddings through the decoder into `cache`, in `prefill_chunk_tokens`
+        chunks; the last position's logits [V]."""
+        return prefill(
+            self.runners[DECODER_GRAPH].infer,
+            inputs.inputs_embeds,
+            cache,
+            extra_feeds=inputs.prefill_feeds,
+            # Cross-attention masks have a per-token axis: those prompts go in one call.
+            chunk_tokens=None if inputs.prefill_feeds else self.prefill_chunk_tokens,
+        )
+
     def decoder_inputs(
         self,
         prompt: PromptTokens,
@@ -555,14 +567,7 @@ class Pipeline:
             cache = self._cache_from(state, shared)
         decoder = self.runners[DECODER_GRAPH].infer
         with timed(stages, "prefill"):
-            first_logits = prefill(
-                decoder,
-                inputs.inputs_embeds,
-                cache,
-                extra_feeds=inputs.prefill_feeds,
-                # Cross-attention masks have a per-token axis: those prompts go in one call.
-                chunk_tokens=None if inputs.prefill_feeds else self.prefill_chunk_tokens,
-            )
+            first_logits = self.prefill(inputs, cache)
         cross = self._cross_state(prepared, inputs)
         self._keep(_state_of(prepared, prompt.input_ids, cache, cross))
         stream = generate(
