@@ -647,3 +647,34 @@ def test_no_accuracy_check_writes_a_working_bundle_with_a_warning_and_no_report(
     image = np.full((400, 500, 3), 128, dtype=np.uint8)
     tokens = Pipeline.load(tmp_path / "q").generate("Hi", [image], max_new_tokens=2).run()
     assert 1 <= len(tokens.token_ids) <= 2
+
+
+def test_the_accuracy_check_decodes_a_long_prompt_in_the_runtime_s_chunks(
+    tiny_bundle: TinyBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check runs each bundle as the runtime does: its prefill in the pipeline's chunks, which
+    bound the memory of the check as they bound the runtime's (docs/memory.md), with the answer
+    an unchunked prefill gives."""
+    from PIL import Image
+
+    from nvlm_export.export.accuracy import decode
+
+    _, bundle = tiny_bundle("internvl")
+    pixels = (np.random.default_rng(5).random((120, 200, 3)) * 255).astype(np.uint8)
+    image, question = Image.fromarray(pixels), "What is in the picture?"
+    chunked = Pipeline.load(bundle, prefill_chunk_tokens=8)
+    prepared = chunked.prepare(question, [image])
+    runner = chunked.runners[DECODER_GRAPH]
+    calls: list[int] = []
+
+    def infer(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(feeds["inputs_embeds"].shape[1])
+        return type(runner).infer(runner, feeds)
+
+    monkeypatch.setattr(runner, "infer", infer)
+    tokens, logits = decode(chunked, prepared, 3)
+    assert max(calls) <= 8 < prepared.prompt.num_tokens
+    whole = Pipeline.load(bundle, prefill_chunk_tokens=None)
+    expected_tokens, expected_logits = decode(whole, whole.prepare(question, [image]), 3)
+    assert tokens == expected_tokens
+    np.testing.assert_allclose(logits, expected_logits, atol=1e-4)

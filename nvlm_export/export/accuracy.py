@@ -36,7 +36,7 @@ from nvlm_export.calibration.collect import Request, capped_message, fit_to_cont
 from nvlm_export.calibration.dataset import RequestTiling
 from nvlm_export.compare import common_prefix, compare
 from nvlm_export.export.defaults import ACCURACY_STEPS
-from nvlm_export.runtime.generation import KVCache, prefill
+from nvlm_export.runtime.generation import KVCache
 from nvlm_export.runtime.manifest import (
     DECODER_GRAPH,
     INPUTS_EMBEDS,
@@ -322,7 +322,7 @@ def decode(
     limit = min(
         len(forced) if forced is not None else steps, cache.remaining - prepared.prompt.num_tokens
     )
-    logits = [prefill(decoder, inputs.inputs_embeds, cache, extra_feeds=inputs.prefill_feeds)]
+    logits = [pipe.prefill(inputs, cache)]
     tokens: list[int] = []
     while True:
         token = int(forced[len(tokens)]) if forced is not None else int(np.argmax(logits[-1]))
