@@ -166,10 +166,10 @@ def _run_bundle(
     the bundle on ONNX Runtime, one graph resident at a time: the vision graph encodes the
     images and is unloaded, then the decoder's side prefills the prompt in the runtime's chunks.
 
-    Both graphs at once held both graphs' weights, and for an fp16 bundle ONNX Runtime's CPU
-    kernels hold those as fp32 copies (it folds the fp16->fp32 Casts it inserts around fp16
-    MatMuls), so the two sessions were twice the bundle; an unchunked prefill added the whole
-    prompt's attention scores on top (docs/memory.md). The greedy tokens (`verify`) come from
+    Both graphs at once would hold both graphs' weights, and for an fp16 bundle ONNX Runtime's
+    CPU kernels hold those as fp32 copies (it folds the fp16->fp32 Casts it inserts around fp16
+    MatMuls): twice the bundle; an unchunked prefill would add the whole prompt's attention
+    scores on top (docs/memory.md). The greedy tokens (`verify`) come from
     `Pipeline.generate`, which needs every graph: those are loaded together afterwards.
     """
     with _loaded(bundle, manifest, [VISION_GRAPH]) as vision:
