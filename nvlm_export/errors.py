@@ -83,9 +83,10 @@ def check_choice(
     if value in choices:
         return
     known = ", ".join(choices)
+    named = f"Unknown {what} {value!r:.60}"  # repr: a crafted value stays on one short line
     if fix is None:
-        raise error(f"Unknown {what} '{value}'", fix=f"Choose one of: {known}")
-    raise error(f"Unknown {what} '{value}'", why=f"this nvlm-export knows {known}", fix=fix)
+        raise error(named, fix=f"Choose one of: {known}")
+    raise error(named, why=f"this nvlm-export knows {known}", fix=fix)
 
 
 def require_extra(extra: str, *modules: str) -> None:

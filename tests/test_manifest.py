@@ -372,6 +372,21 @@ def test_a_record_that_is_not_an_object_says_what_to_do(
     assert "Re-export the bundle" in str(refused.value) and "<|im_end|>" not in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    ("path", "what"),
+    [(("prompt", "image_layout"), "Unknown image layout"), (("precision",), "precision")],
+)
+def test_a_crafted_name_is_not_echoed_across_lines(
+    bundle: Path, path: tuple[str, ...], what: str
+) -> None:
+    """A manifest value the error names stays one short line, whatever it holds."""
+    _rewrite_nested(bundle, path, "spiral\nERROR forged log line\n" * 500)
+    with pytest.raises(BundleError, match=what) as refused:
+        load_manifest(bundle)
+    line = str(refused.value)
+    assert "\n" not in line and len(line) < 400
+
+
 def test_a_bundle_without_a_vision_graph_is_refused(bundle: Path) -> None:
     data = json.loads((bundle / MANIFEST_NAME).read_text())
     del data["graphs"]["vision"]

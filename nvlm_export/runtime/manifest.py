@@ -564,7 +564,7 @@ def _check_names(manifest: Manifest, where: str) -> None:
     for key, value, kind, known in named:
         if value not in known:
             raise BundleError(
-                f"{where}: {key} '{value:.40}' is not a known {kind}",
+                f"{where}: {key} {value!r:.42} is not a known {kind}",
                 why=f"this runtime knows {', '.join(known)}",
                 fix=_REEXPORT,
             )
