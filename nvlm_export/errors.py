@@ -27,7 +27,11 @@ class NvlmError(Exception):
         line = ": ".join(parts) + "."
         if self.fix:
             line += " " + self.fix.rstrip(".") + "."
-        return line
+        # Values from files and arguments may carry line breaks or terminal escapes: escaped,
+        # the message stays the one line it promises.
+        return "".join(
+            ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in line
+        )
 
 
 class InputError(NvlmError):

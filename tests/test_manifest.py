@@ -387,6 +387,25 @@ def test_a_crafted_name_is_not_echoed_across_lines(
     assert "\n" not in line and len(line) < 400
 
 
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("graphs", "decoder", "inputs", 0, "dtype"), "float32\nERROR forged\x1b[2J"),
+        (("schema_version",), "2.x\nERROR forged"),
+        (("graphs", "decoder", "file"), "decoder\nERROR forged.onnx"),
+    ],
+)
+def test_every_refusal_of_a_crafted_manifest_is_one_printable_line(
+    bundle: Path, path: tuple[str | int, ...], value: str
+) -> None:
+    """Line breaks and terminal escapes a crafted value carries are shown escaped."""
+    _rewrite_nested(bundle, path, value)
+    with pytest.raises(BundleError) as refused:
+        load_manifest(bundle)
+    line = str(refused.value)
+    assert line.isprintable() and "ERROR forged" in line
+
+
 def test_a_bundle_without_a_vision_graph_is_refused(bundle: Path) -> None:
     data = json.loads((bundle / MANIFEST_NAME).read_text())
     del data["graphs"]["vision"]
