@@ -313,7 +313,7 @@ def profile_pipeline(
             "architecture": pipe.manifest.architecture,
             "precision": pipe.manifest.precision,
             "graph_precisions": {n: g.precision for n, g in pipe.manifest.graphs.items()},
-            "backend": next(iter(pipe.runners.values())).backend_name,
+            "backend": str(pipe.backends),
             "providers": _providers(pipe),
             "threads": _threads(pipe),
             **(extra_info or {}),

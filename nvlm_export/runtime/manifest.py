@@ -67,6 +67,7 @@ T = TypeVar("T")
 VISION_GRAPH = "vision"
 DECODER_GRAPH = "decoder"
 CROSS_KV_GRAPH = "cross_kv"  # NVLM-X/H: image tokens -> every cross-attention block's key/value
+GRAPH_NAMES = (VISION_GRAPH, DECODER_GRAPH, CROSS_KV_GRAPH)
 PIXEL_VALUES = "pixel_values"  # vision input, float [tiles, 3, S, S]
 IMAGE_FEATURES = "image_features"  # vision output spliced into the decoder sequence [tiles, 256, D]
 CROSS_FEATURES = "cross_features"  # vision output for the cross key/value sequence [tiles, 256, D]

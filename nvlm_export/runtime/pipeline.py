@@ -40,7 +40,13 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from nvlm_export.errors import BundleError, InputError, PromptError
-from nvlm_export.runtime.backends import GraphRunner, GraphSpec, get_backend
+from nvlm_export.runtime.backends import (
+    BackendChoice,
+    GraphRunner,
+    GraphSpec,
+    accepted_options,
+    get_backend,
+)
 from nvlm_export.runtime.caches import (
     DEFAULT_FEATURE_CACHE_BYTES,
     DEFAULT_PREFIX_CACHE_BYTES,
@@ -195,7 +201,7 @@ class Pipeline:
         cls,
         bundle: str | Path,
         *,
-        backend: str = "onnxruntime",
+        backend: str | Mapping[str, str] | BackendChoice = "onnxruntime",
         vision_tiles_per_call: int | None = DEFAULT_VISION_TILES_PER_CALL,
         prefill_chunk_tokens: int | None = DEFAULT_PREFILL_CHUNK_TOKENS,
         shared_runners: Mapping[str, GraphRunner] | None = None,
@@ -208,10 +214,13 @@ class Pipeline:
         graph_variants: bool = True,
         **backend_options: object,
     ) -> Pipeline:
-        """Load a bundle. `backend_options` go to the backend's runner (for ONNX Runtime:
-        `providers`, `intra_op_threads`, `optimization_level`, `allow_spinning`,
-        `memory_arena`). `vision_tiles_per_call` and `prefill_chunk_tokens` bound activation
-        memory (None: a whole image / the whole prompt in one call). `shared_runners` are used
+        """Load a bundle. `backend` is one backend for every graph or a choice per graph
+        (`BackendChoice`: "vision=openvino", {"vision": "openvino"}; graphs not named run on
+        ONNX Runtime). `backend_options` go to each graph's runner that takes them (for ONNX
+        Runtime: `providers`, `intra_op_threads`, `optimization_level`, `allow_spinning`,
+        `memory_arena`); one that no runner takes is refused. `vision_tiles_per_call` and
+        `prefill_chunk_tokens` bound activation memory (None: a whole image / the whole prompt
+        in one call). `shared_runners` are used
         for their graphs instead of loading them again: another pipeline's runners for graphs the
         two bundles share unchanged (runners hold no per-request state). `graphs` names the
         graphs to load (default: all): a language engine that serves the decoder itself needs
@@ -226,22 +235,28 @@ class Pipeline:
         Runtime: fused attention, docs/bundle.md) runs that variant unless `graph_variants` is
         False."""
         bundle_dir = Path(bundle)
+        choice = BackendChoice.of(backend)
         manifest = manifest or load_manifest(bundle_dir, verify_hashes=verify_hashes)
-        runner_class = get_backend(backend)
+        loaded = [name for name in manifest.graphs if graphs is None or name in graphs]
+        choice.check_graphs(list(manifest.graphs))
+        choice.check_options(backend_options, loaded)
         shared = shared_runners or {}
         runners = {}
-        for name, graph in manifest.graphs.items():
-            if graphs is not None and name not in graphs:
-                continue
-            variant_for = backend if graph_variants else None
-            engine = manifest.engines.get(name)
+        for name in loaded:
+            graph_backend = choice.for_graph(name)
+            runner_class = get_backend(graph_backend)
             spec = GraphSpec.from_manifest(
-                name, graph, bundle_dir, backend=variant_for, engine=engine
+                name,
+                manifest.graphs[name],
+                bundle_dir,
+                backend=graph_backend if graph_variants else None,
+                engine=manifest.engines.get(name),
             )
             if name in shared:
                 runners[name] = _check_shared(shared[name], spec, runner_class)
             else:
-                runners[name] = runner_class(spec, **backend_options)
+                options = accepted_options(graph_backend, backend_options)
+                runners[name] = runner_class(spec, **options)
         for runner in runners.values():
             runner.activate()
         return cls(
@@ -256,6 +271,11 @@ class Pipeline:
             feature_cache_bytes=feature_cache_bytes,
             prefix_cache_bytes=prefix_cache_bytes,
         )
+
+    @property
+    def backends(self) -> BackendChoice:
+        """The backend each loaded graph runs on."""
+        return BackendChoice.of_runners({n: r.backend_name for n, r in self.runners.items()})
 
     # --- the stages -----------------------------------------------------------------------------
     def prepare(
@@ -677,7 +697,7 @@ def _check_shared(runner: GraphRunner, spec: GraphSpec, runner_class: type) -> G
     if not isinstance(runner, runner_class):
         raise InputError(
             f"The shared runner for the {spec.name} graph is a {runner.backend_name} runner",
-            why=f"this pipeline loads its graphs with {runner_class.backend_name}",
+            why=f"this pipeline loads that graph with {runner_class.backend_name}",
         )
     if (runner.spec.inputs, runner.spec.outputs) != (spec.inputs, spec.outputs):
         raise InputError(

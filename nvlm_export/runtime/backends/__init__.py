@@ -5,22 +5,30 @@
         outputs = runner.infer(feeds)
 
 Adding TensorRT later is one more `GraphRunner` subclass and one `register_backend` line.
+
+A pipeline may run each graph on another backend (`BackendChoice`): "vision=openvino" runs the
+vision graph on OpenVINO and the others on ONNX Runtime; each runner gets the options it takes.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+from collections import Counter
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from nvlm_export.errors import MissingExtraError, check_choice
+from nvlm_export.errors import InputError, MissingExtraError, check_choice
 from nvlm_export.runtime.backends.base import Backend, GraphRunner, GraphSpec, TensorSpec
 
 __all__ = [
     "Backend",
+    "BackendChoice",
     "BackendEntry",
     "GraphRunner",
     "GraphSpec",
     "TensorSpec",
+    "accepted_options",
     "available_backends",
     "get_backend",
     "register_backend",
@@ -62,6 +70,125 @@ def get_backend(name: str) -> Backend:
         ) from None
     runner: type[GraphRunner] = getattr(module, entry.runner_class)
     return runner
+
+
+def accepted_options(backend: str, options: Mapping[str, object]) -> dict[str, object]:
+    """The `options` that `backend`'s runner takes as keywords."""
+    parameters = inspect.signature(get_backend(backend)).parameters
+    return {keyword: value for keyword, value in options.items() if keyword in parameters}
+
+
+DEFAULT_BACKEND = "onnxruntime"
+SPEC_EXAMPLE = "onnxruntime,vision=openvino"
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The backend of each graph: `default` for every graph `per_graph` does not name.
+
+    Written as text (`parse`, `str`): a backend name ("openvino"), graph=backend pairs with the
+    others on ONNX Runtime ("vision=openvino"), or both ("onnxruntime,vision=openvino").
+    """
+
+    default: str = DEFAULT_BACKEND
+    per_graph: tuple[tuple[str, str], ...] = ()  # (graph, backend), sorted by graph
+
+    @classmethod
+    def of(cls, choice: str | Mapping[str, str] | BackendChoice) -> BackendChoice:
+        """A choice from its text, from {graph: backend} (others on ONNX Runtime) or itself."""
+        if isinstance(choice, BackendChoice):
+            return choice
+        if isinstance(choice, str):
+            return cls.parse(choice)
+        return cls.build(DEFAULT_BACKEND, dict(choice), shown=str(dict(choice)))
+
+    @classmethod
+    def parse(cls, text: str) -> BackendChoice:
+        default: str | None = None
+        per_graph: dict[str, str] = {}
+        for item in (part.strip() for part in text.split(",")):
+            graph, equals, backend = (s.strip() for s in item.partition("="))
+            if not item or (equals and not (graph and backend)) or (not equals and default):
+                raise InputError(
+                    f"Backend choice '{text}' is not a backend or graph=backend pairs",
+                    fix=f"Write a backend name, graph=backend pairs or both, e.g. {SPEC_EXAMPLE}",
+                )
+            if not equals:
+                default = graph
+            elif graph in per_graph:
+                raise InputError(f"Backend choice '{text}' names the {graph} graph twice")
+            else:
+                per_graph[graph] = backend
+        return cls.build(default or DEFAULT_BACKEND, per_graph, shown=text)
+
+    @classmethod
+    def build(cls, default: str, per_graph: Mapping[str, str], *, shown: str) -> BackendChoice:
+        """A choice whose graph and backend names are checked: one line naming the valid ones."""
+        from nvlm_export.runtime.manifest import GRAPH_NAMES
+
+        check_choice(default, available_backends(), "backend")
+        for graph, backend in per_graph.items():
+            if graph not in GRAPH_NAMES:
+                raise InputError(
+                    f"Unknown graph '{graph}' in backend choice '{shown}'",
+                    fix=f"Choose graphs from: {', '.join(GRAPH_NAMES)}",
+                )
+            check_choice(backend, available_backends(), "backend")
+        return cls(default, tuple(sorted(per_graph.items())))
+
+    @classmethod
+    def of_runners(cls, backends: Mapping[str, str]) -> BackendChoice:
+        """The choice that describes graphs already loaded ({graph: backend name}): the backend
+        of most graphs as the default."""
+        if not backends:
+            return cls()
+        default = Counter(backends.values()).most_common(1)[0][0]
+        return cls(default, tuple(sorted((g, b) for g, b in backends.items() if b != default)))
+
+    def for_graph(self, graph: str) -> str:
+        return dict(self.per_graph).get(graph, self.default)
+
+    def backends(self, graphs: Collection[str] | None = None) -> list[str]:
+        """The backends that run `graphs` (default: every backend the choice names)."""
+        names = (
+            [self.default, *(b for _, b in self.per_graph)]
+            if graphs is None
+            else [self.for_graph(graph) for graph in graphs]
+        )
+        return list(dict.fromkeys(names))
+
+    def check_graphs(self, graphs: Collection[str]) -> None:
+        """Refuse a choice that names a graph the bundle does not have."""
+        for graph, _ in self.per_graph:
+            if graph not in graphs:
+                raise InputError(
+                    f"Backend choice '{self}' names the {graph} graph, which this bundle has not",
+                    fix=f"Name only its graphs: {', '.join(graphs)}",
+                )
+
+    def check_options(
+        self,
+        options: Mapping[str, object],
+        graphs: Collection[str] | None = None,
+        shown: Mapping[str, str] | None = None,
+    ) -> None:
+        """Refuse an option that no runner of `graphs` takes; `shown` names options the way the
+        user wrote them (e.g. {"intra_op_threads": "--threads"})."""
+        backends = self.backends(graphs)
+        taken = {keyword for b in backends for keyword in accepted_options(b, options)}
+        for keyword in options:
+            if keyword not in taken:
+                plural = "s" if len(backends) > 1 else ""
+                raise InputError(
+                    f"{(shown or {}).get(keyword, keyword)} does not apply to the "
+                    f"{' or '.join(repr(b) for b in backends)} backend{plural}",
+                    why="its runner sets that itself" if len(backends) == 1 else None,
+                    fix=f"Leave {(shown or {}).get(keyword, keyword)} out",
+                )
+
+    def __str__(self) -> str:
+        pairs = [f"{graph}={backend}" for graph, backend in self.per_graph]
+        return ",".join([self.default, *pairs]) if pairs else self.default
 
 
 register_backend(
