@@ -7,21 +7,24 @@ import pytest
 from helpers.tiny import TinyBundle
 
 from nvlm_export.errors import InputError
-from nvlm_export.runtime.manifest import VISION_GRAPH, load_manifest
+from nvlm_export.runtime.manifest import DECODER_GRAPH, VISION_GRAPH, load_manifest
 from nvlm_export.runtime.pipeline import Pipeline
 
 pytest.importorskip("openvino", reason="OpenVINO is an extra: pip install 'nvlm-export[openvino]'")
+
+
+def answer(pipe: Pipeline, seed: int) -> tuple[int, ...]:
+    """Greedy tokens for a fixed question about a random image."""
+    image = (np.random.default_rng(seed).random((300, 400, 3)) * 255).astype(np.uint8)
+    return tuple(pipe.generate("What is this?", [image], max_new_tokens=8).run().token_ids)
 
 
 def test_openvino_answers_what_onnxruntime_answers_from_the_standard_graphs(
     tiny_bundle: TinyBundle,
 ) -> None:
     _, bundle = tiny_bundle("internvl")
-    image = (np.random.default_rng(0).random((300, 400, 3)) * 255).astype(np.uint8)
-    expected = Pipeline.load(bundle).generate("What is this?", [image], max_new_tokens=8).run()
     pipe = Pipeline.load(bundle, backend="openvino", inference_precision="f32")
-    got = pipe.generate("What is this?", [image], max_new_tokens=8).run()
-    assert got.token_ids == expected.token_ids
+    assert answer(pipe, seed=0) == answer(Pipeline.load(bundle), seed=0)
     # OpenVINO cannot run ONNX Runtime's contrib ops: it loads the standard file.
     standard = load_manifest(bundle).graph(VISION_GRAPH).file
     assert pipe.runners[VISION_GRAPH].spec.path.name == standard
@@ -31,3 +34,22 @@ def test_an_unknown_openvino_precision_is_one_input_error(tiny_bundle: TinyBundl
     _, bundle = tiny_bundle("internvl")
     with pytest.raises(InputError, match="inference precision 'fp4'"):
         Pipeline.load(bundle, backend="openvino", inference_precision="fp4")
+
+
+def test_vision_on_openvino_and_the_decoder_on_onnxruntime_answer_as_onnxruntime_alone(
+    tiny_bundle: TinyBundle,
+) -> None:
+    _, bundle = tiny_bundle("internvl")
+    # inference_precision is OpenVINO's knob: it reaches the vision runner only.
+    pipe = Pipeline.load(bundle, backend="vision=openvino", inference_precision="f32")
+    assert answer(pipe, seed=1) == answer(Pipeline.load(bundle), seed=1)
+    assert {name: r.backend_name for name, r in pipe.runners.items()} == {
+        VISION_GRAPH: "openvino",
+        DECODER_GRAPH: "onnxruntime",
+    }
+    # Each graph loads the file its own backend prefers: the decoder its ONNX Runtime variant.
+    graphs = load_manifest(bundle).graphs
+    assert pipe.runners[VISION_GRAPH].spec.path.name == graphs[VISION_GRAPH].file
+    decoder_file = graphs[DECODER_GRAPH].file_for("onnxruntime")
+    assert pipe.runners[DECODER_GRAPH].spec.path.name == decoder_file
+    assert str(pipe.backends) == "onnxruntime,vision=openvino"

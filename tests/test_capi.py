@@ -560,6 +560,8 @@ def test_session_options_parse_into_pipeline_keywords() -> None:
         ("prefix_cache_bytes=abc", "prefix_cache_bytes=abc is invalid"),
         ("prefix_cache_bytes=", "prefix_cache_bytes= is invalid"),
         ("verify_hashes=yes", "verify_hashes=yes is invalid"),
+        # A session runs every graph on one backend (docs/capi.md).
+        ("backend=vision=openvino", "Unknown backend 'vision=openvino'"),
     ],
 )
 def test_bad_session_options_are_refused(text: str, message: str) -> None:

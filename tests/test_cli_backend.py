@@ -1,5 +1,6 @@
-"""`--backend` on `run`, `chat` and `profile`: one declaration, each runner's own knobs, and a
-backend whose package is missing is one line naming the extra to install."""
+"""`--backend` on `run`, `chat` and `profile`: one declaration, each runner's own knobs, a
+backend per graph ("vision=openvino"), and a backend whose package is missing is one line naming
+the extra to install."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from typer.testing import CliRunner
 from nvlm_export.cli import app
 from nvlm_export.commands.options import runner_options
 from nvlm_export.errors import InputError
+from nvlm_export.runtime.backends import BackendChoice
+from nvlm_export.runtime.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +94,101 @@ def test_runner_options_are_given_only_when_set() -> None:
 
 def test_run_on_openvino_answers_as_the_openvino_pipeline(bundle: Path, image: Path) -> None:
     pytest.importorskip("openvino", reason="the openvino extra is not installed")
-    from nvlm_export.runtime.pipeline import Pipeline
-
     pipe = Pipeline.load(bundle, backend="openvino", intra_op_threads=1)
     expected = pipe.generate("What is it?", [image], max_new_tokens=3).run().token_ids
     args, _ = commands(bundle, image)["run"]
     code, output = invoke([*args, "--backend", "openvino", "--threads", "1", "--json"])
     assert code == 0, output
     assert json.loads(output[output.index("{") :])["token_ids"] == list(expected)
+
+
+@pytest.mark.parametrize(
+    ("written", "vision", "decoder", "canonical"),
+    [
+        ("openvino", "openvino", "openvino", "openvino"),
+        ("vision=openvino", "openvino", "onnxruntime", "onnxruntime,vision=openvino"),
+        (
+            " onnxruntime , vision=openvino",
+            "openvino",
+            "onnxruntime",
+            "onnxruntime,vision=openvino",
+        ),
+        ("openvino,decoder=onnxruntime", "openvino", "onnxruntime", "openvino,decoder=onnxruntime"),
+    ],
+)
+def test_a_backend_choice_names_each_graphs_backend(
+    written: str, vision: str, decoder: str, canonical: str
+) -> None:
+    choice = BackendChoice.parse(written)
+    assert (choice.for_graph("vision"), choice.for_graph("decoder")) == (vision, decoder)
+    assert str(choice) == canonical
+    assert BackendChoice.parse(canonical) == choice
+    assert BackendChoice.of({"vision": "openvino"}) == BackendChoice.parse("vision=openvino")
+
+
+@pytest.mark.parametrize(
+    ("written", "message"),
+    [
+        (
+            "visoin=openvino",
+            "Unknown graph 'visoin' in backend choice 'visoin=openvino'. "
+            "Choose graphs from: vision, decoder, cross_kv",
+        ),
+        ("vision=onnx", "Unknown backend 'onnx'. Choose one of: onnxruntime, openvino, tensorrt"),
+        (
+            "onnxruntime,openvino",
+            "Backend choice 'onnxruntime,openvino' is not a backend or graph=backend pairs",
+        ),
+        ("vision=", "e.g. onnxruntime,vision=openvino"),
+        ("vision=openvino,vision=onnxruntime", "names the vision graph twice"),
+    ],
+)
+def test_a_bad_backend_choice_is_one_line_naming_the_valid_ones(
+    bundle: Path, image: Path, written: str, message: str
+) -> None:
+    args, _ = commands(bundle, image)["run"]
+    code, output = invoke([*args, "--backend", written])
+    assert code != 0
+    assert message in " ".join(output.split())  # the console may wrap the line
+    assert "Traceback" not in output
+
+
+def test_a_runner_flag_reaches_the_graphs_whose_backend_has_it() -> None:
+    # --no-spin is ONNX Runtime's: with vision on OpenVINO it still applies to the decoder.
+    assert runner_options("vision=openvino", 2, False) == {
+        "intra_op_threads": 2,
+        "allow_spinning": False,
+    }
+    with pytest.raises(
+        InputError, match="--no-spin does not apply to the 'tensorrt' or 'openvino' backends"
+    ):
+        runner_options("tensorrt,vision=openvino", None, False)
+
+
+def test_a_choice_naming_a_graph_the_bundle_has_not_is_refused(bundle: Path) -> None:
+    with pytest.raises(InputError, match="names the cross_kv graph, which this bundle has not"):
+        Pipeline.load(bundle, backend="cross_kv=openvino")
+
+
+def test_an_option_no_chosen_runner_takes_is_refused_before_loading(bundle: Path) -> None:
+    with pytest.raises(InputError, match="allow_spinning does not apply to the 'tensorrt'"):
+        Pipeline.load(bundle, backend="tensorrt", allow_spinning=False)
+
+
+def test_run_with_vision_on_openvino_answers_as_onnxruntime_alone(
+    bundle: Path, image: Path
+) -> None:
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    expected = Pipeline.load(bundle).generate("What is it?", [image], max_new_tokens=3).run()
+    args, _ = commands(bundle, image)["run"]
+    code, output = invoke([*args, "--backend", "vision=openvino", "--no-spin", "--json"])
+    assert code == 0, output
+    assert json.loads(output[output.index("{") :])["token_ids"] == list(expected.token_ids)
+
+
+def test_profile_names_the_backend_of_each_graph(bundle: Path, image: Path) -> None:
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    args, _ = commands(bundle, image)["profile"]
+    code, output = invoke([*args, "--new-tokens", "2", "--backend", "vision=openvino", "--json"])
+    assert code == 0, output
+    assert json.loads(output[output.index("{") :])["backend"] == "onnxruntime,vision=openvino"

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nvlm_export.errors import InputError
+from nvlm_export.errors import InputError, check_choice
+from nvlm_export.runtime.backends import available_backends
 
 DEFAULT_BACKEND = "onnxruntime"
 BACKEND_KEY = "backend"
@@ -79,6 +80,8 @@ def parse_session_options(text: str | None) -> tuple[str, dict[str, Any]]:
     """The backend name and the keyword options for `Pipeline.load`."""
     pairs = _split_pairs(text or "")
     backend = pairs.pop(BACKEND_KEY, DEFAULT_BACKEND)
+    # One backend for every graph: `Pipeline.load`'s choice per graph is not offered here.
+    check_choice(backend, available_backends(), "backend")
     keywords: dict[str, Any] = {}
     for key, value in pairs.items():
         option = OPTIONS.get(key)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -50,7 +49,9 @@ Backend = Annotated[
     str,
     in_panel(RUNTIME)(
         help="Inference backend: onnxruntime; tensorrt (engines built on the target, the "
-        "tensorrt extra); openvino (OpenVINO's CPU plugin, the openvino extra)."
+        "tensorrt extra); openvino (OpenVINO's CPU plugin, the openvino extra). Or one per "
+        "graph: vision=openvino runs the vision graph on OpenVINO and the others on "
+        "onnxruntime; openvino,decoder=onnxruntime names the others' backend first.",
     ),
 ]
 Threads = Annotated[
@@ -80,21 +81,17 @@ TensorParallelSize = Annotated[
 ]
 
 
+RUNNER_FLAGS = {"intra_op_threads": "--threads", "allow_spinning": "--no-spin"}
+
+
 def runner_options(backend: str, threads: int | None, spin: bool) -> dict[str, Any]:
-    """--threads and --no-spin as keywords of `backend`'s graph runner, given only when set, so
-    each runner keeps its own defaults; refused in one line where the runner has no such knob."""
-    from nvlm_export.errors import InputError
-    from nvlm_export.runtime.backends import get_backend
+    """--threads and --no-spin as runner keywords, given only when set, so each runner keeps
+    its own defaults; each reaches the runners whose backend has that knob. A bad --backend, or
+    a flag that no chosen backend's runner has, is refused in one line."""
+    from nvlm_export.runtime.backends import BackendChoice
 
     given: dict[str, Any] = {} if threads is None else {"intra_op_threads": threads}
     if not spin:
         given["allow_spinning"] = False
-    accepted = inspect.signature(get_backend(backend)).parameters if given else {}
-    for keyword, flag in (("intra_op_threads", "--threads"), ("allow_spinning", "--no-spin")):
-        if keyword in given and keyword not in accepted:
-            raise InputError(
-                f"{flag} does not apply to the '{backend}' backend",
-                why="its runner sets that itself",
-                fix=f"Leave {flag} out",
-            )
+    BackendChoice.parse(backend).check_options(given, shown=RUNNER_FLAGS)
     return given

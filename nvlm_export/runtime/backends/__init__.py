@@ -139,10 +139,11 @@ class BackendChoice:
     @classmethod
     def of_runners(cls, backends: Mapping[str, str]) -> BackendChoice:
         """The choice that describes graphs already loaded ({graph: backend name}): the backend
-        of most graphs as the default."""
+        of most graphs as the default, ONNX Runtime on a tie."""
         if not backends:
             return cls()
-        default = Counter(backends.values()).most_common(1)[0][0]
+        counts = Counter(backends.values())
+        default = max(counts, key=lambda name: (counts[name], name == DEFAULT_BACKEND))
         return cls(default, tuple(sorted((g, b) for g, b in backends.items() if b != default)))
 
     def for_graph(self, graph: str) -> str:
@@ -174,6 +175,8 @@ class BackendChoice:
     ) -> None:
         """Refuse an option that no runner of `graphs` takes; `shown` names options the way the
         user wrote them (e.g. {"intra_op_threads": "--threads"})."""
+        if not options:
+            return
         backends = self.backends(graphs)
         taken = {keyword for b in backends for keyword in accepted_options(b, options)}
         for keyword in options:
