@@ -55,11 +55,14 @@ def _quantize(precision: str, check: bool) -> Stage:
     """quantize PRECISION from the fp32 bundle, with or without the accuracy check.
 
     INT8/FP8 run the fp32 graphs to fit activation ranges either way; the check also runs the
-    quantized bundle. INT4 without the check runs nothing.
+    quantized bundle. INT4 with the check is what `build -p int4` makes (the vision graph in INT8
+    from the calibration set: the plan's "quantize int4 + accuracy check"); without it, the
+    weight-only path, it runs nothing.
     """
     name = f"quantize-{precision}" + ("" if check else "-nocheck")
     output = precision if check else f"{precision}-nocheck"
-    calib = [] if precision == "int4" else ["--calib", "{work}/calib"]
+    weight_only = precision == "int4" and not check
+    calib = [] if weight_only else ["--calib", "{work}/calib"]
     runs = ("fp32", output) if check else () if precision == "int4" else ("fp32",)
     return Stage(
         name,
