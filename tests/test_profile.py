@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import mmap
 import os
 import stat
 import sys
@@ -11,7 +12,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import typer
 from helpers.tiny import TinyBundle
@@ -288,14 +288,24 @@ def test_question_has_exactly_the_requested_tokens(bundles, tokens: int) -> None
 # --- memory --------------------------------------------------------------------------------------
 
 
+def _touched_mapping(size: int) -> mmap.mmap:
+    """`size` bytes of fresh memory, every page written, so all of it is resident."""
+    mapping = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        mapping[offset] = 1
+    return mapping
+
+
 def test_call_peaks_measure_a_call_and_keep_the_phase_peak() -> None:
     peaks = CallPeaks()
     if not peaks.resettable:
         pytest.skip("this OS cannot reset the peak resident size")
-    block = np.ones(96 * 1024 * 1024 // 8)  # 96 MiB, touched, before any call
+    # Anonymous mappings, not numpy arrays: pages malloc keeps after a free (a long test process
+    # may hold many) would be reused by the call without raising the resident size.
+    block = _touched_mapping(96 * 1024 * 1024)  # before any call
     high = peak_rss_bytes()
-    del block
-    seconds, rise = peaks.measure(lambda: np.ones(48 * 1024 * 1024 // 8).sum())  # 48 MiB
+    block.close()
+    seconds, rise = peaks.measure(lambda: _touched_mapping(48 * 1024 * 1024).close())
     assert seconds > 0
     assert rise is not None and 44 * 1024 * 1024 <= rise < 90 * 1024 * 1024
     # The reset in measure() did not lose the earlier, higher peak (the kernel's RSS counters
@@ -307,8 +317,7 @@ def test_peak_rss_sees_a_transient_allocation() -> None:
     if not reset_peak_rss():
         pytest.skip("this OS cannot reset the peak resident size")
     before = peak_rss_bytes()
-    block = np.ones(64 * 1024 * 1024 // 8)  # 64 MiB, touched
-    del block
+    _touched_mapping(64 * 1024 * 1024).close()
     assert peak_rss_bytes() >= before + 60 * 1024 * 1024
     assert peak_rss_bytes() >= current_rss_bytes()
 
