@@ -47,12 +47,16 @@ def grid_image(grid: tuple[int, int], tiling: TilingConfig) -> Any:
 class OursSystem:
     """nvlm-export's runtime on a bundle (ONNX Runtime, CPU)."""
 
-    def __init__(self, bundle: str, threads: int) -> None:
+    def __init__(self, bundle: str, threads: int, backend: str = "onnxruntime") -> None:
         from nvlm_export.runtime.pipeline import Pipeline
 
         # Caches off: every measured request is cold, like the baselines it is compared with.
         self.pipe = Pipeline.load(
-            bundle, intra_op_threads=threads, feature_cache_bytes=0, prefix_cache_bytes=0
+            bundle,
+            backend=backend,
+            intra_op_threads=threads,
+            feature_cache_bytes=0,
+            prefix_cache_bytes=0,
         )
         self.weight_bytes = _bundle_weight_bytes(self.pipe)
         reset_peak_rss()
