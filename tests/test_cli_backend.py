@@ -140,7 +140,10 @@ def test_a_backend_choice_names_each_graphs_backend(
             "Backend choice 'onnxruntime,openvino' is not a backend or graph=backend pairs",
         ),
         ("vision=", "e.g. onnxruntime,vision=openvino"),
-        ("vision=openvino,vision=onnxruntime", "names the vision graph twice"),
+        (
+            "vision=openvino,vision=onnxruntime",
+            "names the vision graph twice. Name each graph once",
+        ),
     ],
 )
 def test_a_bad_backend_choice_is_one_line_naming_the_valid_ones(

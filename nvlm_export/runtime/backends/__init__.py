@@ -116,7 +116,10 @@ class BackendChoice:
             if not equals:
                 default = graph
             elif graph in per_graph:
-                raise InputError(f"Backend choice '{text}' names the {graph} graph twice")
+                raise InputError(
+                    f"Backend choice '{text}' names the {graph} graph twice",
+                    fix=f"Name each graph once, e.g. {SPEC_EXAMPLE}",
+                )
             else:
                 per_graph[graph] = backend
         return cls.build(default or DEFAULT_BACKEND, per_graph, shown=text)
