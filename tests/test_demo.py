@@ -313,7 +313,7 @@ def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def bundle_answerer(demo_bundle: Path) -> BundleAnswerer:
-    return BundleAnswerer(demo_bundle, threads=2)
+    return BundleAnswerer(demo_bundle, intra_op_threads=2)
 
 
 @pytest.mark.slow
@@ -387,6 +387,17 @@ def test_demo_eval_command_scores_a_bundle(demo_bundle: Path) -> None:
     scores = json.loads(result.output)
     assert scores["color"]["total"] >= 2
     assert 0.0 <= scores["color"]["accuracy"] <= 1.0
+
+
+def test_demo_eval_refuses_an_unknown_backend_before_loading(tmp_path: Path) -> None:
+    """`--backend` scores a bundle on another backend (e.g. vision=openvino); a wrong name is
+    refused naming the valid ones, before any graph is loaded."""
+    (tmp_path / "manifest.json").write_text("{}")
+    app = typer.Typer()
+    app.command()(evaluate_demo)
+    result = CliRunner().invoke(app, [str(tmp_path), "--backend", "vision=bogus"])
+    assert result.exit_code != 0
+    assert "bogus" in str(result.exception) and "openvino" in str(result.exception)
 
 
 def test_demo_eval_command_rejects_a_stray_directory(tmp_path: Path) -> None:

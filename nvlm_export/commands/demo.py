@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from nvlm_export.commands import options as opts
 from nvlm_export.errors import InputError, require_export_extra
 
 
@@ -22,9 +23,8 @@ def evaluate_demo(
     samples: Annotated[
         int, typer.Option("--samples", "-n", help="Held-out images to ask about.", min=1)
     ] = 100,
-    threads: Annotated[
-        int | None, typer.Option(help="CPU threads for ONNX Runtime (default: all cores).")
-    ] = None,
+    threads: opts.Threads = None,
+    backend: opts.Backend = "onnxruntime",
     as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
 ) -> None:
     """Score the demo model on held-out synthetic questions: exact match per question type.
@@ -39,6 +39,7 @@ def evaluate_demo(
 
       nvlm-export export "$(python -m nvlm_export.demo checkpoint)" -o demo-bundle/
       nvlm-export demo-eval demo-bundle/ --samples 200 --json
+      nvlm-export demo-eval demo-bundle/ --backend vision=openvino   # a backend's answers
     """
     from nvlm_export.demo import default_checkpoint
     from nvlm_export.demo.dataset import held_out
@@ -47,7 +48,8 @@ def evaluate_demo(
 
     target = target or default_checkpoint()
     if (target / MANIFEST_NAME).is_file():
-        answerer = BundleAnswerer(target, threads=threads)
+        options = opts.runner_options(backend, threads, spin=True)
+        answerer = BundleAnswerer(target, backend, **options)
     elif (target / "config.json").is_file():
         require_export_extra()
         answerer = TorchAnswerer.from_checkpoint(target)

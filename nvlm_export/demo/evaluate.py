@@ -105,10 +105,10 @@ class BundleAnswerer:
     """Greedy answers from an exported bundle through the runtime pipeline (no PyTorch); the
     pipeline's feature cache encodes each image once for all its questions."""
 
-    def __init__(self, bundle: Path, threads: int | None = None) -> None:
+    def __init__(self, bundle: Path, backend: str = "onnxruntime", **options: object) -> None:
         from nvlm_export.runtime.pipeline import Pipeline
 
-        self.pipeline = Pipeline.load(bundle, intra_op_threads=threads)
+        self.pipeline = Pipeline.load(bundle, backend=backend, **options)
 
     def __call__(self, image: Image.Image, question: str, max_tiles: int | None) -> str:
         stream = self.pipeline.generate(
