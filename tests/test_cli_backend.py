@@ -4,8 +4,10 @@ the extra to install."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from typer.testing import CliRunner
 from nvlm_export.cli import app
 from nvlm_export.commands.options import runner_options
 from nvlm_export.errors import InputError
+from nvlm_export.runtime import backends
 from nvlm_export.runtime.backends import BackendChoice
 from nvlm_export.runtime.pipeline import Pipeline
 
@@ -134,7 +137,10 @@ def test_a_backend_choice_names_each_graphs_backend(
             "Unknown graph 'visoin' in backend choice 'visoin=openvino'. "
             "Choose graphs from: vision, decoder, cross_kv",
         ),
-        ("vision=onnx", "Unknown backend 'onnx'. Choose one of: onnxruntime, openvino, tensorrt"),
+        (
+            "vision=onnx",
+            "Unknown backend 'onnx'. Choose one of: auto, onnxruntime, openvino, tensorrt",
+        ),
         (
             "onnxruntime,openvino",
             "Backend choice 'onnxruntime,openvino' is not a backend or graph=backend pairs",
@@ -195,3 +201,61 @@ def test_profile_names_the_backend_of_each_graph(bundle: Path, image: Path) -> N
     code, output = invoke([*args, "--new-tokens", "2", "--backend", "vision=openvino", "--json"])
     assert code == 0, output
     assert json.loads(output[output.index("{") :])["backend"] == "onnxruntime,vision=openvino"
+
+
+# --- "auto": the measured fastest backend per graph, where its library is installed ------------
+
+
+@pytest.fixture
+def amx_machine_with_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU with AMX and the openvino package importable, whatever this machine has."""
+    fake = types.ModuleType("openvino")
+    fake.__spec__ = importlib.machinery.ModuleSpec("openvino", None)
+    monkeypatch.setitem(sys.modules, "openvino", fake)
+    monkeypatch.setattr(backends, "cpu_flags", lambda: frozenset({"avx512f", "amx_int8"}))
+
+
+INT8_VISION = {"vision": "int8", "decoder": "int8"}
+
+
+def test_auto_runs_an_int8_vision_graph_on_openvino_on_a_cpu_with_amx(
+    amx_machine_with_openvino: None,
+) -> None:
+    resolved = BackendChoice.parse("auto").resolve(INT8_VISION)
+    assert str(resolved) == "onnxruntime,vision=openvino"
+    # An INT4 bundle's vision graph is INT8 too; a float vision graph stays on ONNX Runtime.
+    assert str(BackendChoice.parse("auto").resolve({"vision": "int8", "decoder": "int4"})) == (
+        "onnxruntime,vision=openvino"
+    )
+    assert str(BackendChoice.parse("auto").resolve({"vision": "fp32", "decoder": "fp32"})) == (
+        "onnxruntime"
+    )
+
+
+def test_auto_stays_on_onnxruntime_without_the_library_or_the_matrix_units(
+    amx_machine_with_openvino: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backends, "cpu_flags", lambda: frozenset({"avx512f", "avx512_vnni"}))
+    assert str(BackendChoice.parse("auto").resolve(INT8_VISION)) == "onnxruntime"
+    monkeypatch.setattr(backends, "cpu_flags", lambda: frozenset({"amx_int8"}))
+    monkeypatch.setitem(sys.modules, "openvino", None)  # not installed
+    assert str(BackendChoice.parse("auto").resolve(INT8_VISION)) == "onnxruntime"
+
+
+def test_a_named_backend_is_kept_and_auto_can_be_named_per_graph(
+    amx_machine_with_openvino: None,
+) -> None:
+    assert str(BackendChoice.parse("onnxruntime").resolve(INT8_VISION)) == "onnxruntime"
+    resolved = BackendChoice.parse("tensorrt,vision=auto").resolve(INT8_VISION)
+    assert (resolved.for_graph("vision"), resolved.for_graph("decoder")) == (
+        "openvino",
+        "tensorrt",
+    )
+
+
+def test_run_reports_the_backend_auto_chose_for_each_graph(bundle: Path, image: Path) -> None:
+    """The default is auto; the tiny float bundle stays on ONNX Runtime on any machine."""
+    args, _ = commands(bundle, image)["run"]
+    code, output = invoke([*args, "--json"])
+    assert code == 0, output
+    assert json.loads(output[output.index("{") :])["backends"] == "onnxruntime"

@@ -31,7 +31,7 @@ def chat(
     stop: gen.Stop = None,
     max_tiles: opts.TileBudget = None,
     system: opts.SystemMessage = None,
-    backend: opts.Backend = "onnxruntime",
+    backend: opts.Backend = "auto",
     threads: opts.Threads = None,
     spin: opts.Spin = True,
     cache_mib: Annotated[

@@ -24,7 +24,7 @@ def evaluate_demo(
         int, typer.Option("--samples", "-n", help="Held-out images to ask about.", min=1)
     ] = 100,
     threads: opts.Threads = None,
-    backend: opts.Backend = "onnxruntime",
+    backend: opts.Backend = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
 ) -> None:
     """Score the demo model on held-out synthetic questions: exact match per question type.

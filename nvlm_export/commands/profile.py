@@ -51,7 +51,7 @@ def profile(
         ),
     ] = "",
     warmup: Annotated[int, typer.Option(help="Unmeasured requests per case first.")] = 1,
-    backend: opts.Backend = "onnxruntime",
+    backend: opts.Backend = "auto",
     threads: opts.Threads = None,
     spin: opts.Spin = True,
     graph_variants: Annotated[

@@ -81,7 +81,7 @@ def run(
             "--raw.",
         ),
     ] = False,
-    backend: opts.Backend = "onnxruntime",
+    backend: opts.Backend = "auto",
     threads: opts.Threads = None,
     spin: opts.Spin = True,
     llm_engine: opts.LlmEngine = "bundle",
@@ -121,11 +121,13 @@ def run(
         backend=backend,
         **opts.runner_options(backend, threads, spin),
     )
+    # The vLLM engine wraps the pipeline that runs its vision graph.
+    backends = str(getattr(pipeline, "pipeline", pipeline).backends)
     if turns is not None:
         conversation = pipeline.chat(system=system, max_tiles=max_tiles)
         for number, turn in enumerate(_read_turns(turns), start=1):
             stream = conversation.ask(turn["prompt"], turn.get("images", []), options)
-            _print_answer(stream, as_json, indent=None, turn=number)
+            _print_answer(stream, as_json, backends, indent=None, turn=number)
         return
     assert prompt is not None
     stream = pipeline.generate(
@@ -136,10 +138,12 @@ def run(
         system=system,
         raw=raw,
     )
-    _print_answer(stream, as_json, indent=2)
+    _print_answer(stream, as_json, backends, indent=2)
 
 
-def _print_answer(stream: Any, as_json: bool, *, indent: int | None, turn: int = 0) -> None:
+def _print_answer(
+    stream: Any, as_json: bool, backends: str, *, indent: int | None, turn: int = 0
+) -> None:
     """Stream the answer's text, or print it with its ids and timings as JSON at the end."""
     for event in stream:
         if not as_json:
@@ -156,6 +160,7 @@ def _print_answer(stream: Any, as_json: bool, *, indent: int | None, turn: int =
         "text": result.text,
         "token_ids": list(result.token_ids),
         "finish_reason": result.finish_reason,
+        "backends": backends,  # each graph's backend, as --backend takes it
         "prompt_tokens": stream.prepared.prompt.num_tokens,
         "tiles_per_image": [t.num_tiles for t in stream.prepared.tilings],
         # Reuse across requests (docs/conversations.md); the vLLM engine keeps no such caches.

@@ -237,10 +237,11 @@ class Pipeline:
         Runtime: fused attention, docs/bundle.md) runs that variant unless `graph_variants` is
         False."""
         bundle_dir = Path(bundle)
-        choice = BackendChoice.of(backend)
         manifest = manifest or load_manifest(bundle_dir, verify_hashes=verify_hashes)
         loaded = [name for name in manifest.graphs if graphs is None or name in graphs]
+        choice = BackendChoice.of(backend)
         choice.check_graphs(list(manifest.graphs))
+        choice = choice.resolve({name: manifest.graphs[name].precision for name in loaded})
         choice.check_options(backend_options, loaded)
         shared = shared_runners or {}
         runners = {}

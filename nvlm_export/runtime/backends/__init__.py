@@ -8,20 +8,25 @@ Adding TensorRT later is one more `GraphRunner` subclass and one `register_backe
 
 A pipeline may run each graph on another backend (`BackendChoice`): "vision=openvino" runs the
 vision graph on OpenVINO and the others on ONNX Runtime; each runner gets the options it takes.
+"auto" picks per graph by `AUTO_RULES` (the measured fastest where its library is installed).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 import inspect
 from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from nvlm_export.errors import InputError, MissingExtraError, check_choice
 from nvlm_export.runtime.backends.base import Backend, GraphRunner, GraphSpec, TensorSpec
 
 __all__ = [
+    "AUTO",
     "Backend",
     "BackendChoice",
     "BackendEntry",
@@ -79,7 +84,52 @@ def accepted_options(backend: str, options: Mapping[str, object]) -> dict[str, o
 
 
 DEFAULT_BACKEND = "onnxruntime"
+AUTO = "auto"
 SPEC_EXAMPLE = "onnxruntime,vision=openvino"
+
+
+@dataclass(frozen=True)
+class AutoRule:
+    """Where "auto" leaves ONNX Runtime: a `graph` of one of `precisions` runs on `backend` when
+    its library is installed and the CPU has one of `cpu_flags` (as /proc/cpuinfo names them)."""
+
+    graph: str
+    precisions: tuple[str, ...]
+    backend: str
+    library: str
+    cpu_flags: tuple[str, ...]
+
+    def applies(self, graph: str, precision: str) -> bool:
+        return (
+            graph == self.graph
+            and precision in self.precisions
+            and importlib.util.find_spec(self.library) is not None
+            and not cpu_flags().isdisjoint(self.cpu_flags)
+        )
+
+
+# Measured on a Xeon with AMX, bench INT8 bundle (docs/performance.md, "A second CPU backend"):
+# OpenVINO runs the INT8 vision graph's GEMMs as int8 and the rest in bfloat16, 0.45x ONNX
+# Runtime's time per tile, with the demo model's answers unchanged. Float vision graphs stay on
+# ONNX Runtime: OpenVINO would run them in bfloat16, which an fp32 bundle does not promise.
+AUTO_RULES = (AutoRule("vision", ("int8",), "openvino", "openvino", ("amx_int8", "avx512_bf16")),)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux x86: /proc/cpuinfo's "flags"); empty where unknown."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return frozenset()
+    flags = (line.split(":", 1)[1] for line in lines if line.startswith("flags"))
+    return frozenset(next(flags, "").split())
+
+
+def auto_backend(graph: str, precision: str) -> str:
+    """The backend "auto" picks for `graph` of `precision` on this machine."""
+    rule = next((rule for rule in AUTO_RULES if rule.applies(graph, precision)), None)
+    return rule.backend if rule else DEFAULT_BACKEND
 
 
 @dataclass(frozen=True)
@@ -87,7 +137,8 @@ class BackendChoice:
     """The backend of each graph: `default` for every graph `per_graph` does not name.
 
     Written as text (`parse`, `str`): a backend name ("openvino"), graph=backend pairs with the
-    others on ONNX Runtime ("vision=openvino"), or both ("onnxruntime,vision=openvino").
+    others on ONNX Runtime ("vision=openvino"), or both ("onnxruntime,vision=openvino"). "auto"
+    stands for a backend chosen per graph when the bundle is loaded (`resolve`).
     """
 
     default: str = DEFAULT_BACKEND
@@ -129,15 +180,28 @@ class BackendChoice:
         """A choice whose graph and backend names are checked: one line naming the valid ones."""
         from nvlm_export.runtime.manifest import GRAPH_NAMES
 
-        check_choice(default, available_backends(), "backend")
+        names = [AUTO, *available_backends()]
+        check_choice(default, names, "backend")
         for graph, backend in per_graph.items():
             if graph not in GRAPH_NAMES:
                 raise InputError(
                     f"Unknown graph '{graph}' in backend choice '{shown}'",
                     fix=f"Choose graphs from: {', '.join(GRAPH_NAMES)}",
                 )
-            check_choice(backend, available_backends(), "backend")
+            check_choice(backend, names, "backend")
         return cls(default, tuple(sorted(per_graph.items())))
+
+    def resolve(self, precisions: Mapping[str, str]) -> BackendChoice:
+        """This choice with "auto" replaced, for graphs of `precisions` ({graph: precision})."""
+        backends = {graph: self.for_graph(graph) for graph in precisions}
+        chosen = {
+            graph: auto_backend(graph, precisions[graph]) if backend == AUTO else backend
+            for graph, backend in backends.items()
+        }
+        default = DEFAULT_BACKEND if self.default == AUTO else self.default
+        return BackendChoice(
+            default, tuple(sorted((g, b) for g, b in chosen.items() if b != default))
+        )
 
     @classmethod
     def of_runners(cls, backends: Mapping[str, str]) -> BackendChoice:
@@ -159,7 +223,8 @@ class BackendChoice:
             if graphs is None
             else [self.for_graph(graph) for graph in graphs]
         )
-        return list(dict.fromkeys(names))
+        # Before `resolve`, "auto" counts as ONNX Runtime: it keeps the decoder there at least.
+        return list(dict.fromkeys(DEFAULT_BACKEND if name == AUTO else name for name in names))
 
     def check_graphs(self, graphs: Collection[str]) -> None:
         """Refuse a choice that names a graph the bundle does not have."""
