@@ -45,9 +45,9 @@ def grid_image(grid: tuple[int, int], tiling: TilingConfig) -> Any:
 
 
 class OursSystem:
-    """nvlm-export's runtime on a bundle (ONNX Runtime, CPU)."""
+    """nvlm-export's runtime on a bundle (CPU; `backend` as `run --backend` takes it)."""
 
-    def __init__(self, bundle: str, threads: int, backend: str = "onnxruntime") -> None:
+    def __init__(self, bundle: str, threads: int, backend: str = "auto") -> None:
         from nvlm_export.runtime.pipeline import Pipeline
 
         # Caches off: every measured request is cold, like the baselines it is compared with.
@@ -109,6 +109,7 @@ class OursSystem:
             "weight_bytes": self.weight_bytes,
             "decoder_cost": cost.to_dict(0),
             "precision": self.pipe.manifest.precision,
+            "backends": str(self.pipe.backends),  # what `auto` (or the choice) resolved to
         }
 
     def peak_rss(self) -> int:
