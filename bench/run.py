@@ -355,6 +355,7 @@ def main() -> None:
     if quantized_bundle(args.work, "int8") and quantized_bundle(args.work, "int4"):
         run_ttft(args, machine, started)
 
+    facts["load_at_end"] = _load()
     print_table(rows, facts)
     results = {
         "facts": facts,
@@ -623,7 +624,8 @@ def write_ttft_section(
         "",
         f"Written by `bench/run.py` (also alone: `--only-ttft`); run started {started}, "
         f"{args.threads} threads per system, {args.runs} rounds (7 tiles: {args.long_runs}), "
-        f"load average {_load()} on a machine shared with other jobs: absolute times are noisy, "
+        f"load average {_load()} at the end (the bench's own processes included): absolute times "
+        "are noisy, "
         "the ratios of alternated measurements are what counts. CPU: "
         f"{machine['cpu']}, matrix/vector units: {matrix_flags()}.",
         "",
@@ -728,8 +730,9 @@ def write_doc(path: Path, rows: list[Row], facts: dict[str, Any], args: Any, sta
         f"- {args.threads}-thread streaming-read bandwidth: {_read_speeds(facts)}",
         f"- prompts: 1 tile = {facts['prompt_tokens_1_tile']} tokens, 7 tiles = "
         f"{facts['prompt_tokens_7_tiles']} tokens",
-        "- the machine was shared with other jobs during the run (load average "
-        f"{_load()}); absolute numbers are noisy, ratios less so",
+        f"- load average {facts.get('load_at_end', '?')} at the end of the run, the bench's own "
+        "processes included (about 2 on an otherwise idle 2-core machine); absolute numbers "
+        "are noisy, ratios less so",
         "",
         "## Results",
         "",
