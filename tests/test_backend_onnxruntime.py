@@ -12,7 +12,13 @@ from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from nvlm_export.errors import BundleError, InputError
-from nvlm_export.runtime.backends import GraphSpec, TensorSpec, available_backends, get_backend
+from nvlm_export.runtime.backends import (
+    GraphSpec,
+    TensorSpec,
+    available_backends,
+    base,
+    get_backend,
+)
 from nvlm_export.runtime.backends.onnxruntime import OnnxRuntimeRunner
 from nvlm_export.runtime.generation import GenerateOptions, KVCache, generate, prefill
 from nvlm_export.runtime.manifest import GraphSpec as ManifestGraph
@@ -294,3 +300,35 @@ def test_int8_qdq_matmuls_sharing_an_input_run_as_integer_kernels(tmp_path: Path
     x_q = np.clip(np.round(x / 0.02), -128, 127) * 0.02
     for i in (0, 1):
         np.testing.assert_allclose(outputs[f"y{i}"], x_q @ (weights[f"w{i}"] * 0.01), atol=1e-5)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS"))
+    return int(line.split()[1]) * 1024
+
+
+@pytest.mark.skipif(
+    base._malloc_trim() is None, reason="needs glibc (malloc_trim): elsewhere it is a no-op"
+)
+def test_freed_heap_memory_goes_back_to_the_os() -> None:
+    """Memory freed in the middle of the heap stays resident under glibc until trimmed; a closed
+    session's working memory would otherwise count again under the next graph loaded."""
+    chunks = [bytearray(64 * 1024) for _ in range(4096)]  # 256 MiB below the mmap threshold
+    kept = chunks[7::8]  # every 8th stays allocated, so the freed pages are not at the top
+    del chunks
+    before = _rss_bytes()
+    base.return_freed_memory()
+    assert before - _rss_bytes() > 128 * 1024**2
+    assert len(kept) == 512
+
+
+def test_deactivating_a_runner_returns_freed_memory(
+    affine: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[None] = []
+    monkeypatch.setattr(base, "return_freed_memory", lambda: calls.append(None))
+    runner = OnnxRuntimeRunner(affine_spec(affine)).activate()
+    runner.deactivate()
+    runner.deactivate()  # already inactive: nothing to free
+    assert len(calls) == 1

@@ -9,6 +9,8 @@ call and delegates to `_infer_impl`, `deactivate()` releases. Runners are contex
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import operator
 import threading
@@ -137,6 +139,7 @@ class GraphRunner(ABC):
         if self.is_active:
             self._deactivate_impl()
             self.is_active = False
+            return_freed_memory()
 
     def __enter__(self) -> GraphRunner:
         return self.activate()
@@ -216,6 +219,27 @@ class GraphRunner(ABC):
 
     def _deactivate_impl(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         pass
+
+
+def return_freed_memory() -> None:
+    """Hand the heap pages that are free back to the OS (glibc; a no-op on other C libraries).
+
+    glibc keeps freed memory in its heap for reuse, so a closed session's working memory stays
+    resident: 1.2 GiB after the bench fp16 vision graph, which then counts again under the next
+    graph a process loads (export validation and the accuracy check load one graph at a time; an
+    application may swap bundles). Called whenever a runner is deactivated; it takes milliseconds.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _numpy_dtype(name: str) -> np.dtype | None:
