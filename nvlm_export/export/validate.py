@@ -30,19 +30,13 @@ from nvlm_export.assets import example_image_path
 from nvlm_export.compare import Comparison, common_prefix, compare
 from nvlm_export.export.architectures import ArchitectureExport
 from nvlm_export.export.reference import TorchReference, reference_pixel_values
-from nvlm_export.runtime.backends.onnxruntime import DISABLED_OPTIMIZERS
 from nvlm_export.runtime.generation import KVCache
 from nvlm_export.runtime.images import ImageSource, load_image
-from nvlm_export.runtime.manifest import VISION_GRAPH, Manifest, Precision, load_manifest
+from nvlm_export.runtime.manifest import VISION_GRAPH, Manifest, load_manifest
 from nvlm_export.runtime.pipeline import Pipeline, PreparedRequest
 from nvlm_export.runtime.tiling import TilingConfig
 
 DEFAULT_QUESTION = "Describe the image in detail."
-# ONNX Runtime's CPU kernels compute an fp16 graph's MatMuls in fp32, and its constant folding
-# turns each fp16 weight's Cast into an fp32 copy made while the fp16 original is still held:
-# about three bytes per weight byte at the decoder's load (docs/memory.md). Validation of a
-# half-precision bundle casts at call time instead, so its weights stay resident once, in fp16.
-HALF_PRECISION_SESSION = {"disabled_optimizers": (*DISABLED_OPTIMIZERS, "ConstantFolding")}
 
 # (absolute, relative to the reference's largest magnitude) tolerance per bundle precision.
 TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (1e-2, 2e-2)}
@@ -202,11 +196,7 @@ def _loaded(
     bundle: Path, manifest: Manifest | None, graphs: Sequence[str] | None
 ) -> Iterator[Pipeline]:
     """The bundle with only `graphs` loaded (None: all), their sessions closed on exit."""
-    precision = (manifest or load_manifest(bundle)).precision
-    options = HALF_PRECISION_SESSION if precision == Precision.FP16 else {}
-    pipeline = Pipeline.load(
-        bundle, backend="onnxruntime", manifest=manifest, graphs=graphs, **options
-    )
+    pipeline = Pipeline.load(bundle, manifest=manifest, graphs=graphs)
     try:
         yield pipeline
     finally:
