@@ -259,3 +259,13 @@ def test_run_reports_the_backend_auto_chose_for_each_graph(bundle: Path, image: 
     code, output = invoke([*args, "--json"])
     assert code == 0, output
     assert json.loads(output[output.index("{") :])["backends"] == "onnxruntime"
+
+
+def test_a_hostile_backend_choice_is_refused_in_one_escaped_line(bundle: Path, image: Path) -> None:
+    """--backend comes from scripts and users: terminal escapes and line breaks in it are shown
+    escaped, in one line, and nothing is loaded."""
+    args, _ = commands(bundle, image)["run"]
+    code, output = invoke([*args, "--backend", "vision=auto\x1b[2J\nrm -rf /"])
+    assert code != 0
+    assert "\x1b" not in output and "\\x1b[2J\\nrm -rf /" in " ".join(output.split())
+    assert "Traceback" not in output
