@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from systems import Worker
 
 from nvlm_export.profiling.profiler import machine_description
+from nvlm_export.runtime.backends import cpu_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 GB = 1e9
@@ -665,13 +666,9 @@ def table_lines(rows: list[Row]) -> list[str]:
 
 def matrix_flags() -> str:
     """The CPU's AVX-512 / AMX flags that decide which int8 and bf16 kernels can run."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    flags = cpu_flags()
+    if not flags:
         return "unknown"
-    flags = next(
-        (line.split(":")[1].split() for line in text.splitlines() if line.startswith("flags")), []
-    )
     wanted = [f for f in flags if f.startswith(("avx512f", "avx512_vnni", "avx512_bf16", "amx"))]
     return (", ".join(sorted(set(wanted))) or "no AVX-512") + (
         "" if any(f.startswith("amx") for f in flags) else "; no AMX"

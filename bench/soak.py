@@ -23,7 +23,6 @@ RSS stopped growing after the warm-up.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from nvlm_export.runtime.backends.base import return_freed_memory
 
 WARMUP = 50
 TARGET_MB = 5.0
@@ -44,7 +45,7 @@ DEFAULT_PREFIX_BUDGET = 8 * 2**20
 
 def rss_mb() -> float:
     """Resident set size of this process after returning freed heap to the system (Linux)."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return_freed_memory()
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024

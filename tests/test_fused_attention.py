@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import slow
 from helpers.tiny import TinyBundle
 
 from nvlm_export.errors import BundleError
@@ -152,7 +153,7 @@ def _typed(
 
 # The cross-attention layouts export their own tiny bundle (~10 s each): CI runs them, the fast
 # lane keeps the decoder-only ones.
-@pytest.mark.parametrize("layout", [*LAYOUTS, pytest.param("nvlm-x", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("layout", [*LAYOUTS, slow("nvlm-x")])
 def test_every_cached_self_attention_layer_is_one_group_query_attention_in_the_variant(
     tiny_bundle: TinyBundle, layout: str
 ) -> None:
@@ -169,7 +170,7 @@ def test_every_cached_self_attention_layer_is_one_group_query_attention_in_the_v
     assert all(op.startswith("ai.onnx.") for op in standard)
 
 
-@pytest.mark.parametrize("layout", [*LAYOUTS, pytest.param("nvlm-h", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("layout", [*LAYOUTS, slow("nvlm-h")])
 def test_the_decoder_variant_computes_the_standard_graph_in_prefill_chunks_and_decode(
     tiny_bundle: TinyBundle, layout: str
 ) -> None:

@@ -121,8 +121,7 @@ def run(
         backend=backend,
         **opts.runner_options(backend, threads, spin),
     )
-    # The vLLM engine wraps the pipeline that runs its vision graph.
-    backends = str(getattr(pipeline, "pipeline", pipeline).backends)
+    backends = str(pipeline.backends)
     if turns is not None:
         conversation = pipeline.chat(system=system, max_tiles=max_tiles)
         for number, turn in enumerate(_read_turns(turns), start=1):

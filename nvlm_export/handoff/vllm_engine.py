@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from nvlm_export.errors import BundleError, MissingExtraError
+from nvlm_export.runtime.backends import BackendChoice
 from nvlm_export.runtime.generation import (
     Answer,
     GenerateOptions,
@@ -162,6 +163,11 @@ class VLLMPipeline:
             options["max_num_seqs"] = max_num_seqs
         options.update(engine_options or {})
         return cls(pipeline, vllm.LLM(**options), spec, tensor_parallel_size)
+
+    @property
+    def backends(self) -> BackendChoice:
+        """The backend of the graphs in our runtime (the vision graph; vLLM runs the decoder)."""
+        return self.pipeline.backends
 
     # --- one request --------------------------------------------------------------------------
     def prompt_embeds(

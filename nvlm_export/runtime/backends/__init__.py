@@ -35,6 +35,8 @@ __all__ = [
     "TensorSpec",
     "accepted_options",
     "available_backends",
+    "backend_installed",
+    "cpu_flags",
     "get_backend",
     "register_backend",
 ]
@@ -42,12 +44,20 @@ __all__ = [
 
 @dataclass(frozen=True)
 class BackendEntry:
-    """Where a backend's runner class lives and which install extra provides its library."""
+    """Where a backend's runner class lives, the library it needs and the install extra that
+    provides that library."""
 
     name: str
     module: str
     runner_class: str
     extra: str | None = None
+    library: str | None = None  # None: a core dependency, always installed
+
+
+def backend_installed(name: str) -> bool:
+    """Whether `name`'s library can be imported here (without importing it)."""
+    library = _REGISTRY[name].library
+    return library is None or importlib.util.find_spec(library) is not None
 
 
 _REGISTRY: dict[str, BackendEntry] = {}
@@ -96,14 +106,13 @@ class AutoRule:
     graph: str
     precisions: tuple[str, ...]
     backend: str
-    library: str
     cpu_flags: tuple[str, ...]
 
     def applies(self, graph: str, precision: str) -> bool:
         return (
             graph == self.graph
             and precision in self.precisions
-            and importlib.util.find_spec(self.library) is not None
+            and backend_installed(self.backend)
             and not cpu_flags().isdisjoint(self.cpu_flags)
         )
 
@@ -112,7 +121,7 @@ class AutoRule:
 # OpenVINO runs the INT8 vision graph's GEMMs as int8 and the rest in bfloat16, 0.45x ONNX
 # Runtime's time per tile, with the demo model's answers unchanged. Float vision graphs stay on
 # ONNX Runtime: OpenVINO would run them in bfloat16, which an fp32 bundle does not promise.
-AUTO_RULES = (AutoRule("vision", ("int8",), "openvino", "openvino", ("amx_int8", "avx512_bf16")),)
+AUTO_RULES = (AutoRule("vision", ("int8",), "openvino", ("amx_int8", "avx512_bf16")),)
 
 
 @functools.cache
@@ -193,11 +202,10 @@ class BackendChoice:
 
     def resolve(self, precisions: Mapping[str, str]) -> BackendChoice:
         """This choice with "auto" replaced, for graphs of `precisions` ({graph: precision})."""
-        backends = {graph: self.for_graph(graph) for graph in precisions}
-        chosen = {
-            graph: auto_backend(graph, precisions[graph]) if backend == AUTO else backend
-            for graph, backend in backends.items()
-        }
+        chosen = {}
+        for graph, precision in precisions.items():
+            backend = self.for_graph(graph)
+            chosen[graph] = auto_backend(graph, precision) if backend == AUTO else backend
         default = DEFAULT_BACKEND if self.default == AUTO else self.default
         return BackendChoice(
             default, tuple(sorted((g, b) for g, b in chosen.items() if b != default))
@@ -267,11 +275,19 @@ register_backend(
 )
 register_backend(
     BackendEntry(
-        "tensorrt", "nvlm_export.runtime.backends.tensorrt", "TensorRTRunner", extra="tensorrt"
+        "tensorrt",
+        "nvlm_export.runtime.backends.tensorrt",
+        "TensorRTRunner",
+        extra="tensorrt",
+        library="tensorrt",
     )
 )
 register_backend(
     BackendEntry(
-        "openvino", "nvlm_export.runtime.backends.openvino", "OpenVinoRunner", extra="openvino"
+        "openvino",
+        "nvlm_export.runtime.backends.openvino",
+        "OpenVinoRunner",
+        extra="openvino",
+        library="openvino",
     )
 )
