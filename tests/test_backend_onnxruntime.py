@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from nvlm_export.errors import BundleError, InputError
+from nvlm_export.profiling.memory import current_rss_bytes
 from nvlm_export.runtime.backends import (
     GraphSpec,
     TensorSpec,
@@ -302,12 +303,6 @@ def test_int8_qdq_matmuls_sharing_an_input_run_as_integer_kernels(tmp_path: Path
         np.testing.assert_allclose(outputs[f"y{i}"], x_q @ (weights[f"w{i}"] * 0.01), atol=1e-5)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmRSS"))
-    return int(line.split()[1]) * 1024
-
-
 @pytest.mark.skipif(
     base._malloc_trim() is None, reason="needs glibc (malloc_trim): elsewhere it is a no-op"
 )
@@ -317,9 +312,9 @@ def test_freed_heap_memory_goes_back_to_the_os() -> None:
     chunks = [bytearray(64 * 1024) for _ in range(4096)]  # 256 MiB below the mmap threshold
     kept = chunks[7::8]  # every 8th stays allocated, so the freed pages are not at the top
     del chunks
-    before = _rss_bytes()
+    before = current_rss_bytes()
     base.return_freed_memory()
-    assert before - _rss_bytes() > 128 * 1024**2
+    assert before - current_rss_bytes() > 128 * 1024**2
     assert len(kept) == 512
 
 
