@@ -7,6 +7,7 @@ import pytest
 from helpers.tiny import TinyBundle
 
 from nvlm_export.errors import InputError
+from nvlm_export.runtime.backends import PREFILL
 from nvlm_export.runtime.manifest import DECODER_GRAPH, VISION_GRAPH, load_manifest
 from nvlm_export.runtime.pipeline import Pipeline
 
@@ -53,3 +54,22 @@ def test_vision_on_openvino_and_the_decoder_on_onnxruntime_answer_as_onnxruntime
     decoder_file = graphs[DECODER_GRAPH].file_for("onnxruntime")
     assert pipe.runners[DECODER_GRAPH].spec.path.name == decoder_file
     assert str(pipe.backends) == "onnxruntime,vision=openvino"
+
+
+def test_prefill_on_openvino_and_decode_steps_on_onnxruntime_answer_as_onnxruntime_alone(
+    tiny_bundle: TinyBundle,
+) -> None:
+    """The prompt calls on one backend and the one-token steps on another share one KV cache:
+    each reads the keys and values the other wrote."""
+    _, bundle = tiny_bundle("internvl")
+    pipe = Pipeline.load(bundle, backend="prefill=openvino", inference_precision="f32")
+    calls = {name: runner.timings.calls for name, runner in pipe.runners.items()}
+    assert answer(pipe, seed=2) == answer(Pipeline.load(bundle), seed=2)
+    ran = {name: runner.timings.calls - calls[name] for name, runner in pipe.runners.items()}
+    assert ran[PREFILL] >= 1 and ran[DECODER_GRAPH] == 7  # 8 new tokens: the first from prefill
+    assert pipe.runners[PREFILL].backend_name == "openvino"
+    assert pipe.runners[DECODER_GRAPH].backend_name == "onnxruntime"
+    assert str(pipe.backends) == "onnxruntime,prefill=openvino"
+    # Unnamed, prefill follows the decoder: one runner for the graph.
+    following = Pipeline.load(bundle, backend="openvino,decoder=onnxruntime")
+    assert sorted(following.runners) == [DECODER_GRAPH, VISION_GRAPH]

@@ -129,6 +129,21 @@ def test_a_backend_choice_names_each_graphs_backend(
     assert BackendChoice.of({"vision": "openvino"}) == BackendChoice.parse("vision=openvino")
 
 
+def test_prefill_follows_the_decoder_unless_named() -> None:
+    """A choice may name "prefill", the decoder's prompt calls; unnamed, they go with it."""
+    assert BackendChoice.parse("decoder=openvino").for_graph("prefill") == "openvino"
+    assert not BackendChoice.parse("openvino,vision=onnxruntime").prefill_apart
+    apart = BackendChoice.parse("prefill=openvino")
+    assert (apart.for_graph("decoder"), apart.for_graph("prefill")) == ("onnxruntime", "openvino")
+    assert apart.prefill_apart and str(apart) == "onnxruntime,prefill=openvino"
+    # Described from loaded runners, prefill is named exactly when it has a runner of its own.
+    runners = {"vision": "openvino", "decoder": "onnxruntime", "prefill": "openvino"}
+    described = BackendChoice.of_runners(runners)
+    assert {g: described.for_graph(g) for g in runners} == runners
+    assert BackendChoice.parse(str(described)) == described
+    assert not BackendChoice.of_runners({"vision": "openvino", "decoder": "openvino"}).prefill_apart
+
+
 @pytest.mark.parametrize(
     ("written", "message"),
     [
@@ -222,9 +237,13 @@ def test_auto_runs_an_int8_vision_graph_on_openvino_on_a_cpu_with_amx(
     amx_machine_with_openvino: None,
 ) -> None:
     resolved = BackendChoice.parse("auto").resolve(INT8_VISION)
-    assert str(resolved) == "onnxruntime,vision=openvino"
+    # The decoder's prompt calls go to OpenVINO as well, its one-token steps stay.
+    assert str(resolved) == "onnxruntime,prefill=openvino,vision=openvino"
     # An INT4 bundle's vision graph is INT8 too; a float vision graph stays on ONNX Runtime.
     assert str(BackendChoice.parse("auto").resolve({"vision": "int8", "decoder": "int4"})) == (
+        "onnxruntime,prefill=openvino,vision=openvino"
+    )
+    assert str(BackendChoice.parse("auto,prefill=onnxruntime").resolve(INT8_VISION)) == (
         "onnxruntime,vision=openvino"
     )
     assert str(BackendChoice.parse("auto").resolve({"vision": "fp32", "decoder": "fp32"})) == (

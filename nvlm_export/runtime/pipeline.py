@@ -41,6 +41,7 @@ from tokenizers import Tokenizer
 
 from nvlm_export.errors import BundleError, InputError, PromptError
 from nvlm_export.runtime.backends import (
+    PREFILL,
     BackendChoice,
     GraphRunner,
     GraphSpec,
@@ -242,11 +243,15 @@ class Pipeline:
         choice = BackendChoice.of(backend)
         choice.check_graphs(list(manifest.graphs))
         choice = choice.resolve({name: manifest.graphs[name].precision for name in loaded})
-        choice.check_options(backend_options, loaded)
+        # The decoder's prompt calls get a runner of their own where they run elsewhere.
+        slots = {name: name for name in loaded}
+        if DECODER_GRAPH in loaded and choice.prefill_apart:
+            slots[PREFILL] = DECODER_GRAPH
+        choice.check_options(backend_options, list(slots))
         shared = shared_runners or {}
         runners = {}
-        for name in loaded:
-            graph_backend = choice.for_graph(name)
+        for slot, name in slots.items():
+            graph_backend = choice.for_graph(slot)
             runner_class = get_backend(graph_backend)
             spec = GraphSpec.from_manifest(
                 name,
@@ -255,11 +260,11 @@ class Pipeline:
                 backend=graph_backend if graph_variants else None,
                 engine=manifest.engines.get(name),
             )
-            if name in shared:
-                runners[name] = _check_shared(shared[name], spec, runner_class)
+            if slot in shared:
+                runners[slot] = _check_shared(shared[slot], spec, runner_class)
             else:
                 options = accepted_options(graph_backend, backend_options)
-                runners[name] = runner_class(spec, **options)
+                runners[slot] = runner_class(spec, **options)
         for runner in runners.values():
             runner.activate()
         return cls(
@@ -462,9 +467,11 @@ class Pipeline:
 
     def prefill(self, inputs: DecoderInputs, cache: KVCache) -> np.ndarray:
         """The prompt's embeddings through the decoder into `cache`, in `prefill_chunk_tokens`
-        chunks; the last position's logits [V]."""
+        chunks; the last position's logits [V]. Runs on the prefill runner where the prompt
+        calls have their own backend (`BackendChoice`, "prefill=...")."""
+        runner = self.runners.get(PREFILL) or self.runners[DECODER_GRAPH]
         return prefill(
-            self.runners[DECODER_GRAPH].infer,
+            runner.infer,
             inputs.inputs_embeds,
             cache,
             extra_feeds=inputs.prefill_feeds,

@@ -9,6 +9,11 @@ Adding TensorRT later is one more `GraphRunner` subclass and one `register_backe
 A pipeline may run each graph on another backend (`BackendChoice`): "vision=openvino" runs the
 vision graph on OpenVINO and the others on ONNX Runtime; each runner gets the options it takes.
 "auto" picks per graph by `AUTO_RULES` (the measured fastest where its library is installed).
+
+Besides the graphs, a choice may name the decoder's prompt phase, "prefill": "prefill=openvino"
+runs the decoder graph's prompt calls on OpenVINO and its one-token steps on the decoder's backend
+(two runners of one graph, so its weights are resident twice). Unnamed, prefill goes wherever the
+decoder goes.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from pathlib import Path
 
 from nvlm_export.errors import InputError, MissingExtraError, check_choice
 from nvlm_export.runtime.backends.base import Backend, GraphRunner, GraphSpec, TensorSpec
+from nvlm_export.runtime.manifest import DECODER_GRAPH, GRAPH_NAMES
 
 __all__ = [
     "AUTO",
+    "PREFILL",
     "Backend",
     "BackendChoice",
     "BackendEntry",
@@ -96,6 +103,8 @@ def accepted_options(backend: str, options: Mapping[str, object]) -> dict[str, o
 DEFAULT_BACKEND = "onnxruntime"
 AUTO = "auto"
 SPEC_EXAMPLE = "onnxruntime,vision=openvino"
+# The decoder's prompt calls (every call of more than one token), named like a graph in a choice.
+PREFILL = "prefill"
 
 
 @dataclass(frozen=True)
@@ -121,7 +130,14 @@ class AutoRule:
 # OpenVINO runs the INT8 vision graph's GEMMs as int8 and the rest in bfloat16, 0.45x ONNX
 # Runtime's time per tile, with the demo model's answers unchanged. Float vision graphs stay on
 # ONNX Runtime: OpenVINO would run them in bfloat16, which an fp32 bundle does not promise.
-AUTO_RULES = (AutoRule("vision", ("int8",), "openvino", ("amx_int8", "avx512_bf16")),)
+# The decoder's prompt calls on OpenVINO too (bench bundles, 7-tile prompt of 2005 tokens): INT8
+# 0.61x ONNX Runtime's prefill time, INT4 0.41x (ONNX Runtime's MatMulNBits does not use the
+# matrix units at prefill sizes), the same greedy tokens; its one-token steps stay on ONNX Runtime,
+# which decodes twice as fast, so the decoder's weights are resident twice.
+AUTO_RULES = (
+    AutoRule("vision", ("int8",), "openvino", ("amx_int8", "avx512_bf16")),
+    AutoRule(PREFILL, ("int8", "int4"), "openvino", ("amx_int8", "avx512_bf16")),
+)
 
 
 @functools.cache
@@ -187,42 +203,62 @@ class BackendChoice:
     @classmethod
     def build(cls, default: str, per_graph: Mapping[str, str], *, shown: str) -> BackendChoice:
         """A choice whose graph and backend names are checked: one line naming the valid ones."""
-        from nvlm_export.runtime.manifest import GRAPH_NAMES
-
         names = [AUTO, *available_backends()]
         check_choice(default, names, "backend")
         for graph, backend in per_graph.items():
-            if graph not in GRAPH_NAMES:
+            if graph not in (*GRAPH_NAMES, PREFILL):
                 raise InputError(
                     f"Unknown graph '{graph}' in backend choice '{shown}'",
-                    fix=f"Choose graphs from: {', '.join(GRAPH_NAMES)}",
+                    fix=f"Choose graphs from: {', '.join(GRAPH_NAMES)}, or {PREFILL} (the "
+                    "decoder's prompt calls)",
                 )
             check_choice(backend, names, "backend")
         return cls(default, tuple(sorted(per_graph.items())))
 
     def resolve(self, precisions: Mapping[str, str]) -> BackendChoice:
-        """This choice with "auto" replaced, for graphs of `precisions` ({graph: precision})."""
+        """This choice with "auto" replaced, for graphs of `precisions` ({graph: precision}; the
+        decoder's prefill is resolved with the decoder)."""
+        if DECODER_GRAPH in precisions:
+            precisions = {**precisions, PREFILL: precisions[DECODER_GRAPH]}
         chosen = {}
         for graph, precision in precisions.items():
             backend = self.for_graph(graph)
             chosen[graph] = auto_backend(graph, precision) if backend == AUTO else backend
         default = DEFAULT_BACKEND if self.default == AUTO else self.default
-        return BackendChoice(
-            default, tuple(sorted((g, b) for g, b in chosen.items() if b != default))
-        )
+        return BackendChoice._describing(default, chosen)
 
     @classmethod
     def of_runners(cls, backends: Mapping[str, str]) -> BackendChoice:
-        """The choice that describes graphs already loaded ({graph: backend name}): the backend
+        """The choice that describes graphs already loaded ({graph: backend name}, with a
+        "prefill" entry where the decoder's prompt calls have a runner of their own): the backend
         of most graphs as the default, ONNX Runtime on a tie."""
         if not backends:
             return cls()
-        counts = Counter(backends.values())
+        counts = Counter(b for g, b in backends.items() if g != PREFILL)
         default = max(counts, key=lambda name: (counts[name], name == DEFAULT_BACKEND))
-        return cls(default, tuple(sorted((g, b) for g, b in backends.items() if b != default)))
+        return cls._describing(default, backends)
+
+    @classmethod
+    def _describing(cls, default: str, backends: Mapping[str, str]) -> BackendChoice:
+        """`default` plus the graphs of `backends` that run elsewhere; "prefill" is named only
+        where it leaves the decoder's backend (unnamed, it follows the decoder)."""
+        named = {g: b for g, b in backends.items() if b != default and g != PREFILL}
+        prefill = backends.get(PREFILL)
+        if prefill is not None and prefill != backends.get(DECODER_GRAPH, default):
+            named[PREFILL] = prefill
+        return cls(default, tuple(sorted(named.items())))
 
     def for_graph(self, graph: str) -> str:
-        return dict(self.per_graph).get(graph, self.default)
+        """The backend of `graph` ("prefill": of the decoder's prompt calls)."""
+        per_graph = dict(self.per_graph)
+        if graph == PREFILL and PREFILL not in per_graph:
+            return self.for_graph(DECODER_GRAPH)
+        return per_graph.get(graph, self.default)
+
+    @property
+    def prefill_apart(self) -> bool:
+        """Whether the decoder's prompt calls run on another backend than its one-token steps."""
+        return self.for_graph(PREFILL) != self.for_graph(DECODER_GRAPH)
 
     def backends(self, graphs: Collection[str] | None = None) -> list[str]:
         """The backends that run `graphs` (default: every backend the choice names)."""
@@ -237,7 +273,7 @@ class BackendChoice:
     def check_graphs(self, graphs: Collection[str]) -> None:
         """Refuse a choice that names a graph the bundle does not have."""
         for graph, _ in self.per_graph:
-            if graph not in graphs:
+            if (DECODER_GRAPH if graph == PREFILL else graph) not in graphs:
                 raise InputError(
                     f"Backend choice '{self}' names the {graph} graph, which this bundle has not",
                     fix=f"Name only its graphs: {', '.join(graphs)}",
