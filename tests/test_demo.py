@@ -387,6 +387,8 @@ def test_demo_eval_command_scores_a_bundle(demo_bundle: Path) -> None:
     scores = json.loads(result.output)
     assert scores["color"]["total"] >= 2
     assert 0.0 <= scores["color"]["accuracy"] <= 1.0
+    # The answers are those of the backends "auto" chose; the fp32 demo bundle stays on ORT.
+    assert scores["backends"] == "onnxruntime"
 
 
 def test_demo_eval_refuses_an_unknown_backend_before_loading(tmp_path: Path) -> None:

@@ -47,9 +47,11 @@ def evaluate_demo(
     from nvlm_export.runtime.manifest import MANIFEST_NAME
 
     target = target or default_checkpoint()
+    ran_on = {}  # for a bundle, what "auto" chose: the answers are those of these backends
     if (target / MANIFEST_NAME).is_file():
         options = opts.runner_options(backend, threads, spin=True)
         answerer = BundleAnswerer(target, backend, **options)
+        ran_on["backends"] = str(answerer.pipeline.backends)
     elif (target / "config.json").is_file():
         require_export_extra()
         answerer = TorchAnswerer.from_checkpoint(target)
@@ -61,8 +63,10 @@ def evaluate_demo(
         )
     report = evaluate(answerer, held_out(samples))
     if as_json:
-        typer.echo(json.dumps({"target": str(target), "samples": samples, **report.to_dict()}))
+        summary = {"target": str(target), "samples": samples, **ran_on, **report.to_dict()}
+        typer.echo(json.dumps(summary))
         return
-    typer.echo(f"{target}: {samples} held-out images")
+    on = f" on {ran_on['backends']}" if ran_on else ""
+    typer.echo(f"{target}: {samples} held-out images{on}")
     for line in report.lines():
         typer.echo(line)
