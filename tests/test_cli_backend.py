@@ -237,13 +237,14 @@ def test_auto_runs_an_int8_vision_graph_on_openvino_on_a_cpu_with_amx(
     amx_machine_with_openvino: None,
 ) -> None:
     resolved = BackendChoice.parse("auto").resolve(INT8_VISION)
-    # The decoder's prompt calls go to OpenVINO as well, its one-token steps stay.
-    assert str(resolved) == "onnxruntime,prefill=openvino,vision=openvino"
-    # An INT4 bundle's vision graph is INT8 too; a float vision graph stays on ONNX Runtime.
-    assert str(BackendChoice.parse("auto").resolve({"vision": "int8", "decoder": "int4"})) == (
+    assert str(resolved) == "onnxruntime,vision=openvino"
+    # An INT4 bundle's vision graph is INT8 too, and its decoder's prompt calls go to OpenVINO
+    # (its one-token steps stay); a float vision graph stays on ONNX Runtime.
+    int4 = {"vision": "int8", "decoder": "int4"}
+    assert str(BackendChoice.parse("auto").resolve(int4)) == (
         "onnxruntime,prefill=openvino,vision=openvino"
     )
-    assert str(BackendChoice.parse("auto,prefill=onnxruntime").resolve(INT8_VISION)) == (
+    assert str(BackendChoice.parse("auto,prefill=onnxruntime").resolve(int4)) == (
         "onnxruntime,vision=openvino"
     )
     assert str(BackendChoice.parse("auto").resolve({"vision": "fp32", "decoder": "fp32"})) == (

@@ -49,8 +49,8 @@ Backend = Annotated[
     str,
     in_panel(RUNTIME)(
         help="Inference backend: auto (ONNX Runtime, with an INT8 vision graph and the prompt "
-        "of an INT8/INT4 decoder on OpenVINO where the openvino extra is installed and the CPU "
-        "has AMX or AVX-512 BF16: about half the time per tile and per prompt token, the "
+        "of an INT4 decoder on OpenVINO where the openvino extra is installed and the CPU "
+        "has AMX or AVX-512 BF16: about half the time per tile and per prompt token, the INT4 "
         "decoder's weights held twice); onnxruntime; tensorrt (engines built on the target, the "
         "tensorrt extra); openvino (OpenVINO's CPU plugin, the openvino extra). Or one per "
         "graph: vision=openvino runs the vision graph on OpenVINO and the others on onnxruntime; "
