@@ -7,6 +7,9 @@ parameter; its `ExportHooks`, named by the spec, say:
 
 - how to export the decoder (and, for cross-attention models, the cross_kv graph);
 - how the PyTorch reference computes next-token logits for export validation and `verify`.
+
+Both reference hooks feed the decoder through `prefill_in_chunks`, the one place that decides how
+many tokens a reference decoder call takes (why: export/reference.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import Cache, DynamicCache, PretrainedConfig
 
 from nvlm_export.export.decoder import LanguageExport, export_decoder_onnx
 from nvlm_export.export.onnx_utils import GraphIO
@@ -24,10 +28,18 @@ from nvlm_export.models.registry import architecture_of
 from nvlm_export.runtime.manifest import DECODER_GRAPH
 from nvlm_export.runtime.prompt import PromptFormat, PromptTokens
 
-# (model, prompt, token ids so far [1, T], tiles of every image [N, 3, S, S] or None) -> logits [V]
+# Tokens per decoder call when the reference prefills a sequence (None: all at once). 512, as the
+# runtime's prefill (pipeline.DEFAULT_PREFILL_CHUNK_TOKENS): each layer's attention scores are
+# [heads, 512, T], under 0.2 GiB for the bench checkpoint's validation prompt.
+REFERENCE_CHUNK_TOKENS = 512
+
+# (model, prompt, token ids so far [1, T], tiles of every image [N, 3, S, S], tokens per decoder
+# call or None) -> logits [V]
 ReferenceLogits = Callable[
-    [nn.Module, PromptTokens, torch.Tensor, list[torch.Tensor]], torch.Tensor
+    [nn.Module, PromptTokens, torch.Tensor, list[torch.Tensor], int | None], torch.Tensor
 ]
+# (rows of the sequence, the cache holding every row before them) -> logits [V] of the last row
+DecodeRows = Callable[[slice, Cache], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -73,15 +85,36 @@ def _decoder_only_language(request: LanguageExport) -> dict[str, GraphIO]:
     return {DECODER_GRAPH: io}
 
 
+def prefill_in_chunks(
+    config: PretrainedConfig, length: int, decode_rows: DecodeRows, chunk_tokens: int | None
+) -> torch.Tensor:
+    """The logits [V] after `length` rows, decoded `chunk_tokens` rows at a time (None: in one
+    call) into a new transformers cache. The cache lives for this call only: the reference never
+    shares one with the bundle or with its next step."""
+    step = chunk_tokens or length
+    cache = DynamicCache(config=config)
+    for start in range(0, length, step):
+        logits = decode_rows(slice(start, start + step), cache)
+    return logits
+
+
 def _decoder_only_reference(
     model: nn.Module,
     prompt: PromptTokens,
     token_ids: torch.Tensor,
     images: list[torch.Tensor],
+    chunk_tokens: int | None,
 ) -> torch.Tensor:
     """NVLM-D / InternVL: image features overwrite the placeholder embeddings, in order."""
     pixel_values = torch.cat(images) if images else None
-    return model(token_ids, pixel_values, logits_to_keep=1)[0, -1]
+    embeds = model.input_embeddings(token_ids, pixel_values)  # (1, T, D)
+    lm = model.language_model
+
+    def decode_rows(rows: slice, cache: Cache) -> torch.Tensor:
+        out = lm(inputs_embeds=embeds[:, rows], cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1]
+
+    return prefill_in_chunks(lm.config, embeds.shape[1], decode_rows, chunk_tokens)
 
 
 DECODER_ONLY = ExportHooks(

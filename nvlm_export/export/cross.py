@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import Cache
 
 from nvlm_export.errors import ExportError
-from nvlm_export.export.architectures import ExportHooks
+from nvlm_export.export.architectures import ExportHooks, prefill_in_chunks
 from nvlm_export.export.decoder import (
     DTYPES,
     NUMPY_DTYPE,
@@ -264,10 +265,21 @@ def _cross_language(request: LanguageExport) -> dict[str, GraphIO]:
 
 
 def _cross_reference(
-    model: nn.Module, prompt: PromptTokens, token_ids: torch.Tensor, images: list[torch.Tensor]
+    model: nn.Module,
+    prompt: PromptTokens,
+    token_ids: torch.Tensor,
+    images: list[torch.Tensor],
+    chunk_tokens: int | None,
 ) -> torch.Tensor:
-    """Next-token logits [V] from the full (cache-free) PyTorch forward."""
-    return model(token_ids, images, prompt, logits_to_keep=1)[0, -1]
+    """Next-token logits [V] from the PyTorch model: images and cross keys/values once, then the
+    decoder over the text rows in chunks (`prefill_in_chunks`), each chunk with its mask rows."""
+    embeds, cross_kv, mask = model.decoder_inputs(token_ids, images, prompt)
+
+    def decode_rows(rows: slice, cache: Cache) -> torch.Tensor:
+        return model.decode(embeds[:, rows], cross_kv, mask[:, rows], 1, cache)[0, -1]
+
+    config = model.language_model.config
+    return prefill_in_chunks(config, embeds.shape[1], decode_rows, chunk_tokens)
 
 
 CROSS_ATTENTION = ExportHooks(

@@ -1,8 +1,14 @@
 """The PyTorch reference: what the bundle must compute, asked the same questions.
 
 Used by export validation and `nvlm-export verify`. Its greedy decoding recomputes the whole
-sequence at every step, with no KV cache, so it checks the bundle's cache handling independently
-instead of sharing its assumptions.
+sequence at every step, sharing no KV cache with the bundle or between steps, so it checks the
+bundle's cache handling independently instead of sharing its assumptions.
+
+Within one step the sequence goes through the decoder in chunks of `REFERENCE_CHUNK_TOKENS`
+(`architectures.prefill_in_chunks`), with transformers' own KV cache made for that step alone:
+eager attention over a whole 2.4k-token prompt holds [heads, T, T] scores per layer, which made
+the PyTorch fp16 reference the peak of fp16 export validation (3.1 GiB on the bench checkpoint,
+docs/memory.md); in chunks the scores are [heads, chunk, T]. The logits agree within rounding.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from nvlm_export.export.architectures import ArchitectureExport
+from nvlm_export.export.architectures import REFERENCE_CHUNK_TOKENS, ArchitectureExport
 from nvlm_export.export.vision import VisionGraph
 from nvlm_export.runtime.prompt import PromptTokens
 from nvlm_export.runtime.tiling import Tiling, TilingConfig
@@ -56,9 +62,18 @@ def _tile_by_tile(
 
 
 class TorchReference:
-    def __init__(self, model: nn.Module, arch: ArchitectureExport) -> None:
+    """The model's answers to the runtime's questions. `chunk_tokens`: tokens per decoder call
+    when a sequence is prefilled (None: the whole sequence in one call)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        arch: ArchitectureExport,
+        chunk_tokens: int | None = REFERENCE_CHUNK_TOKENS,
+    ) -> None:
         self.model = model.eval()
         self.arch = arch
+        self.chunk_tokens = chunk_tokens
         model.vision.tile_tokens = _tile_by_tile(model.vision.tile_tokens)
         self.vision = VisionGraph(model.vision, arch.vision_outputs(model)).eval()
         self.dtype = next(model.parameters()).dtype
@@ -82,7 +97,7 @@ class TorchReference:
         ids = np.concatenate([prompt.input_ids, np.asarray(generated, dtype=np.int64)])
         token_ids = torch.from_numpy(ids)[None, :]
         logits = self.arch.hooks.reference_logits(
-            self.model, prompt, token_ids, self._tiles(tilings)
+            self.model, prompt, token_ids, self._tiles(tilings), self.chunk_tokens
         )
         return logits.float().numpy()
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
+from transformers import Cache
 from transformers.masking_utils import create_causal_mask
 
 from nvlm_export.errors import PromptError
@@ -99,24 +100,37 @@ class CrossAttentionVisionLanguageModel(VisionLanguageBase):
     # --- the decoder ----------------------------------------------------------------------------
 
     def decode(
-        self, embeds: torch.Tensor, cross_kv: CrossKV, mask: torch.Tensor, logits_to_keep: int = 0
+        self,
+        embeds: torch.Tensor,
+        cross_kv: CrossKV,
+        mask: torch.Tensor,
+        logits_to_keep: int = 0,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         """embeds (B, T, D), per-block cross key/value, mask bool (B, T, K) -> logits (B, T, V),
-        or of the last `logits_to_keep` positions (0: all)."""
+        or of the last `logits_to_keep` positions (0: all). With a transformers `cache` holding
+        the positions before `embeds`, the rows continue them and are added to it; the cross
+        blocks need no cache (their keys and values are `cross_kv`, whole)."""
         lm = self.language_model.model
-        positions = torch.arange(embeds.shape[1])[None]  # (1, T)
+        past = cache.get_seq_length() if cache is not None else 0
+        positions = torch.arange(past, past + embeds.shape[1])[None]  # (1, T)
         causal = create_causal_mask(
             config=lm.config,
             inputs_embeds=embeds,
             attention_mask=None,
-            cache=None,
+            cache=cache,
             position_ids=positions,
         )
         rotary = lm.rotary_emb(embeds, positions)  # (cos, sin)
         hidden = embeds
         for index, layer in enumerate(lm.layers):
             hidden = layer(
-                hidden, attention_mask=causal, position_ids=positions, position_embeddings=rotary
+                hidden,
+                attention_mask=causal,
+                position_ids=positions,
+                position_embeddings=rotary,
+                cache=cache,
+                use_cache=cache is not None,
             )
             block = self.cross_attention.block_after(index)
             if block is not None:
@@ -130,15 +144,11 @@ class CrossAttentionVisionLanguageModel(VisionLanguageBase):
         """Each image's tiles (n_i, 3, 448, 448) -> pixel-shuffled ViT tokens (n_i, 256, 4Dv)."""
         return [self.vision.tile_tokens(tiles) for tiles in images]
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        images: Sequence[torch.Tensor],
-        prompt: PromptTokens,
-        logits_to_keep: int = 0,
-    ) -> torch.Tensor:
-        """input_ids (1, T), each image's tiles (n_i, 3, 448, 448), the prompt -> (1, T, V), or
-        (1, logits_to_keep, V) for the last positions (0: all).
+    def decoder_inputs(
+        self, input_ids: torch.Tensor, images: Sequence[torch.Tensor], prompt: PromptTokens
+    ) -> tuple[torch.Tensor, CrossKV, torch.Tensor]:
+        """What `decode` takes for input_ids (1, T), each image's tiles (n_i, 3, 448, 448) and
+        the prompt: embeds (1, T, D), every block's cross key/value, the mask (1, T, K).
 
         `input_ids` starts with the prompt's ids and may continue with generated tokens; their
         cross-attention mask rows repeat the prompt's last row (they come after every image).
@@ -148,6 +158,18 @@ class CrossAttentionVisionLanguageModel(VisionLanguageBase):
         embeds = self.input_embeddings(input_ids, tokens, prompt)
         cross_kv = self.cross_key_values(self.cross_embeddings(tokens, prompt))
         mask = extended_cross_mask(prompt, input_ids.shape[1])[None]  # (1, T, K)
+        return embeds, cross_kv, mask
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        images: Sequence[torch.Tensor],
+        prompt: PromptTokens,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """input_ids (1, T), each image's tiles (n_i, 3, 448, 448), the prompt -> (1, T, V), or
+        (1, logits_to_keep, V) for the last positions (0: all); see `decoder_inputs`."""
+        embeds, cross_kv, mask = self.decoder_inputs(input_ids, images, prompt)
         return self.decode(embeds, cross_kv, mask, logits_to_keep)
 
 
