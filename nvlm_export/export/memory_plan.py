@@ -70,9 +70,9 @@ CPU_RUN_BYTES = {
     "fp8": 4.0 + 1.0,
     "int4": WEIGHT_BYTES["int4"],
 }
-# HF eager attention (the PyTorch reference) holds about three [heads, T, T] score tensors of
+# HF eager attention (the PyTorch reference) holds about three [heads, chunk, T] score tensors of
 # one layer at a time (scores, scores plus the causal mask, the softmax in fp32), 4 bytes each:
-# the reference recomputes the whole prompt, without a KV cache.
+# the reference prefills the prompt in chunks (export/architectures.py REFERENCE_CHUNK_TOKENS).
 REFERENCE_SCORE_BYTES = 3 * 4
 # The prompt around the image tokens, for sizing calibration and the accuracy check.
 PROMPT_TOKENS = 64
@@ -355,11 +355,15 @@ def graph_bytes(
 
 def reference_run(inv: Inventory, dtype: str) -> int:
     """The PyTorch reference of export validation: every weight in `dtype` (the head and the
-    embedding table included), and the eager attention scores of one layer over the whole
-    validation prompt (`REFERENCE_SCORE_BYTES`)."""
+    embedding table included), the eager attention scores of one layer for one chunk of the
+    validation prompt against all of it (`REFERENCE_SCORE_BYTES`), and its KV cache in `dtype`."""
+    from nvlm_export.export.architectures import REFERENCE_CHUNK_TOKENS
+
     tokens = inv.validation_tiles * inv.tokens_per_tile + PROMPT_TOKENS
-    scores = REFERENCE_SCORE_BYTES * inv.llm_heads * tokens**2
-    return int(BASE_OVERHEAD + inv.run_parameters() * WEIGHT_BYTES[dtype] + scores)
+    chunk = min(tokens, REFERENCE_CHUNK_TOKENS)
+    scores = REFERENCE_SCORE_BYTES * inv.llm_heads * chunk * tokens
+    cache = inv.kv_values_per_token * tokens * WEIGHT_BYTES[dtype]
+    return int(BASE_OVERHEAD + inv.run_parameters() * WEIGHT_BYTES[dtype] + scores + cache)
 
 
 def validated_export(inv: Inventory, dtype: str) -> int:
