@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import Cache, DynamicCache, PretrainedConfig
 
 from nvlm_export.export.decoder import LanguageExport, export_decoder_onnx
@@ -33,11 +33,9 @@ from nvlm_export.runtime.prompt import PromptFormat, PromptTokens
 # [heads, 512, T], under 0.2 GiB for the bench checkpoint's validation prompt.
 REFERENCE_CHUNK_TOKENS = 512
 
-# (model, prompt, token ids so far [1, T], tiles of every image [N, 3, S, S], tokens per decoder
-# call or None) -> logits [V]
-ReferenceLogits = Callable[
-    [nn.Module, PromptTokens, torch.Tensor, list[torch.Tensor], int | None], torch.Tensor
-]
+Tiles = list[torch.Tensor]  # the tiles of each image, [N, 3, S, S]
+# (model, prompt, token ids so far [1, T], tiles, tokens per decoder call or None) -> logits [V]
+ReferenceLogits = Callable[[nn.Module, PromptTokens, torch.Tensor, Tiles, int | None], torch.Tensor]
 # (rows of the sequence, the cache holding every row before them) -> logits [V] of the last row
 DecodeRows = Callable[[slice, Cache], torch.Tensor]
 
@@ -99,11 +97,7 @@ def prefill_in_chunks(
 
 
 def _decoder_only_reference(
-    model: nn.Module,
-    prompt: PromptTokens,
-    token_ids: torch.Tensor,
-    images: list[torch.Tensor],
-    chunk_tokens: int | None,
+    model: nn.Module, prompt: PromptTokens, token_ids: Tensor, images: Tiles, chunk: int | None
 ) -> torch.Tensor:
     """NVLM-D / InternVL: image features overwrite the placeholder embeddings, in order."""
     pixel_values = torch.cat(images) if images else None
@@ -114,7 +108,7 @@ def _decoder_only_reference(
         out = lm(inputs_embeds=embeds[:, rows], cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1]
 
-    return prefill_in_chunks(lm.config, embeds.shape[1], decode_rows, chunk_tokens)
+    return prefill_in_chunks(lm.config, embeds.shape[1], decode_rows, chunk)
 
 
 DECODER_ONLY = ExportHooks(

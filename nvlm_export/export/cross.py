@@ -21,11 +21,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import Cache
 
 from nvlm_export.errors import ExportError
-from nvlm_export.export.architectures import ExportHooks, prefill_in_chunks
+from nvlm_export.export.architectures import ExportHooks, Tiles, prefill_in_chunks
 from nvlm_export.export.decoder import (
     DTYPES,
     NUMPY_DTYPE,
@@ -265,11 +265,7 @@ def _cross_language(request: LanguageExport) -> dict[str, GraphIO]:
 
 
 def _cross_reference(
-    model: nn.Module,
-    prompt: PromptTokens,
-    token_ids: torch.Tensor,
-    images: list[torch.Tensor],
-    chunk_tokens: int | None,
+    model: nn.Module, prompt: PromptTokens, token_ids: Tensor, images: Tiles, chunk: int | None
 ) -> torch.Tensor:
     """Next-token logits [V] from the PyTorch model: images and cross keys/values once, then the
     decoder over the text rows in chunks (`prefill_in_chunks`), each chunk with its mask rows."""
@@ -279,7 +275,7 @@ def _cross_reference(
         return model.decode(embeds[:, rows], cross_kv, mask[:, rows], 1, cache)[0, -1]
 
     config = model.language_model.config
-    return prefill_in_chunks(config, embeds.shape[1], decode_rows, chunk_tokens)
+    return prefill_in_chunks(config, embeds.shape[1], decode_rows, chunk)
 
 
 CROSS_ATTENTION = ExportHooks(
