@@ -289,3 +289,24 @@ def test_a_hostile_backend_choice_is_refused_in_one_escaped_line(bundle: Path, i
     assert code != 0
     assert "\x1b" not in output and "\\x1b[2J\\nrm -rf /" in " ".join(output.split())
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("written", "shown"),
+    [
+        ("prefill=openvino\x1b]0;pwned\x07", "Unknown backend 'openvino\\x1b]0;pwned\\x07'"),
+        ("prefill=openvino,prefill=onnxruntime", "names the prefill graph twice"),
+        ("prefill=auto\r\nvision=openvino", "\\r\\nvision"),
+    ],
+)
+def test_a_hostile_prefill_choice_is_refused_in_one_escaped_line(
+    bundle: Path, image: Path, written: str, shown: str
+) -> None:
+    """A choice may name "prefill" besides the graphs: the backend after it is checked
+    like any backend name, shown escaped, and refused before anything loads."""
+    args, _ = commands(bundle, image)["run"]
+    code, output = invoke([*args, "--backend", written])
+    assert code != 0
+    assert "\x1b" not in output and "\x07" not in output and "\r" not in output
+    assert shown in " ".join(output.split())
+    assert "Traceback" not in output
