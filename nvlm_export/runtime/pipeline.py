@@ -469,7 +469,7 @@ class Pipeline:
         """The prompt's embeddings through the decoder into `cache`, in `prefill_chunk_tokens`
         chunks; the last position's logits [V]. Runs on the prefill runner where the prompt
         calls have their own backend (`BackendChoice`, "prefill=...")."""
-        runner = self.runners.get(PREFILL) or self.runners[DECODER_GRAPH]
+        runner = self.runners.get(PREFILL, self.runners[DECODER_GRAPH])
         return prefill(
             runner.infer,
             inputs.inputs_embeds,
