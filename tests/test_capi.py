@@ -435,10 +435,22 @@ def test_missing_bundle_is_an_error_code_and_leaks_nothing(harness: Path, tmp_pa
 
 
 @needs_compiler
-def test_unknown_session_option_is_refused(harness: Path, bundle: Path) -> None:
-    out = fields(run(harness, "open", bundle, "threads=1;colour=red", 1).stdout)
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("threads=1;colour=red", "Unknown session option 'colour'"),
+        (
+            "backend=auto,speech=openvino;threads=1",
+            "Unknown graph 'speech' in backend choice 'auto,speech=openvino'",
+        ),
+    ],
+)
+def test_bad_session_options_are_an_error_code(
+    harness: Path, bundle: Path, options: str, message: str
+) -> None:
+    out = fields(run(harness, "open", bundle, options, 1).stdout)
     assert out["status"] == "NVLM_ERR_INVALID_ARGUMENT"
-    assert "Unknown session option 'colour'" in out["error"]
+    assert message in out["error"]
     assert out["live"] == "0,0,0"
 
 
@@ -538,13 +550,31 @@ def test_chat_from_c_cancelled_turn_is_dropped_and_the_next_sees_the_first(
 
 def test_session_options_parse_into_pipeline_keywords() -> None:
     backend, keywords = parse_session_options("threads=2; providers=A,B ;")
-    assert backend == "onnxruntime"
+    assert str(backend) == "onnxruntime"
     assert keywords == {"intra_op_threads": 2, "providers": ("A", "B")}
-    assert parse_session_options(None) == ("onnxruntime", {})
+    # An embedded session runs where its options say: ONNX Runtime unless they ask for "auto".
+    assert str(parse_session_options(None)[0]) == "onnxruntime"
     # Pipeline options apply whatever the backend.
-    assert parse_session_options("backend=openvino;verify_hashes=1;feature_cache_bytes=0") == (
+    backend, keywords = parse_session_options(
+        "backend=openvino;verify_hashes=1;feature_cache_bytes=0"
+    )
+    assert (str(backend), keywords) == (
         "openvino",
         {"verify_hashes": True, "feature_cache_bytes": 0},
+    )
+
+
+def test_session_backend_is_a_choice_per_graph_as_the_cli_writes_it() -> None:
+    """An embedder reaches what `--backend` does: "auto", a graph elsewhere, the decoder's prompt
+    calls on a backend of their own; runner options go to the runners that take them."""
+    backend, keywords = parse_session_options("backend=auto,prefill=openvino;threads=2")
+    assert str(backend) == "auto,prefill=openvino"
+    assert backend.for_graph("prefill") == "openvino"
+    assert keywords == {"intra_op_threads": 2}
+    backend, _ = parse_session_options("backend=onnxruntime,vision=openvino")
+    assert (backend.for_graph("vision"), backend.for_graph("decoder")) == (
+        "openvino",
+        "onnxruntime",
     )
 
 
@@ -560,8 +590,9 @@ def test_session_options_parse_into_pipeline_keywords() -> None:
         ("prefix_cache_bytes=abc", "prefix_cache_bytes=abc is invalid"),
         ("prefix_cache_bytes=", "prefix_cache_bytes= is invalid"),
         ("verify_hashes=yes", "verify_hashes=yes is invalid"),
-        # A session runs every graph on one backend (docs/capi.md).
-        ("backend=vision=openvino", "Unknown backend 'vision=openvino'"),
+        ("backend=onnxruntime,speech=openvino", "Unknown graph 'speech'"),
+        ("backend=auto,prefill=openvino,prefill=tensorrt", "names the prefill graph twice"),
+        ("backend=tensorrt,vision=tensorrt;providers=A", "providers does not apply"),
     ],
 )
 def test_bad_session_options_are_refused(text: str, message: str) -> None:

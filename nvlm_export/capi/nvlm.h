@@ -92,7 +92,11 @@ typedef struct nvlm_session nvlm_session;
 
 /* Load the bundle directory written by `nvlm-export export`.
  * options: NULL or "" for defaults, else "key=value" pairs separated by ';':
- *   backend=onnxruntime|tensorrt   inference backend (default onnxruntime)
+ *   backend=CHOICE                 inference backend (default onnxruntime): onnxruntime,
+ *                                  openvino, tensorrt or auto (per graph, the measured fastest
+ *                                  installed), optionally with graph=backend pairs, e.g.
+ *                                  "onnxruntime,vision=openvino,prefill=openvino" (prefill: the
+ *                                  decoder's prompt calls); as the CLI's --backend writes it
  *   threads=N                      ONNX Runtime intra-op threads (default: all cores)
  *   providers=A,B                  ONNX Runtime execution providers in priority order
  *                                  (default CPUExecutionProvider)

@@ -1,8 +1,10 @@
 """The `options` string of `nvlm_session_open`: "backend=onnxruntime;threads=2;providers=A,B".
 
 Each option is declared once below (its key, the `Pipeline.load` keyword it becomes, how its value
-is parsed and which backends accept it); unknown keys and options the chosen backend does not take
-are refused with a message listing what is accepted.
+is parsed, and whether a graph's runner or the pipeline takes it). `backend` is a backend choice as
+the CLI's `--backend` writes it ("auto", "onnxruntime,vision=openvino,prefill=openvino"); which
+runner takes which option is the runners' own signatures (`BackendChoice.check_options`). Unknown
+keys and options no chosen backend takes are refused with a message listing what is accepted.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nvlm_export.errors import InputError, check_choice
-from nvlm_export.runtime.backends import available_backends
+from nvlm_export.errors import InputError
+from nvlm_export.runtime.backends import BackendChoice
 
+# Not the CLI's "auto": an embedded session runs where its options say, whatever else is
+# installed, unless they ask for "auto".
 DEFAULT_BACKEND = "onnxruntime"
 BACKEND_KEY = "backend"
 
@@ -60,15 +64,15 @@ class SessionOption:
     key: str
     keyword: str  # the Pipeline.load / backend runner keyword
     parse: Callable[[str, str], Any]
-    backends: tuple[str, ...] | None = None  # None: a Pipeline option, for every backend
+    runner: bool = False  # taken by the graphs' runners (checked against the backends chosen)
 
 
 OPTIONS: dict[str, SessionOption] = {
     option.key: option
     for option in (
-        SessionOption("threads", "intra_op_threads", _int_at_least(1), ("onnxruntime",)),
-        SessionOption("providers", "providers", _name_list, ("onnxruntime",)),
-        SessionOption("optimization_level", "optimization_level", _word, ("onnxruntime",)),
+        SessionOption("threads", "intra_op_threads", _int_at_least(1), runner=True),
+        SessionOption("providers", "providers", _name_list, runner=True),
+        SessionOption("optimization_level", "optimization_level", _word, runner=True),
         SessionOption("verify_hashes", "verify_hashes", _flag),
         SessionOption("feature_cache_bytes", "feature_cache_bytes", _int_at_least(0, " bytes")),
         SessionOption("prefix_cache_bytes", "prefix_cache_bytes", _int_at_least(0, " bytes")),
@@ -76,25 +80,24 @@ OPTIONS: dict[str, SessionOption] = {
 }
 
 
-def parse_session_options(text: str | None) -> tuple[str, dict[str, Any]]:
-    """The backend name and the keyword options for `Pipeline.load`."""
+def parse_session_options(text: str | None) -> tuple[BackendChoice, dict[str, Any]]:
+    """The backend choice and the keyword options for `Pipeline.load`."""
     pairs = _split_pairs(text or "")
-    backend = pairs.pop(BACKEND_KEY, DEFAULT_BACKEND)
-    # One backend for every graph: `Pipeline.load`'s choice per graph is not offered here.
-    check_choice(backend, available_backends(), "backend")
+    choice = BackendChoice.parse(pairs.pop(BACKEND_KEY, DEFAULT_BACKEND))
     keywords: dict[str, Any] = {}
     for key, value in pairs.items():
         option = OPTIONS.get(key)
         if option is None:
             known = ", ".join([BACKEND_KEY, *OPTIONS])
             raise InputError(f"Unknown session option '{key}'", fix=f"Use one of: {known}")
-        if option.backends is not None and backend not in option.backends:
-            raise InputError(
-                f"Option '{key}' does not apply to the '{backend}' backend",
-                fix=f"Use it with backend={' or backend='.join(option.backends)}",
-            )
         keywords[option.keyword] = option.parse(key, value)
-    return backend, keywords
+    runner_options = {k: v for k, v in keywords.items() if _by_keyword(k).runner}
+    choice.check_options(runner_options, shown={o.keyword: o.key for o in OPTIONS.values()})
+    return choice, keywords
+
+
+def _by_keyword(keyword: str) -> SessionOption:
+    return next(option for option in OPTIONS.values() if option.keyword == keyword)
 
 
 def _split_pairs(text: str) -> dict[str, str]:
