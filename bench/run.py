@@ -525,7 +525,21 @@ def _ratio_row(name: str, values: dict[str, list[float]], target: float | None) 
 
 # --- time to first token (issue #19) ------------------------------------------------------------
 
-TTFT_SECTION = ROOT / "bench" / "ttft-results.md"
+# One TTFT section per CPU class: sessions run on machines drawn from several, and a run on one
+# class must not erase what was measured on another (its kernels and its baseline differ).
+CPU_CLASSES = {"amx": "AMX", "avx512": "AVX-512 without AMX", "avx2": "AVX2 without AVX-512"}
+
+
+def cpu_class() -> str:
+    """The widest matrix/vector units this CPU has: "amx", "avx512" or "avx2"."""
+    flags = cpu_flags()
+    if any(flag.startswith("amx") for flag in flags):
+        return "amx"
+    return "avx512" if "avx512f" in flags else "avx2"
+
+
+def ttft_section(cpu: str) -> Path:
+    return ROOT / "bench" / f"ttft-results-{cpu}.md"
 
 
 def run_ttft(args: Any, machine: dict[str, Any], started: str) -> list[Row]:
@@ -610,16 +624,24 @@ def _time_ratio_row(name: str, values: dict[str, list[float]], target: float | N
     )
 
 
-def amx_note(flags: str) -> str:
-    """Issue #19's figures come from an Intel Xeon with AMX; say whether this CPU is one."""
-    if "amx" in flags.lower():
-        return "This CPU has AMX, like the machine of issue #19's figures."
-    return (
-        "Issue #19's figures (and its AMX argument) come from an Intel Xeon with AMX; on a CPU "
-        "without AMX both sides run on AVX-512 (PyTorch's bf16 GEMMs on AVX512_BF16 where "
-        "present, ONNX Runtime's int8 GEMMs on AVX512_VNNI), so the ratios here are for that "
-        "machine class, not the issue's."
-    )
+def amx_note(cpu: str) -> str:
+    """Issue #19's figures come from an Intel Xeon with AMX; say how this CPU class differs."""
+    return {
+        "amx": "This CPU has AMX, like the machine of issue #19's figures.",
+        "avx512": (
+            "Issue #19's figures (and its AMX argument) come from an Intel Xeon with AMX; on a "
+            "CPU without AMX both sides run on AVX-512 (PyTorch's bf16 GEMMs on AVX512_BF16 where "
+            "present, ONNX Runtime's int8 GEMMs on AVX512_VNNI), so the ratios here are for that "
+            "machine class, not the issue's."
+        ),
+        "avx2": (
+            "Issue #19's figures (and its AMX argument) come from an Intel Xeon with AMX. This CPU "
+            "has neither AMX nor AVX-512: it has no bf16 arithmetic, so PyTorch's bf16 baseline "
+            "converts to float32 around its GEMMs, and ONNX Runtime's int8 GEMMs run on AVX2 "
+            "(no VNNI). The ratios here are for that machine class, not the issue's; the AMX "
+            "section above is the one the issue's targets were set on."
+        ),
+    }[cpu]
 
 
 def write_ttft_section(
@@ -628,8 +650,9 @@ def write_ttft_section(
     tokens = ", ".join(
         f"{tiles} tile(s) {facts[f'prompt_tokens_{tiles}'][0]} tokens" for tiles in (1, 7)
     )
+    cpu = cpu_class()
     lines = [
-        "## Time to first token (issue #19)",
+        f"## Time to first token (issue #19): {CPU_CLASSES[cpu]}",
         "",
         f"Written by `bench/run.py` (also alone: `--only-ttft`); run started {started}, "
         f"{args.threads} threads per system, {args.runs} rounds (7 tiles: {args.long_runs}), "
@@ -638,7 +661,7 @@ def write_ttft_section(
         "the ratios of alternated measurements are what counts. CPU: "
         f"{machine['cpu']}, matrix/vector units: {matrix_flags()}.",
         "",
-        amx_note(matrix_flags()),
+        amx_note(cpu),
         "",
         "- PyTorch bf16 = transformers' `InternVLForConditionalGeneration` loaded with "
         "`dtype=torch.bfloat16` from the bench weights in the transformers layout "
@@ -654,9 +677,9 @@ def write_ttft_section(
         "",
         *table_lines(rows),
     ]
-    TTFT_SECTION.write_text("\n".join(lines) + "\n")
+    ttft_section(cpu).write_text("\n".join(lines) + "\n")
     if not args.no_doc:
-        refresh_section(args.doc, TTFT_SECTION)
+        refresh_section(args.doc, ttft_section(cpu))
 
 
 def table_lines(rows: list[Row]) -> list[str]:
@@ -673,12 +696,13 @@ def table_lines(rows: list[Row]) -> list[str]:
 
 
 def matrix_flags() -> str:
-    """The CPU's AVX-512 / AMX flags that decide which int8 and bf16 kernels can run."""
+    """The CPU's AVX2 / AVX-512 / AMX flags that decide which int8 and bf16 kernels can run."""
     flags = cpu_flags()
     if not flags:
         return "unknown"
-    wanted = [f for f in flags if f.startswith(("avx512f", "avx512_vnni", "avx512_bf16", "amx"))]
-    return (", ".join(sorted(set(wanted))) or "no AVX-512") + (
+    prefixes = ("avx2", "avx_vnni", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx")
+    wanted = [f for f in flags if f.startswith(prefixes)]
+    return (", ".join(sorted(set(wanted))) or "no AVX2") + (
         "" if any(f.startswith("amx") for f in flags) else "; no AMX"
     )
 
@@ -746,7 +770,8 @@ def write_doc(path: Path, rows: list[Row], facts: dict[str, Any], args: Any, sta
     # Sections kept across reruns: the analysis, and the other bench scripts' results.
     for section in SECTIONS:
         path_in = ROOT / "bench" / section
-        lines += ["", path_in.read_text() if path_in.exists() else ""]
+        if path_in.exists():
+            lines += ["", path_in.read_text()]
     path.write_text("\n".join(lines).rstrip() + "\n")
 
 
@@ -754,7 +779,7 @@ def write_doc(path: Path, rows: list[Row], facts: dict[str, Any], args: Any, sta
 # heading: the analysis (by hand), bench/memory.py's results, bench/reuse.py's (written by it)
 # and bench/soak.py --caches' (by hand).
 SECTIONS = (
-    "ttft-results.md",
+    *(ttft_section(cpu).name for cpu in CPU_CLASSES),
     "analysis.md",
     "memory-results.md",
     "reuse-results.md",
