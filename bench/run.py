@@ -571,7 +571,7 @@ def run_ttft(args: Any, machine: dict[str, Any], started: str) -> list[Row]:
         name = f"TTFT, {tiles} tile(s) + {args.question_tokens}-token question, INT8 vs bf16"
         rows.append(_time_ratio_row(name, ttft, target))
     bf16.close()
-    rows += _int4_vs_int8(mine, int4, question, args)
+    rows += _int4_vs_int8(mine, int4, question, args, facts)
     fp32_worker = Worker("ours", str(fp32), threads)  # decode rows: decoders only
     prompt_ids = text_prompt_ids(facts["prompt_tokens_1"][0])
     rows.append(_int8_decoder_row(INT8_DECODERS[0], work, fp32_worker, prompt_ids, args))
@@ -595,9 +595,12 @@ def _warm_then_interleaved(pair: dict[str, Worker], request: tuple, runs: int) -
     return interleaved(pair, "request", request, runs)
 
 
-def _int4_vs_int8(int8: Worker, int4_bundle: Path, question: str, args: Any) -> list[Row]:
+def _int4_vs_int8(
+    int8: Worker, int4_bundle: Path, question: str, args: Any, facts: dict[str, Any]
+) -> list[Row]:
     """INT4 bundle against INT8: its vision is INT8 too, so TTFT should be within 10%."""
     int4 = Worker("ours", str(int4_bundle), args.threads, args.backend)
+    facts["backends_int4"] = int4.call("info")["backends"]
     pair = {"ours": int4, "int8": int8}
     rows = [_vision_vs(pair, "vision per tile, INT4 vs INT8 bundle", None, args)]
     for tiles, runs in ((1, args.runs), (7, args.long_runs)):
@@ -669,7 +672,8 @@ def write_ttft_section(
         "`torch.set_num_threads(threads)`; TTFT is `generate(max_new_tokens=1)` on the same "
         f"prompt ({tokens}) including tiling and prompt assembly, as ours.",
         "- Ours: `Pipeline.generate(max_new_tokens=1)`, caches off (every request cold), "
-        f"backend `{args.backend}` (the INT8 bundle's graphs ran on `{facts['backends']}`).",
+        f"backend `{args.backend}` (the INT8 bundle's graphs ran on `{facts['backends']}`, the "
+        f"INT4 bundle's on `{facts['backends_int4']}`).",
         "- INT8 bundle: vision and decoder in INT8 with the LM head in INT8 "
         "(`quantize --precision int8 --lm-head quantized`, or `auto` where the quantized head "
         "stays within the accuracy budget). INT4 bundle: INT4 decoder, INT8 vision from the "
