@@ -135,6 +135,11 @@ def test_prefill_chunking_is_skipped_when_every_chunk_holds_the_prompt(bundles) 
     assert case["prompt_tokens"] < 4096 and case["prefill_chunking"] is None
 
 
+def test_a_single_prefill_chunk_size_is_refused_not_silently_untimed() -> None:
+    with pytest.raises(InputError, match=r"One prefill chunk size \(512\) has nothing to time"):
+        ProfileSettings(tiles=(1,), prefill_chunks=(512, 512))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_prompt_holds_the_question_and_the_image_tokens(bundles, reports, layout: str) -> None:
     report = reports(layout)

@@ -34,14 +34,13 @@ from nvlm_export.calibration.dataset import (
     bundle_fingerprint,
 )
 from nvlm_export.errors import ImageError, InputError
+from nvlm_export.export.defaults import CALIBRATION_DECODE_STEPS, CALIBRATION_REQUESTS
 from nvlm_export.output import staged_output
 from nvlm_export.runtime.images import load_image
 from nvlm_export.runtime.manifest import VISION_GRAPH, load_manifest
 from nvlm_export.runtime.pipeline import Pipeline, PreparedRequest
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-DEFAULT_MAX_SAMPLES = 32
-DEFAULT_DECODE_STEPS = 4
 # Share of the given images kept out of calibration for the accuracy report (when >= 5 images).
 HOLDOUT_FRACTION = 0.2
 MIN_IMAGES_FOR_HOLDOUT = 5
@@ -56,9 +55,9 @@ Warn = Callable[[str], None]
 class CalibrationOptions:
     images: str | None = None  # a directory or a glob; None: the built-in set
     prompts: Path | None = None  # JSONL, one {"prompt": "..."} per line; None: built-in prompts
-    max_samples: int = DEFAULT_MAX_SAMPLES  # requests (image + prompt) to record
+    max_samples: int = CALIBRATION_REQUESTS  # requests (image + prompt) to record
     seed: int = 0
-    decode_steps: int = DEFAULT_DECODE_STEPS
+    decode_steps: int = CALIBRATION_DECODE_STEPS
     # The graphs to record (None: all). Vision alone (what an INT4 bundle's INT8 vision graph
     # needs) only tiles and encodes each image: the decoder is neither loaded nor run.
     graphs: tuple[str, ...] | None = None

@@ -11,7 +11,11 @@ import typer
 from nvlm_export.commands.export import DRY_RUN_HELP
 from nvlm_export.commands.options import BundleOutput, in_panel, settings_from
 from nvlm_export.errors import require_export_extra
-from nvlm_export.export.defaults import ACCURACY_REQUESTS
+from nvlm_export.export.defaults import (
+    ACCURACY_REQUESTS,
+    CALIBRATION_DECODE_STEPS,
+    CALIBRATION_REQUESTS,
+)
 
 if TYPE_CHECKING:
     from nvlm_export.export.accuracy import AccuracyReport
@@ -102,9 +106,9 @@ def calibrate(
     output: Annotated[Path, typer.Option("--output", "-o", help="Calibration set directory.")],
     images: ImagesOption = None,
     prompts: PromptsOption = None,
-    max_samples: MaxSamplesOption = 32,
+    max_samples: MaxSamplesOption = CALIBRATION_REQUESTS,
     seed: SeedOption = 0,
-    decode_steps: DecodeStepsOption = 4,
+    decode_steps: DecodeStepsOption = CALIBRATION_DECODE_STEPS,
     graphs: Annotated[
         str | None,
         Data(
@@ -245,7 +249,7 @@ def build(
     backend: Annotated[
         str, typer.Option(help="onnxruntime (stop at the bundle) or tensorrt (build engines).")
     ] = "onnxruntime",
-    max_samples: MaxSamplesOption = 16,
+    max_samples: MaxSamplesOption = CALIBRATION_REQUESTS,
     seed: SeedOption = 0,
     exclude: ExcludeOption = None,
     lm_head: LmHeadOption = "auto",

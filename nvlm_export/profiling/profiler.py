@@ -85,6 +85,12 @@ class ProfileSettings:
                 f"prefill chunk sizes must be >= 0, got {list(self.prefill_chunks)}",
                 fix="Give token counts, or 0 for the whole prompt in one call",
             )
+        if len(self.prefill_chunks) == 1:
+            raise InputError(
+                f"One prefill chunk size ({self.prefill_chunks[0]}) has nothing to time against",
+                why="the chunk sizes are timed against each other, alternated",
+                fix="Give two or more, e.g. 256,512 (0: the whole prompt in one call)",
+            )
         if not self.images and not self.tiles:
             raise InputError("Nothing to profile", fix="Give --tiles or at least one --image")
 
