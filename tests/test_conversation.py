@@ -115,6 +115,7 @@ def test_same_image_new_question_prefills_only_the_question(pipelines) -> None:
     expected = fresh.generate("How many are there?", [image], max_new_tokens=STEPS).run()
     assert warm.run().token_ids == expected.token_ids
     assert warm.cache_stats["feature_cache"]["misses"] == 0  # no image is encoded again
+    assert "pixel_values" not in vars(warm.prepared.tilings[0])  # nor cut into tiles again
     assert warm.cache_stats["prefix_cache"]["hits"] == 1
     question_tokens = warm.prepared.prompt.num_tokens - warm.reused_tokens
     assert 0 < question_tokens < 20

@@ -270,3 +270,13 @@ def test_tiling_result_exposes_what_the_prompt_builder_needs() -> None:
     tiling = tile_image(Image.new("RGB", (1920, 1080)))
     assert isinstance(tiling, Tiling)
     assert (tiling.num_tiles, tiling.has_thumbnail, tiling.tile_size) == (3, True, 448)
+
+
+def test_tiling_knows_its_grid_before_it_cuts_the_pixels() -> None:
+    """The prompt needs only the grid; the pixels are cut on first use, once."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (448, 1344, 3), np.uint8))
+    tiling = tile_image(image, TilingConfig(max_tiles=6))
+    assert (tiling.grid, tiling.num_tiles, tiling.tile_kinds[-1]) == ((3, 1), 4, "thumbnail")
+    assert "pixel_values" not in vars(tiling)
+    pixels = tiling.pixel_values
+    assert pixels.shape == (4, 3, 448, 448) and tiling.pixel_values is pixels

@@ -80,25 +80,35 @@ class TilingConfig:
         return dataclasses.asdict(self)
 
 
-@dataclass(frozen=True, eq=False)  # eq=False: comparing ndarray fields has no single truth value
+@dataclass(frozen=True, eq=False)  # eq=False: compared by identity, like the image it holds
 class Tiling:
     """One image cut into tiles, ready for the vision encoder.
 
     `grid` is (cols, rows); `tile_kinds[k]` says whether row k of `pixel_values` is a regular tile
     or the thumbnail (always last), so the prompt builder can emit `<tile_k>` /
     `<tile_global_thumbnail>` tags.
+
+    The pixels are cut and normalised on first use: the prompt needs only the grid, and a request
+    whose image features are cached never encodes its tiles, so it never pays for them.
     """
 
-    pixel_values: np.ndarray  # float32 (N, 3, S, S)
+    image: Image.Image = dataclasses.field(repr=False)  # the RGB source
+    config: TilingConfig
     grid: tuple[int, int]
     num_tiles: int
     has_thumbnail: bool
     image_size: tuple[int, int]  # (width, height) of the source image
     tile_kinds: tuple[TileKind, ...]
 
+    @functools.cached_property
+    def pixel_values(self) -> np.ndarray:
+        """float32 (N, 3, S, S)."""
+        tiles = split_into_tiles(self.image, self.grid, self.config)
+        return np.stack([normalize_tile(tile, self.config.tile_size) for tile in tiles])
+
     @property
     def tile_size(self) -> int:
-        return int(self.pixel_values.shape[-1])
+        return self.config.tile_size
 
 
 @functools.lru_cache(maxsize=64)
@@ -239,15 +249,14 @@ def tile_image(
             fix="Load it with nvlm_export.runtime.images.load_image",
         )
     grid = choose_grid(image.width, image.height, config, max_tiles)
-    tiles = split_into_tiles(image, grid, config)
-    pixel_values = np.stack([normalize_tile(tile, config.tile_size) for tile in tiles])
     regular = grid[0] * grid[1]
-    has_thumbnail = len(tiles) > regular
+    has_thumbnail = config.use_thumbnail and regular > 1
     kinds: tuple[TileKind, ...] = ("tile",) * regular + (("thumbnail",) if has_thumbnail else ())
     return Tiling(
-        pixel_values=pixel_values,
+        image=image,
+        config=config,
         grid=grid,
-        num_tiles=len(tiles),
+        num_tiles=len(kinds),
         has_thumbnail=has_thumbnail,
         image_size=image.size,
         tile_kinds=kinds,
