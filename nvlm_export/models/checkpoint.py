@@ -253,10 +253,10 @@ def load_checkpoint(
     Works for every registered layout; bf16 / fp16 / fp32 on disk are cast to `dtype`.
     """
     config, stored = open_checkpoint(directory, image_token_id)
-    with torch.device("meta"):  # every stored shape checked from the file headers, before the
-        check_stored_tensors(build_model(config), stored, config.layout)  # model is allocated
     with default_dtype(dtype), parameters_on_meta():
         model = build_model(config)
+    # Every stored shape checked from the file headers before any weight is read.
+    check_stored_tensors(model, stored, config.layout)
     owners = _parameter_owners(model)
     for key, target in canonical_parameters(model).items():
         value = read_parameter(stored, config.layout, key, tuple(target.shape)).to(target.dtype)
