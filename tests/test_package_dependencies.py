@@ -1,6 +1,7 @@
 """The packages depend on each other in one direction, read from the source (ast), not run.
 
-    errors, progress, compare, assets   the base (with the root's __version__): imported by anyone
+    errors, progress, compare, assets,  the base (with the root's __version__): imported by anyone
+    defaults
     runtime                             torch-free inference; imports only the base
     output                              staged, crash-safe outputs (reads the manifest type)
     models                              checkpoints, the architecture registry, PyTorch models
@@ -25,13 +26,14 @@ import pytest
 import nvlm_export
 
 ROOT = Path(nvlm_export.__file__).parent
-BASE = {"__init__", "errors", "progress", "compare", "assets"}  # __init__: the version
+BASE = {"__init__", "errors", "progress", "compare", "assets", "defaults"}  # __init__: version
 # top-level package -> the packages it may import (besides itself)
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "progress": {"errors"},
     "compare": {"errors"},
     "assets": set(),
+    "defaults": set(),
     "runtime": BASE,
     "output": BASE | {"runtime"},
     "models": BASE | {"runtime", "output"},

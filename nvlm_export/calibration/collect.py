@@ -33,8 +33,8 @@ from nvlm_export.calibration.dataset import (
     RequestTiling,
     bundle_fingerprint,
 )
+from nvlm_export.defaults import CALIBRATION_DECODE_STEPS, CALIBRATION_REQUESTS
 from nvlm_export.errors import ImageError, InputError
-from nvlm_export.export.defaults import CALIBRATION_DECODE_STEPS, CALIBRATION_REQUESTS
 from nvlm_export.output import staged_output
 from nvlm_export.runtime.images import load_image
 from nvlm_export.runtime.manifest import VISION_GRAPH, load_manifest

@@ -10,12 +10,12 @@ import typer
 
 from nvlm_export.commands.export import DRY_RUN_HELP
 from nvlm_export.commands.options import BundleOutput, in_panel, settings_from
-from nvlm_export.errors import require_export_extra
-from nvlm_export.export.defaults import (
+from nvlm_export.defaults import (
     ACCURACY_REQUESTS,
     CALIBRATION_DECODE_STEPS,
     CALIBRATION_REQUESTS,
 )
+from nvlm_export.errors import require_export_extra
 
 if TYPE_CHECKING:
     from nvlm_export.export.accuracy import AccuracyReport

@@ -35,7 +35,7 @@ import numpy as np
 from nvlm_export.calibration.collect import Request, capped_message, fit_to_context, tiling_record
 from nvlm_export.calibration.dataset import RequestTiling
 from nvlm_export.compare import common_prefix, compare
-from nvlm_export.export.defaults import ACCURACY_STEPS
+from nvlm_export.defaults import ACCURACY_STEPS
 from nvlm_export.runtime.generation import KVCache
 from nvlm_export.runtime.manifest import (
     DECODER_GRAPH,

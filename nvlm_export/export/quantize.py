@@ -21,6 +21,7 @@ from typing import Any
 
 from nvlm_export.calibration.collect import held_out_requests
 from nvlm_export.calibration.dataset import CalibrationSet
+from nvlm_export.defaults import ACCURACY_REQUESTS, ACCURACY_STEPS
 from nvlm_export.errors import ExportError, InputError, ValidationError, check_choice
 from nvlm_export.export.accuracy import (
     DEFAULT_THRESHOLDS,
@@ -29,7 +30,6 @@ from nvlm_export.export.accuracy import (
     graphs_to_load,
     measure_accuracy,
 )
-from nvlm_export.export.defaults import ACCURACY_REQUESTS, ACCURACY_STEPS
 from nvlm_export.export.fused_attention import (
     add_onnxruntime_variants,
     variant_file,
