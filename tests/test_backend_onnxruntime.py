@@ -303,6 +303,26 @@ def test_int8_qdq_matmuls_sharing_an_input_run_as_integer_kernels(tmp_path: Path
         np.testing.assert_allclose(outputs[f"y{i}"], x_q @ (weights[f"w{i}"] * 0.01), atol=1e-5)
 
 
+def test_int8_matmuls_are_exact_where_16_bit_pair_sums_would_saturate(tmp_path: Path) -> None:
+    """Activations at the top of their range times large weights: on x86 CPUs without VNNI, ONNX
+    Runtime's fast u8·s8 kernels add products in pairs in saturating 16-bit lanes (255·127·2 >
+    32767) and return wrong sums; the runner asks for its exact kernels there by default."""
+    path = save_two_int8_matmuls_on_one_input(tmp_path / "int8.onnx")
+    spec = GraphSpec(
+        "int8",
+        path,
+        (TensorSpec("x", "float32", ("batch", 8)),),
+        tuple(TensorSpec(f"y{i}", "float32", ("batch", 4)) for i in (0, 1)),
+    )
+    x = np.full((2, 8), 127 * 0.02, np.float32)  # quantizes to 127: the top of the range
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    with OnnxRuntimeRunner(spec) as runner:
+        outputs = runner.infer({"x": x})
+    for i in (0, 1):
+        exact = (127 * 0.02) * (weights[f"w{i}"].astype(np.float64) * 0.01).sum(axis=0)
+        np.testing.assert_allclose(outputs[f"y{i}"], np.broadcast_to(exact, (2, 4)), rtol=1e-5)
+
+
 @pytest.mark.skipif(
     base._malloc_trim() is None, reason="needs glibc (malloc_trim): elsewhere it is a no-op"
 )
