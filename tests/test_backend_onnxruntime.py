@@ -279,17 +279,21 @@ def save_two_int8_matmuls_on_one_input(path: Path) -> Path:
     return path
 
 
-def test_int8_qdq_matmuls_sharing_an_input_run_as_integer_kernels(tmp_path: Path) -> None:
-    """ORT's common-subexpression elimination would merge the identical Q/DQ pairs and its
-    integer MatMul fusion would then skip both MatMuls (float MatMuls on weights dequantized
-    every call); the runner turns CSE off so both become MatMulIntegerToFloat."""
-    path = save_two_int8_matmuls_on_one_input(tmp_path / "int8.onnx")
-    spec = GraphSpec(
+def two_int8_matmuls_spec(path: Path) -> GraphSpec:
+    return GraphSpec(
         "int8",
         path,
         (TensorSpec("x", "float32", ("batch", 8)),),
         tuple(TensorSpec(f"y{i}", "float32", ("batch", 4)) for i in (0, 1)),
     )
+
+
+def test_int8_qdq_matmuls_sharing_an_input_run_as_integer_kernels(tmp_path: Path) -> None:
+    """ORT's common-subexpression elimination would merge the identical Q/DQ pairs and its
+    integer MatMul fusion would then skip both MatMuls (float MatMuls on weights dequantized
+    every call); the runner turns CSE off so both become MatMulIntegerToFloat."""
+    path = save_two_int8_matmuls_on_one_input(tmp_path / "int8.onnx")
+    spec = two_int8_matmuls_spec(path)
     optimized = tmp_path / "int8.opt.onnx"
     with OnnxRuntimeRunner(spec, optimized_model_path=optimized) as runner:
         x = np.linspace(-1, 1, 16, dtype=np.float32).reshape(2, 8)
@@ -308,12 +312,7 @@ def test_int8_matmuls_are_exact_where_16_bit_pair_sums_would_saturate(tmp_path: 
     Runtime's fast u8·s8 kernels add products in pairs in saturating 16-bit lanes (255·127·2 >
     32767) and return wrong sums; the runner asks for its exact kernels there by default."""
     path = save_two_int8_matmuls_on_one_input(tmp_path / "int8.onnx")
-    spec = GraphSpec(
-        "int8",
-        path,
-        (TensorSpec("x", "float32", ("batch", 8)),),
-        tuple(TensorSpec(f"y{i}", "float32", ("batch", 4)) for i in (0, 1)),
-    )
+    spec = two_int8_matmuls_spec(path)
     x = np.full((2, 8), 127 * 0.02, np.float32)  # quantizes to 127: the top of the range
     weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
     with OnnxRuntimeRunner(spec) as runner:
