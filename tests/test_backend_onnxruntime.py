@@ -20,6 +20,7 @@ from nvlm_export.runtime.backends import (
     base,
     get_backend,
 )
+from nvlm_export.runtime.backends import onnxruntime as ort_runner
 from nvlm_export.runtime.backends.onnxruntime import OnnxRuntimeRunner
 from nvlm_export.runtime.generation import GenerateOptions, KVCache, generate, prefill
 from nvlm_export.runtime.manifest import GraphSpec as ManifestGraph
@@ -277,6 +278,24 @@ def save_two_int8_matmuls_on_one_input(path: Path) -> Path:
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
     return path
+
+
+@pytest.mark.parametrize(
+    ("flags", "exact"),
+    [
+        ({"avx2", "fma"}, True),  # AVX2 only: 16-bit pair sums
+        ({"avx2", "avx512f", "avx512bw"}, True),  # AVX-512 without VNNI: the same
+        ({"avx2", "avx512f", "avx512_vnni"}, False),  # VNNI adds in 32 bits
+        ({"avx2", "avx_vnni"}, False),
+        ({"avx2", "amx_int8", "avx512_vnni"}, False),
+        (set(), False),  # not x86 (an Arm CPU's /proc/cpuinfo has no "flags" line)
+    ],
+)
+def test_exact_int8_kernels_only_where_the_fast_ones_saturate(
+    monkeypatch: pytest.MonkeyPatch, flags: set[str], exact: bool
+) -> None:
+    monkeypatch.setattr(ort_runner, "cpu_flags", lambda: frozenset(flags))
+    assert ort_runner.needs_exact_int8() is exact
 
 
 def two_int8_matmuls_spec(path: Path) -> GraphSpec:
