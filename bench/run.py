@@ -547,8 +547,8 @@ def ttft_section(cpu: str) -> Path:
 
 def baseline_dtype() -> str:
     """PyTorch's dtype for the TTFT baseline: issue #19's bfloat16 where the CPU has bf16
-    arithmetic; elsewhere PyTorch emulates it (50.9 s per vision tile on an AVX2 EPYC, where our
-    fp32 bundle took 6.0 s), so the fair baseline there is float32."""
+    arithmetic; elsewhere PyTorch emulates it, far slower than its float32 (bench/README.md), so
+    the fair baseline there is float32."""
     return "bf16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32"
 
 

@@ -14,11 +14,10 @@ docs/decoder-graph.md "What ONNX Runtime makes of it"):
 - no common-subexpression elimination: it merges the per-consumer Q/DQ pairs of INT8 graphs,
   which ORT's integer MatMul fusion then refuses (the exporter already shares what fp32 and INT4
   graphs could share).
-- exact int8 GEMMs on x86 CPUs without VNNI (`session.x64quantprecision`): there ORT's default
-  u8·s8 kernels add pairs of products in saturating 16-bit lanes; its u8·u8 kernels do not. On an
-  AVX2 EPYC the bench INT8 vision graph's largest error against fp32 fell 0.027 -> 0.009 at the
-  same speed (4132 vs 4065 ms per tile), a 459-token INT8 prefill took 3 % longer. CPUs with VNNI
-  (or AMX) add int8 products in 32 bits and keep the fast kernels.
+- exact int8 GEMMs on x86 CPUs without VNNI or AMX (`session.x64quantprecision`): there ORT's
+  fast u8·s8 kernels add pairs of products in saturating 16-bit lanes and can return wrong sums;
+  its exact kernels cost some decode speed there (docs/quantization.md, "INT8 on x86 CPUs without
+  VNNI"). CPUs with VNNI or AMX add int8 products in 32 bits and keep the fast kernels.
 """
 
 from __future__ import annotations
