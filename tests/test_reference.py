@@ -15,7 +15,8 @@ from PIL import Image
 from tokenizers import Tokenizer
 from torch import nn
 
-from nvlm_export.export.architectures import REFERENCE_CHUNK_TOKENS, architecture_for_layout
+from nvlm_export.defaults import REFERENCE_CHUNK_TOKENS
+from nvlm_export.export.architectures import architecture_for_layout
 from nvlm_export.export.reference import TorchReference
 from nvlm_export.models.checkpoint import load_checkpoint
 from nvlm_export.runtime.prompt import PromptTokens, build_prompt

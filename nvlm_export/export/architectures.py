@@ -28,11 +28,6 @@ from nvlm_export.models.registry import architecture_of
 from nvlm_export.runtime.manifest import DECODER_GRAPH
 from nvlm_export.runtime.prompt import PromptFormat, PromptTokens
 
-# Tokens per decoder call when the reference prefills a sequence (None: all at once). 512, as the
-# runtime's prefill (pipeline.DEFAULT_PREFILL_CHUNK_TOKENS): each layer's attention scores are
-# [heads, 512, T], under 0.2 GiB for the bench checkpoint's validation prompt.
-REFERENCE_CHUNK_TOKENS = 512
-
 Tiles = list[torch.Tensor]  # the tiles of each image, [N, 3, S, S]
 # (model, prompt, token ids so far [1, T], tiles, tokens per decoder call or None) -> logits [V]
 ReferenceLogits = Callable[[nn.Module, PromptTokens, torch.Tensor, Tiles, int | None], torch.Tensor]

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nvlm_export.defaults import REFERENCE_CHUNK_TOKENS
 from nvlm_export.models.families.spec import EMBEDDING_TABLE as EMBEDDING
 from nvlm_export.runtime.manifest import DECODER_GRAPH, QUANTIZED_PRECISIONS, VISION_GRAPH
 
@@ -72,7 +73,7 @@ CPU_RUN_BYTES = {
 }
 # HF eager attention (the PyTorch reference) holds about three [heads, chunk, T] score tensors of
 # one layer at a time (scores, scores plus the causal mask, the softmax in fp32), 4 bytes each:
-# the reference prefills the prompt in chunks (export/architectures.py REFERENCE_CHUNK_TOKENS).
+# the reference prefills the prompt in chunks (nvlm_export/defaults.py REFERENCE_CHUNK_TOKENS).
 REFERENCE_SCORE_BYTES = 3 * 4
 # The prompt around the image tokens, for sizing calibration and the accuracy check.
 PROMPT_TOKENS = 64
@@ -357,8 +358,6 @@ def reference_run(inv: Inventory, dtype: str) -> int:
     """The PyTorch reference of export validation: every weight in `dtype` (the head and the
     embedding table included), the eager attention scores of one layer for one chunk of the
     validation prompt against all of it (`REFERENCE_SCORE_BYTES`), and its KV cache in `dtype`."""
-    from nvlm_export.export.architectures import REFERENCE_CHUNK_TOKENS
-
     tokens = inv.validation_tiles * inv.tokens_per_tile + PROMPT_TOKENS
     chunk = min(tokens, REFERENCE_CHUNK_TOKENS)
     scores = REFERENCE_SCORE_BYTES * inv.llm_heads * chunk * tokens

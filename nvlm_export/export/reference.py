@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from nvlm_export.export.architectures import REFERENCE_CHUNK_TOKENS, ArchitectureExport
+from nvlm_export.defaults import REFERENCE_CHUNK_TOKENS
+from nvlm_export.export.architectures import ArchitectureExport
 from nvlm_export.export.vision import VisionGraph
 from nvlm_export.runtime.prompt import PromptTokens
 from nvlm_export.runtime.tiling import Tiling, TilingConfig
