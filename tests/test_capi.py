@@ -600,6 +600,24 @@ def test_bad_session_options_are_refused(text: str, message: str) -> None:
         parse_session_options(text)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "backend=auto,vision=open\x1b[2Jvino\n;threads=1",  # terminal escape and a line break
+        "backend=auto,\x1b]0;x\x07vision=openvino",  # an OSC title sequence splitting the pairs
+        "backend=onnxruntime,prefill=openvino,prefill=onnxruntime",  # prefill named twice
+        "backend=" + "auto," * 2000 + "vision=openvino",  # huge
+    ],
+)
+def test_a_hostile_backend_choice_is_refused_in_one_escaped_line(text: str) -> None:
+    """Session options come from the embedding application's configuration: data, never terminal
+    control, whatever they hold."""
+    with pytest.raises(InputError) as refused:
+        parse_session_options(text)
+    message = str(refused.value)
+    assert "\n" not in message and "\x1b" not in message and "\x07" not in message
+
+
 def test_pixels_to_array_skips_row_padding_and_reorders_channels() -> None:
     cffi = pytest.importorskip("cffi", reason="the 'capi' extra (cffi) is not installed")
     from nvlm_export.capi.embedded import pixels_to_array
