@@ -81,6 +81,8 @@ def test_follow_up_encodes_no_image_again(pipelines) -> None:
     chat = cached.chat()
     first = chat.ask("Describe it.", [random_image(2)], max_new_tokens=2)
     timings = first.run().timings
+    # The conversation keeps the image, not also its normalised tiles (cut again if needed).
+    assert "pixel_values" not in vars(chat._images[0][0])
     # Its time to first token counts tiling and assembling the history, as generate's does.
     assert 0 < first.stage_seconds["prepare"] < timings.time_to_first_token
     follow_up = chat.ask("More?", max_new_tokens=2)

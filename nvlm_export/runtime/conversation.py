@@ -90,6 +90,8 @@ class Conversation:
             self.messages += [question, Message("assistant", result.text)]
             self._images += new_images
             self._state = state
+            for tiling, _ in self._images:
+                tiling.release_pixels()  # their features are cached or in the keys/values
 
         return self.pipeline.start(
             prepared,
