@@ -246,30 +246,40 @@ def test_auto_lm_head_falls_back_to_float_when_the_quantized_head_misses_the_bud
     sources: Callable[[str], tuple[Path, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An accuracy check that fails whenever the head is quantized: auto quantizes the decoder
-    again with the head in float (its activation ranges not recomputed), checks again, and
-    reports both candidates' figures; the bundle's head is float."""
+    again with the head in float (its activation ranges not recomputed), checks it against the
+    source's answers kept from the first check (the source runs once), and reports both
+    candidates' figures; the bundle's head is float."""
     from nvlm_export.export import qdq
     from nvlm_export.export import quantize as quantize_module
 
     real_accuracy, real_amax = quantize_module._accuracy, qdq.activation_amax
-    checked, ranged = [], []
+    real_reference = quantize_module.run_reference
+    checked, ranged, references = [], [], []
 
-    def accuracy(bundle: Path, staging: Path, manifest: Any, *args: Any) -> Any:
-        report = real_accuracy(bundle, staging, manifest, *args)
+    def accuracy(staging: Path, manifest: Any, reference: Any, *args: Any) -> Any:
+        report = real_accuracy(staging, manifest, reference, *args)
         head = manifest.graph(DECODER_GRAPH).quantization["lm_head"]["quantized"]
         checked.append(head)
+        references.append(reference)
         report.failures = ["quantized head: pretend KL too high"] if head else []
         return report
+
+    def reference_run(*args: Any) -> Any:
+        references.append("ran")
+        return real_reference(*args)
 
     def amax(graph: Any, *args: Any) -> Any:
         ranged.append(Path(graph.path).name)
         return real_amax(graph, *args)
 
     monkeypatch.setattr(quantize_module, "_accuracy", accuracy)
+    monkeypatch.setattr(quantize_module, "run_reference", reference_run)
     monkeypatch.setattr(qdq, "activation_amax", amax)
     bundle, calib = sources("nvlm-d")
     quantize_bundle(bundle, tmp_path / "q", fast("int8"), calib, quiet=True)
     assert checked == [True, False]
+    ran, first, second = references
+    assert ran == "ran" and first is second  # one reference run serves both candidates
     assert sorted(ranged) == ["decoder.onnx", "vision.onnx"]  # each graph's ranges run once
     spec = load_manifest(tmp_path / "q").graph(DECODER_GRAPH)
     assert spec.quantization["lm_head"]["quantized"] is False  # type: ignore[index]

@@ -19,6 +19,8 @@ first and what the comparison needs is kept (its vision features, the feeds and 
 side graphs, its tokens and logits: megabytes), then its graphs are unloaded and the quantized
 bundle is loaded. Only one bundle's weights are resident at a time. A graph the quantized bundle
 holds unchanged is not loaded for it at all: its outputs are the reference's.
+The reference runs once per quantization (`ReferenceRun`): a second candidate, such as
+`--lm-head auto`'s float head, is compared with the same kept answers.
 
 Tiny random checkpoints have nearly flat logits, where a small perturbation flips the argmax, so
 top-1 agreement is harsh there; KL and cosine are the steadier measures.
@@ -146,8 +148,40 @@ class _ReferenceAnswer:
     logits: np.ndarray
 
 
+@dataclass(frozen=True)
+class ReferenceRun:
+    """The reference bundle's answers to the held-out requests and what the report needs of it.
+    Computed once, it serves every candidate compared with it (`--lm-head auto`'s float head is
+    a second candidate), so the reference never runs twice."""
+
+    answers: tuple[_ReferenceAnswer, ...]
+    steps: int
+    max_context: int
+    bundle_max_tiles: int
+    graphs: tuple[str, ...]
+
+
+def run_reference(
+    reference: PipelineSource, requests: Sequence[Request], steps: int = ACCURACY_STEPS
+) -> ReferenceRun:
+    """The reference's answers to `requests`; a pipeline it loaded is unloaded again once they
+    are kept, so the candidate's weights are never resident beside it."""
+    pipe = reference if isinstance(reference, Pipeline) else reference()
+    try:
+        return ReferenceRun(
+            tuple(_reference_answer(pipe, request, steps) for request in requests),
+            steps,
+            pipe.manifest.kv_cache.max_context,
+            pipe.tiling.max_tiles,
+            tuple(pipe.manifest.graphs),
+        )
+    finally:
+        if pipe is not reference:
+            _unload(pipe)
+
+
 def measure_accuracy(
-    reference: PipelineSource,
+    reference: PipelineSource | ReferenceRun,
     quantized: PipelineSource,
     requests: Sequence[Request],
     *,
@@ -160,31 +194,29 @@ def measure_accuracy(
     """Compare `quantized` with `reference` on `requests`; see the module docstring.
 
     Each side is a pipeline or a loader of one; a loaded one is unloaded again once its part is
-    done, so only one side's weights are resident at a time. `unchanged` names the graphs the
+    done, so only one side's weights are resident at a time. `reference` may also be a
+    `ReferenceRun` of these requests (its steps are used). `unchanged` names the graphs the
     quantized bundle holds exactly as the reference does: the loader need not load them (the
     reference's outputs stand for theirs). `warn` gets one line when images had to be capped to
     fit the bundle's context."""
-    ref_pipe = reference if isinstance(reference, Pipeline) else reference()
-    try:
-        answers = [_reference_answer(ref_pipe, request, steps) for request in requests]
-        max_context = ref_pipe.manifest.kv_cache.max_context
-        bundle_max_tiles = ref_pipe.tiling.max_tiles
-    finally:
-        if ref_pipe is not reference:
-            _unload(ref_pipe)
+    run = (
+        reference
+        if isinstance(reference, ReferenceRun)
+        else run_reference(reference, requests, steps)
+    )
     q_pipe = quantized if isinstance(quantized, Pipeline) else quantized()
     try:
         outputs: dict[tuple[str, str], OutputAccuracy] = {}
-        decoder = DecoderAccuracy(greedy_steps=steps)
+        decoder = DecoderAccuracy(greedy_steps=run.steps)
         top1_hits, kl_values = 0, []
-        for answer in answers:
+        for answer in run.answers:
             q_features = _quantized_features(q_pipe, answer, unchanged, outputs)
             _compare_side_calls(q_pipe, answer, unchanged, outputs)
             forced = dict(forced=answer.tokens, features=q_features)
-            _, q_logits = decode(q_pipe, answer.prepared, steps, **forced)
+            _, q_logits = decode(q_pipe, answer.prepared, run.steps, **forced)
             top1_hits += int((q_logits.argmax(-1) == answer.logits.argmax(-1)).sum())
             kl_values += list(kl_divergence(answer.logits, q_logits))
-            own, _ = decode(q_pipe, answer.prepared, steps, features=q_features)
+            own, _ = decode(q_pipe, answer.prepared, run.steps, features=q_features)
             decoder.identical_greedy.append(common_prefix(answer.tokens, own))
     finally:
         if q_pipe is not quantized:
@@ -193,17 +225,17 @@ def measure_accuracy(
     decoder.top1_agreement = top1_hits / max(decoder.positions, 1)
     decoder.mean_kl = float(np.mean(kl_values)) if kl_values else 0.0
     decoder.max_kl = float(np.max(kl_values)) if kl_values else 0.0
-    tilings = [answer.tiling for answer in answers]
+    tilings = [answer.tiling for answer in run.answers]
     report = AccuracyReport(
         precision,
         [r.name for r in requests],
         list(outputs.values()),
         decoder,
         thresholds,
-        max_context=max_context,
-        bundle_max_tiles=bundle_max_tiles,
+        max_context=run.max_context,
+        bundle_max_tiles=run.bundle_max_tiles,
         tiling=tilings,
-        unchanged_graphs=[n for n in ref_pipe.manifest.graphs if n in unchanged],
+        unchanged_graphs=[n for n in run.graphs if n in unchanged],
     )
     report.failures = check_thresholds(report)
     message = capped_message(tilings, report.max_context, report.bundle_max_tiles)

@@ -19,16 +19,18 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nvlm_export.calibration.collect import held_out_requests
-from nvlm_export.calibration.dataset import CalibrationSet
+from nvlm_export.calibration.collect import Request, held_out_requests
+from nvlm_export.calibration.dataset import CalibrationInfo, CalibrationSet
 from nvlm_export.defaults import ACCURACY_REQUESTS, ACCURACY_STEPS
 from nvlm_export.errors import ExportError, InputError, ValidationError, check_choice
 from nvlm_export.export.accuracy import (
     DEFAULT_THRESHOLDS,
     AccuracyReport,
+    ReferenceRun,
     Thresholds,
     graphs_to_load,
     measure_accuracy,
+    run_reference,
 )
 from nvlm_export.export.fused_attention import (
     add_onnxruntime_variants,
@@ -47,6 +49,7 @@ from nvlm_export.runtime.manifest import (
     Manifest,
     load_manifest,
 )
+from nvlm_export.runtime.pipeline import Pipeline
 
 ACCURACY_FILE = "accuracy.json"
 
@@ -378,10 +381,15 @@ def _check_accuracy(
     q = quantize_graph
     unchanged = set(q.manifest.graphs) - set(components)
 
-    def measure(manifest: Manifest) -> AccuracyReport:
-        return _accuracy(q.bundle, q.staging, manifest, q.calib, q.settings, unchanged, warn)
-
     with stages.stage("accuracy on held-out requests"):
+        requests = _held_out_requests(q.calib, q.settings, warn)
+        reference = run_reference(
+            lambda: Pipeline.load(q.bundle), requests, q.settings.accuracy_steps
+        )
+
+        def measure(manifest: Manifest) -> AccuracyReport:
+            return _accuracy(q.staging, manifest, reference, requests, q.settings, unchanged, warn)
+
         accuracy = measure(quantized)
     head = _lm_head_choice(q.settings, components, accuracy)
     if head is not None and q.settings.auto_lm_head and not accuracy.passed:
@@ -399,32 +407,33 @@ def _check_accuracy(
     return accuracy, quantized
 
 
+def _held_out_requests(
+    calib: CalibrationSet | None, settings: QuantizeSettings, warn: Callable[[str], None]
+) -> list[Request]:
+    info = calib.info if calib else CalibrationInfo("", "", 0, 0, 0, "builtin")
+    return held_out_requests(info, settings.accuracy_requests, warn)
+
+
 def _accuracy(
-    bundle: Path,
     staging: Path,
     quantized: Manifest,
-    calib: CalibrationSet | None,
+    reference: ReferenceRun,
+    requests: list[Request],
     settings: QuantizeSettings,
     unchanged: set[str],
     warn: Callable[[str], None],
 ) -> AccuracyReport:
-    """The accuracy report of `staging` against `bundle`, one bundle loaded at a time (the
-    source first). `unchanged` graphs were copied as they are, so they compute exactly what the
-    reference does: an unchanged vision graph is not loaded or run a second time. `quantized`
-    is the staged bundle's manifest, written only once the accuracy is known."""
-    from nvlm_export.calibration.dataset import CalibrationInfo
-    from nvlm_export.runtime.pipeline import Pipeline
-
-    info = calib.info if calib else CalibrationInfo("", "", 0, 0, 0, "builtin")
-    requests = held_out_requests(info, settings.accuracy_requests, warn)
+    """The accuracy report of `staging` against the source bundle's answers in `reference`.
+    `unchanged` graphs were copied as they are, so they compute exactly what the reference
+    does: an unchanged vision graph is not loaded or run a second time. `quantized` is the
+    staged bundle's manifest, written only once the accuracy is known."""
     needed = graphs_to_load(quantized.graphs, unchanged)
     return measure_accuracy(
-        lambda: Pipeline.load(bundle),
+        reference,
         lambda: Pipeline.load(staging, manifest=quantized, graphs=needed),
         requests,
         precision=settings.precision,
         thresholds=settings.budget,
-        steps=settings.accuracy_steps,
         unchanged=unchanged,
         warn=warn,  # one line when held-out images had to be capped to fit the context
     )
