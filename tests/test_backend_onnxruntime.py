@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +168,7 @@ def test_a_manifest_graph_entry_resolves_inside_the_bundle(affine: Path) -> None
         outputs=(TensorSpec("y", "float32", ("batch", 4)),),
     )
     spec = GraphSpec.from_manifest("affine", entry, affine.parent)
-    assert spec == affine_spec(affine)
+    assert spec == replace(affine_spec(affine), precision="fp32")  # what the manifest says
     outputs = OnnxRuntimeRunner(spec).infer({"x": np.zeros((1, 3), np.float32)})
     np.testing.assert_allclose(outputs["y"][0], BIAS)
 
@@ -296,6 +297,21 @@ def test_exact_int8_kernels_only_where_the_fast_ones_saturate(
 ) -> None:
     monkeypatch.setattr(ort_runner, "cpu_flags", lambda: frozenset(flags))
     assert ort_runner.needs_exact_int8() is exact
+
+
+@pytest.mark.parametrize(
+    ("precision", "exact"), [("int8", True), (None, True), ("int4", False), ("fp32", False)]
+)
+def test_only_graphs_with_int8_gemms_take_the_exact_kernels(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, precision: str | None, exact: bool
+) -> None:
+    """On a CPU whose fast int8 kernels saturate, an INT8 graph (or one whose precision the
+    manifest does not say) runs the exact ones; an INT4 decoder (4-bit weights cannot overflow
+    a 16-bit pair sum, and the setting slowed it by 4-8 %) and an fp32 graph do not."""
+    monkeypatch.setattr(ort_runner, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    spec = replace(two_int8_matmuls_spec(tmp_path / "g.onnx"), precision=precision)
+    assert OnnxRuntimeRunner(spec).exact_int8 is exact
+    assert OnnxRuntimeRunner(spec, exact_int8=not exact).exact_int8 is not exact  # forced
 
 
 def two_int8_matmuls_spec(path: Path) -> GraphSpec:

@@ -38,6 +38,7 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     engine: EngineRecord | None = None  # the graph's TensorRT engine, when the bundle has one
+    precision: str | None = None  # the manifest's; None: not declared (may hold anything)
     _inputs_by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -60,7 +61,7 @@ class GraphSpec:
         variant declared for `backend` if there is one (None: always the standard graph), and
         its TensorRT engine record if it has one."""
         path = Path(bundle_dir) / graph.file_for(backend)
-        return cls(name, path, graph.inputs, graph.outputs, engine)
+        return cls(name, path, graph.inputs, graph.outputs, engine, graph.precision)
 
     @property
     def input_names(self) -> tuple[str, ...]:

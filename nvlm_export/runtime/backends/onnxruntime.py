@@ -17,7 +17,9 @@ docs/decoder-graph.md "What ONNX Runtime makes of it"):
 - exact int8 GEMMs on x86 CPUs without VNNI or AMX (`session.x64quantprecision`): there ORT's
   fast u8·s8 kernels add pairs of products in saturating 16-bit lanes and can return wrong sums;
   its exact kernels cost some decode speed there (docs/quantization.md, "INT8 on x86 CPUs without
-  VNNI"). CPUs with VNNI or AMX add int8 products in 32 bits and keep the fast kernels.
+  VNNI"). CPUs with VNNI or AMX add int8 products in 32 bits and keep the fast kernels, and so do
+  graphs without int8 Q/DQ GEMMs: the setting slowed an INT4 decoder (`MatMulNBits`, whose 4-bit
+  weights cannot overflow a 16-bit pair sum) by 4-8 % there and changed nothing in fp32 graphs.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from nvlm_export.errors import BundleError, InputError, check_choice
 from nvlm_export.runtime.backends import cpu_flags
 from nvlm_export.runtime.backends.base import GraphRunner, GraphSpec, TensorSpec
+from nvlm_export.runtime.manifest import Precision
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +103,10 @@ class OnnxRuntimeRunner(GraphRunner):
         self.allow_spinning = allow_spinning
         self.memory_arena = memory_arena
         self.disabled_optimizers = tuple(disabled_optimizers)
-        # None: exact where the CPU's fast int8 kernels would saturate (module docstring).
-        self.exact_int8 = needs_exact_int8() if exact_int8 is None else exact_int8
+        # None: exact where this graph's int8 GEMMs would saturate in the CPU's fast kernels.
+        if exact_int8 is None:
+            exact_int8 = needs_exact_int8() and spec.precision in (None, Precision.INT8)
+        self.exact_int8 = exact_int8
         self.session: ort.InferenceSession | None = None
 
     @property
