@@ -110,6 +110,7 @@ def test_dry_run_prints_every_stage_and_writes_nothing(tmp_path: Path) -> None:
         "calibrate vision",
         "quantize int4 + accuracy check",
     ]
+    assert shown["serves"] == "int4" and shown["serving"]["int4"]["peak_bytes"] > 32 * GiB
     assert not out.exists()
 
     weight_only = ["--no-validate", "--no-accuracy-check"]
@@ -119,6 +120,7 @@ def test_dry_run_prints_every_stage_and_writes_nothing(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     marked = [line[2:34].strip() for line in result.output.splitlines() if line.startswith("▶")]
     assert marked == ["export fp32", "quantize int4"]
+    assert "Serving the int4 weight-only bundle" in result.output  # its ViT stayed in fp32
 
     result = runner.invoke(app, ["export", str(NVLM_D_72B), "-o", str(out), "--dry-run"])
     assert result.exit_code == 0, result.output
@@ -132,3 +134,25 @@ def test_fp8_accuracy_check_runs_dequantized_weights_and_int8_the_fp32_reference
     assert stages["quantize int8 + accuracy check"].peak_bytes == reference
     # ONNX Runtime's CPU kernels dequantize FP8 weights to fp32 beside the FP8 bytes
     assert stages["quantize fp8 + accuracy check"].peak_bytes > 1.2 * reference
+
+
+def test_serving_a_bundle_holds_its_weights_as_the_cpu_kernels_do_and_a_full_kv_cache() -> None:
+    """What `run` will need is known before the build: per precision, with the ViT in fp32 after
+    a weight-only INT4 build, and with a longer context costing exactly its KV cache."""
+    memory = plan(NVLM_D_72B)
+    inv, serving = memory.inventory, memory.serving
+    assert serving["int4"] < serving["int8"] < serving["fp32"] < serving["fp8"]
+    # the 72B decoder in INT4 blocks (0.53 bytes a weight on disk, pre-packed by ONNX Runtime)
+    # and the 6B ViT in INT8: far below the fp32 bundle's 296 GiB, above its 46 GiB on disk
+    assert 46 * GiB < serving["int4"] < 128 * GiB < serving["fp32"]
+    vision_gemms = inv.gemm_parameters["vision"]
+    fp32_vision = serving["int4 weight-only"] - serving["int4"]
+    run_bytes = memory_plan.CPU_RUN_BYTES
+    assert fp32_vision == pytest.approx(
+        (run_bytes["fp32"] - run_bytes["int8"]) * vision_gemms, abs=2
+    )
+    longer = plan(NVLM_D_72B, max_context=2 * inv.max_context).serving
+    kv_cache = inv.kv_values_per_token * inv.max_context * 4
+    assert longer["int4"] - serving["int4"] == pytest.approx(kv_cache, abs=2)
+    # a prompt on OpenVINO holds the decoder again, several times its stored bytes
+    assert memory.openvino_prompt["int4"] > 2 * 36 * GiB

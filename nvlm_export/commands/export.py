@@ -69,7 +69,7 @@ def export(
 
         memory = plan(model_dir, max_tiles, max_context, available_memory())
         stage = f"export {dtype}" + ("" if no_validate else " + validation")
-        print_memory_plan(memory, [memory.stages[stage]], as_json)
+        print_memory_plan(memory, [memory.stages[stage]], dtype, as_json)
         return
     settings = ExportSettings(
         dtype=dtype,

@@ -6,13 +6,17 @@ import json
 
 import typer
 
-from nvlm_export.export.memory_plan import MemoryPlan, StagePlan, gib
+from nvlm_export.export.memory_plan import REUSE_CACHE_BYTES, MemoryPlan, StagePlan, gib
 
 
-def print_memory_plan(plan: MemoryPlan, run: list[StagePlan], as_json: bool = False) -> None:
-    """The per-stage table, with the stages this command would run marked, and the verdict."""
+def print_memory_plan(
+    plan: MemoryPlan, run: list[StagePlan], served: str, as_json: bool = False
+) -> None:
+    """The per-stage table, with the stages this command would run marked, the verdict, and
+    what serving the bundle it leaves (`served`, a `SERVED` kind) will hold."""
     if as_json:
-        typer.echo(json.dumps(plan.to_dict() | {"runs": [s.stage for s in run]}, indent=2))
+        extra = {"runs": [s.stage for s in run], "serves": served}
+        typer.echo(json.dumps(plan.to_dict() | extra, indent=2))
         return
     typer.echo(f"Memory plan for {plan.model} (predicted from config.json; ▶ = this command)")
     typer.echo(f"  {'stage':32} {'peak RSS':>10} {'output':>10}  holds")
@@ -21,8 +25,19 @@ def print_memory_plan(plan: MemoryPlan, run: list[StagePlan], as_json: bool = Fa
         holds = "the weights it runs" if stage.runs_model else "one tensor at a time"
         peak, output = gib(stage.peak_bytes), gib(stage.output_bytes)
         typer.echo(f"{mark} {stage.stage:32} {peak:>10} {output:>10}  {holds}")
-    for line in verdict(plan, run):
+    for line in [*verdict(plan, run), serving_line(plan, served)]:
         typer.echo(line)
+
+
+def serving_line(plan: MemoryPlan, served: str) -> str:
+    context = plan.inventory.max_context
+    return (
+        f"Serving the {served} bundle (run, chat, the C API; ONNX Runtime on a CPU): peak "
+        f"{gib(plan.serving[served])} at a full {context}-token context, plus up to "
+        f"{gib(REUSE_CACHE_BYTES)} as the reuse caches fill; its prompt on OpenVINO (what auto "
+        f"does for an INT4 decoder on CPUs with AMX or AVX-512 BF16) adds "
+        f"{gib(plan.openvino_prompt[served])}."
+    )
 
 
 def verdict(plan: MemoryPlan, run: list[StagePlan]) -> list[str]:

@@ -311,7 +311,9 @@ def build(
 
         BuildSettings.of(precision, backend=backend)  # reject a bad precision first
         memory = plan(model_dir, available_bytes=available_memory())
-        print_memory_plan(memory, memory.build_stages(precision, check_accuracy, validate), as_json)
+        stages = memory.build_stages(precision, check_accuracy, validate)
+        served = memory.served(precision, validate, check_accuracy)
+        print_memory_plan(memory, stages, served, as_json)
         return
     values = {name: value for name, value in locals().items() if name in BuildSettings.names()}
     values["exclude"] = tuple(exclude or ())

@@ -29,6 +29,7 @@ from typing import Any
 
 from nvlm_export.defaults import REFERENCE_CHUNK_TOKENS
 from nvlm_export.models.families.spec import EMBEDDING_TABLE as EMBEDDING
+from nvlm_export.runtime.caches import DEFAULT_FEATURE_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES
 from nvlm_export.runtime.manifest import DECODER_GRAPH, QUANTIZED_PRECISIONS, VISION_GRAPH
 
 GiB = 1024**3
@@ -57,20 +58,37 @@ INLINE_COPIES = 2.8
 VISION_ACTIVATION_VALUES_PER_TILE = 1025 * 12
 # Bytes per weight of each encoding (scales included: INT4 blocks of 128 share one fp32 scale).
 WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5 + 4 / 128}
-# Bytes per weight ONNX Runtime's CPU kernels hold once a graph is loaded (measured on the bench
-# bundles, one graph per session: fp16 vision 1.31 GiB resident for 0.57 GiB of weights, int8
-# decoder 0.55 GiB for 0.46): fp16 MatMuls have no CPU kernel, so ORT casts to fp32 and folds the
-# Casts of the weights into fp32 copies (the fp16 originals are freed); INT8 and INT4 weights
-# stay as stored (integer MatMul fusions, MatMulNBits); FP8 has no CPU kernel either, its weights
-# are dequantized to fp32 when the graph runs, beside the FP8 bytes (measured: the FP8 accuracy
-# check peaks at 5.3 GiB on the bench checkpoint where the INT8 one peaks at 3.7).
+# Bytes per weight ONNX Runtime's CPU kernels hold once a graph is loaded and has run (measured
+# on the bench bundles, one graph per session): fp16 MatMuls have no CPU kernel, so ORT casts to
+# fp32 and folds the Casts of the weights into fp32 copies (fp16 vision 1.31 GiB resident for
+# 0.57 GiB of weights); INT8 weights are pre-packed for the integer GEMMs, beside what the
+# graph keeps: 1.2x the stored bytes with the VNNI/AMX kernels (decoder 0.55 GiB for 0.46),
+# 1.7x with the exact kernels x86 CPUs without VNNI get (decoder 0.77 for 0.46, vision 0.44 for
+# 0.29; docs/quantization.md), so the larger; INT4 `MatMulNBits` pre-packs its blocks for the
+# int8-compute kernels: 1.5x after loading (decoder 0.36 GiB for 0.245), 2x fits the bench INT4
+# bundle's serving peak (docs/memory.md, "Serving a bundle"); FP8 has no CPU kernel either, its
+# weights are dequantized to fp32 when the graph runs, beside the FP8 bytes (measured: the FP8
+# accuracy check peaks at 5.3 GiB on the bench checkpoint where the INT8 one peaks at 3.7).
 CPU_RUN_BYTES = {
     "fp32": 4.0,
     "fp16": 4.0,
-    "int8": 1.0,
+    "int8": 1.7,
     "fp8": 4.0 + 1.0,
-    "int4": WEIGHT_BYTES["int4"],
+    "int4": 2.0 * WEIGHT_BYTES["int4"],
 }
+# The runtime process before it holds a weight: numpy, ONNX Runtime and tokenizers imported,
+# the bundle's tokenizer, ONNX Runtime's sessions and thread pools (measured: `nvlm-export run`
+# on the demo INT8 bundle, whose weights are a few MB, peaks at 0.14 GiB).
+RUNTIME_OVERHEAD = int(0.15 * GiB)
+# The runtime's reuse caches (image features, prefilled keys/values) fill up to their default
+# budgets over a session (runtime/caches.py).
+REUSE_CACHE_BYTES = DEFAULT_FEATURE_CACHE_BYTES + DEFAULT_PREFIX_CACHE_BYTES
+# OpenVINO, running a decoder's prompt beside ONNX Runtime's decoder, loads its libraries and
+# holds the graph file mapped and its weights repacked for its kernels: fitted on the bench
+# INT8 and INT4 bundles' peaks with and without `prefill=openvino` (docs/memory.md "Serving a
+# bundle"; AMX, the larger of the two CPUs measured: +1.36 and +0.91 GiB).
+OPENVINO_OVERHEAD = int(0.4 * GiB)
+OPENVINO_DECODER_COPIES = 2.1
 # HF eager attention (the PyTorch reference) holds about three [heads, chunk, T] score tensors of
 # one layer at a time (scores, scores plus the causal mask, the softmax in fp32), 4 bytes each:
 # the reference prefills the prompt in chunks (nvlm_export/defaults.py REFERENCE_CHUNK_TOKENS).
@@ -94,6 +112,11 @@ STAGES = (
     "quantize int4 + accuracy check",
     "dry-run",
 )
+
+# The bundles a build can leave, as the serving prediction names them: every precision, and an
+# INT4 bundle whose vision graph stayed in fp32 (the weight-only build).
+WEIGHT_ONLY_INT4 = "int4 weight-only"
+SERVED = ("fp32", "fp16", *QUANTIZED_PRECISIONS, WEIGHT_ONLY_INT4)
 
 
 @dataclass(frozen=True)
@@ -152,6 +175,10 @@ class MemoryPlan:
     available_bytes: int | None
     accuracy_check: str  # where the accuracy check can run (one sentence)
     notes: list[str] = field(default_factory=list)
+    # bundle kind (SERVED) -> peak RSS serving it on ONNX Runtime, and what its prompt on
+    # OpenVINO adds
+    serving: dict[str, int] = field(default_factory=dict)
+    openvino_prompt: dict[str, int] = field(default_factory=dict)
 
     def build_stages(
         self, precision: str, accuracy_check: bool = True, validate: bool = True
@@ -176,6 +203,12 @@ class MemoryPlan:
             )
         return [self.stages[n] for n in names]
 
+    @staticmethod
+    def served(precision: str, validate: bool = True, accuracy_check: bool = True) -> str:
+        """The kind of bundle `build --precision P` (with those checks) leaves to serve."""
+        weight_only_int4 = precision == "int4" and weight_only(validate, accuracy_check)
+        return WEIGHT_ONLY_INT4 if weight_only_int4 else precision
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
@@ -190,6 +223,11 @@ class MemoryPlan:
                 for name, s in self.stages.items()
             },
             "notes": self.notes,
+            "serving": {
+                kind: {"peak_bytes": peak, "openvino_prompt_bytes": self.openvino_prompt[kind]}
+                for kind, peak in self.serving.items()
+            },
+            "reuse_cache_bytes": REUSE_CACHE_BYTES,
         }
 
 
@@ -308,14 +346,51 @@ def streamed_export(inv: Inventory, dtype: str) -> int:
     return int(BASE_OVERHEAD + max([in_flight, *(INLINE_COPIES * b for b in inline)]))
 
 
-def running(inv: Inventory, graphs: list[str], precision: str = "fp32") -> int:
+def running(
+    inv: Inventory,
+    graphs: list[str],
+    precision: str = "fp32",
+    calibrated: bool = True,
+    overhead: int = BASE_OVERHEAD,
+) -> int:
     """The runtime running `graphs` of a `precision` bundle on ONNX Runtime: each graph's weights
     as its CPU kernels hold them (`CPU_RUN_BYTES`), once, plus one tile's ViT activations and a
     full-context KV cache. The embedding table is memory-mapped (only the rows looked up are
     read), so it is not counted.
     """
-    weights = sum(graph_bytes(inv, graph, precision, CPU_RUN_BYTES) for graph in graphs)
-    return int(BASE_OVERHEAD + weights + _activations(inv, graphs, precision))
+    weights = sum(graph_bytes(inv, g, precision, CPU_RUN_BYTES, calibrated) for g in graphs)
+    return int(overhead + weights + _activations(inv, graphs, precision))
+
+
+def serving(inv: Inventory, precision: str, calibrated: bool = True) -> int:
+    """The runtime serving a `precision` bundle (`run`, `chat`, the C API) on ONNX Runtime's CPU
+    provider: every graph's weights as its kernels hold them, and the larger of two moments that
+    never overlap: loading, when ONNX Runtime holds the LM head (the largest weight) as read
+    beside its pre-packed copy, and a request, with one tile's activations and a full-context
+    KV cache. The reuse caches come on top as they fill, up to their budgets
+    (`REUSE_CACHE_BYTES`); a prompt on OpenVINO adds `openvino_prompt`."""
+    weights = sum(graph_bytes(inv, g, precision, CPU_RUN_BYTES, calibrated) for g in inv.graphs)
+    loading = inv.lm_head_parameters * CPU_RUN_BYTES[lm_head_precision(precision)]
+    request = _activations(inv, inv.graphs, precision)
+    return int(RUNTIME_OVERHEAD + weights + max(loading, request))
+
+
+def lm_head_precision(precision: str) -> str:
+    """The LM head's precision in a `precision` bundle built with the defaults (float unless
+    the precision quantizes it by default)."""
+    from nvlm_export.export.quantize import PRECISION_PLAN, QUANTIZE_LM_HEAD_BY_DEFAULT
+
+    if QUANTIZE_LM_HEAD_BY_DEFAULT.get(precision):
+        return PRECISION_PLAN[precision][DECODER_GRAPH]
+    return "fp16" if precision == "fp16" else "fp32"
+
+
+def openvino_prompt(inv: Inventory, precision: str, calibrated: bool = True) -> int:
+    """What a decoder's prompt on OpenVINO adds (`--backend auto` with an INT4 decoder on CPUs
+    with AMX or AVX-512 BF16, or `prefill=openvino`): OpenVINO's libraries and plugin, and the
+    decoder held beside ONNX Runtime's copy, its file mapped and its weights repacked."""
+    stored = graph_bytes(inv, DECODER_GRAPH, precision, calibrated=calibrated)
+    return int(OPENVINO_OVERHEAD + OPENVINO_DECODER_COPIES * stored)
 
 
 def _activations(inv: Inventory, graphs: list[str], precision: str) -> float:
@@ -497,6 +572,8 @@ def plan(
         stages.append(StagePlan(f"quantize {precision} + accuracy check", check, out, True))
     stages.append(StagePlan("dry-run", DRY_RUN, 0, False))
     by_name = {s.stage: s for s in stages}
+    calibrated = {kind: kind != WEIGHT_ONLY_INT4 for kind in SERVED}
+    precision = {kind: kind.split()[0] for kind in SERVED}
     weight_only = max(by_name["export fp32"].peak_bytes, by_name["quantize int4"].peak_bytes)
     return MemoryPlan(
         model=str(checkpoint),
@@ -510,6 +587,8 @@ def plan(
             f"{gib(weight_only)}, disk "
             f"{gib(by_name['export fp32'].output_bytes + by_name['quantize int4'].output_bytes)}."
         ],
+        serving={k: serving(inv, precision[k], calibrated[k]) for k in SERVED},
+        openvino_prompt={k: openvino_prompt(inv, precision[k], calibrated[k]) for k in SERVED},
     )
 
 
