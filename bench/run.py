@@ -210,7 +210,9 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "performance.md")
     parser.add_argument("--no-doc", action="store_true")
     parser.add_argument(
-        "--render-only", action="store_true", help="rewrite the doc from the last results.json"
+        "--render-only",
+        action="store_true",
+        help="rewrite the doc from this CPU class's last results (results-<class>.json in --work)",
     )
     parser.add_argument(
         "--refresh-section",
@@ -229,13 +231,18 @@ def main() -> None:
         action="store_true",
         help="run only the time-to-first-token rows (issue #19) and rewrite their section",
     )
+    parser.add_argument(
+        "--skip-ttft",
+        action="store_true",
+        help="leave out the time-to-first-token rows (their section stays as it is)",
+    )
     args = parser.parse_args()
     if args.refresh_section:
         refresh_section(args.doc, args.refresh_section)
         print(f"updated {args.doc} from {args.refresh_section}")
         return
     if args.render_only:
-        saved = json.loads((args.work / "results.json").read_text())
+        saved = json.loads(results_file(args.work).read_text())
         rows = [Row(**row) for row in saved["rows"]]
         run_args = argparse.Namespace(**saved["args"])
         write_doc(args.doc, rows, saved["facts"], run_args, saved["started"])
@@ -353,7 +360,8 @@ def main() -> None:
     ours.close()
 
     # Phase 4: time to first token against transformers in bf16 (its own section of the doc).
-    if quantized_bundle(args.work, "int8") and quantized_bundle(args.work, "int4"):
+    have_bundles = quantized_bundle(args.work, "int8") and quantized_bundle(args.work, "int4")
+    if have_bundles and not args.skip_ttft:
         run_ttft(args, machine, started)
 
     facts["load_at_end"] = _load()
@@ -364,7 +372,7 @@ def main() -> None:
         "started": started,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
-    (args.work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    results_file(args.work).write_text(json.dumps(results, indent=2) + "\n")
     if not args.no_doc:
         write_doc(args.doc, rows, facts, args, started)
         print(f"wrote {args.doc}")
@@ -755,26 +763,51 @@ def _met(row: Row) -> str:
     return "-" if row.target == "-" else "pending"  # "-": informational, no target
 
 
-def write_doc(path: Path, rows: list[Row], facts: dict[str, Any], args: Any, started: str) -> None:
-    machine = facts.get("machine") or machine_description()
-    import onnxruntime_genai
-    import torch
-    import transformers
+def results_file(work: Path) -> Path:
+    """The last full run's rows and facts on this CPU class."""
+    return work / f"results-{cpu_class()}.json"
 
+
+def main_section(cpu: str) -> Path:
+    return ROOT / "bench" / f"main-results-{cpu}.md"
+
+
+def write_doc(path: Path, rows: list[Row], facts: dict[str, Any], args: Any, started: str) -> None:
+    """Write this CPU class's main-results section (bench/main-results-*.md), then the doc: its
+    header and every section kept in bench/, so a run on one CPU class keeps the others'."""
+    section = main_section(cpu_class())
+    section.write_text("\n".join(main_section_lines(rows, facts, args, started)) + "\n")
     lines = [
         "# Performance",
         "",
         "Written by `.venv/bin/python bench/run.py` (see bench/README.md); do not edit by hand —",
         "re-run the bench. Ratios are from one run, systems measured alternately; medians quoted.",
-        "",
-        "## Machine and conditions",
+        "Results are kept per CPU class (AMX, AVX-512, AVX2): a run replaces its own class's.",
+    ]
+    for name in SECTIONS:
+        path_in = ROOT / "bench" / name
+        if path_in.exists():
+            lines += ["", path_in.read_text()]
+    path.write_text("\n".join(lines).rstrip() + "\n")
+
+
+def main_section_lines(
+    rows: list[Row], facts: dict[str, Any], args: Any, started: str
+) -> list[str]:
+    machine = facts.get("machine") or machine_description()
+    import onnxruntime_genai
+    import torch
+    import transformers
+
+    return [
+        f"## Results: {CPU_CLASSES[cpu_class()]}",
         "",
         f"- run started {started}; {args.threads} threads per system; {args.runs} rounds "
         f"(7-tile case: {args.long_runs}); {args.new_tokens} new tokens; "
         f"{args.question_tokens}-token question",
         f"- CPU: {machine['cpu']}, {machine['logical_cores']} logical cores "
-        f"({machine.get('usable_cores') or '?'} usable by the bench); RAM "
-        f"{(machine['ram_bytes'] or 0) / GB:.1f} GB; {machine['platform']}",
+        f"({machine.get('usable_cores') or '?'} usable by the bench), matrix/vector units: "
+        f"{matrix_flags()}; RAM {(machine['ram_bytes'] or 0) / GB:.1f} GB; {machine['platform']}",
         f"- python {machine['python']}, numpy {machine['numpy']}, onnxruntime "
         f"{machine['onnxruntime']}, onnxruntime-genai {onnxruntime_genai.__version__}, torch "
         f"{torch.__version__}, transformers {transformers.__version__}",
@@ -785,22 +818,15 @@ def write_doc(path: Path, rows: list[Row], facts: dict[str, Any], args: Any, sta
         "processes included (about 2 on an otherwise idle 2-core machine); absolute numbers "
         "are noisy, ratios less so",
         "",
-        "## Results",
-        "",
         *table_lines(rows),
     ]
-    # Sections kept across reruns: the analysis, and the other bench scripts' results.
-    for section in SECTIONS:
-        path_in = ROOT / "bench" / section
-        if path_in.exists():
-            lines += ["", path_in.read_text()]
-    path.write_text("\n".join(lines).rstrip() + "\n")
 
 
-# The doc's sections after the results table, each kept in bench/ and starting with its "## "
-# heading: the analysis (by hand), bench/memory.py's results, bench/reuse.py's (written by it)
-# and bench/soak.py --caches' (by hand).
+# The doc's sections, each kept in bench/ and starting with its "## " heading: this script's main
+# results and TTFT rows per CPU class, the analysis (by hand), bench/memory.py's results,
+# bench/reuse.py's (written by it) and bench/soak.py --caches' (by hand).
 SECTIONS = (
+    *(main_section(cpu).name for cpu in CPU_CLASSES),
     *(ttft_section(cpu).name for cpu in CPU_CLASSES),
     "analysis.md",
     "memory-results.md",
