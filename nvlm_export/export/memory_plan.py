@@ -113,10 +113,14 @@ STAGES = (
     "dry-run",
 )
 
-# The bundles a build can leave, as the serving prediction names them: every precision, and an
-# INT4 bundle whose vision graph stayed in fp32 (the weight-only build).
+# The bundles a build can leave, as the serving prediction names them -> (their precision,
+# whether the graphs that need activation ranges got them): every precision, and an INT4 bundle
+# whose vision graph stayed in fp32 (the weight-only build).
 WEIGHT_ONLY_INT4 = "int4 weight-only"
-SERVED = ("fp32", "fp16", *QUANTIZED_PRECISIONS, WEIGHT_ONLY_INT4)
+SERVED: dict[str, tuple[str, bool]] = {
+    **{precision: (precision, True) for precision in ("fp32", "fp16", *QUANTIZED_PRECISIONS)},
+    WEIGHT_ONLY_INT4: ("int4", False),
+}
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,7 @@ class MemoryPlan:
     available_bytes: int | None
     accuracy_check: str  # where the accuracy check can run (one sentence)
     notes: list[str] = field(default_factory=list)
-    # bundle kind (SERVED) -> peak RSS serving it on ONNX Runtime, and what its prompt on
+    # bundle kind (a SERVED key) -> peak RSS serving it on ONNX Runtime, and what its prompt on
     # OpenVINO adds
     serving: dict[str, int] = field(default_factory=dict)
     openvino_prompt: dict[str, int] = field(default_factory=dict)
@@ -346,20 +350,14 @@ def streamed_export(inv: Inventory, dtype: str) -> int:
     return int(BASE_OVERHEAD + max([in_flight, *(INLINE_COPIES * b for b in inline)]))
 
 
-def running(
-    inv: Inventory,
-    graphs: list[str],
-    precision: str = "fp32",
-    calibrated: bool = True,
-    overhead: int = BASE_OVERHEAD,
-) -> int:
+def running(inv: Inventory, graphs: list[str], precision: str = "fp32") -> int:
     """The runtime running `graphs` of a `precision` bundle on ONNX Runtime: each graph's weights
     as its CPU kernels hold them (`CPU_RUN_BYTES`), once, plus one tile's ViT activations and a
     full-context KV cache. The embedding table is memory-mapped (only the rows looked up are
     read), so it is not counted.
     """
-    weights = sum(graph_bytes(inv, g, precision, CPU_RUN_BYTES, calibrated) for g in graphs)
-    return int(overhead + weights + _activations(inv, graphs, precision))
+    weights = sum(graph_bytes(inv, graph, precision, CPU_RUN_BYTES) for graph in graphs)
+    return int(BASE_OVERHEAD + weights + _activations(inv, graphs, precision))
 
 
 def serving(inv: Inventory, precision: str, calibrated: bool = True) -> int:
@@ -572,8 +570,6 @@ def plan(
         stages.append(StagePlan(f"quantize {precision} + accuracy check", check, out, True))
     stages.append(StagePlan("dry-run", DRY_RUN, 0, False))
     by_name = {s.stage: s for s in stages}
-    calibrated = {kind: kind != WEIGHT_ONLY_INT4 for kind in SERVED}
-    precision = {kind: kind.split()[0] for kind in SERVED}
     weight_only = max(by_name["export fp32"].peak_bytes, by_name["quantize int4"].peak_bytes)
     return MemoryPlan(
         model=str(checkpoint),
@@ -587,8 +583,8 @@ def plan(
             f"{gib(weight_only)}, disk "
             f"{gib(by_name['export fp32'].output_bytes + by_name['quantize int4'].output_bytes)}."
         ],
-        serving={k: serving(inv, precision[k], calibrated[k]) for k in SERVED},
-        openvino_prompt={k: openvino_prompt(inv, precision[k], calibrated[k]) for k in SERVED},
+        serving={kind: serving(inv, *built) for kind, built in SERVED.items()},
+        openvino_prompt={kind: openvino_prompt(inv, *built) for kind, built in SERVED.items()},
     )
 
 
