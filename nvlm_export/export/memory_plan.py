@@ -356,8 +356,16 @@ def running(inv: Inventory, graphs: list[str], precision: str = "fp32") -> int:
     full-context KV cache. The embedding table is memory-mapped (only the rows looked up are
     read), so it is not counted.
     """
-    weights = sum(graph_bytes(inv, graph, precision, CPU_RUN_BYTES) for graph in graphs)
+    weights = held_weights(inv, graphs, precision)
     return int(BASE_OVERHEAD + weights + _activations(inv, graphs, precision))
+
+
+def held_weights(
+    inv: Inventory, graphs: list[str], precision: str, calibrated: bool = True
+) -> float:
+    """The weights of `graphs` of a `precision` bundle as ONNX Runtime's CPU kernels hold them
+    (`CPU_RUN_BYTES`)."""
+    return sum(graph_bytes(inv, g, precision, CPU_RUN_BYTES, calibrated) for g in graphs)
 
 
 def serving(inv: Inventory, precision: str, calibrated: bool = True) -> int:
@@ -367,7 +375,7 @@ def serving(inv: Inventory, precision: str, calibrated: bool = True) -> int:
     beside its pre-packed copy, and a request, with one tile's activations and a full-context
     KV cache. The reuse caches come on top as they fill, up to their budgets
     (`REUSE_CACHE_BYTES`); a prompt on OpenVINO adds `openvino_prompt`."""
-    weights = sum(graph_bytes(inv, g, precision, CPU_RUN_BYTES, calibrated) for g in inv.graphs)
+    weights = held_weights(inv, inv.graphs, precision, calibrated)
     loading = inv.lm_head_parameters * CPU_RUN_BYTES[lm_head_precision(precision)]
     request = _activations(inv, inv.graphs, precision)
     return int(RUNTIME_OVERHEAD + weights + max(loading, request))
@@ -513,7 +521,7 @@ def accuracy_check(inv: Inventory, precision: str, calibrated: bool = True) -> i
     dequantized to fp32 when they run (`CPU_RUN_BYTES`), so its quantized run is the larger.
     """
     reference = running(inv, inv.graphs)
-    weights = sum(graph_bytes(inv, g, precision, CPU_RUN_BYTES, calibrated) for g in inv.graphs)
+    weights = held_weights(inv, inv.graphs, precision, calibrated)
     quantized = BASE_OVERHEAD + weights + _activations(inv, inv.graphs, "fp32")
     return int(max(reference, quantized))
 

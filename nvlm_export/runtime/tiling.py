@@ -256,7 +256,7 @@ def tile_image(
         )
     grid = choose_grid(image.width, image.height, config, max_tiles)
     regular = grid[0] * grid[1]
-    has_thumbnail = config.use_thumbnail and regular > 1
+    has_thumbnail = tile_count(grid, config) > regular
     kinds: tuple[TileKind, ...] = ("tile",) * regular + (("thumbnail",) if has_thumbnail else ())
     return Tiling(
         image=image,
