@@ -164,6 +164,22 @@ def test_an_unknown_precision_is_refused_on_load_in_one_line(
     assert "\n" not in line
 
 
+@pytest.mark.parametrize("value", ["int8\x1b[2J\x1b]0;pwned\x07", "int8\nfp32", None, ["int8"], 8])
+def test_a_hostile_graph_precision_is_refused_in_one_escaped_line(
+    bundle: Path, value: object
+) -> None:
+    """A graph's precision decides which kernels the runtime asks for (exact int8 GEMMs for INT8
+    graphs): a copied bundle naming anything else, a null or a list, is refused before any graph
+    is loaded, with the value escaped and cut, never echoed raw to a terminal."""
+    _rewrite_nested(bundle, ("graphs", "decoder", "precision"), value)
+    with pytest.raises(BundleError) as refused:
+        load_manifest(bundle)
+    line = str(refused.value)
+    known = "is not a known precision" if isinstance(value, str) else "has the wrong type"
+    assert "graphs.decoder" in line and "precision" in line and known in line
+    assert "\n" not in line and "\x1b" not in line and "\x07" not in line
+
+
 @pytest.mark.parametrize(
     ("path", "key"), [(("prompt",), "eos_token"), (("prompt", "chat"), "turn_prefix")]
 )
