@@ -86,11 +86,11 @@ class OursSystem:
         }
 
     def decoder(self, prompt_ids: list[int], new_tokens: int) -> dict[str, Any]:
-        from nvlm_export.runtime.generation import GenerateOptions, KVCache, generate, prefill
+        from nvlm_export.runtime.generation import GenerateOptions, generate, prefill
 
         pipe = self.pipe
         decoder = pipe.runners["decoder"].infer
-        cache = KVCache.from_spec(pipe.manifest.kv_cache)
+        cache = pipe.new_cache()
         start = time.perf_counter()
         logits = prefill(decoder, pipe.embed(np.asarray(prompt_ids)[None, :]), cache)
         prefill_seconds = time.perf_counter() - start

@@ -12,9 +12,10 @@ from helpers import slow
 
 from nvlm_export.errors import InputError, PromptError
 from nvlm_export.models.families.nvlm_d import PROMPT_FORMAT as NVLM_D
+from nvlm_export.runtime.backends.onnxruntime import OnnxRuntimeRunner
 from nvlm_export.runtime.caches import ByteBudgetLRU, KVState
 from nvlm_export.runtime.conversation import Conversation
-from nvlm_export.runtime.generation import GenerateOptions
+from nvlm_export.runtime.generation import GenerateOptions, InPlaceKVCache, KVCache
 from nvlm_export.runtime.pipeline import Pipeline
 from nvlm_export.runtime.prompt import Message, build_chat_prompt, build_prompt
 
@@ -307,3 +308,33 @@ def test_a_hostile_turns_file_is_refused_line_by_line(
     with pytest.raises(InputError, match=message) as info:
         _read_turns(turns)
     assert "\n" not in str(info.value)
+
+
+def test_caches_are_written_in_place_and_answer_as_concatenated_ones_do(
+    tiny_bundle, monkeypatch
+) -> None:
+    """The default ONNX Runtime pipeline's decoder writes keys/values into buffers in place; a
+    cold request, a prefix reused from the cache and a conversation's follow-up answer exactly
+    as with caches whose arrays the decoder replaces each step."""
+    bundle = tiny_bundle("nvlm-d")[1]
+    pipe = Pipeline.load(bundle)
+    assert pipe.keeps_kv_in_place and isinstance(pipe.new_cache(), InPlaceKVCache)
+    assert not Pipeline.load(bundle, graph_variants=False, shared_runners={}).keeps_kv_in_place
+
+    def answers() -> list[tuple[tuple[int, ...], int]]:
+        pipe.clear_caches()
+        image = random_image(3)
+        streams = [
+            pipe.generate("What is it?", [image], max_new_tokens=STEPS, ignore_eos=True),
+            pipe.generate("What is it made of?", [image], max_new_tokens=STEPS, ignore_eos=True),
+        ]
+        chat = pipe.chat()
+        streams += [chat.ask("Describe it.", [image], max_new_tokens=STEPS)]
+        streams += [chat.ask("Again.", max_new_tokens=STEPS)]
+        return [(s.run().token_ids, s.reused_tokens) for s in streams]
+
+    in_place = answers()
+    assert in_place[1][1] > 0 and in_place[3][1] > 0  # prefixes were reused
+    monkeypatch.setattr(OnnxRuntimeRunner, "writes_in_place", False)
+    assert isinstance(pipe.new_cache(), KVCache)
+    assert answers() == in_place

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,12 @@ from nvlm_export.export.architectures import architecture_for_layout
 from nvlm_export.export.cross import cross_kv_names
 from nvlm_export.export.reference import TorchReference
 from nvlm_export.models.checkpoint import load_checkpoint
-from nvlm_export.runtime.manifest import CROSS_ATTENTION_MASK, CROSS_KV_GRAPH, DECODER_GRAPH
+from nvlm_export.runtime.manifest import (
+    CROSS_ATTENTION_MASK,
+    CROSS_KV_GRAPH,
+    DECODER_GRAPH,
+    POSITION_IDS,
+)
 from nvlm_export.runtime.pipeline import Pipeline
 
 LAYOUTS = ("nvlm-x", "nvlm-h")
@@ -133,9 +139,11 @@ def test_cross_kv_runs_once_and_decode_inputs_do_not_grow(exported, monkeypatch)
     def recording(runner, calls: list):
         infer = runner.infer
 
-        def record(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        def record(feeds: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
             calls.append({name: tuple(value.shape) for name, value in feeds.items()})
-            return infer(feeds)
+            if POSITION_IDS in feeds:
+                calls[-1]["first_position"] = int(feeds[POSITION_IDS][0, 0])
+            return infer(feeds, **options)
 
         return record
 
@@ -153,4 +161,7 @@ def test_cross_kv_runs_once_and_decode_inputs_do_not_grow(exported, monkeypatch)
         assert call[CROSS_ATTENTION_MASK] == (1, seq, k)
         assert all(call[name] == (1, 2, k, 16) for name in cross_kv_names(2))
         assert call["inputs_embeds"] == (1, seq, 64)
-        assert call["past_key_values.0.key"] == (1, 2, past, 16)
+        assert call["first_position"] == past
+        # The cache in place is a buffer of the whole context; otherwise it grows by the step.
+        length = pipe.manifest.kv_cache.max_context if pipe.keeps_kv_in_place else past
+        assert call["past_key_values.0.key"] == (1, 2, length, 16)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +15,19 @@ import pytest
 from helpers import slow
 from helpers.tiny import TinyBundle
 
-from nvlm_export.errors import BundleError
+from nvlm_export.errors import BundleError, InputError
 from nvlm_export.export.fused_attention import fuse_decoder_attention, fuse_vision_attention
 from nvlm_export.export.qdq import quantize_static_graph
-from nvlm_export.runtime.backends import GraphSpec, get_backend
+from nvlm_export.runtime.backends import GraphRunner, GraphSpec, get_backend
 from nvlm_export.runtime.manifest import (
     DECODER_GRAPH,
     MANIFEST_NAME,
     VISION_GRAPH,
     KVCacheSpec,
+    Manifest,
     load_manifest,
 )
+from nvlm_export.runtime.manifest import GraphSpec as ManifestGraph
 from nvlm_export.runtime.pipeline import Pipeline
 
 # nvlm-d: the 6B-style ViT (RMSNorm, q/k norms before the heads split); internvl: the 300M style.
@@ -151,6 +154,37 @@ def _typed(
     return typed
 
 
+# A 5-token prefill, a 3-token chunk on top of it, then one-token steps.
+STEPS = (5, 3, 1, 1)
+
+
+def _standard_and_variant(bundle: Path, graph: ManifestGraph) -> tuple[GraphRunner, GraphRunner]:
+    """ONNX Runtime runners of the decoder's standard graph and of its variant."""
+    runner = get_backend("onnxruntime")
+    return (
+        runner(GraphSpec.from_manifest("d", graph, bundle)),
+        runner(GraphSpec.from_manifest("d", graph, bundle, backend="onnxruntime")),
+    )
+
+
+def _step_feeds(
+    manifest: Manifest,
+    spec: GraphSpec,
+    outputs: dict[str, np.ndarray] | None,
+    past: int,
+    seq: int,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """A call of `seq` random embeddings after `past` positions, on the presents `outputs` of
+    the call before (None: an empty cache)."""
+    feeds = {
+        "inputs_embeds": rng.standard_normal((1, seq, manifest.embedding.hidden_size)),
+        "position_ids": np.arange(past, past + seq)[None],
+        **_cache_feeds(manifest.kv_cache, outputs),
+    }
+    return _typed(spec, feeds, seq, rng)
+
+
 # The cross-attention layouts export their own tiny bundle (~10 s each): CI runs them, the fast
 # lane keeps the decoder-only ones.
 @pytest.mark.parametrize("layout", [*LAYOUTS, slow("nvlm-x")])
@@ -174,25 +208,16 @@ def test_every_cached_self_attention_layer_is_one_group_query_attention_in_the_v
 def test_the_decoder_variant_computes_the_standard_graph_in_prefill_chunks_and_decode(
     tiny_bundle: TinyBundle, layout: str
 ) -> None:
-    """Rotary, the causal mask over the cache and the presents, call after call: a 5-token
-    prefill, a 3-token chunk on top of it, then one-token steps."""
+    """Rotary, the causal mask over the cache and the presents, call after call (`STEPS`)."""
     _, bundle = tiny_bundle(layout)
     manifest = load_manifest(bundle)
     graph = manifest.graph(DECODER_GRAPH)
-    standard = get_backend("onnxruntime")(GraphSpec.from_manifest("d", graph, bundle))
-    fused = get_backend("onnxruntime")(
-        GraphSpec.from_manifest("d", graph, bundle, backend="onnxruntime")
-    )
+    standard, fused = _standard_and_variant(bundle, graph)
     assert fused.spec.path != standard.spec.path
     rng = np.random.default_rng(0)
     outputs, past = None, 0
-    for seq in (5, 3, 1, 1):
-        feeds = {
-            "inputs_embeds": rng.standard_normal((1, seq, manifest.embedding.hidden_size)),
-            "position_ids": np.arange(past, past + seq)[None],
-            **_cache_feeds(manifest.kv_cache, outputs),
-        }
-        feeds = _typed(standard.spec, feeds, seq, rng)
+    for seq in STEPS:
+        feeds = _step_feeds(manifest, standard.spec, outputs, past, seq, rng)
         expected, got = standard.infer(feeds), fused.infer(feeds)
         for name, value in expected.items():
             assert np.abs(got[name] - value).max() <= 1e-5 * np.abs(value).max(), name
@@ -239,3 +264,89 @@ def _run_graph(path: Path, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dic
     runner = get_backend("onnxruntime")(GraphSpec(spec.name, path, spec.inputs, spec.outputs))
     with runner:
         return runner.infer(feeds)
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, slow("nvlm-h")])
+def test_the_decoder_variant_writes_its_keys_and_values_into_the_past_buffers_in_place(
+    tiny_bundle: TinyBundle, layout: str
+) -> None:
+    """Past and present bound to one buffer of the whole context: each call writes only its own
+    positions (the rest stays NaN, so nothing past the cache is ever read) and returns the
+    standard graph's logits, with the buffers holding the standard graph's presents."""
+    _, bundle = tiny_bundle(layout)
+    manifest = load_manifest(bundle)
+    graph, kv = manifest.graph(DECODER_GRAPH), manifest.kv_cache
+    assert graph.variants["onnxruntime"].kv_in_place
+    standard, fused = _standard_and_variant(bundle, graph)
+    assert fused.activate().keeps_kv_in_place and not standard.activate().keeps_kv_in_place
+    shape = (1, kv.num_kv_heads, kv.max_context, kv.head_dim)
+    pasts = [n.format(layer=i) for i in range(kv.num_layers) for n in (kv.past_key, kv.past_value)]
+    presents = [
+        n.format(layer=i) for i in range(kv.num_layers) for n in (kv.present_key, kv.present_value)
+    ]
+    buffers = {name: np.full(shape, np.nan, np.float32) for name in pasts}
+    rng = np.random.default_rng(0)
+    outputs, past = None, 0
+    for seq in STEPS:
+        feeds = _step_feeds(manifest, standard.spec, outputs, past, seq, rng)
+        expected = standard.infer(feeds)
+        into = dict(zip(presents, buffers.values(), strict=True))
+        got = fused.infer({**feeds, **buffers}, outputs_into=into)
+        logits = expected["logits"]
+        assert np.abs(got["logits"] - logits).max() <= 1e-5 * np.abs(logits).max()
+        past += seq
+        for present, buffer in into.items():
+            assert got[present] is buffer
+            assert np.abs(buffer[:, :, :past] - expected[present]).max() <= 1e-5, present
+            assert np.isnan(buffer[:, :, past:]).all(), present
+        outputs = expected
+
+
+def test_only_a_backend_that_writes_in_place_takes_outputs_into(tiny_bundle: TinyBundle) -> None:
+    _, bundle = tiny_bundle("internvl")
+    graph = load_manifest(bundle).graph(VISION_GRAPH)
+    spec = GraphSpec.from_manifest(VISION_GRAPH, graph, bundle)
+    size = graph.inputs[0].shape[-1]
+    feeds = {"pixel_values": _tiles(1, size)}
+    runner = get_backend("onnxruntime")(spec)
+    features = np.empty((1, *graph.outputs[0].shape[1:]), np.float32)
+    written = runner.infer(feeds, outputs_into={"image_features": features})["image_features"]
+    assert written is features and np.array_equal(features, runner.infer(feeds)["image_features"])
+    with pytest.raises(InputError, match="writeable C-contiguous numpy array of float32"):
+        runner.infer(feeds, outputs_into={"image_features": features.astype(np.float16)})
+    with pytest.raises(InputError, match="writeable C-contiguous"):
+        runner.infer(feeds, outputs_into={"image_features": np.asfortranarray(features)})
+
+    class ReturnsNewArrays(GraphRunner):  # what TensorRT and OpenVINO runners are today
+        backend_name = "returns-new-arrays"
+
+        def _activate_impl(self) -> None:
+            pass
+
+        def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {"image_features": features.copy()}
+
+    with pytest.raises(InputError, match="cannot write graph outputs into given arrays"):
+        ReturnsNewArrays(spec).infer(feeds, outputs_into={"image_features": features})
+
+
+def test_a_bundle_claiming_kv_in_place_for_a_graph_that_concatenates_fails_in_one_line(
+    tiny_bundle: TinyBundle, tmp_path: Path
+) -> None:
+    """A copied bundle whose manifest says `kv_in_place` for a graph that returns
+    `concat(past, new)` (here the standard graph): ONNX Runtime refuses to write the longer
+    presents into the cache buffers, and the request fails with one line, never past them."""
+    _, source = tiny_bundle("internvl")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(source, bundle)
+    manifest = load_manifest(bundle)
+    graph = manifest.graph(DECODER_GRAPH)
+    lying = replace(graph.variants["onnxruntime"], file=graph.file)
+    graphs = {**manifest.graphs, DECODER_GRAPH: replace(graph, variants={"onnxruntime": lying})}
+    replace(manifest, graphs=graphs).save(bundle)
+    pipe = Pipeline.load(bundle)
+    assert pipe.keeps_kv_in_place
+    with pytest.raises(InputError) as refused:
+        pipe.generate("Hello", max_new_tokens=2).run()
+    line = str(refused.value)
+    assert "failed to run the decoder graph" in line and "\n" not in line

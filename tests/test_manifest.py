@@ -78,6 +78,16 @@ def test_round_trip_is_exact(bundle: Path) -> None:
     assert loaded == _manifest().save(bundle)
 
 
+def test_a_manifest_saved_again_is_in_the_writers_schema(bundle: Path) -> None:
+    """Quantize and build rewrite a manifest they loaded: the file they write holds this version's
+    keys, so it must say this version's schema, which an older runtime reads leniently (ignoring
+    the keys added since) instead of refusing them as typos."""
+    _rewrite(bundle, schema_version="2.1")
+    assert load_manifest(bundle).schema_version == "2.1"
+    load_manifest(bundle).save(bundle)
+    assert json.loads((bundle / MANIFEST_NAME).read_text())["schema_version"] == SCHEMA_VERSION
+
+
 def test_graph_specs_answer_by_name(bundle: Path) -> None:
     decoder = load_manifest(bundle).graph("decoder")
     assert decoder.input("position_ids").dtype == "int64"
@@ -178,6 +188,30 @@ def test_a_hostile_graph_precision_is_refused_in_one_escaped_line(
     known = "is not a known precision" if isinstance(value, str) else "has the wrong type"
     assert "graphs.decoder" in line and "precision" in line and known in line
     assert "\n" not in line and "\x1b" not in line and "\x07" not in line
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None, [True]])
+def test_a_variant_whose_kv_in_place_is_not_a_boolean_is_refused(
+    bundle: Path, value: object
+) -> None:
+    """Whether the runtime binds the decoder's outputs to its own cache buffers comes from the
+    bundle: a copied bundle saying anything but true or false is refused on load."""
+    variant = {"file": "decoder.onnx", "kv_in_place": value}
+    _rewrite_nested(bundle, ("graphs", "decoder", "variants"), {"onnxruntime": variant})
+    with pytest.raises(BundleError) as refused:
+        load_manifest(bundle)
+    line = str(refused.value)
+    assert "kv_in_place" in line and "has the wrong type" in line and "\n" not in line
+
+
+def test_a_variant_written_before_kv_in_place_runs_with_caches_replaced_each_step(
+    bundle: Path,
+) -> None:
+    """Schema 2.1 variants computed the cache length from the past's shape: never in place."""
+    _rewrite(bundle, schema_version="2.1")
+    variant = {"file": "decoder.onnx", "fused_ops": ["com.microsoft.GroupQueryAttention"]}
+    _rewrite_nested(bundle, ("graphs", "decoder", "variants"), {"onnxruntime": variant})
+    assert not load_manifest(bundle).graph("decoder").variants["onnxruntime"].kv_in_place
 
 
 @pytest.mark.parametrize(

@@ -593,10 +593,10 @@ def test_an_unchanged_vision_graph_is_shared_and_run_once_per_request(
     vision_tiles = []
     infer = GraphRunner.infer
 
-    def counting(self: GraphRunner, feeds: Any) -> Any:
+    def counting(self: GraphRunner, feeds: Any, **options: Any) -> Any:
         if self.spec.name == VISION_GRAPH:
             vision_tiles.append(len(feeds["pixel_values"]))
-        return infer(self, feeds)
+        return infer(self, feeds, **options)
 
     monkeypatch.setattr(GraphRunner, "infer", counting)
     settings = QuantizeSettings("int4", accuracy_requests=1, accuracy_steps=8)
@@ -682,9 +682,9 @@ def test_the_accuracy_check_decodes_a_long_prompt_in_the_runtime_s_chunks(
     runner = chunked.runners[DECODER_GRAPH]
     calls: list[int] = []
 
-    def infer(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(feeds: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
         calls.append(feeds["inputs_embeds"].shape[1])
-        return type(runner).infer(runner, feeds)
+        return type(runner).infer(runner, feeds, **options)
 
     monkeypatch.setattr(runner, "infer", infer)
     tokens, logits = decode(chunked, prepared, 3)

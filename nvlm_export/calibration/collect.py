@@ -82,6 +82,10 @@ class Request:
 class RecordingRunner:
     """A graph runner that hands every call's feeds to `record` before running them."""
 
+    # Recorded decoder feeds are what the standard graph takes (pasts of the cache's length),
+    # so the pipeline gives recorded requests caches replaced each step, not in-place buffers.
+    keeps_kv_in_place = False
+
     def __init__(self, runner: Any, record: Callable[[Mapping[str, np.ndarray]], None]) -> None:
         self.inner = runner
         self.spec = runner.spec

@@ -38,7 +38,6 @@ from nvlm_export.calibration.collect import Request, capped_message, fit_to_cont
 from nvlm_export.calibration.dataset import RequestTiling
 from nvlm_export.compare import common_prefix, compare
 from nvlm_export.defaults import ACCURACY_STEPS
-from nvlm_export.runtime.generation import KVCache
 from nvlm_export.runtime.manifest import (
     DECODER_GRAPH,
     INPUTS_EMBEDS,
@@ -348,11 +347,11 @@ def decode(
     if features is None:
         features = pipe.encode_images(prepared.tilings)
     inputs = pipe.decoder_inputs(prepared.prompt, features)
-    cache = KVCache.from_spec(pipe.manifest.kv_cache)
+    cache = pipe.new_cache()
     decoder = pipe.runners[DECODER_GRAPH].infer
     eos = set(pipe.manifest.tokenizer.eos_token_ids)
     limit = min(
-        len(forced) if forced is not None else steps, cache.remaining - prepared.prompt.num_tokens
+        len(forced) if forced is not None else steps, cache.capacity - prepared.prompt.num_tokens
     )
     logits = [pipe.prefill(inputs, cache)]
     tokens: list[int] = []
@@ -361,16 +360,12 @@ def decode(
         tokens.append(token)
         if len(tokens) >= limit or (forced is None and token in eos):
             return tokens, np.stack(logits)
-        outputs = decoder(
-            {
-                INPUTS_EMBEDS: pipe.embed(np.array([[token]], dtype=np.int64)),  # (1, 1, D)
-                POSITION_IDS: np.array([[cache.length]], dtype=np.int64),  # (1, 1)
-                **cache.feeds(),
-                **inputs.decode_feeds,
-            }
-        )
-        cache.update(outputs)
-        logits.append(outputs[LOGITS][0])
+        feeds = {
+            INPUTS_EMBEDS: pipe.embed(np.array([[token]], dtype=np.int64)),  # (1, 1, D)
+            POSITION_IDS: np.array([[cache.length]], dtype=np.int64),  # (1, 1)
+            **inputs.decode_feeds,
+        }
+        logits.append(cache.step(decoder, feeds)[LOGITS][0])
 
 
 def kl_divergence(reference: np.ndarray, quantized: np.ndarray) -> np.ndarray:

@@ -38,7 +38,6 @@ import numpy as np
 from nvlm_export.errors import ExportError
 from nvlm_export.runtime.manifest import (
     DECODER_GRAPH,
-    INPUTS_EMBEDS,
     POSITION_IDS,
     VISION_GRAPH,
     GraphSpec,
@@ -409,25 +408,31 @@ def _rotary_caches(inv_freq: np.ndarray, max_context: int) -> tuple[np.ndarray, 
     return np.cos(angles), np.sin(angles)
 
 
-def _sequence_lengths(embeds: str, past_key: str) -> list[onnx.NodeProto]:
+def _sequence_lengths(positions: str) -> list[onnx.NodeProto]:
     """Nodes computing GQA's `seqlens_k` [B] (int32, total - 1) and `total_sequence_length`
-    (int32 scalar) from the shapes of the embeddings [B, S, D] and a past key [B, KV, P, D]."""
+    (int32 scalar) from the positions [B, S] of the step's tokens: the last one is the index of
+    the last cache entry. Not from the past's shape, so the past may be a buffer longer than the
+    cache, which GQA then writes into in place (`GraphVariant.kv_in_place`)."""
     from onnx import TensorProto, helper
 
-    def constant(name: str, values: list[int], dims: list[int]) -> onnx.NodeProto:
-        tensor = helper.make_tensor(name, TensorProto.INT32, dims, values)
+    def constant(name: str, values: list[int], dims: list[int], dtype: int) -> onnx.NodeProto:
+        tensor = helper.make_tensor(name, dtype, dims, values)
         return helper.make_node("Constant", [], [name], value=tensor)
 
     return [
-        helper.make_node("Shape", [embeds], ["gqa_batch"], start=0, end=1),
-        helper.make_node("Shape", [embeds], ["gqa_seq"], start=1, end=2),
-        helper.make_node("Shape", [past_key], ["gqa_past"], start=2, end=3),
-        helper.make_node("Add", ["gqa_past", "gqa_seq"], ["gqa_total_64"]),
-        helper.make_node("Cast", ["gqa_total_64"], ["gqa_total_1"], to=TensorProto.INT32),
-        constant("gqa_one", [1], [1]),
-        helper.make_node("Sub", ["gqa_total_1", "gqa_one"], ["gqa_last"]),
-        helper.make_node("Expand", ["gqa_last", "gqa_batch"], [SEQLENS_K]),
-        helper.make_node("Squeeze", ["gqa_total_1"], [TOTAL_LENGTH]),
+        constant("gqa_minus_one", [-1], [1], TensorProto.INT64),
+        constant("gqa_to_end", [2**63 - 1], [1], TensorProto.INT64),
+        constant("gqa_seq_axis", [1], [1], TensorProto.INT64),
+        constant("gqa_one", [1], [], TensorProto.INT32),
+        helper.make_node(
+            "Slice",
+            [positions, "gqa_minus_one", "gqa_to_end", "gqa_seq_axis"],
+            ["gqa_last_position"],
+        ),  # [B, 1]
+        helper.make_node("Cast", ["gqa_last_position"], ["gqa_last_32"], to=TensorProto.INT32),
+        helper.make_node("Squeeze", ["gqa_last_32", "gqa_seq_axis"], [SEQLENS_K]),  # [B]
+        helper.make_node("ReduceMax", [SEQLENS_K], ["gqa_longest"], keepdims=0),
+        helper.make_node("Add", ["gqa_longest", "gqa_one"], [TOTAL_LENGTH]),  # scalar
     ]
 
 
@@ -495,7 +500,7 @@ def fuse_decoder_attention(source: Path, output: Path, manifest: Manifest) -> in
         _group_query_attention(block, cache.num_kv_heads, POSITION_IDS, index)
         for index, block in enumerate(blocks)
     ]
-    lengths = _sequence_lengths(INPUTS_EMBEDS, blocks[0].past_key)
+    lengths = _sequence_lengths(POSITION_IDS)
     del model.graph.node[:]
     model.graph.node.extend(_topological([*lengths, *kept, *fused]))
     _drop_unused(model)
@@ -516,6 +521,7 @@ class Rewrite:
 
     write: Callable[[Path, Path, Manifest], int]
     fused_ops: tuple[str, ...]
+    kv_in_place: bool = False  # the variant may write its keys/values into the past buffers
 
 
 REWRITES: dict[str, Rewrite] = {
@@ -523,7 +529,9 @@ REWRITES: dict[str, Rewrite] = {
         lambda source, output, _: fuse_vision_attention(source, output),
         (f"{MS_DOMAIN}.MultiHeadAttention",),
     ),
-    DECODER_GRAPH: Rewrite(fuse_decoder_attention, (f"{MS_DOMAIN}.GroupQueryAttention",)),
+    DECODER_GRAPH: Rewrite(
+        fuse_decoder_attention, (f"{MS_DOMAIN}.GroupQueryAttention",), kv_in_place=True
+    ),
 }
 
 
@@ -552,4 +560,5 @@ def with_onnxruntime_variant(bundle: Path, manifest: Manifest, name: str) -> Gra
         rewrite.write(bundle / graph.file, bundle / file, manifest)
     except ExportError:
         return graph  # no fusable attention: ONNX Runtime runs the standard graph
-    return replace(graph, variants={ONNXRUNTIME: GraphVariant(file, rewrite.fused_ops)})
+    variant = GraphVariant(file, rewrite.fused_ops, kv_in_place=rewrite.kv_in_place)
+    return replace(graph, variants={ONNXRUNTIME: variant})

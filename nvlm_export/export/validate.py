@@ -30,7 +30,6 @@ from nvlm_export.assets import example_image_path
 from nvlm_export.compare import Comparison, common_prefix, compare
 from nvlm_export.export.architectures import ArchitectureExport
 from nvlm_export.export.reference import TorchReference, reference_pixel_values
-from nvlm_export.runtime.generation import KVCache
 from nvlm_export.runtime.images import ImageSource, load_image
 from nvlm_export.runtime.manifest import VISION_GRAPH, Manifest, load_manifest
 from nvlm_export.runtime.pipeline import Pipeline, PreparedRequest
@@ -180,9 +179,8 @@ def _run_bundle(
     language = [name for name in (manifest or load_manifest(bundle)).graphs if name != VISION_GRAPH]
     with _loaded(bundle, manifest, language) as pipeline:
         inputs = pipeline.decoder_inputs(prepared.prompt, features)
-        cache = KVCache.from_spec(pipeline.manifest.kv_cache)
-        logits = pipeline.prefill(inputs, cache)
-        del inputs, cache
+        logits = pipeline.prefill(inputs, pipeline.new_cache())
+        del inputs
     tokens = None
     if greedy_steps > 0:
         with _loaded(bundle, manifest, None) as pipeline:

@@ -13,7 +13,9 @@ The pieces, wired by the pipeline in a few lines:
 
 `decoder` is any callable from feeds to outputs (a `GraphRunner.infer`), following the decoder
 graph contract whose names `runtime/manifest.py` declares (INPUTS_EMBEDS, POSITION_IDS, LOGITS and
-the KV cache's PAST_* / PRESENT_* patterns).
+the KV cache's PAST_* / PRESENT_* patterns). The cache makes each decoder call (`step`): a
+`KVCache` feeds its arrays and keeps the presents the graph returns; an `InPlaceKVCache` feeds
+buffers of the whole context that a `kv_in_place` graph variant writes its new positions into.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from nvlm_export.runtime.sampling import check_sampling_options, sample_next_tok
 from nvlm_export.runtime.streaming import TextStream
 
 FinishReason = Literal["eos", "stop", "length"]
-DecoderStep = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 # Token ids [B, S] int64 -> embeddings [B, S, D]; a memory-mapped table's `__getitem__` qualifies.
 EmbedTokens = Callable[[np.ndarray], np.ndarray]
 
@@ -96,8 +97,20 @@ class GenerateOptions:
         return np.random.default_rng(self.seed)
 
 
+class DecoderStep(Protocol):
+    """One decoder call (`GraphRunner.infer`); `outputs_into` only for an `InPlaceKVCache`."""
+
+    def __call__(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        *,
+        outputs_into: Mapping[str, np.ndarray] | None = None,
+    ) -> Mapping[str, np.ndarray]: ...
+
+
 class KVCacheLike(Protocol):
-    """What generation needs from a cache; a preallocated in-place cache can implement it too."""
+    """What generation needs from a cache: its length and capacity, and one decoder call on the
+    step's other feeds (`step`) after which the cache holds the step's positions too."""
 
     @property
     def length(self) -> int: ...
@@ -105,9 +118,9 @@ class KVCacheLike(Protocol):
     @property
     def capacity(self) -> int: ...
 
-    def feeds(self) -> dict[str, np.ndarray]: ...
-
-    def update(self, outputs: Mapping[str, np.ndarray]) -> None: ...
+    def step(
+        self, decoder: DecoderStep, feeds: Mapping[str, np.ndarray]
+    ) -> Mapping[str, np.ndarray]: ...
 
 
 class KVCacheNames(Protocol):
@@ -203,6 +216,13 @@ class KVCache:
             feeds[value_name] = value
         return feeds
 
+    def step(
+        self, decoder: DecoderStep, feeds: Mapping[str, np.ndarray]
+    ) -> Mapping[str, np.ndarray]:
+        outputs = decoder({**feeds, **self.feeds()})
+        self.update(outputs)
+        return outputs
+
     def update(self, outputs: Mapping[str, np.ndarray]) -> None:
         """Take the step's presents; they must extend the cache without passing its capacity."""
         new_length = outputs[self._present[0][0]].shape[2] if self._present else 0
@@ -220,6 +240,68 @@ class KVCache:
             )
         self.keys = [outputs[key_name] for key_name, _ in self._present]
         self.values = [outputs[value_name] for _, value_name in self._present]
+
+
+class InPlaceKVCache:
+    """Per-layer key and value buffers [1, kv_heads, capacity, head_dim] fed whole to a decoder
+    graph variant with `kv_in_place`, which writes each step's new positions into them (its
+    presents are bound to the same memory): no step copies the cache, which a `KVCache` step
+    does (concatenation into new presents). The graph reads the cache length from
+    `position_ids`; positions from `length` on hold no data and are never read.
+
+    The buffers are `np.empty`: the OS backs their pages as positions are first written, so an
+    unused capacity costs address space, not memory. `keys` / `values` are views of the filled
+    positions, valid for good: later steps write only past them.
+    """
+
+    def __init__(self, spec: KVCacheSpec, *, batch: int = 1) -> None:
+        shape = (batch, spec.num_kv_heads, spec.max_context, spec.head_dim)
+        layers = range(spec.num_layers)
+        self._keys = [np.empty(shape, np.dtype(spec.dtype)) for _ in layers]
+        self._values = [np.empty(shape, np.dtype(spec.dtype)) for _ in layers]
+        self._feeds, self._outputs_into = {}, {}
+        for layer, key, value in zip(layers, self._keys, self._values, strict=True):
+            self._feeds[spec.past_key.format(layer=layer)] = key
+            self._feeds[spec.past_value.format(layer=layer)] = value
+            self._outputs_into[spec.present_key.format(layer=layer)] = key
+            self._outputs_into[spec.present_value.format(layer=layer)] = value
+        self.capacity = spec.max_context
+        self.length = 0
+
+    @classmethod
+    def holding(
+        cls, spec: KVCacheSpec, keys: Sequence[np.ndarray], values: Sequence[np.ndarray]
+    ) -> InPlaceKVCache:
+        """A cache whose first positions are a copy of `keys` / `values` [1, kv, L, head_dim]."""
+        cache = cls(spec)
+        length = keys[0].shape[2] if keys else 0
+        check_prompt_fits(length, cache.capacity)
+        for buffer, kept in zip((*cache._keys, *cache._values), (*keys, *values), strict=True):
+            buffer[:, :, :length] = kept
+        cache.length = length
+        return cache
+
+    @property
+    def keys(self) -> list[np.ndarray]:
+        return [buffer[:, :, : self.length] for buffer in self._keys]
+
+    @property
+    def values(self) -> list[np.ndarray]:
+        return [buffer[:, :, : self.length] for buffer in self._values]
+
+    def step(
+        self, decoder: DecoderStep, feeds: Mapping[str, np.ndarray]
+    ) -> Mapping[str, np.ndarray]:
+        new_length = self.length + feeds[INPUTS_EMBEDS].shape[1]
+        if new_length > self.capacity:  # before the call: the graph would write past the end
+            raise PromptError(
+                f"The sequence grew to {new_length} tokens",
+                why=f"the model's context holds {self.capacity} tokens",
+                fix="Shorten the prompt or lower max_new_tokens",
+            )
+        outputs = decoder({**feeds, **self._feeds}, outputs_into=self._outputs_into)
+        self.length = new_length
+        return outputs
 
 
 def check_prompt_fits(prompt_length: int, capacity: int) -> None:
@@ -256,10 +338,8 @@ def prefill(
             logits = prefill(decoder, chunk, cache, extra_feeds=extra_feeds)
         return logits
     positions = np.arange(cache.length, cache.length + seq, dtype=np.int64)[None, :]  # (1, T)
-    feeds = {INPUTS_EMBEDS: inputs_embeds, POSITION_IDS: positions, **cache.feeds()}
-    outputs = decoder({**feeds, **(extra_feeds or {})})
-    cache.update(outputs)
-    return outputs[LOGITS][0]
+    feeds = {INPUTS_EMBEDS: inputs_embeds, POSITION_IDS: positions, **(extra_feeds or {})}
+    return cache.step(decoder, feeds)[LOGITS][0]
 
 
 @dataclass(frozen=True)
@@ -450,13 +530,9 @@ class _DecodeStep:
     def __call__(self, token: int) -> np.ndarray:
         token_ids = np.array([[token]], dtype=np.int64)  # (1, 1)
         position_ids = np.array([[self.cache.length]], dtype=np.int64)  # (1, 1)
-        outputs = self.decoder(
-            {
-                INPUTS_EMBEDS: self.embed(token_ids),  # (1, 1, D)
-                POSITION_IDS: position_ids,
-                **self.cache.feeds(),
-                **self.extra_feeds,
-            }
-        )
-        self.cache.update(outputs)
-        return outputs[LOGITS][0]
+        feeds = {
+            INPUTS_EMBEDS: self.embed(token_ids),  # (1, 1, D)
+            POSITION_IDS: position_ids,
+            **self.extra_feeds,
+        }
+        return self.cache.step(self.decoder, feeds)[LOGITS][0]

@@ -35,8 +35,8 @@ from nvlm_export.runtime.prompt import ChatTemplate, PromptFormat
 from nvlm_export.runtime.tiling import TilingConfig
 
 # 1.1: the optional `language_engine` section; 2.0: file records required; 2.1: the optional
-# per-backend graph `variants`
-SCHEMA_VERSION = "2.1"
+# per-backend graph `variants`; 2.2: a variant's `kv_in_place`
+SCHEMA_VERSION = "2.2"
 # Keys that writers of schema 2.0 and 2.1 put in every manifest and no reader needs: ignored.
 RETIRED_KEYS = ("extras",)
 MANIFEST_NAME = "manifest.json"
@@ -108,6 +108,10 @@ class GraphVariant:
 
     file: str
     fused_ops: tuple[str, ...] = ()  # "domain.Op" of the ops only this backend runs
+    # True: the graph takes the cache length from `position_ids`, not from the past's shape, so
+    # past_key_values.* may be buffers longer than the cache, and bound to present.* as the same
+    # memory they receive each step's new keys/values in place (docs/decoder-graph.md).
+    kv_in_place: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,9 +127,13 @@ class GraphSpec:
     # Backend name -> a variant of this graph that backend prefers (ONNX Runtime: fused attention).
     variants: dict[str, GraphVariant] = field(default_factory=dict)
 
+    def variant_for(self, backend: str | None) -> GraphVariant | None:
+        """The variant `backend` loads instead of the standard graph, if the graph has one."""
+        return self.variants.get(backend) if backend is not None else None
+
     def file_for(self, backend: str | None) -> str:
         """The file `backend` loads: its variant if the graph has one, else the standard graph."""
-        variant = self.variants.get(backend) if backend is not None else None
+        variant = self.variant_for(backend)
         return variant.file if variant is not None else self.file
 
     def input(self, name: str) -> TensorSpec:
@@ -293,7 +301,8 @@ class Manifest:
         """Record every file of `bundle_dir` (size and SHA-256) and write manifest.json atomically
         (a crash never leaves a half-written manifest). Call it when every other file is written:
         files added later are not part of the bundle. Returns the manifest as written."""
-        recorded = replace(self, files=record_files(bundle_dir))
+        # Written by this version, so in its schema, whatever the manifest it was derived from.
+        recorded = replace(self, files=record_files(bundle_dir), schema_version=SCHEMA_VERSION)
         path = Path(bundle_dir) / MANIFEST_NAME
         text = json.dumps(recorded.to_dict(), indent=2) + "\n"
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:

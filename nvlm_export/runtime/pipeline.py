@@ -64,7 +64,9 @@ from nvlm_export.runtime.generation import (
     GenerateOptions,
     GenerationResult,
     GenerationStream,
+    InPlaceKVCache,
     KVCache,
+    KVCacheLike,
     TokenEvent,
     TokenStream,
     check_prompt_fits,
@@ -465,7 +467,7 @@ class Pipeline:
                 prepared.prompt, features, start=start, cross_reuse=cross_reuse
             )
 
-    def prefill(self, inputs: DecoderInputs, cache: KVCache) -> np.ndarray:
+    def prefill(self, inputs: DecoderInputs, cache: KVCacheLike) -> np.ndarray:
         """The prompt's embeddings through the decoder into `cache`, in `prefill_chunk_tokens`
         chunks; the last position's logits [V]. Runs on the prefill runner where the prompt
         calls have their own backend (`BackendChoice`, "prefill=...")."""
@@ -656,11 +658,27 @@ class Pipeline:
             return None
         return cross
 
-    def _cache_from(self, state: KVState | None, shared: int) -> KVCache:
+    @property
+    def keeps_kv_in_place(self) -> bool:
+        """Whether requests get an `InPlaceKVCache`: every runner that writes the decoder's cache
+        (decode, and prefill where it runs apart) writes its keys/values in place."""
+        writers = {self.runners[DECODER_GRAPH], self.runners.get(PREFILL)} - {None}
+        return all(runner.keeps_kv_in_place for runner in writers)
+
+    def new_cache(self) -> KVCache | InPlaceKVCache:
+        """An empty key/value cache for one request, of the kind this pipeline's decoder runners
+        fill: buffers written in place where they can, otherwise arrays replaced each step."""
+        spec = self.manifest.kv_cache
+        return InPlaceKVCache(spec) if self.keeps_kv_in_place else KVCache.from_spec(spec)
+
+    def _cache_from(self, state: KVState | None, shared: int) -> KVCache | InPlaceKVCache:
         spec = self.manifest.kv_cache
         if state is None:
-            return KVCache.from_spec(spec)
-        if shared == state.length:  # the arrays themselves: graphs never write into their inputs
+            return self.new_cache()
+        if self.keeps_kv_in_place:  # always a copy: the request writes into buffers of its own
+            keys = [k[:, :, :shared] for k in state.keys]
+            return InPlaceKVCache.holding(spec, keys, [v[:, :, :shared] for v in state.values])
+        if shared == state.length:  # the arrays themselves: these graphs never write into inputs
             keys, values = list(state.keys), list(state.values)
         else:
             keys = [np.ascontiguousarray(k[:, :, :shared]) for k in state.keys]
@@ -783,7 +801,10 @@ def _extend(kept: np.ndarray | None, new: np.ndarray) -> np.ndarray:
 
 
 def _state_of(
-    prepared: PreparedRequest, token_ids: np.ndarray, cache: KVCache, cross: CrossState | None
+    prepared: PreparedRequest,
+    token_ids: np.ndarray,
+    cache: KVCache | InPlaceKVCache,
+    cross: CrossState | None,
 ) -> KVState:
     prompt = prepared.prompt
     return KVState(

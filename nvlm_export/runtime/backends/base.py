@@ -39,6 +39,7 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
     engine: EngineRecord | None = None  # the graph's TensorRT engine, when the bundle has one
     precision: str | None = None  # the manifest's; None: not declared (may hold anything)
+    kv_in_place: bool = False  # the file is a variant that writes its keys/values in place
     _inputs_by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -61,7 +62,9 @@ class GraphSpec:
         variant declared for `backend` if there is one (None: always the standard graph), and
         its TensorRT engine record if it has one."""
         path = Path(bundle_dir) / graph.file_for(backend)
-        return cls(name, path, graph.inputs, graph.outputs, engine, graph.precision)
+        variant = graph.variant_for(backend)
+        in_place = variant is not None and variant.kv_in_place
+        return cls(name, path, graph.inputs, graph.outputs, engine, graph.precision, in_place)
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -70,6 +73,15 @@ class GraphSpec:
     @property
     def output_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.outputs)
+
+    def output(self, name: str) -> TensorSpec:
+        for tensor in self.outputs:
+            if tensor.name == name:
+                return tensor
+        raise InputError(
+            f"Graph '{self.name}' has no output '{name}'",
+            why=f"its outputs are {list(self.output_names)}",
+        )
 
     def has_input(self, name: str) -> bool:
         return name in self._inputs_by_name
@@ -116,6 +128,8 @@ class GraphRunner(ABC):
     """
 
     backend_name: str = "base"
+    # Whether `infer(..., outputs_into=...)` can write outputs into arrays the caller owns.
+    writes_in_place: bool = False
 
     def __init__(self, spec: GraphSpec, *, validate_inputs: bool = True) -> None:
         self.spec = spec
@@ -128,6 +142,7 @@ class GraphRunner(ABC):
             _FastCheck.of(t, d) for t, d in zip(spec.inputs, self._input_dtypes, strict=True)
         ]
         self._input_names = frozenset(spec.input_names)
+        self._output_dtypes = {t.name: _numpy_dtype(t.dtype) for t in spec.outputs}
 
     # -- life cycle -------------------------------------------------------------------------
     def activate(self) -> GraphRunner:
@@ -153,19 +168,61 @@ class GraphRunner(ABC):
     ) -> None:
         self.deactivate()
 
+    @property
+    def keeps_kv_in_place(self) -> bool:
+        """Whether this runner's graph writes each step's keys/values into the past buffers it
+        is given (`GraphSpec.kv_in_place`) and this backend can bind them as its outputs."""
+        return self.writes_in_place and self.spec.kv_in_place
+
     # -- inference --------------------------------------------------------------------------
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the graph once; returns every declared output by name."""
+    def infer(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        *,
+        outputs_into: Mapping[str, np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run the graph once; returns every declared output by name.
+
+        `outputs_into` maps outputs to arrays the graph writes them into (C-contiguous, of the
+        output's dtype and full shape), returned as they are: on a backend that `writes_in_place`,
+        the decoder's presents bound to its past buffers (docs/decoder-graph.md).
+        """
         if not self.is_active:
             self.activate()
         if self.validate_inputs:
             self.check_feeds(feeds)
         start = time.perf_counter()
-        outputs = self._infer_impl(feeds)
+        if outputs_into is None:
+            outputs = self._infer_impl(feeds)
+        else:
+            self._check_outputs_into(outputs_into)
+            outputs = self._infer_into_impl(feeds, outputs_into)
         self.timings.add(time.perf_counter() - start)
         return outputs
 
     __call__ = infer
+
+    def _check_outputs_into(self, outputs_into: Mapping[str, np.ndarray]) -> None:
+        if not self.writes_in_place:
+            raise InputError(
+                f"The {self.backend_name} backend cannot write graph outputs into given arrays",
+                fix="Call infer without outputs_into (the graph returns new arrays)",
+            )
+        for name, array in outputs_into.items():
+            if name not in self._output_dtypes:
+                self.spec.output(name)  # raises, naming the outputs there are
+            if not (
+                isinstance(array, np.ndarray)
+                and array.flags.c_contiguous
+                and array.flags.writeable
+                and array.dtype == self._output_dtypes[name]
+            ):
+                raise InputError(
+                    f"The array given for output '{name}' of graph '{self.spec.name}' cannot "
+                    "receive it",
+                    why="it must be a writeable C-contiguous numpy array of "
+                    + self.spec.output(name).dtype,
+                )
 
     def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
         """Names, dtypes, ranks and fixed dimensions of `feeds` against the spec.
@@ -217,6 +274,11 @@ class GraphRunner(ABC):
 
     @abstractmethod
     def _infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def _infer_into_impl(
+        self, feeds: Mapping[str, np.ndarray], outputs_into: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        raise NotImplementedError  # only backends that set `writes_in_place`
 
     def _deactivate_impl(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         pass
