@@ -381,3 +381,29 @@ def test_deactivating_a_runner_returns_freed_memory(
     runner.deactivate()
     runner.deactivate()  # already inactive: nothing to free
     assert len(calls) == 1
+
+
+def test_outputs_written_into_given_arrays_follow_each_call_and_free_the_session(
+    affine: Path,
+) -> None:
+    """The in-place path rebinds only what changed between calls (a new input array, a new
+    output array), and a deactivated runner lets its session go."""
+    import gc
+    import weakref
+
+    runner = OnnxRuntimeRunner(affine_spec(affine), intra_op_threads=1).activate()
+    x = np.ones((2, 3), np.float32)
+    y = np.empty((2, 4), np.float32)
+    assert runner.infer({"x": x}, outputs_into={"y": y})["y"] is y
+    np.testing.assert_allclose(y, x @ WEIGHT + BIAS, rtol=1e-6)
+    x[:] = 2.0  # the same array, changed in place: read as it is now
+    runner.infer({"x": x}, outputs_into={"y": y})
+    np.testing.assert_allclose(y, x @ WEIGHT + BIAS, rtol=1e-6)
+    other_x, other_y = np.full((3, 3), 3.0, np.float32), np.empty((3, 4), np.float32)
+    runner.infer({"x": other_x}, outputs_into={"y": other_y})
+    np.testing.assert_allclose(other_y, other_x @ WEIGHT + BIAS, rtol=1e-6)
+    assert runner.infer({"x": x})["y"].shape == (2, 4)  # plain calls are unaffected
+    session = weakref.ref(runner.session)
+    runner.deactivate()
+    gc.collect()
+    assert session() is None

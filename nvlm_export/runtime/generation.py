@@ -249,9 +249,10 @@ class InPlaceKVCache:
     does (concatenation into new presents). The graph reads the cache length from
     `position_ids`; positions from `length` on hold no data and are never read.
 
-    The buffers are `np.empty`: the OS backs their pages as positions are first written, so an
-    unused capacity costs address space, not memory. `keys` / `values` are views of the filled
-    positions, valid for good: later steps write only past them.
+    The buffers are `np.empty`: where they are large enough to be mapped on their own (glibc:
+    32 MB at most), the OS backs their pages as positions are first written, so an unused
+    capacity costs address space, not memory. `keys` / `values` are views of the filled
+    positions, valid for good (later steps write only past them), which pin the whole buffers.
     """
 
     def __init__(self, spec: KVCacheSpec, *, batch: int = 1) -> None:

@@ -601,7 +601,8 @@ class Pipeline:
         with timed(stages, "prefill"):
             first_logits = self.prefill(inputs, cache)
         cross = self._cross_state(prepared, inputs)
-        self._keep(_state_of(prepared, prompt.input_ids, cache, cross))
+        if self.prefix_cache.enabled:
+            self._keep(_state_of(prepared, prompt.input_ids, cache, cross))
         stream = generate(
             decoder,
             first_logits,
@@ -694,8 +695,6 @@ class Pipeline:
 
     def _keep(self, state: KVState) -> None:
         """Keep a prompt's state; states it extends are dropped (it answers all they could)."""
-        if not self.prefix_cache.enabled:
-            return
         for key, kept in list(self.prefix_cache.values()):
             if (
                 kept.length <= state.length
@@ -806,13 +805,17 @@ def _state_of(
     cache: KVCache | InPlaceKVCache,
     cross: CrossState | None,
 ) -> KVState:
+    """What a request computed, to keep. An in-place cache's keys/values are views of buffers of
+    the whole context: kept as compact copies, so a kept state holds (and the prefix cache's
+    budget counts) its own positions, not the request's buffers. A `KVCache`'s arrays are kept
+    as they are (already compact; no graph writes into them)."""
     prompt = prepared.prompt
     return KVState(
         token_ids,
         prepared.image_keys,
         tuple(int(s) for s in prompt.image_start_tokens),
-        tuple(cache.keys),
-        tuple(cache.values),
+        tuple(np.ascontiguousarray(k) for k in cache.keys),
+        tuple(np.ascontiguousarray(v) for v in cache.values),
         cross,
     )
 

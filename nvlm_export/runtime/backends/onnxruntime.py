@@ -214,6 +214,7 @@ class OnnxRuntimeRunner(GraphRunner):
 
     def _deactivate_impl(self) -> None:
         self.session = None
+        self._bindings = _ThreadBindings()  # a binding holds its session: let both go
 
 
 class _Binding:
