@@ -8,6 +8,7 @@ import shutil
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -19,6 +20,7 @@ from nvlm_export.errors import BundleError, InputError
 from nvlm_export.export.fused_attention import fuse_decoder_attention, fuse_vision_attention
 from nvlm_export.export.qdq import quantize_static_graph
 from nvlm_export.runtime.backends import GraphRunner, GraphSpec, get_backend
+from nvlm_export.runtime.generation import InPlaceKVCache, KVCache, prefill
 from nvlm_export.runtime.manifest import (
     DECODER_GRAPH,
     MANIFEST_NAME,
@@ -350,3 +352,39 @@ def test_a_bundle_claiming_kv_in_place_for_a_graph_that_concatenates_fails_in_on
         pipe.generate("Hello", max_new_tokens=2).run()
     line = str(refused.value)
     assert "failed to run the decoder graph" in line and "\n" not in line
+
+
+def test_prompt_calls_that_return_their_presents_fill_an_in_place_cache_by_copies(
+    tiny_bundle: TinyBundle,
+) -> None:
+    """Prompt calls apart on a backend that returns concat(past, new) (OpenVINO; here the
+    standard graph) and one-token steps writing in place share one cache: the logits are those
+    of the same calls on caches replaced each step, and bad presents are refused."""
+    _, bundle = tiny_bundle("internvl")
+    manifest = load_manifest(bundle)
+    standard, fused = _standard_and_variant(bundle, manifest.graph(DECODER_GRAPH))
+    rng = np.random.default_rng(3)
+    prompt = rng.standard_normal((1, 7, manifest.embedding.hidden_size)).astype(np.float32)
+    token = rng.standard_normal((1, 1, manifest.embedding.hidden_size)).astype(np.float32)
+
+    def run(cache: KVCache | InPlaceKVCache, prompt_calls: Any) -> list[np.ndarray]:
+        logits = [prefill(prompt_calls, prompt, cache, chunk_tokens=3)]
+        for _ in range(2):
+            feeds = {"inputs_embeds": token, "position_ids": np.array([[cache.length]])}
+            logits.append(cache.step(fused.infer, feeds)["logits"][0])
+        return logits
+
+    in_place = InPlaceKVCache(manifest.kv_cache)
+    got = run(in_place, in_place.fed_by_copies(standard.infer))
+    expected = run(KVCache.from_spec(manifest.kv_cache), standard.infer)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert in_place.length == 9
+
+    def too_short(feeds: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
+        outputs = standard.infer(feeds)
+        return {
+            name: value[:, :, :-1] if name != "logits" else value for name, value in outputs.items()
+        }
+
+    with pytest.raises(BundleError, match="of length 9"):
+        prefill(in_place.fed_by_copies(too_short), prompt[:, :1], in_place)

@@ -320,6 +320,7 @@ def profile_pipeline(
             "precision": pipe.manifest.precision,
             "graph_precisions": {n: g.precision for n, g in pipe.manifest.graphs.items()},
             "backend": str(pipe.backends),
+            "kv_cache": "written in place" if pipe.keeps_kv_in_place else "replaced each step",
             "providers": _providers(pipe),
             "threads": _threads(pipe),
             **(extra_info or {}),

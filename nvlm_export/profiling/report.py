@@ -92,7 +92,8 @@ def _stage_table(report: dict[str, Any]) -> Table:
     settings = report["settings"]
     table = Table(
         title=f"{report['architecture']} {report['precision']}, {report['backend']} "
-        f"({', '.join(report['providers']) or '?'}): median ms of {settings['runs']} runs, "
+        f"({', '.join(report['providers']) or '?'}), KV cache {report['kv_cache']}: "
+        f"median ms of {settings['runs']} runs, "
         f"{settings['new_tokens']} new tokens",
         title_justify="left",
     )

@@ -290,6 +290,35 @@ class InPlaceKVCache:
     def values(self) -> list[np.ndarray]:
         return [buffer[:, :, : self.length] for buffer in self._values]
 
+    def fed_by_copies(self, decoder: DecoderStep) -> DecoderStep:
+        """`decoder` as a step of this cache when it cannot write in place (a graph that returns
+        concat(past, new): the standard graph, OpenVINO's prompt calls): it is fed copies of the
+        filled positions, and its presents' new positions are copied into the buffers. Costs a
+        copy of the cache per call, which prompt chunks afford and decode steps would not."""
+
+        def step(
+            feeds: Mapping[str, np.ndarray],
+            *,
+            outputs_into: Mapping[str, np.ndarray] | None = None,
+        ) -> Mapping[str, np.ndarray]:
+            start, end = self.length, self.length + feeds[INPUTS_EMBEDS].shape[1]
+            filled = {
+                name: np.ascontiguousarray(b[:, :, :start]) for name, b in self._feeds.items()
+            }
+            outputs = decoder({**feeds, **filled})
+            for name, buffer in self._outputs_into.items():
+                present = outputs[name]
+                if present.shape[2] != end:
+                    raise BundleError(
+                        f"The decoder returned '{name}' of length {present.shape[2]}",
+                        why=f"{start} positions and {end - start} new ones were fed to it",
+                        fix="The decoder graph breaks the bundle contract; re-export the bundle",
+                    )
+                buffer[:, :, start:end] = present[:, :, start:]
+            return outputs
+
+        return step
+
     def step(
         self, decoder: DecoderStep, feeds: Mapping[str, np.ndarray]
     ) -> Mapping[str, np.ndarray]:

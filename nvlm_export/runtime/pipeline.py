@@ -472,8 +472,11 @@ class Pipeline:
         chunks; the last position's logits [V]. Runs on the prefill runner where the prompt
         calls have their own backend (`BackendChoice`, "prefill=...")."""
         runner = self.runners.get(PREFILL, self.runners[DECODER_GRAPH])
+        decoder = runner.infer
+        if isinstance(cache, InPlaceKVCache) and not runner.keeps_kv_in_place:
+            decoder = cache.fed_by_copies(decoder)  # prompt calls apart, on another backend
         return prefill(
-            runner.infer,
+            decoder,
             inputs.inputs_embeds,
             cache,
             extra_feeds=inputs.prefill_feeds,
@@ -661,10 +664,9 @@ class Pipeline:
 
     @property
     def keeps_kv_in_place(self) -> bool:
-        """Whether requests get an `InPlaceKVCache`: every runner that writes the decoder's cache
-        (decode, and prefill where it runs apart) writes its keys/values in place."""
-        writers = {self.runners[DECODER_GRAPH], self.runners.get(PREFILL)} - {None}
-        return all(runner.keeps_kv_in_place for runner in writers)
+        """Whether requests get an `InPlaceKVCache`: the decode runner writes its keys/values in
+        place (prompt calls on another backend copy theirs in, `InPlaceKVCache.fed_by_copies`)."""
+        return self.runners[DECODER_GRAPH].keeps_kv_in_place
 
     def new_cache(self) -> KVCache | InPlaceKVCache:
         """An empty key/value cache for one request, of the kind this pipeline's decoder runners
