@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -388,3 +389,42 @@ def test_prompt_calls_that_return_their_presents_fill_an_in_place_cache_by_copie
 
     with pytest.raises(BundleError, match="of length 9"):
         prefill(in_place.fed_by_copies(too_short), prompt[:, :1], in_place)
+
+
+def test_threads_sharing_a_runner_each_write_their_own_in_place_cache(
+    tiny_bundle: TinyBundle,
+) -> None:
+    """A runner serves several requests at once (the C API, shared runners): each thread binds
+    its own cache's buffers, so concurrent requests compute what they compute one at a time."""
+    _, bundle = tiny_bundle("internvl")
+    manifest = load_manifest(bundle)
+    _, fused = _standard_and_variant(bundle, manifest.graph(DECODER_GRAPH))
+    hidden = manifest.embedding.hidden_size
+
+    def request(seed: int, start: threading.Barrier | None = None) -> list[np.ndarray]:
+        rng = np.random.default_rng(seed)
+        cache = InPlaceKVCache(manifest.kv_cache)
+        if start is not None:
+            start.wait()  # every thread's steps interleave from the first one
+        logits = [prefill(fused.infer, rng.standard_normal((1, 6, hidden), np.float32), cache)]
+        for _ in range(40):
+            feeds = {
+                "inputs_embeds": rng.standard_normal((1, 1, hidden), np.float32),
+                "position_ids": np.array([[cache.length]]),
+            }
+            logits.append(cache.step(fused.infer, feeds)["logits"][0])
+        return logits
+
+    alone = {seed: request(seed) for seed in range(4)}
+    together: dict[int, list[np.ndarray]] = {}
+    start = threading.Barrier(4)
+    threads = [
+        threading.Thread(target=lambda s=seed: together.__setitem__(s, request(s, start)))
+        for seed in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for seed, logits in alone.items():
+        assert all(np.array_equal(a, b) for a, b in zip(logits, together[seed], strict=True))
