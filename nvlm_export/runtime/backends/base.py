@@ -124,7 +124,9 @@ class GraphRunner(ABC):
     """Template for running one graph: the base owns the life cycle, validation and timing.
 
     Subclasses implement `_activate_impl` (load; check the real graph against `spec`),
-    `_infer_impl(feeds) -> {output name: array}` and optionally `_deactivate_impl`.
+    `_infer_impl(feeds) -> {output name: array}` and optionally `_deactivate_impl`; one that can
+    write outputs into the caller's arrays sets `writes_in_place` and implements
+    `_infer_into_impl(feeds, outputs_into)`.
     """
 
     backend_name: str = "base"
