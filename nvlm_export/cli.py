@@ -8,6 +8,7 @@ Results go to stdout (tables or `--json`), diagnostics to stderr.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import traceback
 from collections.abc import Callable
@@ -55,6 +56,8 @@ def _root(
     Start with [bold]nvlm-export tile IMAGE[/bold] to see how an image is split into tiles.
     """
     _state["verbose"] = verbose
+    if verbose:  # debug detail, ONNX Runtime's own log lines included
+        logging.getLogger("nvlm_export").setLevel(logging.DEBUG)
 
 
 def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:

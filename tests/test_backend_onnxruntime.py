@@ -407,3 +407,14 @@ def test_outputs_written_into_given_arrays_follow_each_call_and_free_the_session
     runner.deactivate()
     gc.collect()
     assert session() is None
+
+
+def test_onnx_runtime_logs_its_own_lines_only_with_debug_logging(
+    affine: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Errors reach the user as one line of ours; ONNX Runtime's own log lines (its warnings,
+    an error line before each failed run) come only with debug logging (`--verbose`)."""
+    runner = OnnxRuntimeRunner(affine_spec(affine))
+    assert runner._session_options().log_severity_level == 4  # fatal only
+    with caplog.at_level(logging.DEBUG, logger="nvlm_export"):
+        assert runner._session_options().log_severity_level == 2  # warnings and up

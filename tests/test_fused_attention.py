@@ -334,7 +334,7 @@ def test_only_a_backend_that_writes_in_place_takes_outputs_into(tiny_bundle: Tin
 
 
 def test_a_bundle_claiming_kv_in_place_for_a_graph_that_concatenates_fails_in_one_line(
-    tiny_bundle: TinyBundle, tmp_path: Path
+    tiny_bundle: TinyBundle, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """A copied bundle whose manifest says `kv_in_place` for a graph that returns
     `concat(past, new)` (here the standard graph): ONNX Runtime refuses to write the longer
@@ -353,6 +353,7 @@ def test_a_bundle_claiming_kv_in_place_for_a_graph_that_concatenates_fails_in_on
         pipe.generate("Hello", max_new_tokens=2).run()
     line = str(refused.value)
     assert "failed to run the decoder graph" in line and "\n" not in line
+    assert "onnxruntime" not in capfd.readouterr().err  # no log line of its own beside ours
 
 
 def test_prompt_calls_that_return_their_presents_fill_an_in_place_cache_by_copies(

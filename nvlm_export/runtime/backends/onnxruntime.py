@@ -7,6 +7,8 @@ docs/decoder-graph.md "What ONNX Runtime makes of it"):
   without a copy. IOBinding only where outputs go into the caller's arrays (`outputs_into`): a
   decoder variant that writes its keys/values into the past buffers (`kv_in_place`), so no step
   copies the cache (docs/decoder-graph.md).
+- ONNX Runtime's own log lines (fatal only unless debug logging is on, the CLI's `--verbose`): a
+  failed run already reaches the user as one line of ours, and its load-time warnings are noise.
 - the optimised graph is not saved beside the bundle unless `optimized_model_path` asks: loading is
   bound by reading and pre-packing weights, and the saved graph is machine-specific.
 - intra-op workers spin (`allow_spinning=True`, ORT's default): the fastest decode on cores of
@@ -56,6 +58,10 @@ INT8_DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 # Graph optimisers not run (see the module docstring): CSE undoes the per-consumer Q/DQ pairs that
 # ORT's integer MatMul fusions need.
 DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
+# ONNX Runtime's own log lines (warnings at load; an error line before each failed run, which the
+# runner turns into one InputError) only with debug logging on (the CLI's --verbose): by debug
+# logging, ONNX Runtime's warning level (2), else fatal only (4).
+ORT_LOG_SEVERITY = {True: 2, False: 4}
 # ONNX Runtime's type strings ("tensor(float)") as numpy dtype names.
 ORT_DTYPES = {
     "tensor(float)": "float32",
@@ -128,6 +134,7 @@ class OnnxRuntimeRunner(GraphRunner):
             "session.intra_op.allow_spinning", "1" if self.allow_spinning else "0"
         )
         options.enable_cpu_mem_arena = self.memory_arena
+        options.log_severity_level = ORT_LOG_SEVERITY[log.isEnabledFor(logging.DEBUG)]
         if self.exact_int8:
             options.add_session_config_entry("session.x64quantprecision", "1")
         if self.optimized_model_path is not None:
