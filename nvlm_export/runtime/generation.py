@@ -255,8 +255,8 @@ class InPlaceKVCache:
     positions, valid for good (later steps write only past them), which pin the whole buffers.
     """
 
-    def __init__(self, spec: KVCacheSpec, *, batch: int = 1) -> None:
-        shape = (batch, spec.num_kv_heads, spec.max_context, spec.head_dim)
+    def __init__(self, spec: KVCacheSpec) -> None:
+        shape = (1, spec.num_kv_heads, spec.max_context, spec.head_dim)
         layers = range(spec.num_layers)
         self._keys = [np.empty(shape, np.dtype(spec.dtype)) for _ in layers]
         self._values = [np.empty(shape, np.dtype(spec.dtype)) for _ in layers]

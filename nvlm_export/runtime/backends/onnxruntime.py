@@ -230,7 +230,6 @@ class _Binding:
     tensor of a 24-layer decoder costs 0.7 ms a step (bench INT4 decoder, 18 ms steps)."""
 
     def __init__(self, session: ort.InferenceSession) -> None:
-        self.session = session
         self.io = session.io_binding()
         # Weak: a finished request's cache buffers are freed, not kept alive by the binding.
         self._bound: dict[str, weakref.ref[np.ndarray]] = {}
@@ -258,12 +257,13 @@ class _Binding:
 
 
 class _ThreadBindings(threading.local):
-    """Each thread's `_Binding` of the live session: runners may be shared between threads."""
+    """Each thread's `_Binding` of the live session (runners may be shared between threads);
+    the runner replaces the whole object when it lets its session go."""
 
     binding: _Binding | None = None
 
     def binding_for(self, session: ort.InferenceSession) -> _Binding:
-        if self.binding is None or self.binding.session is not session:
+        if self.binding is None:
             self.binding = _Binding(session)
         return self.binding
 
