@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from nvlm_export.runtime.backends.onnxruntime import OnnxRuntimeRunner
 from nvlm_export.runtime.caches import ByteBudgetLRU, KVState
 from nvlm_export.runtime.conversation import Conversation
 from nvlm_export.runtime.generation import GenerateOptions, InPlaceKVCache, KVCache
-from nvlm_export.runtime.pipeline import Pipeline
+from nvlm_export.runtime.manifest import KVCacheSpec
+from nvlm_export.runtime.pipeline import Pipeline, _state_of
 from nvlm_export.runtime.prompt import Message, build_chat_prompt, build_prompt
 
 STEPS = 6
@@ -308,6 +310,20 @@ def test_a_hostile_turns_file_is_refused_line_by_line(
     with pytest.raises(InputError, match=message) as info:
         _read_turns(turns)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_states_kept_from_in_place_caches_hold_only_their_positions(kv_heads: int) -> None:
+    """A kept state is what the prefix cache's budget counts: never a view that pins the
+    request's whole-context buffers (one KV head makes the filled positions contiguous)."""
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=kv_heads, head_dim=4, max_context=64)
+    filled = [np.ones((1, kv_heads, 5, 4), np.float32)] * 2
+    cache = InPlaceKVCache.holding(spec, filled, filled)
+    prepared = SimpleNamespace(prompt=SimpleNamespace(image_start_tokens=[]), image_keys=())
+    state = _state_of(prepared, np.arange(5), cache, None)  # type: ignore[arg-type]
+    assert state.nbytes == 2 * 2 * kv_heads * 5 * 4 * 4
+    for kept, view in zip((*state.keys, *state.values), (*cache.keys, *cache.values), strict=True):
+        assert kept.base is None and not np.shares_memory(kept, view)
 
 
 def test_caches_are_written_in_place_and_answer_as_concatenated_ones_do(

@@ -34,6 +34,14 @@ def test_sampling_frequencies_match_the_softmax() -> None:
     np.testing.assert_allclose(counts, [0.5, 0.3, 0.2], atol=0.03)
 
 
+@pytest.mark.parametrize("temperature", [1e-308, 1e-30, 1e-3])
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_a_tiny_temperature_picks_the_most_likely_token(temperature: float, top_p: float) -> None:
+    """Not the least likely one (logits / 1e-308 overflow to inf), and no crash with top-p."""
+    logits = np.array([2.0, 30.0, 1.0], dtype=np.float32)
+    assert set(draws(logits, n=20, temperature=temperature, top_p=top_p)) == {1}
+
+
 def test_top_k_never_leaves_the_k_most_likely() -> None:
     logits = np.array([0.0, 1.0, 0.9, 0.1, 0.8, 0.2])
     assert set(draws(logits, temperature=10.0, top_k=3)) == {1, 2, 4}

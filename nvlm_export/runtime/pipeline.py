@@ -812,12 +812,15 @@ def _state_of(
     budget counts) its own positions, not the request's buffers. A `KVCache`'s arrays are kept
     as they are (already compact; no graph writes into them)."""
     prompt = prepared.prompt
+    # Always a copy for an in-place cache: with one KV head its filled positions are already
+    # contiguous, and ascontiguousarray would return the view that pins the whole buffer.
+    own = np.array if isinstance(cache, InPlaceKVCache) else np.asarray
     return KVState(
         token_ids,
         prepared.image_keys,
         tuple(int(s) for s in prompt.image_start_tokens),
-        tuple(np.ascontiguousarray(k) for k in cache.keys),
-        tuple(np.ascontiguousarray(v) for v in cache.values),
+        tuple(own(k) for k in cache.keys),
+        tuple(own(v) for v in cache.values),
         cross,
     )
 

@@ -55,7 +55,11 @@ def sample_next_token(
     if is_greedy(temperature=temperature, top_k=top_k):
         return int(np.argmax(logits))
     rng = rng if rng is not None else np.random.default_rng()
-    scaled = np.asarray(logits, dtype=np.float64) / temperature  # (V,)
+    logits = np.asarray(logits, dtype=np.float64)
+    # Shifted before scaling: a tiny temperature then sends every other token to -inf (a greedy
+    # pick) instead of overflowing the largest logits to inf.
+    with np.errstate(over="ignore"):
+        scaled = (logits - logits.max()) / temperature  # (V,), <= 0
     candidates = _top_k_ids(scaled, top_k)  # (K,) ids, or None for all
     pool = scaled if candidates is None else scaled[candidates]
     probs = _softmax(pool)
