@@ -6,7 +6,22 @@ ACCURACY_REQUESTS = 4  # held-out requests the quantize/build accuracy check run
 ACCURACY_STEPS = 16  # greedy tokens each of them decodes
 CALIBRATION_REQUESTS = 32  # requests (image + prompt) calibrate and build record by default
 CALIBRATION_DECODE_STEPS = 4  # decode steps recorded per calibration request
-# Tokens per decoder call when the PyTorch reference (export validation, verify) prefills a
-# sequence: as the runtime's prefill chunk. Each layer's attention scores are then
-# [heads, 512, T], under 0.2 GiB for the bench checkpoint's validation prompt.
-REFERENCE_CHUNK_TOKENS = 512
+# Tokens per decoder call when the runtime prefills a prompt (bench/analysis.md measured the
+# sizes), and when the PyTorch reference (export validation, verify) does. Each layer's attention
+# scores are then [heads, 512, T], under 0.2 GiB for the bench checkpoint's validation prompt.
+PREFILL_CHUNK_TOKENS = 512
+REFERENCE_CHUNK_TOKENS = PREFILL_CHUNK_TOKENS
+
+# KV-cache capacity of a bundle exported without --max-context. Edge devices rarely afford more;
+# models allow up to max_position_embeddings.
+DEFAULT_MAX_CONTEXT = 4096
+
+
+def default_max_context(llm_config: dict) -> int:
+    """DEFAULT_MAX_CONTEXT, or the decoder's own limit where that is smaller."""
+    return min(DEFAULT_MAX_CONTEXT, int(llm_config.get("max_position_embeddings", 32768)))
+
+
+# Generation and reuse defaults of the runtime, shown by `run` and `chat` (nvlm_export/runtime).
+MAX_NEW_TOKENS = 128  # GenerateOptions.max_new_tokens, `run --max-new-tokens`
+REUSE_CACHE_MIB = 256  # each reuse cache's budget (image features, prompt keys/values)

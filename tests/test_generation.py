@@ -13,6 +13,7 @@ from nvlm_export.errors import BundleError, InputError, PromptError
 from nvlm_export.runtime.generation import (
     GenerateOptions,
     GenerationResult,
+    InPlaceKVCache,
     KVCache,
     check_prompt_fits,
     generate,
@@ -242,6 +243,14 @@ def test_cache_rejects_presents_that_do_not_extend_it() -> None:
     with pytest.raises(BundleError, match="cache of length 0"):
         cache.update(same)
     assert cache.length == 0
+
+
+def test_an_in_place_cache_this_machine_cannot_hold_is_one_bundle_error() -> None:
+    """A bundle's context sizes each request's whole-context buffers (128 TiB here)."""
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=4096, head_dim=8192, max_context=2**20)
+    with pytest.raises(BundleError, match="cannot be allocated") as refused:
+        InPlaceKVCache(spec)
+    assert "GiB of address space" in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_cache_layout_and_names_come_from_the_manifest_spec() -> None:

@@ -261,3 +261,26 @@ def test_tensor_parallelism_needs_the_vllm_engine(tiny_bundle) -> None:
     result = _run(bundle, "--tp", "2")
     assert result.exit_code == 2
     assert "--tensor-parallel-size needs --llm-engine vllm" in result.output
+
+
+def test_prompts_for_vllm_are_checked_against_vllms_context(handed_off) -> None:
+    """`handoff --max-context` may start vLLM with another context than the bundle's own cache:
+    a prompt is refused, or let through, by the context of the engine that serves it."""
+    from dataclasses import replace
+
+    from nvlm_export.errors import PromptError
+    from nvlm_export.handoff.vllm_engine import VLLMPipeline
+    from nvlm_export.profiling.inputs import question_with_tokens
+
+    _, bundle = handed_off("nvlm-d")
+    pipe = Pipeline.load(bundle, graphs=("vision",))
+    own = pipe.manifest.kv_cache.max_context
+    question = question_with_tokens(pipe.tokenizer, own + 8)  # too long for the bundle's cache
+    with pytest.raises(PromptError):
+        pipe.prepare(question)
+    engine = replace(pipe.manifest.language_engine, max_context=2 * own)
+    VLLMPipeline(pipe, llm=None, spec=engine, tensor_parallel_size=1)
+    assert pipe.prepare(question).prompt.num_tokens > own
+    VLLMPipeline(pipe, llm=None, spec=replace(engine, max_context=64), tensor_parallel_size=1)
+    with pytest.raises(PromptError, match="64 tokens"):
+        pipe.prepare(question_with_tokens(pipe.tokenizer, 80))

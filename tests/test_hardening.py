@@ -201,6 +201,9 @@ def test_an_empty_raw_prompt_is_one_line(bundle: Path) -> None:
         (lambda d: d.update(graphs=list(d["graphs"].values())), "graphs must be an object"),
         (lambda d: d["tokenizer"].update(eos_token_ids="2"), "eos_token_ids has the wrong type"),
         (lambda d: d["prompt"].update(tokens_per_tile=1), "do not match the vision graph"),
+        (lambda d: d["kv_cache"].update(past_key="past.{0}"), "KV cache tensor name"),
+        (lambda d: d["kv_cache"].update(max_context=2**40), "max_context is 1099511627776"),
+        (lambda d: d["tokenizer"].update(placeholder_token_id=1), "gives the image placeholder"),
     ],
 )
 def test_crafted_manifests_are_one_line_at_the_cli(

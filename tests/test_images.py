@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from nvlm_export.errors import ImageError
-from nvlm_export.runtime.images import DEFAULT_MAX_PIXELS, load_image
+from nvlm_export.runtime.images import load_image
+from nvlm_export.runtime.limits import DEFAULT_MAX_PIXELS
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:

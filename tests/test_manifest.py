@@ -14,6 +14,10 @@ from nvlm_export.errors import BundleError
 from nvlm_export.models.families.nvlm_d import PROMPT_FORMAT as NVLM_D
 from nvlm_export.runtime.manifest import (
     MANIFEST_NAME,
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
     SCHEMA_VERSION,
     EmbeddingSpec,
     GraphSpec,
@@ -33,13 +37,24 @@ def _manifest() -> Manifest:
         inputs=(TensorSpec("pixel_values", "float32", ("tiles", 3, 448, 448)),),
         outputs=(TensorSpec("image_features", "float32", ("tiles", 256, 64)),),
     )
+
+    def cache(pattern: str) -> tuple[TensorSpec, ...]:
+        shape = (1, 2, "past", 16)
+        return tuple(TensorSpec(pattern.format(layer=i), "float32", shape) for i in range(2))
+
     decoder = GraphSpec(
         file="decoder.onnx",
         inputs=(
             TensorSpec("inputs_embeds", "float32", (1, "seq", 64)),
             TensorSpec("position_ids", "int64", (1, "seq")),
+            *cache(PAST_KEY),
+            *cache(PAST_VALUE),
         ),
-        outputs=(TensorSpec("logits", "float32", (1, 512)),),
+        outputs=(
+            TensorSpec("logits", "float32", (1, 512)),
+            *cache(PRESENT_KEY),
+            *cache(PRESENT_VALUE),
+        ),
     )
     return Manifest(
         architecture="nvlm-d",
@@ -188,6 +203,30 @@ def test_a_hostile_graph_precision_is_refused_in_one_escaped_line(
     known = "is not a known precision" if isinstance(value, str) else "has the wrong type"
     assert "graphs.decoder" in line and "precision" in line and known in line
     assert "\n" not in line and "\x1b" not in line and "\x07" not in line
+
+
+@pytest.mark.parametrize(
+    ("field", "pattern"),
+    [
+        ("past_key", "past_key_values.{0}.key"),  # str.format would raise IndexError
+        ("past_key", "past_key_values.{layer.__class__}.key"),  # ... or read attributes
+        ("past_key", "past_key_values.0.key"),  # every layer fed the same tensor
+        ("past_value", "past_key_values.{layer}.{layer}"),
+        ("present_key", "present.{layer}.key\x1b[2J"),
+        ("present_value", "past_key_values.{layer}.value"),  # an input, not an output
+    ],
+)
+def test_kv_cache_names_that_are_not_the_decoder_graphs_are_refused_on_load(
+    bundle: Path, field: str, pattern: str
+) -> None:
+    """The runtime feeds and reads the cache by the manifest's per-layer names alone: a copied
+    bundle's names must be the decoder graph's own, one per layer, or it is refused in one line
+    before any request (instead of a traceback at the first one)."""
+    _rewrite_nested(bundle, ("kv_cache", field), pattern)
+    with pytest.raises(BundleError) as refused:
+        load_manifest(bundle)
+    line = str(refused.value)
+    assert "KV cache tensor name" in line and "\n" not in line and "\x1b" not in line
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None, [True]])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -96,6 +96,14 @@ def test_nvlm_d_block_matches_plain_string_tokenization(
     ]
     assert prompt.cross_token_ids.size == 0
     assert prompt.cross_attention_mask.shape == (len(expected), 0)
+
+
+@pytest.mark.parametrize("tag", ["<tile_{0}>", "<tile_{index.__class__}>", "<tile_{}>"])
+def test_a_bundles_tile_tag_is_text_not_a_format_string(tag: str) -> None:
+    """The tag comes from a copied bundle's manifest: only `{index}` is replaced, anything else
+    stays literal (str.format would raise, or read attributes)."""
+    fmt = replace(NVLM_D, tile_tag=tag + "{index}")
+    assert [fmt.tag(tile, 3) for tile in range(3)] == [f"{tag}1", f"{tag}2", NVLM_D.thumbnail_tag]
 
 
 def test_nvlm_d_multi_image_fills_placeholders_in_order(tok: Tokenizer) -> None:

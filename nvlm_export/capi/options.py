@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from nvlm_export.errors import InputError
-from nvlm_export.runtime.backends import BackendChoice
 
 # Not the CLI's "auto": an embedded session runs where its options say, whatever else is
 # installed, unless they ask for "auto".
-DEFAULT_BACKEND = "onnxruntime"
+from nvlm_export.runtime.backends import DEFAULT_BACKEND, BackendChoice
+
 BACKEND_KEY = "backend"
 
 

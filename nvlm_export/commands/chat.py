@@ -10,6 +10,7 @@ import typer
 
 from nvlm_export.commands import generation as gen
 from nvlm_export.commands import options as opts
+from nvlm_export.defaults import REUSE_CACHE_MIB
 
 if TYPE_CHECKING:
     from nvlm_export.runtime.generation import GenerateOptions
@@ -39,7 +40,7 @@ def chat(
         typer.Option(
             help="Budget of each reuse cache (image features, prompt keys/values), MiB; 0 = off."
         ),
-    ] = 256,
+    ] = REUSE_CACHE_MIB,
 ) -> None:
     """Chat about images: answers stream as they are generated, each followed by its time to
     first token and tokens/s. Follow-up questions reuse the earlier turns' work, so they answer

@@ -11,7 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from nvlm_export.commands.options import BundleOutput, in_panel
+from nvlm_export.defaults import DEFAULT_MAX_CONTEXT
 from nvlm_export.errors import ValidationError, require_export_extra
+from nvlm_export.runtime.limits import MAX_CONTEXT
 
 Limits = in_panel("Limits")
 DRY_RUN_HELP = (
@@ -34,8 +36,10 @@ def export(
     max_context: Annotated[
         int | None,
         Limits(
-            help="KV-cache capacity in tokens, prompt + answer (default: 4096 or the model's "
-            "limit if smaller)."
+            min=1,
+            max=MAX_CONTEXT,
+            help="KV-cache capacity in tokens, prompt + answer (default: "
+            f"{DEFAULT_MAX_CONTEXT} or the model's limit if smaller).",
         ),
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (18-20; TensorRT 10.x reads <= 20).")] = 18,

@@ -11,6 +11,7 @@ import typer
 
 from nvlm_export.commands import generation as gen
 from nvlm_export.commands import options as opts
+from nvlm_export.defaults import MAX_NEW_TOKENS
 
 LLM_ENGINES = ("bundle", "vllm")
 
@@ -64,7 +65,7 @@ def run(
             "--image", "-i", help="An image; repeat for several. Each fills one <image> in order."
         ),
     ] = None,
-    max_new_tokens: gen.MaxNewTokens = 128,
+    max_new_tokens: gen.MaxNewTokens = MAX_NEW_TOKENS,
     max_tiles: opts.TileBudget = None,
     temperature: gen.Temperature = 0.0,
     top_k: gen.TopK = 0,

@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 
 from nvlm_export.demo.dataset import KINDS, Sample
-from nvlm_export.runtime.tiling import Tiling, TilingConfig, tile_image
+from nvlm_export.runtime.backends import DEFAULT_BACKEND
+from nvlm_export.runtime.tiling import Tiling, tile_image
 
 if TYPE_CHECKING:
     import torch
@@ -105,7 +106,7 @@ class BundleAnswerer:
     """Greedy answers from an exported bundle through the runtime pipeline (no PyTorch); the
     pipeline's feature cache encodes each image once for all its questions."""
 
-    def __init__(self, bundle: Path, backend: str = "onnxruntime", **options: object) -> None:
+    def __init__(self, bundle: Path, backend: str = DEFAULT_BACKEND, **options: object) -> None:
         from nvlm_export.runtime.pipeline import Pipeline
 
         self.pipeline = Pipeline.load(bundle, backend=backend, **options)
@@ -127,12 +128,7 @@ class TorchAnswerer:
         self.model = model.eval()
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.eos_id = int(config.llm_config["eos_token_id"])
-        self.tiling = TilingConfig(
-            tile_size=config.vision.image_size,
-            min_tiles=config.min_dynamic_patch,
-            max_tiles=config.max_dynamic_patch,
-            use_thumbnail=config.use_thumbnail,
-        )
+        self.tiling = config.tiling()
         self._features: tuple[str, torch.Tensor] | None = None
 
     @classmethod

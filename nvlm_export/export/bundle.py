@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from nvlm_export.defaults import default_max_context
 from nvlm_export.errors import InputError, ValidationError
 from nvlm_export.export.architectures import ArchitectureExport, architecture_for_layout
-from nvlm_export.export.decoder import DEFAULT_OPSET, LanguageExport
+from nvlm_export.export.decoder import DEFAULT_OPSET, DTYPES, NUMPY_DTYPE, LanguageExport
 from nvlm_export.export.fused_attention import add_onnxruntime_variants
 from nvlm_export.export.onnx_utils import GraphIO, write_embedding_table
 from nvlm_export.export.validate import ValidationReport, validate_bundle
@@ -47,12 +48,7 @@ from nvlm_export.runtime.manifest import (
     TensorSpec,
     TokenizerSpec,
 )
-from nvlm_export.runtime.tiling import TilingConfig
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-NUMPY_NAMES = {"fp32": "float32", "fp16": "float16"}
-# Edge devices rarely afford more; models allow up to max_position_embeddings via --max-context.
-DEFAULT_MAX_CONTEXT = 4096
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -61,7 +57,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class ExportSettings:
     dtype: str = "fp32"
     max_tiles: int | None = None  # default: the checkpoint's max_dynamic_patch
-    max_context: int | None = None  # default: min(DEFAULT_MAX_CONTEXT, max_position_embeddings)
+    max_context: int | None = None  # default: defaults.default_max_context
     opset: int = DEFAULT_OPSET
     validate: bool = True
     overwrite: bool = False
@@ -135,9 +131,7 @@ def _write_bundle(
     stages: Stages,
 ) -> Manifest:
     config = model.config
-    max_context = settings.max_context or min(
-        DEFAULT_MAX_CONTEXT, int(config.llm_config.get("max_position_embeddings", 32768))
-    )
+    max_context = settings.max_context or default_max_context(config.llm_config)
     with stages.stage("vision graph"):
         vision = export_vision_onnx(
             VisionGraph(model.vision, arch.vision_outputs(model)),
@@ -160,7 +154,7 @@ def _write_bundle(
             weights.row_blocks(key, shape),
             shape,
             bundle / "embed_tokens.npy",
-            dtype=NUMPY_NAMES[settings.dtype],
+            dtype=NUMPY_DTYPE[DTYPES[settings.dtype]],
         )
         tokenizer_files = _copy_tokenizer(checkpoint, bundle)
     graphs = {VISION_GRAPH: vision, **language}
@@ -172,15 +166,12 @@ def _write_bundle(
             settings={**asdict(settings), "max_context": max_context},
         ),
         graphs={name: graph_spec(io, settings.dtype) for name, io in graphs.items()},
-        embedding=EmbeddingSpec("embed_tokens.npy", vocab, hidden, NUMPY_NAMES[settings.dtype]),
+        embedding=EmbeddingSpec(
+            "embed_tokens.npy", vocab, hidden, NUMPY_DTYPE[DTYPES[settings.dtype]]
+        ),
         kv_cache=_kv_cache_spec(language["decoder"], max_context),
         tokenizer=_tokenizer_spec(model, arch, bundle, tokenizer_files),
-        tiling=TilingConfig(
-            tile_size=config.vision.image_size,
-            min_tiles=config.min_dynamic_patch,
-            max_tiles=settings.max_tiles or config.max_dynamic_patch,
-            use_thumbnail=config.use_thumbnail,
-        ),
+        tiling=config.tiling(settings.max_tiles),
         prompt=replace(arch.prompt_format, tokens_per_tile=config.tokens_per_tile),
         precision=settings.dtype,
     )

@@ -489,7 +489,8 @@ def export_decoder_onnx(
     `lm` must already hold its weights in `dtype` (load it with torch_dtype=float16 for fp16):
     the graph shares them, and converting here would double the memory of a 72B model. Or `lm`
     is a skeleton (FakeTensor parameters in `dtype`) and `weights` streams them from the
-    checkpoint (`export/weights.py`). Weights above 2 GB go to `<path>.data` beside the graph.
+    checkpoint (`export/weights.py`). Weights above `EXTERNAL_DATA_THRESHOLD_BYTES` go to
+    `<path>.data` beside the graph.
     Returns the graph's I/O for the manifest.
     """
     if dtype not in DTYPES:
@@ -528,7 +529,8 @@ def trace_decoder(
     what: str,
 ) -> GraphIO:
     """Check an `ExportableDecoder` (or a subclass) and trace it to `path` with its own I/O,
-    example inputs and dynamic axes; weights above 2 GB go to `<path>.data`."""
+    example inputs and dynamic axes; weights above the external-data threshold go to
+    `<path>.data`."""
     decoder.spec.check_max_context(max_context)
     check_weights_dtype(decoder, dtype)
     external = needs_external_data(decoder)

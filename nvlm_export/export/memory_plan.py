@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nvlm_export.defaults import REFERENCE_CHUNK_TOKENS
+from nvlm_export.defaults import REFERENCE_CHUNK_TOKENS, default_max_context
+from nvlm_export.models.config import AttentionHeads
 from nvlm_export.models.families.spec import EMBEDDING_TABLE as EMBEDDING
 from nvlm_export.runtime.caches import DEFAULT_FEATURE_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES
 from nvlm_export.runtime.manifest import DECODER_GRAPH, QUANTIZED_PRECISIONS, VISION_GRAPH
@@ -138,6 +139,7 @@ class Inventory:
     llm_heads: int
     kv_values_per_token: int  # keys + values over all decoder layers, per token
     tokens_per_tile: int
+    tile_size: int  # pixels per side
     max_tiles: int
     max_context: int
     validation_tiles: int  # tiles of export validation's image (the example image)
@@ -245,7 +247,6 @@ def inventory(
     import torch
 
     from nvlm_export.export.architectures import architecture_for_layout
-    from nvlm_export.export.bundle import DEFAULT_MAX_CONTEXT
     from nvlm_export.models.config_io import read_config
     from nvlm_export.models.model import build_model
 
@@ -270,10 +271,8 @@ def inventory(
         layer = re.match(r"(.*layers\.\d+)\.", name)
         if layer:
             layers[layer.group(1)] += math.prod(shape)
-    head_dim = int(llm.get("head_dim") or llm["hidden_size"] // llm["num_attention_heads"])
-    kv_heads = int(llm.get("num_key_value_heads", llm["num_attention_heads"]))
-    longest = int(llm.get("max_position_embeddings", 32768))
-    context = max_context or min(DEFAULT_MAX_CONTEXT, longest)
+    attention = AttentionHeads.of(llm)
+    context = max_context or default_max_context(llm)
     return Inventory(
         graph_parameters=dict(graph_parameters),
         gemm_parameters=dict(gemm_parameters),
@@ -284,8 +283,12 @@ def inventory(
         vision_width=config.vision.hidden_size,
         llm_width=int(llm["hidden_size"]),
         llm_heads=int(llm["num_attention_heads"]),
-        kv_values_per_token=2 * int(llm["num_hidden_layers"]) * kv_heads * head_dim,
+        kv_values_per_token=2
+        * int(llm["num_hidden_layers"])
+        * attention.kv_heads
+        * attention.head_dim,
         tokens_per_tile=config.tokens_per_tile,
+        tile_size=config.vision.image_size,
         max_tiles=max_tiles or config.max_dynamic_patch,
         max_context=context,
         validation_tiles=_validation_tiles(config, max_tiles),
@@ -298,14 +301,9 @@ def _validation_tiles(config: Any, max_tiles: int | None) -> int:
     from PIL import Image
 
     from nvlm_export.assets import example_image_path
-    from nvlm_export.runtime.tiling import TilingConfig, choose_grid, tile_count
+    from nvlm_export.runtime.tiling import choose_grid, tile_count
 
-    tiling = TilingConfig(
-        tile_size=config.vision.image_size,
-        min_tiles=config.min_dynamic_patch,
-        max_tiles=max_tiles or config.max_dynamic_patch,
-        use_thumbnail=config.use_thumbnail,
-    )
+    tiling = config.tiling(max_tiles)
     with Image.open(example_image_path()) as image:
         return tile_count(choose_grid(image.width, image.height, tiling), tiling)
 
@@ -531,11 +529,12 @@ def calibration_bytes(
 ) -> int:
     """The calibration set on disk: every graph call's feeds, in fp32.
 
-    Per request: the tiles (3 x 448 x 448), the prompt's embeddings, and per decode step the whole
-    KV cache of the prompt so far (that is what the decoder is fed); `vision_only`: the tiles.
+    Per request: the tiles and a thumbnail (3 x tile_size²), the prompt's embeddings, and per
+    decode step the whole KV cache of the prompt so far (that is what the decoder is fed);
+    `vision_only`: the tiles.
     """
     tokens = (inv.max_tiles + 1) * inv.tokens_per_tile + PROMPT_TOKENS
-    tiles = (inv.max_tiles + 1) * 3 * 448 * 448
+    tiles = (inv.max_tiles + 1) * 3 * inv.tile_size**2
     if vision_only:
         return int(requests * tiles * WEIGHT_BYTES["fp32"])
     embeds = tokens * inv.llm_width

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from nvlm_export.export.decoder import NUMPY_DTYPE
 from nvlm_export.export.onnx_utils import (
     GraphIO,
     TensorIO,
@@ -28,8 +29,6 @@ from nvlm_export.runtime.manifest import PIXEL_VALUES
 
 if TYPE_CHECKING:
     from nvlm_export.export.weights import CheckpointWeights
-
-NUMPY_DTYPE = {torch.float32: "float32", torch.float16: "float16"}
 
 
 class VisionGraph(nn.Module):

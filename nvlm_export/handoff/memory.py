@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nvlm_export.models.config import decoder_architecture
+from nvlm_export.models.config import AttentionHeads, decoder_architecture
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,8 @@ def decoder_memory(llm_config: Mapping[str, Any], tensor_parallel_size: int) -> 
     """Parameter count and per-GPU shares of the decoder `llm_config` describes."""
     hidden = int(llm_config["hidden_size"])
     layers = int(llm_config["num_hidden_layers"])
-    heads = int(llm_config["num_attention_heads"])
-    kv_heads = int(llm_config.get("num_key_value_heads", heads))
-    head_dim = int(llm_config.get("head_dim") or hidden // heads)
+    geometry = AttentionHeads.of(llm_config)
+    heads, kv_heads, head_dim = geometry.heads, geometry.kv_heads, geometry.head_dim
     inner = int(llm_config["intermediate_size"])
     vocab = int(llm_config["vocab_size"])
     # Qwen2 always has q/k/v biases; Llama only with attention_bias (then on o_proj too).

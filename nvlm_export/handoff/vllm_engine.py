@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from nvlm_export.errors import BundleError, MissingExtraError
-from nvlm_export.runtime.backends import BackendChoice
+from nvlm_export.runtime.backends import DEFAULT_BACKEND, BackendChoice
 from nvlm_export.runtime.generation import (
     Answer,
     GenerateOptions,
@@ -118,6 +118,7 @@ class VLLMPipeline:
         self, pipeline: Pipeline, llm: Any, spec: LanguageEngineSpec, tensor_parallel_size: int
     ) -> None:
         self.pipeline = pipeline
+        pipeline.context_tokens = spec.max_context  # prompts are checked against vLLM's context
         self.llm = llm
         self.spec = spec
         self.tensor_parallel_size = tensor_parallel_size
@@ -129,7 +130,7 @@ class VLLMPipeline:
         bundle: str | Path,
         *,
         tensor_parallel_size: int | None = None,
-        backend: str = "onnxruntime",
+        backend: str = DEFAULT_BACKEND,
         cpu_kv_cache_gib: float = DEFAULT_CPU_KV_CACHE_GIB,
         max_num_seqs: int | None = None,
         engine_options: dict[str, Any] | None = None,

@@ -14,6 +14,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nvlm_export.errors import CheckpointError
+from nvlm_export.runtime.tiling import (
+    DOWNSAMPLE_RATIO,
+    PATCH_SIZE,
+    TilingConfig,
+    tokens_per_tile,
+)
 
 CONFIG_FILE = "config.json"
 
@@ -40,7 +46,7 @@ class VisionConfig:
     qkv_bias: bool
     num_dummy_heads: int = 0  # extra padded heads stored in the checkpoint (6B style: 7)
     layer_scale: bool = True
-    patch_size: int = 14
+    patch_size: int = PATCH_SIZE
     image_size: int = 448
     num_channels: int = 3
     eps: float = 1e-6
@@ -117,7 +123,7 @@ class ModelConfig:
     vision: VisionConfig
     projector: ProjectorConfig | None  # the 2-layer MLP into the decoder sequence (not NVLM-X)
     llm_config: dict[str, Any]
-    downsample_ratio: float = 0.5
+    downsample_ratio: float = DOWNSAMPLE_RATIO
     select_layer: int = -1
     ps_version: str = "v2"
     template: str | None = None
@@ -139,10 +145,39 @@ class ModelConfig:
 
     @property
     def tokens_per_tile(self) -> int:
-        return int(self.vision.grid_size**2 * self.downsample_ratio**2)
+        v = self.vision
+        return tokens_per_tile(v.image_size, v.patch_size, self.downsample_ratio)
+
+    def tiling(self, max_tiles: int | None = None) -> TilingConfig:
+        """The runtime's tiling for this model; `max_tiles` overrides the checkpoint's budget."""
+        return TilingConfig(
+            tile_size=self.vision.image_size,
+            min_tiles=self.min_dynamic_patch,
+            max_tiles=max_tiles or self.max_dynamic_patch,
+            use_thumbnail=self.use_thumbnail,
+        )
 
     def with_dummy_heads(self, num_dummy_heads: int) -> ModelConfig:
         return replace(self, vision=replace(self.vision, num_dummy_heads=num_dummy_heads))
+
+
+@dataclass(frozen=True)
+class AttentionHeads:
+    """A decoder config's attention geometry, as Hugging Face reads it: KV heads default to the
+    query heads (key absent or null), the head width to hidden_size / heads unless given."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, llm_config: Mapping[str, Any]) -> AttentionHeads:
+        heads = int(llm_config["num_attention_heads"])
+        return cls(
+            heads=heads,
+            kv_heads=int(llm_config.get("num_key_value_heads") or heads),
+            head_dim=int(llm_config.get("head_dim") or int(llm_config["hidden_size"]) // heads),
+        )
 
 
 def decoder_architecture(llm_config: Mapping[str, Any]) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nvlm_export.models.config import AttentionHeads
 from nvlm_export.models.vision import RealChannelRMSNorm
 
 
@@ -43,12 +44,12 @@ class CrossBlockShape:
 
     @classmethod
     def from_llm_config(cls, llm: Mapping[str, Any]) -> CrossBlockShape:
-        hidden, heads = int(llm["hidden_size"]), int(llm["num_attention_heads"])
+        attention = AttentionHeads.of(llm)
         return cls(
-            hidden_size=hidden,
-            num_heads=heads,
-            num_kv_heads=int(llm.get("num_key_value_heads") or heads),
-            head_dim=int(llm.get("head_dim") or hidden // heads),
+            hidden_size=int(llm["hidden_size"]),
+            num_heads=attention.heads,
+            num_kv_heads=attention.kv_heads,
+            head_dim=attention.head_dim,
             intermediate_size=int(llm["intermediate_size"]),
             rms_norm_eps=float(llm.get("rms_norm_eps", 1e-6)),
         )

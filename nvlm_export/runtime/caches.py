@@ -23,10 +23,11 @@ from typing import Generic, TypeVar
 import numpy as np
 from PIL import Image
 
+from nvlm_export.defaults import REUSE_CACHE_MIB
 from nvlm_export.errors import InputError
 
-DEFAULT_FEATURE_CACHE_BYTES = 256 * 2**20
-DEFAULT_PREFIX_CACHE_BYTES = 256 * 2**20
+DEFAULT_FEATURE_CACHE_BYTES = REUSE_CACHE_MIB * 2**20
+DEFAULT_PREFIX_CACHE_BYTES = REUSE_CACHE_MIB * 2**20
 
 ImageKey = str  # hex digest of an image's pixels and the settings that shape its features
 Value = TypeVar("Value")

@@ -20,6 +20,7 @@ buffers of the whole context that a `kv_in_place` graph variant writes its new p
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -28,8 +29,15 @@ from typing import Literal, Protocol
 import numpy as np
 from tokenizers import Tokenizer
 
+from nvlm_export.defaults import MAX_NEW_TOKENS
 from nvlm_export.errors import BundleError, InputError, PromptError
-from nvlm_export.runtime.manifest import INPUTS_EMBEDS, LOGITS, POSITION_IDS, KVCacheSpec
+from nvlm_export.runtime.manifest import (
+    INPUTS_EMBEDS,
+    LOGITS,
+    POSITION_IDS,
+    KVCacheSpec,
+    layer_tensor,
+)
 from nvlm_export.runtime.sampling import check_sampling_options, sample_next_token
 from nvlm_export.runtime.streaming import TextStream
 
@@ -49,7 +57,7 @@ class GenerateOptions:
     need a fixed length), at a `stop` string, or after `max_new_tokens`.
     """
 
-    max_new_tokens: int = 128
+    max_new_tokens: int = MAX_NEW_TOKENS
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -157,10 +165,11 @@ class KVCache:
         self.capacity = capacity
         layers = range(len(keys))
         self._past = [
-            (names.past_key.format(layer=i), names.past_value.format(layer=i)) for i in layers
+            (layer_tensor(names.past_key, i), layer_tensor(names.past_value, i)) for i in layers
         ]
         self._present = [
-            (names.present_key.format(layer=i), names.present_value.format(layer=i)) for i in layers
+            (layer_tensor(names.present_key, i), layer_tensor(names.present_value, i))
+            for i in layers
         ]
 
     @classmethod
@@ -256,16 +265,14 @@ class InPlaceKVCache:
     """
 
     def __init__(self, spec: KVCacheSpec) -> None:
-        shape = (1, spec.num_kv_heads, spec.max_context, spec.head_dim)
         layers = range(spec.num_layers)
-        self._keys = [np.empty(shape, np.dtype(spec.dtype)) for _ in layers]
-        self._values = [np.empty(shape, np.dtype(spec.dtype)) for _ in layers]
+        self._keys, self._values = _cache_buffers(spec), _cache_buffers(spec)
         self._feeds, self._outputs_into = {}, {}
         for layer, key, value in zip(layers, self._keys, self._values, strict=True):
-            self._feeds[spec.past_key.format(layer=layer)] = key
-            self._feeds[spec.past_value.format(layer=layer)] = value
-            self._outputs_into[spec.present_key.format(layer=layer)] = key
-            self._outputs_into[spec.present_value.format(layer=layer)] = value
+            self._feeds[layer_tensor(spec.past_key, layer)] = key
+            self._feeds[layer_tensor(spec.past_value, layer)] = value
+            self._outputs_into[layer_tensor(spec.present_key, layer)] = key
+            self._outputs_into[layer_tensor(spec.present_value, layer)] = value
         self.capacity = spec.max_context
         self.length = 0
 
@@ -332,6 +339,20 @@ class InPlaceKVCache:
         outputs = decoder({**feeds, **self._feeds}, outputs_into=self._outputs_into)
         self.length = new_length
         return outputs
+
+
+def _cache_buffers(spec: KVCacheSpec) -> list[np.ndarray]:
+    """One uninitialised [1, kv_heads, max_context, head_dim] buffer per layer."""
+    shape, dtype = (1, spec.num_kv_heads, spec.max_context, spec.head_dim), np.dtype(spec.dtype)
+    try:
+        return [np.empty(shape, dtype) for _ in range(spec.num_layers)]
+    except MemoryError:
+        size = spec.num_layers * math.prod(shape) * dtype.itemsize * 2 / 2**30
+        raise BundleError(
+            f"The KV cache of the bundle's {spec.max_context}-token context cannot be allocated",
+            why=f"its keys and values take {size:.1f} GiB of address space",
+            fix="Re-export the bundle with a smaller --max-context",
+        ) from None
 
 
 def check_prompt_fits(prompt_length: int, capacity: int) -> None:

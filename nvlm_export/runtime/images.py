@@ -33,11 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nvlm_export.errors import ImageError
-from nvlm_export.runtime.limits import DEFAULT_MAX_IMAGE_BYTES
-
-# 64 megapixels: bigger than any phone or Jetson camera frame (a 48 MP sensor fits), small enough
-# that a crafted file cannot make us allocate gigabytes before we notice.
-DEFAULT_MAX_PIXELS = 64_000_000
+from nvlm_export.runtime.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
 
 ImageSource = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]  # noqa: UP007
 

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from nvlm_export import __version__
 from nvlm_export.errors import BundleError, InputError, check_choice
+from nvlm_export.runtime.limits import MAX_CONTEXT
 from nvlm_export.runtime.prompt import ChatTemplate, PromptFormat
 from nvlm_export.runtime.tiling import TilingConfig
 
@@ -84,6 +85,13 @@ PAST_VALUE = "past_key_values.{layer}.value"
 PRESENT_KEY = "present.{layer}.key"
 PRESENT_VALUE = "present.{layer}.value"
 CROSS_ATTENTION_MASK = "cross_attention_mask"  # decoder input bool [1, seq, K]
+LAYER_FIELD = "{layer}"
+
+
+def layer_tensor(pattern: str, layer: int) -> str:
+    """`pattern` (a manifest's `kv_cache.past_key`...) for one layer. A plain substitution, not
+    str.format: a bundle's strings are data, and format would read fields and attributes."""
+    return pattern.replace(LAYER_FIELD, str(layer))
 
 
 @dataclass(frozen=True)
@@ -545,6 +553,12 @@ def _check_values(manifest: Manifest, where: str) -> None:
     for key, value in positive.items():
         if value < 1:
             raise BundleError(f"{where}: {key} is {value}", why="it must be >= 1", fix=_REEXPORT)
+    if manifest.kv_cache.max_context > MAX_CONTEXT:
+        raise BundleError(
+            f"{where}: kv_cache.max_context is {manifest.kv_cache.max_context}",
+            why=f"this runtime serves contexts of at most {MAX_CONTEXT} tokens",
+            fix="Re-export the bundle with a smaller --max-context",
+        )
     vocab = manifest.embedding.vocab_size
     ids = {"tokenizer.placeholder_token_id": (manifest.tokenizer.placeholder_token_id,)}
     ids["tokenizer.eos_token_ids"] = manifest.tokenizer.eos_token_ids
@@ -557,6 +571,7 @@ def _check_values(manifest: Manifest, where: str) -> None:
             )
     _check_names(manifest, where)
     _check_vision_shapes(manifest)
+    _check_cache_tensors(manifest, where)
 
 
 def _check_names(manifest: Manifest, where: str) -> None:
@@ -578,6 +593,27 @@ def _check_names(manifest: Manifest, where: str) -> None:
                 why=f"this runtime knows {', '.join(known)}",
                 fix=_REEXPORT,
             )
+
+
+def _check_cache_tensors(manifest: Manifest, where: str) -> None:
+    """The KV cache's per-layer names must be the decoder graph's own inputs and outputs, one
+    pair per layer: the runtime feeds and reads the cache by these names alone."""
+    kv, decoder = manifest.kv_cache, manifest.graph(DECODER_GRAPH)
+    sides = (
+        ("inputs", (kv.past_key, kv.past_value), decoder.inputs),
+        ("outputs", (kv.present_key, kv.present_value), decoder.outputs),
+    )
+    for side, patterns, declared in sides:
+        for pattern in patterns:
+            names = {layer_tensor(pattern, layer) for layer in range(kv.num_layers)}
+            if pattern.count(LAYER_FIELD) != 1 or not names <= {t.name for t in declared}:
+                raise BundleError(
+                    f"{where}: the KV cache tensor name {pattern!r:.60} does not name the decoder "
+                    f"graph's {side}",
+                    why=f"it must hold {LAYER_FIELD} once and give one of the decoder's {side} "
+                    f"for each of its {kv.num_layers} layers",
+                    fix=_REEXPORT,
+                )
 
 
 def _check_vision_shapes(manifest: Manifest) -> None:

@@ -39,8 +39,10 @@ import numpy as np
 from PIL import Image
 from tokenizers import Tokenizer
 
+from nvlm_export.defaults import PREFILL_CHUNK_TOKENS
 from nvlm_export.errors import BundleError, InputError, PromptError
 from nvlm_export.runtime.backends import (
+    DEFAULT_BACKEND,
     PREFILL,
     BackendChoice,
     GraphRunner,
@@ -99,12 +101,12 @@ from nvlm_export.runtime.prompt import (
 )
 from nvlm_export.runtime.tiling import Tiling, choose_grid, tile_count, tile_image
 
-# Activation memory bounds: one tile per vision call, prompts prefilled in chunks of 512 tokens.
+# Activation memory bounds: one tile per vision call, prompts prefilled in chunks (512 tokens).
 # Neither changes results; both keep peak memory near the weights' size. Measured against 4 tiles
 # per call and 1024-token chunks (the fused decoder too), neither was reliably faster and both
 # hold several times the activation memory (docs/performance.md).
 DEFAULT_VISION_TILES_PER_CALL = 1
-DEFAULT_PREFILL_CHUNK_TOKENS = 512
+DEFAULT_PREFILL_CHUNK_TOKENS = PREFILL_CHUNK_TOKENS
 
 
 @dataclass(frozen=True, eq=False)
@@ -193,6 +195,9 @@ class Pipeline:
         self.embedding = embedding  # [vocab, D], memory-mapped
         self.tiling = manifest.tiling
         self.prompt_format = manifest.prompt
+        # Tokens the decoder holds, prompt + answer: the bundle's cache, or a serving engine's
+        # context where one runs the decoder (VLLMPipeline sets it).
+        self.context_tokens = manifest.kv_cache.max_context
         self._embeds_dtype = np.dtype(manifest.graph(DECODER_GRAPH).input(INPUTS_EMBEDS).dtype)
         self.vision_tiles_per_call = vision_tiles_per_call
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -206,7 +211,7 @@ class Pipeline:
         cls,
         bundle: str | Path,
         *,
-        backend: str | Mapping[str, str] | BackendChoice = "onnxruntime",
+        backend: str | Mapping[str, str] | BackendChoice = DEFAULT_BACKEND,
         vision_tiles_per_call: int | None = DEFAULT_VISION_TILES_PER_CALL,
         prefill_chunk_tokens: int | None = DEFAULT_PREFILL_CHUNK_TOKENS,
         shared_runners: Mapping[str, GraphRunner] | None = None,
@@ -306,7 +311,7 @@ class Pipeline:
             self.tokenizer, self.prompt_format, prompt, tilings, system=system, raw=raw
         )
         try:
-            check_prompt_fits(tokens.num_tokens, self.manifest.kv_cache.max_context)
+            check_prompt_fits(tokens.num_tokens, self.context_tokens)
         except PromptError as error:
             fix = self._fewer_tiles_fix(prompt, loaded, system=system, raw=raw)
             if fix is None:
@@ -359,7 +364,7 @@ class Pipeline:
         does not fit.
         """
         sizes = [self.load_image(image).size for image in images]
-        capacity = self.manifest.kv_cache.max_context
+        capacity = self.context_tokens
         budgets = range(self.tiling.max_tiles, self.tiling.min_tiles - 1, -1) if sizes else [None]
         for budget in budgets:
             length = self._prompt_length(prompt, sizes, budget, system=system, raw=raw)
@@ -867,13 +872,28 @@ def _gather(
 def _load_tokenizer(bundle_dir: Path, manifest: Manifest) -> Tokenizer:
     path = bundle_dir / manifest.tokenizer.file
     try:
-        return Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_file(str(path))
     except Exception as error:  # tokenizers raises a bare Exception on malformed files
         raise BundleError(
             f"Cannot read the tokenizer {path}",
             why=str(error).splitlines()[0],
             fix="Re-export the bundle",
         ) from None
+    _check_placeholder_id(tokenizer, manifest)
+    return tokenizer
+
+
+def _check_placeholder_id(tokenizer: Tokenizer, manifest: Manifest) -> None:
+    """Prompts find image slots by the prompt format's placeholder token; the manifest records
+    its id too (for readers without a tokenizer), and the two must agree."""
+    token = manifest.prompt.placeholder_token
+    found, recorded = tokenizer.token_to_id(token), manifest.tokenizer.placeholder_token_id
+    if found != recorded:
+        raise BundleError(
+            f"The bundle's tokenizer gives the image placeholder {token!r:.40} the id {found}",
+            why=f"the manifest records tokenizer.placeholder_token_id {recorded}",
+            fix="The tokenizer and the manifest come from different exports; re-export the bundle",
+        )
 
 
 def _load_embedding(bundle_dir: Path, manifest: Manifest) -> np.ndarray:

@@ -222,7 +222,9 @@ class PromptFormat:
 
     def tag(self, tile: int, num_tiles: int) -> str:
         # As in NVLM-D's reference code: the last tile is always the global one.
-        return self.thumbnail_tag if tile == num_tiles - 1 else self.tile_tag.format(index=tile + 1)
+        if tile == num_tiles - 1:
+            return self.thumbnail_tag
+        return self.tile_tag.replace("{index}", str(tile + 1))  # data, not a format string
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # read back, keys and types checked, by runtime/manifest.py
