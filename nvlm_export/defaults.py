@@ -25,3 +25,8 @@ def default_max_context(llm_config: dict) -> int:
 # Generation and reuse defaults of the runtime, shown by `run` and `chat` (nvlm_export/runtime).
 MAX_NEW_TOKENS = 128  # GenerateOptions.max_new_tokens, `run --max-new-tokens`
 REUSE_CACHE_MIB = 256  # each reuse cache's budget (image features, prompt keys/values)
+
+# ONNX opsets the exporter writes float graphs in (quantization raises them where Q/DQ needs it):
+# 18 is what TensorRT 10.x and ONNX Runtime read everywhere; TensorRT 10.0-10.14 read up to 20.
+DEFAULT_OPSET = 18
+SUPPORTED_OPSETS = range(18, 21)

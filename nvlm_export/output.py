@@ -236,6 +236,24 @@ def check_output(out: Path, kind: OutputKind, overwrite: bool) -> None:
         )
 
 
+def make_directory(path: Path, what: str) -> Path:
+    """Create the directory `path` (and its parents) that `what` is written into, before the work
+    that fills it: a file in the way or a place that cannot be written is one InputError now, not
+    an internal error after the work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"Output '{path}' is a file", fix=f"Choose a directory path for {what}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(
+            f"Cannot create the output directory '{path}'",
+            why=error.strerror or str(error),
+            fix=f"Choose a writable directory for {what}",
+        ) from None
+    return path
+
+
 # --- permissions --------------------------------------------------------------------------------
 
 

@@ -9,12 +9,15 @@ from pathlib import Path
 import pytest
 from helpers import quiet
 
-from nvlm_export.errors import InputError
+from nvlm_export.errors import InputError, MissingExtraError
 from nvlm_export.export import bundle as bundle_module
 from nvlm_export.export import quantize as quantize_module
 from nvlm_export.export.build import STATE_FILE, BuildSettings, build, work_directory
+from nvlm_export.export.engine_build import installed_tensorrt_version
 from nvlm_export.runtime.manifest import load_manifest
 from nvlm_export.runtime.pipeline import Pipeline
+
+HAS_TENSORRT = installed_tensorrt_version() is not None
 
 
 def settings(precision: str = "int8", **kwargs: object) -> BuildSettings:
@@ -56,10 +59,11 @@ def test_interrupted_build_resumes_and_finished_stages_are_not_redone(
     assert (report.ran, report.skipped) == (["quantize"], ["export", "calibrate"])
     assert load_manifest(out).precision == "int8"
     assert report.accuracy is not None and report.bundle_bytes > 0
+    assert report.work_bytes > 0  # the summary names what is kept beside the bundle
 
-    again = build(checkpoint, out, settings(backend="tensorrt"), quiet=True, warn=quiet)
+    again = build(checkpoint, out, settings(target="orin"), quiet=True, warn=quiet)
     assert (again.ran, again.skipped) == ([], ["export", "calibrate", "quantize"])
-    assert any("TensorRT is not installed" in note for note in again.notes)
+    assert any(f"nvlm-export engine {out} --target orin" in note for note in again.notes)
 
     changed = build(checkpoint, out, settings(exclude=("*mlp.down_proj",)), quiet=True, warn=quiet)
     assert (changed.ran, changed.skipped) == (["quantize"], ["export", "calibrate"])
@@ -97,6 +101,23 @@ def test_target_and_precision_are_checked_before_any_work(checkpoint: Path, tmp_
     assert not work_directory(out).exists() and not out.exists()
     with pytest.raises(InputError, match="Unknown precision"):
         settings(precision="int2")
+    out = tmp_path / "bundle-int4"
+    with pytest.raises(InputError, match="opset 21"):
+        build(checkpoint, out, settings(precision="int4", target="thor"), quiet=True)
+    assert not work_directory(out).exists() and not out.exists()
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed")
+def test_engines_asked_for_where_tensorrt_is_missing_are_refused_before_any_work(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    """`--backend tensorrt` means engines built here: without TensorRT the build would end, after
+    hours on a large model, with no engines and a success exit."""
+    out = tmp_path / "bundle-int8"
+    with pytest.raises(MissingExtraError, match="which has no TensorRT") as refused:
+        build(checkpoint, out, settings(backend="tensorrt", target="h100"), quiet=True)
+    assert f"nvlm-export engine {out} --target h100" in str(refused.value)
+    assert not work_directory(out).exists() and not out.exists()
 
 
 def test_build_refuses_to_overwrite_a_foreign_bundle(checkpoint: Path, tmp_path: Path) -> None:

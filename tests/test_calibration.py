@@ -221,3 +221,9 @@ def test_builtin_images_are_deterministic() -> None:
     assert isinstance(a, Image.Image) and a.size == (1344, 896)
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(a), np.asarray(builtin_image(3, seed=6)))
+
+
+def test_a_negative_seed_is_refused_when_the_options_are_made() -> None:
+    """Not after loading the bundle, when numpy's generator refuses it with a ValueError."""
+    with pytest.raises(InputError, match="Seed -1 is invalid"):
+        CalibrationOptions(seed=-1)

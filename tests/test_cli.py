@@ -170,3 +170,60 @@ def test_build_options_reach_the_build_settings(
     assert settings.force and quantize.force and settings.overwrite
     assert not settings.validate and not quantize.check_accuracy
     assert settings.backend == "onnxruntime" and calibration.decode_steps == 4  # defaults
+
+
+@pytest.mark.parametrize(
+    ("make", "said"), [(None, "does not exist"), ("file", "is not a directory")]
+)
+def test_export_of_something_that_is_not_a_checkpoint_says_so(
+    tmp_path, make: str | None, said: str
+) -> None:
+    """A typo'd path used to be told to save its tokenizer with transformers."""
+    target = tmp_path / "model"
+    if make == "file":
+        target.write_text("{}")
+    result = runner.invoke(app, ["export", str(target), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert f"Checkpoint '{target}' {said}" in result.output and "tokenizer" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [["profile", "bundle"], ["capi", "build"]])
+def test_an_output_directory_that_cannot_be_made_is_refused_before_the_work(
+    tmp_path, command: list[str]
+) -> None:
+    """`profile -o` used to profile for minutes, then stop with an internal FileExistsError."""
+    in_the_way = tmp_path / "report"
+    in_the_way.write_text("a file")
+    result = runner.invoke(app, [*command, "-o", str(in_the_way)])
+    assert result.exit_code == 2, result.output
+    assert f"Output '{in_the_way}' is a file" in result.output and "internal" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["verify", "ckpt", "bundle", "--steps", "0"], "--steps"),  # checked nothing, passed
+        (["run", "bundle", "-p", "hi", "--threads", "-1"], "--threads"),
+        (["run", "bundle", "-p", "hi", "--seed", "-1"], "--seed"),  # an internal error, late
+        (["export", "ckpt", "-o", "out", "--max-tiles", "0"], "--max-tiles"),  # recorded 0
+        (["export", "ckpt", "-o", "out", "--opset", "25"], "--opset"),  # after the vision graph
+        (["profile", "bundle", "--bandwidth-gbs", "-5"], "--bandwidth-gbs"),  # -42 % of bound
+    ],
+)
+def test_impossible_option_values_are_refused_before_any_work(
+    tmp_path, args: list[str], option: str
+) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}'" in result.output
+
+
+def test_an_impossible_accuracy_budget_is_refused_before_the_check_runs() -> None:
+    from nvlm_export.errors import InputError
+    from nvlm_export.export.accuracy import Thresholds
+
+    with pytest.raises(InputError, match="min_cosine 2 is impossible"):
+        Thresholds(min_cosine=2, min_top1=0.5, max_kl=0.1)
+    with pytest.raises(InputError, match="max_kl -1 is impossible"):
+        Thresholds(min_cosine=0.9, min_top1=0.5, max_kl=-1)

@@ -246,7 +246,8 @@ def test_chat_command_streams_answers_and_takes_commands(tiny_bundle, tmp_path: 
 
     bundle = tiny_bundle("nvlm-d")[1]
     Image.fromarray(random_image(8)).save(tmp_path / "a.png")
-    script = f"What is it?\n/image {tmp_path / 'missing.png'}\nAnd now?\n/reset\n/what\nHi\n/quit\n"
+    missing = tmp_path / "missing.png"
+    script = f"What is it?\n/image {missing}\nAnd now?\n/reset\n/what\nHi\n/image\n/quit\n"
     result = CliRunner().invoke(
         app, ["chat", str(bundle), "-i", str(tmp_path / "a.png"), "-n", "3"], input=script
     )
@@ -254,6 +255,18 @@ def test_chat_command_streams_answers_and_takes_commands(tiny_bundle, tmp_path: 
     assert result.output.count("time to first token") == 3
     assert "missing.png does not exist" in result.output
     assert "(new conversation)" in result.output and "Unknown command '/what'" in result.output
+    assert "/image needs a PATH" in result.output
+
+
+def test_a_first_question_too_long_for_the_context_is_not_a_full_conversation(tiny_bundle) -> None:
+    from nvlm_export.profiling.inputs import question_with_tokens
+
+    pipe = Pipeline.load(tiny_bundle("nvlm-d")[1])
+    question = question_with_tokens(pipe.tokenizer, pipe.context_tokens)
+    with pytest.raises(PromptError) as caught:
+        pipe.chat().ask(question).run()
+    message = caught.value.one_line()
+    assert message.startswith("The question takes") and "Shorten the question" in message
 
 
 def test_run_answers_a_jsonl_conversation_turn_by_turn(tiny_bundle, tmp_path: Path) -> None:

@@ -84,7 +84,7 @@ def test_chunked_prefill_lets_past_grow_and_keeps_the_sum_bounded() -> None:
 
 @pytest.mark.parametrize("precision", ["int8", "fp8", "int4"])
 def test_quantized_graphs_build_strongly_typed(precision: str) -> None:
-    target = resolve_target("thor")
+    target = resolve_target("h100")
     plan = plan_build(make_manifest("nvlm-h", precision), target, PlanOptions(precision=precision))
     decoder = plan.engine("decoder")
     assert decoder.precision == precision
@@ -116,7 +116,7 @@ def test_quantized_precision_needs_a_quantized_bundle() -> None:
 
 
 def test_fp8_bundle_on_orin_is_refused_before_planning() -> None:
-    with pytest.raises(InputError, match="int8 or --precision int4"):
+    with pytest.raises(InputError, match="Use --precision int8"):
         plan_build(make_manifest("nvlm-d", "fp8"), resolve_target("orin"))
 
 

@@ -225,6 +225,9 @@ def test_embeddings_come_from_a_memory_mapped_table(tokenizer: Tokenizer, tmp_pa
         ({"temperature": -1.0}, "Temperature -1.0 is invalid"),
         ({"top_p": 2.0}, "top_p 2.0 is invalid"),
         ({"stop": ("",)}, "stop string is empty"),
+        ({"seed": -1}, "Seed -1 is invalid"),  # numpy raised a ValueError at the first sample
+        ({"seed": 2**64}, "from 0 to 18446744073709551615"),  # the C API's uint64_t
+        ({"seed": 1.5}, "Seed 1.5 is invalid"),
     ],
 )
 def test_invalid_generation_config_is_an_input_error(

@@ -190,6 +190,19 @@ def test_refuses_the_checkpoint_of_another_bundle(tiny_bundle, tmp_path: Path) -
         handoff_bundle(other, copy, HandoffSettings("vllm"))
 
 
+@pytest.mark.parametrize("layout", ["internvl", "nvlm-x"])
+def test_verify_refuses_the_checkpoint_of_another_bundle_in_one_line(
+    tiny_bundle, layout: str
+) -> None:
+    """It used to run both models and fail on their prompts ("0 image placeholder tokens")."""
+    other, _ = tiny_bundle(layout)
+    _, bundle = tiny_bundle("nvlm-d")
+    result = CliRunner().invoke(app, ["verify", str(other), str(bundle)])
+    assert result.exit_code == 2, result.output
+    assert "does not belong to this bundle" in result.output and layout in result.output
+    assert "Traceback" not in result.output
+
+
 @pytest.mark.slow
 def test_cli_refuses_cross_attention_bundles_in_one_line(tiny_bundle, tmp_path: Path) -> None:
     checkpoint, bundle = tiny_bundle("nvlm-x")
@@ -284,3 +297,16 @@ def test_prompts_for_vllm_are_checked_against_vllms_context(handed_off) -> None:
     VLLMPipeline(pipe, llm=None, spec=replace(engine, max_context=64), tensor_parallel_size=1)
     with pytest.raises(PromptError, match="64 tokens"):
         pipe.prepare(question_with_tokens(pipe.tokenizer, 80))
+
+
+def test_a_hand_off_keeps_the_bundles_calibration_sets(tiny_bundle, tmp_path: Path) -> None:
+    """Handing the decoder off changes no graph, so a calibration set recorded on the bundle
+    still belongs to it (it used to be refused as "recorded on another bundle")."""
+    from nvlm_export.calibration.dataset import bundle_fingerprint
+
+    checkpoint, bundle = tiny_bundle("nvlm-d")
+    copy = _copy(bundle, tmp_path)
+    before = bundle_fingerprint(copy)
+    handoff_bundle(checkpoint, copy, HandoffSettings("vllm", max_shard_bytes=200_000))
+    assert (copy / LLM_DIR).is_dir() and load_manifest(copy).language_engine is not None
+    assert bundle_fingerprint(copy) == before

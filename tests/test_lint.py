@@ -148,8 +148,21 @@ def test_lint_command_exits_non_zero_on_errors_and_prints_json(tmp_path: Path) -
     assert finding["graph"] == "cross_kv" and finding["code"] == "unsupported-op"
 
 
-@pytest.mark.parametrize("opset", [8, 21])
-def test_opset_range_follows_tensorrt_10_3(opset: int) -> None:
+@pytest.mark.parametrize(("opset", "said"), [(8, "9+"), (21, "TensorRT 10.3 reads (9-20)")])
+def test_opset_range_follows_the_targets_tensorrt(opset: int, said: str) -> None:
     model = _model([helper.make_node("Identity", ["x"], ["y"])], [], opset=opset)
     (finding,) = lint_model(model, target=resolve_target("orin"))
-    assert finding.code == "opset" and "9-20" in finding.message
+    assert finding.code == "opset" and finding.severity == "error" and said in finding.message
+
+
+@pytest.mark.parametrize(("target", "severity"), [(None, "warning"), ("h100", "warning")])
+def test_a_newer_opset_names_the_first_tensorrt_that_reads_it(
+    target: str | None, severity: str
+) -> None:
+    """Where the user picks TensorRT (data-center GPUs, no target), opset 21 (INT4) is not an
+    error: the finding names the first version that reads it; `engine` checks the installed one."""
+    model = _model([helper.make_node("Identity", ["x"], ["y"])], [], opset=21)
+    (finding,) = lint_model(model, target=resolve_target(target) if target else None)
+    assert finding.severity == severity and "TensorRT 10.15 or newer" in finding.fix
+    (newest,) = lint_model(_model([helper.make_node("Identity", ["x"], ["y"])], [], opset=26))
+    assert newest.severity == "error"

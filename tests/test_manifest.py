@@ -130,6 +130,13 @@ def test_unknown_key_in_known_schema_is_an_error(bundle: Path) -> None:
         load_manifest(bundle)
 
 
+def _drop(bundle: Path, key: str) -> None:
+    path = bundle / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    del data[key]
+    path.write_text(json.dumps(data))
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
@@ -137,6 +144,9 @@ def test_unknown_key_in_known_schema_is_an_error(bundle: Path) -> None:
         (lambda b: (b / MANIFEST_NAME).write_text("{not json"), "is not valid JSON"),
         (lambda b: (b / "decoder.onnx").unlink(), "names 'decoder.onnx', which is missing"),
         (lambda b: _rewrite(b, schema_version="one"), "unreadable schema_version"),
+        (lambda b: _rewrite(b, schema_version=99), "schema_version that is not text"),
+        (lambda b: _drop(b, "graphs"), "has no 'graphs' in Manifest"),
+        (lambda b: _drop(b, "kv_cache"), "has no 'kv_cache' in Manifest"),
     ],
 )
 def test_broken_bundles_give_one_clear_error(bundle: Path, setup, message: str) -> None:
@@ -153,7 +163,7 @@ def test_tiling_prompt_and_engines_are_typed_and_checked_on_load(bundle: Path) -
     _rewrite(bundle, engines={"decoder": engine})
     assert load_manifest(bundle).engines["decoder"].compute_capability == "8.7"
     for key, value, message in [
-        ("engines", {"decoder": {"file": "decoder.onnx"}}, "malformed"),
+        ("engines", {"decoder": {"file": "decoder.onnx"}}, "has no 'compute_capability'"),
         ("tiling", {**data["tiling"], "max_tiles": 0}, "tiling is invalid.*max_tiles"),
         ("prompt", {**data["prompt"], "image_layout": "spiral"}, "Unknown image layout"),
         ("prompt", {**data["prompt"], "tokens_per_tile": 64}, "image_features tokens is 256"),

@@ -403,7 +403,7 @@ def test_manifest_with_unknown_keys_is_rejected() -> None:
         bad_chat = NVLM_D.to_dict() | {"chat": {**data["chat"], "turn_end": 3}}
         record_from_json(PromptFormat, bad_chat, "prompt")
     without_name = {key: value for key, value in NVLM_D.to_dict().items() if key != "name"}
-    with pytest.raises(BundleError, match=r"prompt lacks keys \['name'\]"):
+    with pytest.raises(BundleError, match=r"prompt has no 'name' in PromptFormat"):
         record_from_json(PromptFormat, without_name, "prompt")
 
 

@@ -28,12 +28,32 @@ def test_every_preset_resolves_by_name() -> None:
         resolve_target("xavier")
 
 
-def test_fp8_on_orin_fails_suggesting_int8_and_int4() -> None:
+def test_fp8_on_orin_fails_suggesting_int8() -> None:
     with pytest.raises(InputError) as caught:
         check_precision(resolve_target("orin"), "fp8")
     message = str(caught.value)
     assert "compute capability 8.9+" in message and "8.7" in message
-    assert "--precision int8 or --precision int4" in message
+    assert "Use --precision int8 (" in message
+
+
+@pytest.mark.parametrize(("name", "tensorrt"), [("orin", "10.3"), ("thor", "10.13")])
+def test_int4_is_refused_where_the_jetpack_tensorrt_cannot_read_its_opset(
+    name: str, tensorrt: str
+) -> None:
+    """INT4's blocked DequantizeLinear is opset 21; JetPack 6 and 7's TensorRT read up to 20, so
+    an INT4 bundle would fail on the device, after the trip there."""
+    target = resolve_target(name)
+    assert "int4" not in target.precisions and "int8" in target.precisions
+    with pytest.raises(InputError) as caught:
+        check_precision(target, "int4")
+    message = str(caught.value)
+    assert f"has TensorRT {tensorrt}" in message and "opset 21" in message
+    assert "from 10.15 on" in message and "--precision int8" in message
+
+
+@pytest.mark.parametrize("name", ["a100", "h100", "l4"])
+def test_int4_stays_on_gpus_where_the_user_picks_tensorrt(name: str) -> None:
+    check_precision(resolve_target(name), "int4")
 
 
 @pytest.mark.parametrize("name", ["thor", "h100", "h200", "l4", "l40s", "rtx-ada"])

@@ -39,6 +39,7 @@ from nvlm_export.output import staged_output
 from nvlm_export.runtime.images import load_image
 from nvlm_export.runtime.manifest import VISION_GRAPH, load_manifest
 from nvlm_export.runtime.pipeline import Pipeline, PreparedRequest
+from nvlm_export.runtime.sampling import check_seed
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Share of the given images kept out of calibration for the accuracy report (when >= 5 images).
@@ -67,6 +68,7 @@ class CalibrationOptions:
             raise InputError(f"--max-samples {self.max_samples} is invalid", fix="Use 1 or more")
         if self.decode_steps < 0:
             raise InputError(f"--decode-steps {self.decode_steps} is invalid", fix="Use 0 or more")
+        check_seed(self.seed)
 
 
 @dataclass(frozen=True)

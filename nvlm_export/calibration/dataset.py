@@ -35,15 +35,22 @@ FORMAT_VERSION = 1
 
 
 def bundle_fingerprint(bundle: str | os.PathLike[str]) -> str:
-    """SHA-256 of the bundle's manifest.json as written, without `engines` (building engines does
-    not change graphs). The file, not the typed `Manifest`: reading one normalises it (retired
-    keys dropped, new fields filled with defaults) differently from version to version, and a set
-    must keep matching the bundle it was recorded on."""
+    """SHA-256 of the bundle's manifest.json as written, without what leaves its graphs as they
+    are: `engines` (TensorRT engines built from them) and a hand-off (`language_engine` and the
+    files of its checkpoint). The file, not the typed `Manifest`: reading one normalises it
+    (retired keys dropped, new fields filled with defaults) differently from version to version,
+    and a set must keep matching the bundle it was recorded on."""
     return _fingerprint(json.loads((Path(bundle) / MANIFEST_NAME).read_text()))
 
 
 def _fingerprint(manifest_data: Mapping[str, Any]) -> str:
     data = {key: value for key, value in manifest_data.items() if key != "engines"}
+    engine = data.get("language_engine")
+    if isinstance(engine, dict):  # as the bundle was before the hand-off
+        data["language_engine"] = None
+        inside = f"{str(engine.get('checkpoint')).rstrip('/')}/"
+        if isinstance(data.get("files"), dict):
+            data["files"] = {p: r for p, r in data["files"].items() if not p.startswith(inside)}
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from nvlm_export import __version__
 from nvlm_export.capi.table import c_header, python_declarations
 from nvlm_export.errors import MissingExtraError, NvlmError
+from nvlm_export.output import make_directory
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 HEADER = PACKAGE_DIR / "nvlm.h"
@@ -109,7 +110,7 @@ def build_library(out_dir: Path, *, verbose: bool = False) -> BuiltLibrary:
     libpython are missing."""
     python = PythonLinkage.current()
     _check_toolchain(python)
-    root = Path(out_dir).resolve()
+    root = make_directory(Path(out_dir), "the C library").resolve()
     lib_dir, include_dir = root / "lib", root / "include"
     for directory in (lib_dir, include_dir, lib_dir / "pkgconfig"):
         directory.mkdir(parents=True, exist_ok=True)

@@ -95,7 +95,10 @@ def _command(text: str, conversation: Any, pipeline: Any, pending: list[Any]) ->
         conversation.reset()
         _note("(new conversation)")
         return []
-    if name == "/image" and argument.strip():
+    if name == "/image":
+        if not argument.strip():
+            _note("/image needs a PATH: /image photo.jpg")
+            return pending
         pending = [*pending, pipeline.load_image(Path(argument.strip()).expanduser())]
         _note(f"(image {argument.strip()} joins your next question)")
         return pending

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -93,10 +94,12 @@ def engine(
     from nvlm_export.runtime.manifest import load_manifest
 
     manifest = load_manifest(bundle)
-    resolved = resolve_target(target)
-    if precision is not None:
-        check_precision(resolved, precision)  # before any work: fp8 on orin fails here
     tensorrt_version = installed_tensorrt_version()
+    resolved = resolve_target(target)
+    if tensorrt_version is not None:  # what this machine parses with, whatever the preset says
+        resolved = replace(resolved, tensorrt=tensorrt_version)
+    # Before any work: fp8 on orin, or INT4 where the TensorRT cannot read its opset, fail here.
+    check_precision(resolved, precision or manifest.precision)
     if not dry_run:
         import_tensorrt()  # MissingExtraError: build on the target with the tensorrt extra
     options = settings_from(PlanOptions, locals())

@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from nvlm_export.commands.options import BundleOutput, in_panel
-from nvlm_export.defaults import DEFAULT_MAX_CONTEXT
+from nvlm_export.defaults import DEFAULT_MAX_CONTEXT, DEFAULT_OPSET, SUPPORTED_OPSETS
 from nvlm_export.errors import ValidationError, require_export_extra
-from nvlm_export.runtime.limits import MAX_CONTEXT
+from nvlm_export.runtime.limits import MAX_CONTEXT, MAX_TILES
 
 Limits = in_panel("Limits")
 DRY_RUN_HELP = (
@@ -31,7 +31,8 @@ def export(
         str, typer.Option(help="Graph precision: fp32, or fp16 (norms and softmax stay fp32).")
     ] = "fp32",
     max_tiles: Annotated[
-        int | None, Limits(help="Most tiles per image (default: the checkpoint's).")
+        int | None,
+        Limits(min=1, max=MAX_TILES, help="Most tiles per image (default: the checkpoint's)."),
     ] = None,
     max_context: Annotated[
         int | None,
@@ -42,7 +43,14 @@ def export(
             f"{DEFAULT_MAX_CONTEXT} or the model's limit if smaller).",
         ),
     ] = None,
-    opset: Annotated[int, typer.Option(help="ONNX opset (18-20; TensorRT 10.x reads <= 20).")] = 18,
+    opset: Annotated[
+        int,
+        typer.Option(
+            min=SUPPORTED_OPSETS.start,
+            max=SUPPORTED_OPSETS.stop - 1,
+            help="ONNX opset of the float graphs (TensorRT 10.0-10.14 read up to 20).",
+        ),
+    ] = DEFAULT_OPSET,
     no_validate: Annotated[
         bool,
         typer.Option(
@@ -110,7 +118,7 @@ def verify(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question.")] = (
         "Describe the image in detail."
     ),
-    steps: Annotated[int, typer.Option(help="Greedy tokens that must be identical.")] = 16,
+    steps: Annotated[int, typer.Option(min=1, help="Greedy tokens that must be identical.")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Check a bundle against its PyTorch checkpoint end to end and print a per-stage table.
@@ -129,12 +137,12 @@ def verify(
     from nvlm_export.export.architectures import architecture_for_layout
     from nvlm_export.export.validate import validate_bundle
     from nvlm_export.models.checkpoint import load_checkpoint
-    from nvlm_export.models.config_io import read_config
+    from nvlm_export.models.config_io import check_checkpoint_of
     from nvlm_export.runtime.manifest import load_manifest
 
     manifest = load_manifest(bundle)
     dtype = torch.float16 if manifest.precision == "fp16" else torch.float32
-    arch = architecture_for_layout(read_config(model_dir).layout)
+    arch = architecture_for_layout(check_checkpoint_of(manifest, model_dir).layout)
     images = list(image) if image else None
     report = validate_bundle(
         bundle,

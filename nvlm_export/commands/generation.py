@@ -28,7 +28,8 @@ TopK = Annotated[
 ]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling mass.", rich_help_panel=SAMPLING)]
 Seed = Annotated[
-    int | None, typer.Option(help="Seed for reproducible sampling.", rich_help_panel=SAMPLING)
+    int | None,
+    typer.Option(min=0, help="Seed for reproducible sampling.", rich_help_panel=SAMPLING),
 ]
 Stop = Annotated[list[str] | None, typer.Option(help="Stop when this text appears; repeatable.")]
 

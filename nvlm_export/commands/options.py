@@ -59,7 +59,8 @@ Backend = Annotated[
     ),
 ]
 Threads = Annotated[
-    int | None, in_panel(RUNTIME)(help="CPU threads for ONNX Runtime (default: all cores).")
+    int | None,
+    in_panel(RUNTIME)(min=1, help="CPU threads for ONNX Runtime (default: all cores)."),
 ]
 Spin = Annotated[
     bool,

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from nvlm_export.commands import options as opts
 from nvlm_export.errors import InputError
+from nvlm_export.output import make_directory
 
 Workload = opts.in_panel("Workload")
 Runtime = opts.in_panel(opts.RUNTIME)
@@ -66,6 +67,7 @@ def profile(
         float | None,
         typer.Option(
             "--bandwidth-gbs",
+            min=0.001,
             help="Measured memory bandwidth in GB/s: adds the bandwidth-bound decode tokens/s.",
         ),
     ] = None,
@@ -113,6 +115,8 @@ def profile(
     if not graph_variants:
         options["graph_variants"] = False
     stderr = Console(stderr=True)
+    if output is not None:
+        make_directory(output, "the report")
     if llm_engine != "bundle":
         engine = (llm_engine, concurrency, tensor_parallel_size)
         _profile_concurrent(bundle, settings, *engine, as_json)

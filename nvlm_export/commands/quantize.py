@@ -45,7 +45,7 @@ MaxSamplesOption = Annotated[
 ]
 SeedOption = Annotated[
     int,
-    Data("--seed", help="Seed: image order and the built-in set."),
+    Data("--seed", min=0, help="Seed: image order and the built-in set."),
 ]
 DecodeStepsOption = Annotated[
     int,
@@ -302,14 +302,15 @@ def build(
         from nvlm_export.demo import default_checkpoint
 
         model_dir = default_checkpoint()
-    from nvlm_export.export.build import BuildSettings
+    from nvlm_export.export.build import BuildSettings, check_target
     from nvlm_export.export.build import build as run_build
 
     if dry_run:
         from nvlm_export.commands.plan import print_memory_plan
         from nvlm_export.export.memory_plan import available_memory, plan
 
-        BuildSettings.of(precision, backend=backend)  # reject a bad precision first
+        # A bad precision, target or missing TensorRT first, as the build itself would.
+        check_target(output, BuildSettings.of(precision, backend=backend, target=target))
         memory = plan(model_dir, available_bytes=available_memory())
         stages = memory.build_stages(precision, check_accuracy, validate)
         served = memory.served(precision, validate, check_accuracy)
@@ -421,6 +422,11 @@ def _print_build_summary(report: Any) -> None:
             typer.echo(f"LM head: {report.accuracy['lm_head']['reason']}")
     for note in report.notes:
         typer.echo(f"Note: {note}")
+    if report.work_bytes:
+        typer.echo(
+            f"Kept for resuming and rebuilding: {report.work_dir} "
+            f"({report.work_bytes / 2**20:.1f} MiB); delete it when the bundle is final"
+        )
 
 
 def _warn(message: str) -> None:

@@ -38,6 +38,7 @@ from nvlm_export.calibration.collect import Request, capped_message, fit_to_cont
 from nvlm_export.calibration.dataset import RequestTiling
 from nvlm_export.compare import common_prefix, compare
 from nvlm_export.defaults import ACCURACY_STEPS
+from nvlm_export.errors import InputError
 from nvlm_export.runtime.manifest import (
     DECODER_GRAPH,
     INPUTS_EMBEDS,
@@ -55,6 +56,20 @@ class Thresholds:
     min_cosine: float  # every compared graph output, worst request
     min_top1: float  # next-token agreement, teacher-forced, over all positions
     max_kl: float  # mean KL(reference || quantized) per position, in nats
+
+    def __post_init__(self) -> None:
+        # A budget no quantization can meet would run the whole check (twice with --lm-head
+        # auto) before failing; one nothing can miss would check nothing.
+        ranges = {"min_cosine": (-1.0, 1.0), "min_top1": (0.0, 1.0), "max_kl": (0.0, None)}
+        for name, (low, high) in ranges.items():
+            value = getattr(self, name)
+            if not (low <= value and (high is None or value <= high)):
+                span = f"from {low} to {high}" if high is not None else f"of {low} or more"
+                raise InputError(
+                    f"Accuracy budget {name} {value} is impossible",
+                    why=f"{name} is {span}",
+                    fix=f"Pass a value {span}, or leave it at the precision's default",
+                )
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nvlm_export.calibration.collect import CalibrationOptions
-from nvlm_export.errors import InputError, check_choice
+from nvlm_export.errors import InputError, MissingExtraError, check_choice
 from nvlm_export.output import BUNDLE, check_output, output_lock, refuse_unsafe_location
 from nvlm_export.runtime.manifest import QUANTIZED_PRECISIONS, Precision
 
@@ -104,6 +104,7 @@ class BuildReport:
     accuracy: dict[str, Any] | None = None
     checkpoint_bytes: int = 0
     bundle_bytes: int = 0
+    work_bytes: int = 0  # the intermediate bundles and calibration set kept for resuming
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -178,6 +179,7 @@ def build(
             report.accuracy = _read_accuracy(out)
         _engines(runner, key, out, settings, target, report)
         report.bundle_bytes = _tree_bytes(out)
+        report.work_bytes = _tree_bytes(work)
         return report
 
 
@@ -252,18 +254,10 @@ def _engines(
     if settings.backend != "tensorrt":
         report.notes.append(
             "stopped after the ONNX bundle (--backend onnxruntime); build engines on the target "
-            f"with: nvlm-export engine {out} --target TARGET"
+            f"with: nvlm-export engine {out} --target {settings.target or 'TARGET'}"
         )
         return
-    from nvlm_export.export.engine_build import installed_tensorrt_version
-
-    version = installed_tensorrt_version()
-    if version is None:
-        report.notes.append(
-            "TensorRT is not installed here, so the build stopped after the ONNX bundle; on the "
-            f"target run: nvlm-export engine {out} --target {settings.target or 'auto'}"
-        )
-        return
+    version = target.tensorrt  # the installed one (_check_before_work)
 
     def build_engines_now() -> None:
         from nvlm_export.export.engine_build import build_engines
@@ -279,25 +273,40 @@ def _engines(
 
 def _check_before_work(model_dir: Path, out: Path, settings: BuildSettings) -> Any:
     """Target, precision and paths, before any stage runs. Returns the resolved target (or None)."""
-    from nvlm_export.export.targets import check_precision, resolve_target
-
     if not Path(model_dir).is_dir():
         raise InputError(f"Checkpoint '{model_dir}' is not a directory", fix="Pass MODEL_DIR")
     refuse_unsafe_location(out, [model_dir])
-    target = None
-    name = settings.target
-    if name is None and settings.backend == "tensorrt":
-        from nvlm_export.export.engine_build import installed_tensorrt_version
-
-        name = "auto" if installed_tensorrt_version() else None
-    if name is not None:
-        target = resolve_target(name)
-        check_precision(target, settings.precision)
+    target = check_target(out, settings)
     state = BuildState(work_directory(out))
     if not any(Path(e["output"]) == out for e in state.stages.values()):
         check_output(out, BUNDLE, settings.overwrite)
     if not settings.force:
         _check_memory(model_dir, settings)
+    return target
+
+
+def check_target(out: Path, settings: BuildSettings) -> Any:
+    """The target the engines are for (None: no engines asked for), refusing a precision it
+    cannot run and engines asked for where no TensorRT is installed (also for --dry-run)."""
+    from nvlm_export.export.engine_build import installed_tensorrt_version
+    from nvlm_export.export.targets import check_precision, resolve_target
+
+    tensorrt = installed_tensorrt_version()
+    if settings.backend == "tensorrt" and tensorrt is None:
+        raise MissingExtraError(
+            "build --backend tensorrt builds the engines on this machine, which has no TensorRT",
+            why="engines are built on the GPU that runs them",
+            fix=f"Build the ONNX bundle here (--backend onnxruntime) and run nvlm-export engine "
+            f"{out} --target {settings.target or 'TARGET'} on the target, or install the "
+            "tensorrt extra there and build there",
+        )
+    target = None
+    name = settings.target or ("auto" if settings.backend == "tensorrt" else None)
+    if name is not None:
+        target = resolve_target(name)
+        if settings.backend == "tensorrt":  # the engines are built with this TensorRT
+            target = replace(target, tensorrt=tensorrt)
+        check_precision(target, settings.precision)
     return target
 
 

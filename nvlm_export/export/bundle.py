@@ -35,6 +35,7 @@ from nvlm_export.models.checkpoint import (
     load_checkpoint,
     open_checkpoint,
 )
+from nvlm_export.models.config_io import read_config
 from nvlm_export.output import BUNDLE, publish_bundle, staged_output
 from nvlm_export.progress import Stages
 from nvlm_export.runtime.manifest import (
@@ -87,6 +88,7 @@ def export_bundle(
     streamed from the checkpoint (`export/weights.py`); only validation loads the model.
     """
     dtype = DTYPES[settings.dtype]
+    read_config(checkpoint)  # not a checkpoint: said before anything else is looked for
     output = staged_output(out, BUNDLE, overwrite=settings.overwrite, sources=[checkpoint])
     with output as staged, Stages(f"Exporting {checkpoint} → {out}", quiet=quiet) as stages:
         tokenizer_sources(Path(checkpoint))  # a missing or linked-out tokenizer fails before work

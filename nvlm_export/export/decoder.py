@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import nn
 
+from nvlm_export.defaults import DEFAULT_OPSET, SUPPORTED_OPSETS
 from nvlm_export.errors import ExportError
 from nvlm_export.export.onnx_utils import (
     GraphIO,
@@ -51,8 +52,6 @@ if TYPE_CHECKING:
 
 # TensorRT 10.x parses opsets 9-20; torch's dynamo exporter emits opset 18 natively (lower
 # opsets go through the ONNX version converter). 18 is the overlap with no conversion step.
-DEFAULT_OPSET = 18
-SUPPORTED_OPSETS = range(18, 21)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 NUMPY_DTYPE = {torch.float32: "float32", torch.float16: "float16"}

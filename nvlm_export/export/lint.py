@@ -28,7 +28,7 @@ from nvlm_export.export.engine_plan import (
     graph_profiles,
     tensorrt_major,
 )
-from nvlm_export.export.targets import Target
+from nvlm_export.export.targets import Target, first_tensorrt_reading, max_opset
 from nvlm_export.runtime.manifest import load_manifest
 
 if TYPE_CHECKING:
@@ -62,10 +62,6 @@ TENSORRT_ONNX_OPS = frozenset(
 )
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 MIN_OPSET = 9
-# Highest default-domain opset the parser takes, by TensorRT version (same source): 10.0-10.x
-# "opset 9 to opset 20" (JetPack 6's 10.3 included); 10.15 "opset 9 to opset 24". Versions in
-# between get the older, safe bound.
-MAX_OPSET_BY_TENSORRT: tuple[tuple[tuple[int, int], int], ...] = (((10, 15), 24), ((10, 0), 20))
 
 # ONNX TensorProto element types, by name, that TensorRT cannot hold at all.
 UNSUPPORTED_TYPES = {"STRING": "string", "COMPLEX64": "complex64", "COMPLEX128": "complex128"}
@@ -209,32 +205,46 @@ def _attribute(node: Any, name: str, default: Any = None) -> Any:
 # --- checks -----------------------------------------------------------------------------------
 
 
-def max_opset(tensorrt_version: str) -> int:
-    major, minor, *_ = (int(p) for p in f"{tensorrt_version}.0".split(".")[:2])
-    if major > 10:
-        return MAX_OPSET_BY_TENSORRT[0][1]
-    for version, opset in MAX_OPSET_BY_TENSORRT:
-        if (major, minor) >= version:
-            return opset
-    return MAX_OPSET_BY_TENSORRT[-1][1]
-
-
 def _check_opset(c: _Context) -> Iterator[Finding]:
-    version = (c.target.tensorrt if c.target else None) or DEFAULT_TENSORRT
+    """The target's own TensorRT (a Jetson's JetPack) must read the graph's opset. Where the user
+    picks the version (data-center GPUs, no target), an opset that only newer TensorRTs read is a
+    warning naming the first that does; `engine` checks the installed one."""
+    fixed = c.target.tensorrt if c.target else None
+    version = fixed or DEFAULT_TENSORRT
     tensorrt_major(version)  # validates the version text
     highest = max_opset(version)
     for entry in c.model.opset_import:
         if entry.domain not in STANDARD_DOMAINS:
             continue
-        if not MIN_OPSET <= entry.version <= highest:
+        if entry.version < MIN_OPSET:
             yield c.finding(
                 "error",
                 "opset",
                 "opset_import",
-                f"opset {entry.version} is outside TensorRT {version}'s range "
-                f"{MIN_OPSET}-{highest}",
+                f"opset {entry.version} is older than any TensorRT reads ({MIN_OPSET}+)",
                 "Re-export with opset 18 (the exporter's default)",
             )
+        elif entry.version > highest:
+            yield _newer_opset(c, entry.version, version, fixed is not None)
+
+
+def _newer_opset(c: _Context, opset: int, version: str, fixed: bool) -> Finding:
+    first = first_tensorrt_reading(opset)
+    severity: Severity
+    if fixed and c.target is not None:
+        severity, fix = "error", f"Quantize to one of {', '.join(c.target.precisions)} for it"
+    elif first is None:
+        severity, fix = "error", "Re-export with opset 18 (the exporter's default)"
+    else:
+        severity, fix = "warning", f"Build the engines with TensorRT {first} or newer"
+    whose = "the target's TensorRT" if fixed else "TensorRT"
+    return c.finding(
+        severity,
+        "opset",
+        "opset_import",
+        f"opset {opset} is newer than {whose} {version} reads ({MIN_OPSET}-{max_opset(version)})",
+        fix,
+    )
 
 
 def _check_ops(c: _Context) -> Iterator[Finding]:

@@ -37,6 +37,7 @@ import numpy as np
 from nvlm_export.errors import ExportError
 from nvlm_export.export.activation_ranges import activation_amax
 from nvlm_export.export.onnx_utils import EXTERNAL_DATA_THRESHOLD_BYTES
+from nvlm_export.export.targets import MIN_OPSET_BY_PRECISION
 from nvlm_export.export.tensor_files import SourceGraph, TensorSink
 
 if TYPE_CHECKING:
@@ -49,8 +50,8 @@ PASS_THROUGH_OPS = {"Add", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Slice", "
 INT8_MAX = 127.0  # symmetric INT8: [-127, 127]
 FP8_E4M3_MAX = 448.0
 INT4_BLOCK_SIZES = (128, 64, 32, 16)  # largest first: 128 is TensorRT's usual INT4 block
-FP8_MIN_OPSET = 19  # QuantizeLinear / DequantizeLinear with float8 types
-INT4_MIN_OPSET = 21  # blocked DequantizeLinear, INT4 tensors
+FP8_MIN_OPSET = MIN_OPSET_BY_PRECISION["fp8"]  # Q/DQ with float8 types
+INT4_MIN_OPSET = MIN_OPSET_BY_PRECISION["int4"]  # blocked DequantizeLinear, INT4 tensors
 INT4_MIN_IR_VERSION = 10
 # fp32 bytes of one weight read at a time for INT4 (a block of rows of the stored tensor).
 INT4_READ_BYTES = 64 << 20

@@ -176,7 +176,12 @@ def plan_components(
             )
         return chosen
     for name in settings.components:
-        manifest.graph(name)  # BundleError for a graph the bundle does not have
+        if name not in manifest.graphs:  # a typo, not a bundle to re-export
+            raise InputError(
+                f"--components names {name!r:.40}, which this bundle does not have",
+                why=f"its graphs are {', '.join(manifest.graphs)}",
+                fix=f"Use --components with some of {', '.join(g for g in manifest.graphs)}",
+            )
         if name not in plan:
             raise InputError(
                 f"Unsupported precision for a component: {name} cannot be quantized to "

@@ -35,6 +35,34 @@ MIN_COMPUTE_CAPABILITY: dict[str, tuple[int, int]] = {
 }
 BF16_MIN_COMPUTE_CAPABILITY = (8, 0)
 
+# The ONNX opset each quantized precision's Q/DQ needs: float8 types (19), INT4 tensors and blocked
+# DequantizeLinear (21). The exporter writes these (export/qdq.py).
+MIN_OPSET_BY_PRECISION: dict[str, int] = {"fp8": 19, "int4": 21}
+# Highest default-domain opset TensorRT's ONNX parser takes, by TensorRT version (TensorRT Support
+# Matrix and ONNX opset guide): 10.0-10.14 "opset 9 to opset 20" (JetPack 6's 10.3 and JetPack
+# 7's 10.13 included); 10.15 "9 to 24"; 11.x "9 to 25". Versions in between get the older bound.
+MAX_OPSET_BY_TENSORRT: tuple[tuple[tuple[int, int], int], ...] = (
+    ((11, 0), 25),
+    ((10, 15), 24),
+    ((10, 0), 20),
+)
+
+
+def max_opset(tensorrt_version: str) -> int:
+    """The highest ONNX opset the ONNX parser of `tensorrt_version` ("10.3", "11.4.0") reads."""
+    major, minor, *_ = (int(p) for p in f"{tensorrt_version}.0".split(".")[:2])
+    for version, opset in MAX_OPSET_BY_TENSORRT:
+        if (major, minor) >= version:
+            return opset
+    return MAX_OPSET_BY_TENSORRT[-1][1]
+
+
+def first_tensorrt_reading(opset: int) -> str | None:
+    """The oldest TensorRT (major.minor) whose parser reads `opset`; None when none does."""
+    readers = [version for version, highest in MAX_OPSET_BY_TENSORRT if highest >= opset]
+    return ".".join(map(str, min(readers))) if readers else None
+
+
 # Where to go instead when a precision is missing on a target (said in the error message).
 FALLBACK_PRECISIONS: dict[str, tuple[str, ...]] = {
     "fp8": ("int8", "int4"),
@@ -63,7 +91,17 @@ class Target:
 
     @property
     def precisions(self) -> tuple[str, ...]:
-        return tuple(p for p in PRECISIONS if self.compute_capability >= MIN_COMPUTE_CAPABILITY[p])
+        """What its GPU has kernels for and its TensorRT (where the platform fixes one) parses."""
+        return tuple(p for p in PRECISIONS if self.has_kernels(p) and self.parses(p))
+
+    def has_kernels(self, precision: str) -> bool:
+        return self.compute_capability >= MIN_COMPUTE_CAPABILITY[precision]
+
+    def parses(self, precision: str) -> bool:
+        """Whether the platform's own TensorRT reads the opset `precision`'s Q/DQ needs (always
+        on data-center GPUs, where the user picks a version)."""
+        needed = MIN_OPSET_BY_PRECISION.get(precision, 0)
+        return self.tensorrt is None or max_opset(self.tensorrt) >= needed
 
     @property
     def supports_bf16(self) -> bool:
@@ -154,13 +192,23 @@ def check_precision(target: Target, precision: str) -> None:
     check_choice(precision, PRECISIONS, "precision")
     if precision in target.precisions:
         return
-    needed = ".".join(str(part) for part in MIN_COMPUTE_CAPABILITY[precision])
     usable = [p for p in FALLBACK_PRECISIONS.get(precision, ()) if p in target.precisions]
     suggestion = " or ".join(f"--precision {p}" for p in usable) or "another target"
+    if target.has_kernels(precision):
+        opset = MIN_OPSET_BY_PRECISION[precision]
+        why = (
+            f"its Q/DQ needs ONNX opset {opset}, which TensorRT reads from "
+            f"{first_tensorrt_reading(opset)} on; {target.description} has TensorRT "
+            f"{target.tensorrt}{f' (JetPack {target.jetpack})' if target.jetpack else ''}, "
+            f"which reads opsets up to {max_opset(str(target.tensorrt))}"
+        )
+    else:
+        needed = ".".join(str(part) for part in MIN_COMPUTE_CAPABILITY[precision])
+        why = f"{precision.upper()} needs compute capability {needed}+, {target.description} has "
+        why += target.sm
     raise InputError(
         f"{target.name} cannot run {precision.upper()} engines",
-        why=f"{precision.upper()} needs compute capability {needed}+, "
-        f"{target.description} has {target.sm}",
+        why=why,
         fix=f"Use {suggestion} (quantize the bundle to it first)",
     )
 

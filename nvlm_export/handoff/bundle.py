@@ -23,7 +23,8 @@ from nvlm_export.handoff.tensorrt_llm import (
     TensorRTLLMPlan,
     tensorrt_llm_commands,
 )
-from nvlm_export.models.config_io import read_config
+from nvlm_export.models.config import AttentionHeads
+from nvlm_export.models.config_io import check_checkpoint_of
 from nvlm_export.models.registry import ARCHITECTURES
 from nvlm_export.runtime.manifest import (
     LANGUAGE_ENGINES,
@@ -62,8 +63,7 @@ def handoff_bundle(checkpoint: Path, bundle: Path, settings: HandoffSettings) ->
     checkpoint, bundle = Path(checkpoint), Path(bundle)
     manifest = load_manifest(bundle)
     _check_bundle(manifest, bundle, settings)
-    llm_config = read_config(checkpoint).llm_config
-    _check_checkpoint(checkpoint, manifest, llm_config)
+    llm_config = check_checkpoint_of(manifest, checkpoint).llm_config
     _check_tensor_parallel(llm_config, settings.tensor_parallel_size)
     max_context = settings.max_context or manifest.kv_cache.max_context
     staging = bundle / f".{LLM_DIR}.partial-{os.getpid()}"
@@ -112,24 +112,10 @@ def _check_bundle(manifest: Manifest, bundle: Path, settings: HandoffSettings) -
         )
 
 
-def _check_checkpoint(checkpoint: Path, manifest: Manifest, llm_config: dict) -> None:
-    hidden = int(llm_config["hidden_size"])
-    if (
-        hidden != manifest.embedding.hidden_size
-        or manifest.source.layout != read_config(checkpoint).layout
-    ):
-        raise InputError(
-            f"Checkpoint '{checkpoint}' does not belong to this bundle",
-            why=f"the bundle was exported from a {manifest.source.layout} checkpoint with hidden "
-            f"size {manifest.embedding.hidden_size} ({manifest.source.checkpoint})",
-            fix="Pass the checkpoint the bundle was exported from",
-        )
-
-
 def _check_tensor_parallel(llm_config: dict, size: int) -> None:
     """Both engines split attention heads across ranks: the head count must divide evenly."""
-    heads = int(llm_config["num_attention_heads"])
-    kv_heads = int(llm_config.get("num_key_value_heads", heads))
+    attention = AttentionHeads.of(llm_config)
+    heads, kv_heads = attention.heads, attention.kv_heads
     if heads % size or (kv_heads % size and size % kv_heads):
         raise InputError(
             f"--tensor-parallel-size {size} does not split this decoder evenly",

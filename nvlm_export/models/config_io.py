@@ -10,9 +10,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nvlm_export.errors import CheckpointError
+from nvlm_export.errors import CheckpointError, InputError
 from nvlm_export.models.config import (
     CONFIG_FILE,
     ModelConfig,
@@ -20,6 +20,9 @@ from nvlm_export.models.config import (
     projector_hidden_width,
 )
 from nvlm_export.models.registry import detect_layout, layout_spec
+
+if TYPE_CHECKING:
+    from nvlm_export.runtime.manifest import Manifest
 
 
 def parse_config(config: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
@@ -43,6 +46,12 @@ def parse_config(config: Mapping[str, Any], source: str = "config.json") -> Mode
 
 def read_config(directory: Path) -> ModelConfig:
     """Parse `directory/config.json`, naming the file in every error."""
+    if not Path(directory).is_dir():
+        state = "is not a directory" if Path(directory).exists() else "does not exist"
+        raise CheckpointError(
+            f"Checkpoint '{directory}' {state}",
+            fix="Pass the checkpoint directory (the one holding config.json and the weights)",
+        )
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(
@@ -89,3 +98,22 @@ def render_config(config: ModelConfig, layout: str | None = None) -> dict[str, A
     target = convert_layout(config, layout) if layout else config
     spec = layout_spec(target.layout)
     return spec.render(target, spec)
+
+
+def check_checkpoint_of(manifest: Manifest, checkpoint: Path) -> ModelConfig:
+    """The config of `checkpoint`, refused unless it is of the kind `manifest`'s bundle was
+    exported from (its layout and decoder width): comparing a bundle with, or handing off, another
+    model's checkpoint fails later with errors that do not say so."""
+    config = read_config(checkpoint)
+    if (
+        config.layout != manifest.source.layout
+        or config.llm_hidden_size != manifest.embedding.hidden_size
+    ):
+        raise InputError(
+            f"Checkpoint '{checkpoint}' does not belong to this bundle",
+            why=f"the bundle was exported from a {manifest.source.layout} checkpoint with hidden "
+            f"size {manifest.embedding.hidden_size} ({manifest.source.checkpoint}); this one is "
+            f"a {config.layout} checkpoint with hidden size {config.llm_hidden_size}",
+            fix="Pass the checkpoint the bundle was exported from",
+        )
+    return config

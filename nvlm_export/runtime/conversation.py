@@ -103,15 +103,23 @@ class Conversation:
         )
 
     def _check_fits(self, prompt_tokens: int, new_images: int) -> None:
-        capacity = self.pipeline.manifest.kv_cache.max_context
+        capacity = self.pipeline.context_tokens
         if prompt_tokens < capacity:
             return
+        fewer_images = ", or ask with fewer or smaller images (--max-tiles)" if new_images else ""
         turns = self.turns
+        if not turns:
+            raise PromptError(
+                f"The question takes {prompt_tokens} of the context's {capacity} tokens",
+                why="an answer needs at least one more",
+                fix=f"Shorten the question{fewer_images}, or export the bundle with a larger "
+                "--max-context",
+            )
         raise PromptError(
             f"The conversation is full: {turns} earlier turn{'s' if turns != 1 else ''} and this "
             f"question take {prompt_tokens} of the context's {capacity} tokens",
             why="earlier turns are never dropped or truncated behind your back",
             fix="Start a new conversation (reset(), or /reset in `nvlm-export chat`)"
-            + (", or ask with fewer or smaller images (--max-tiles)" if new_images else "")
+            + fewer_images
             + ", or export the bundle with a larger --max-context",
         )

@@ -38,7 +38,7 @@ from nvlm_export.runtime.manifest import (
     KVCacheSpec,
     layer_tensor,
 )
-from nvlm_export.runtime.sampling import check_sampling_options, sample_next_token
+from nvlm_export.runtime.sampling import check_sampling_options, check_seed, sample_next_token
 from nvlm_export.runtime.streaming import TextStream
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -76,6 +76,7 @@ class GenerateOptions:
                 fix="Use a value >= 1",
             )
         check_sampling_options(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        check_seed(self.seed)
         if any(not s for s in self.stop):
             raise InputError("A stop string is empty", fix="Remove the empty stop string")
 

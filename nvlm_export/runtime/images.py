@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import threading
 import warnings
@@ -34,6 +35,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nvlm_export.errors import ImageError
 from nvlm_export.runtime.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
+
+_URL_SCHEME = re.compile(r"^(https?|ftp|s3|gs):/", re.IGNORECASE)
 
 ImageSource = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]  # noqa: UP007
 
@@ -86,6 +89,12 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
+        if _URL_SCHEME.match(str(path)):  # a Path has folded its "//" into "/"
+            raise ImageError(
+                f"Image {path} looks like a URL",
+                why="images are read from files or bytes; nothing is downloaded",
+                fix="Download the image and pass the file",
+            ) from None
         raise ImageError(f"Image file {path} does not exist", fix="Check the path") from None
     except OSError as error:
         raise ImageError(f"Cannot read {path}", why=_first_line(error)) from error
@@ -146,8 +155,8 @@ def _decode(file: io.BytesIO, name: str, max_pixels: int) -> Image.Image:
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
             raise ImageError(
                 f"{name} is too large to decode safely",
-                why=_first_line(error),
-                fix=f"Downscale it, or raise the limit (max_pixels={max_pixels})",
+                why=f"it has more than {max_pixels} pixels, the limit against decompression bombs",
+                fix="Downscale it; from Python, load_image(max_pixels=...) raises the limit",
             ) from error
         except UnidentifiedImageError as error:
             raise ImageError(

@@ -24,7 +24,7 @@ import tempfile
 import types
 import typing
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -399,8 +399,14 @@ def read_index(
 def _check_schema_version(version: Any, where: str) -> bool:
     """Return True when the manifest is a newer minor version (unknown keys then are ignored)."""
     ours = _parse_version(SCHEMA_VERSION, where)
-    if not isinstance(version, str):
+    if version is None:
         raise BundleError(f"{where} has no schema_version", fix="Re-export the bundle")
+    if not isinstance(version, str):
+        raise BundleError(
+            f"{where} has a schema_version that is not text ({version!r:.20})",
+            why='it is a string such as "2.2"',
+            fix="Re-export the bundle",
+        )
     theirs = _parse_version(version, where)
     if theirs[0] > ours[0]:
         raise BundleError(
@@ -455,6 +461,14 @@ def _build(cls: type[T], data: dict[str, Any], where: str, lenient: bool) -> T:
             why="they are not part of manifest schema " + SCHEMA_VERSION,
             fix="Check the file for typos or re-export the bundle",
         )
+    required = {f.name for f in fields(cls) if _is_required(f)}  # type: ignore[arg-type]
+    absent = sorted(required - set(data))
+    if absent:
+        raise BundleError(
+            f"{where} has no {', '.join(repr(k) for k in absent)} in {cls.__name__}",
+            why="every bundle records them",
+            fix=_REEXPORT,
+        )
     missing = sorted(known - set(data)) if cls in _EVERY_KEY else []
     if missing:
         raise BundleError(
@@ -479,6 +493,10 @@ def _build(cls: type[T], data: dict[str, Any], where: str, lenient: bool) -> T:
         raise
     except InputError as error:  # a record's own range checks (TilingConfig's)
         raise BundleError(f"{where} is invalid", why=error.what, fix=_REEXPORT) from None
+
+
+def _is_required(field_: Any) -> bool:
+    return field_.default is MISSING and field_.default_factory is MISSING
 
 
 def _matches(value: Any, hint: Any) -> bool:

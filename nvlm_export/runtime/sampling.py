@@ -33,6 +33,26 @@ def check_sampling_options(*, temperature: float, top_k: int, top_p: float) -> N
         )
 
 
+# Seeds are what numpy's generators and the C API (uint64_t) take.
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(seed: int | None) -> None:
+    """Raise InputError unless `seed` is None or an integer numpy and the C API can take."""
+    if seed is None:
+        return
+    if (
+        isinstance(seed, bool)
+        or not isinstance(seed, int | np.integer)
+        or not 0 <= seed <= MAX_SEED
+    ):
+        raise InputError(
+            f"Seed {seed!r:.40} is invalid",
+            why=f"a seed is an integer from 0 to {MAX_SEED}",
+            fix="Use a non-negative integer such as 0",
+        )
+
+
 def is_greedy(*, temperature: float, top_k: int) -> bool:
     return temperature == 0 or top_k == 1
 
