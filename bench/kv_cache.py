@@ -57,9 +57,8 @@ def measure(bundle: Path, args: argparse.Namespace) -> list[str]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("bundles", nargs="+", type=Path)
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a decode-step comparison (this script's and bench/openvino_decode.py's)."""
     parser.add_argument(
         "--lengths",
         type=lambda s: [int(x) for x in s.split(",")],
@@ -69,6 +68,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundles", nargs="+", type=Path)
+    add_step_arguments(parser)
     args = parser.parse_args()
     print("| bundle | prompt | caches replaced each step | in place | speed-up |")
     print("|---|---|---|---|---|")
