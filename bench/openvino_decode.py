@@ -29,7 +29,7 @@ from kv_cache import add_step_arguments  # this directory: scripts run as bench/
 from nvlm_export.runtime.backends import get_backend
 from nvlm_export.runtime.backends.base import GraphRunner, GraphSpec
 from nvlm_export.runtime.generation import InPlaceKVCache, KVCache, KVCacheLike
-from nvlm_export.runtime.manifest import Manifest, load_manifest
+from nvlm_export.runtime.manifest import Manifest, layer_tensor, load_manifest
 from nvlm_export.runtime.pipeline import DEFAULT_PREFILL_CHUNK_TOKENS
 
 CHUNK = DEFAULT_PREFILL_CHUNK_TOKENS
@@ -64,8 +64,8 @@ class StatefulOpenVino:
         kv = manifest.kv_cache
         pairs = {}
         for layer in range(kv.num_layers):
-            pairs[kv.past_key.format(layer=layer)] = kv.present_key.format(layer=layer)
-            pairs[kv.past_value.format(layer=layer)] = kv.present_value.format(layer=layer)
+            pairs[layer_tensor(kv.past_key, layer)] = layer_tensor(kv.present_key, layer)
+            pairs[layer_tensor(kv.past_value, layer)] = layer_tensor(kv.present_value, layer)
         core = openvino.Core()
         model = core.read_model(str(spec.path))
         apply_make_stateful_transformation(model, pairs)

@@ -26,7 +26,10 @@ def default_max_context(llm_config: dict) -> int:
 MAX_NEW_TOKENS = 128  # GenerateOptions.max_new_tokens, `run --max-new-tokens`
 REUSE_CACHE_MIB = 256  # each reuse cache's budget (image features, prompt keys/values)
 
-# ONNX opsets the exporter writes float graphs in (quantization raises them where Q/DQ needs it):
-# 18 is what TensorRT 10.x and ONNX Runtime read everywhere; TensorRT 10.0-10.14 read up to 20.
+# ONNX opsets the exporter writes float graphs in: TensorRT 10.0-10.14 read up to 20, and torch's
+# dynamo exporter emits 18 natively (others go through the ONNX version converter).
 DEFAULT_OPSET = 18
 SUPPORTED_OPSETS = range(18, 21)
+# The opset each quantized precision's Q/DQ needs: float8 types (19), INT4 tensors and blocked
+# DequantizeLinear (21). The quantizer raises a graph's opset to it (export/qdq.py).
+MIN_OPSET_BY_PRECISION = {"fp8": 19, "int4": 21}

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.markup import escape
 
-_console = Console(stderr=True)
+_console = Console(stderr=True, soft_wrap=True)  # a line per message, also in CI logs
 
 
 class Stages:

@@ -227,3 +227,13 @@ def test_an_impossible_accuracy_budget_is_refused_before_the_check_runs() -> Non
         Thresholds(min_cosine=2, min_top1=0.5, max_kl=0.1)
     with pytest.raises(InputError, match="max_kl -1 is impossible"):
         Thresholds(min_cosine=0.9, min_top1=0.5, max_kl=-1)
+
+
+def test_progress_lines_stay_one_line_each_outside_a_terminal(capsys) -> None:
+    """In a CI log (no terminal) rich wrapped at 80 columns, splitting a line a grep looks for."""
+    from nvlm_export.progress import Stages
+
+    long_note = "vision.image_features cosine 1.000000 ok; " * 4
+    with Stages("Quantizing bundle/ → out/") as stages:
+        stages.note(long_note)
+    assert long_note.strip() in capsys.readouterr().err

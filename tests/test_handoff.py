@@ -203,6 +203,17 @@ def test_verify_refuses_the_checkpoint_of_another_bundle_in_one_line(
     assert "Traceback" not in result.output
 
 
+def test_a_checkpoint_in_the_other_layout_of_its_family_belongs_to_the_bundle(
+    tiny_bundle, tiny_checkpoint
+) -> None:
+    """InternVL's two layouts hold one model (docs/checkpoints.md converts between them)."""
+    from nvlm_export.models.config_io import check_checkpoint_of
+
+    _, bundle = tiny_bundle("internvl")
+    config = check_checkpoint_of(load_manifest(bundle), tiny_checkpoint("internvl-hf"))
+    assert config.layout == "internvl-hf"
+
+
 @pytest.mark.slow
 def test_cli_refuses_cross_attention_bundles_in_one_line(tiny_bundle, tmp_path: Path) -> None:
     checkpoint, bundle = tiny_bundle("nvlm-x")

@@ -9,6 +9,7 @@ import pytest
 from nvlm_export.errors import InputError
 from nvlm_export.export.targets import (
     TARGETS,
+    building_here,
     check_precision,
     check_workspace,
     resolve_target,
@@ -122,3 +123,16 @@ def test_every_precision_has_a_weight_size_for_the_profiler_and_the_memory_plan(
 
     assert set(PRECISIONS) <= set(BYTES_PER_WEIGHT)
     assert set(PRECISIONS) <= set(WEIGHT_BYTES)
+
+
+def test_engines_built_here_are_judged_by_the_installed_tensorrt_except_for_a_named_jetson() -> (
+    None
+):
+    """A plan for an Orin made on a workstation with TensorRT 10.15 must still refuse INT4 (the
+    Orin parses with JetPack's 10.3); the local GPU and data-center GPUs build with what is here."""
+    assert building_here(resolve_target("orin"), "orin", "10.15.1").tensorrt == "10.3"
+    assert "int4" not in building_here(resolve_target("orin"), "orin", "10.15.1").precisions
+    assert building_here(resolve_target("h100"), "h100", "10.3.0").tensorrt == "10.3.0"
+    assert "int4" not in building_here(resolve_target("h100"), "h100", "10.3.0").precisions
+    assert "int4" in building_here(resolve_target("h100"), "h100", "11.4.0").precisions
+    assert building_here(resolve_target("h100"), "h100", None).tensorrt is None

@@ -37,9 +37,10 @@ FORMAT_VERSION = 1
 def bundle_fingerprint(bundle: str | os.PathLike[str]) -> str:
     """SHA-256 of the bundle's manifest.json as written, without what leaves its graphs as they
     are: `engines` (TensorRT engines built from them) and a hand-off (`language_engine` and the
-    files of its checkpoint). The file, not the typed `Manifest`: reading one normalises it
-    (retired keys dropped, new fields filled with defaults) differently from version to version,
-    and a set must keep matching the bundle it was recorded on."""
+    files of its checkpoint; a hand-off re-saves an older schema's manifest in the current one,
+    which then no longer matches sets recorded on it). The file, not the typed `Manifest`:
+    reading one normalises it (retired keys dropped, new fields filled with defaults) differently
+    from version to version, and a set must keep matching the bundle it was recorded on."""
     return _fingerprint(json.loads((Path(bundle) / MANIFEST_NAME).read_text()))
 
 

@@ -14,9 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from nvlm_export.errors import InputError
-
-# Not the CLI's "auto": an embedded session runs where its options say, whatever else is
-# installed, unless they ask for "auto".
 from nvlm_export.runtime.backends import DEFAULT_BACKEND, BackendChoice
 
 BACKEND_KEY = "backend"
@@ -83,6 +80,8 @@ OPTIONS: dict[str, SessionOption] = {
 def parse_session_options(text: str | None) -> tuple[BackendChoice, dict[str, Any]]:
     """The backend choice and the keyword options for `Pipeline.load`."""
     pairs = _split_pairs(text or "")
+    # Not the CLI's "auto": an embedded session runs where its options say, whatever else is
+    # installed, unless they ask for "auto".
     choice = BackendChoice.parse(pairs.pop(BACKEND_KEY, DEFAULT_BACKEND))
     keywords: dict[str, Any] = {}
     for key, value in pairs.items():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -90,14 +89,12 @@ def engine(
     """
     from nvlm_export.export.engine_build import import_tensorrt, installed_tensorrt_version
     from nvlm_export.export.engine_plan import PlanOptions, plan_build
-    from nvlm_export.export.targets import check_precision, resolve_target
+    from nvlm_export.export.targets import building_here, check_precision, resolve_target
     from nvlm_export.runtime.manifest import load_manifest
 
     manifest = load_manifest(bundle)
     tensorrt_version = installed_tensorrt_version()
-    resolved = resolve_target(target)
-    if tensorrt_version is not None:  # what this machine parses with, whatever the preset says
-        resolved = replace(resolved, tensorrt=tensorrt_version)
+    resolved = building_here(resolve_target(target), target, tensorrt_version)
     # Before any work: fp8 on orin, or INT4 where the TensorRT cannot read its opset, fail here.
     check_precision(resolved, precision or manifest.precision)
     if not dry_run:

@@ -280,8 +280,9 @@ def build(
 
     Stages run in a work directory beside the output (.OUTPUT.build/) and are recorded with the
     fingerprints of their inputs: rerunning after an interruption resumes, and a finished stage
-    is not redone. TensorRT engines are built only with --backend tensorrt on a machine with
-    TensorRT (otherwise the build stops after the ONNX bundle and says so). Before any work the
+    is not redone. TensorRT engines are built with --backend tensorrt, on the target with TensorRT
+    (refused before any work elsewhere); otherwise the build stops after the ONNX bundle and names
+    the `nvlm-export engine` command to run there. Before any work the
     memory plan predicts every stage's peak from config.json; a build that would not fit in the
     available memory is refused unless --force (--dry-run prints the plan, docs/memory.md).
     A model too large to run here (NVLM-D-72B on a workstation) builds INT4 weight-only with
@@ -433,4 +434,6 @@ def _warn(message: str) -> None:
     from rich.console import Console
     from rich.markup import escape
 
-    Console(stderr=True).print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(
+        f"[yellow]warning:[/] {escape(message)}", highlight=False
+    )

@@ -58,8 +58,8 @@ class Thresholds:
     max_kl: float  # mean KL(reference || quantized) per position, in nats
 
     def __post_init__(self) -> None:
-        # A budget no quantization can meet would run the whole check (twice with --lm-head
-        # auto) before failing; one nothing can miss would check nothing.
+        # A budget outside the metric's range would run the whole check (twice with --lm-head
+        # auto) before failing.
         ranges = {"min_cosine": (-1.0, 1.0), "min_top1": (0.0, 1.0), "max_kl": (0.0, None)}
         for name, (low, high) in ranges.items():
             value = getattr(self, name)

@@ -257,7 +257,9 @@ def _engines(
             f"with: nvlm-export engine {out} --target {settings.target or 'TARGET'}"
         )
         return
-    version = target.tensorrt  # the installed one (_check_before_work)
+    from nvlm_export.export.engine_build import installed_tensorrt_version
+
+    version = installed_tensorrt_version()  # present: _check_before_work refused a build without
 
     def build_engines_now() -> None:
         from nvlm_export.export.engine_build import build_engines
@@ -289,7 +291,7 @@ def check_target(out: Path, settings: BuildSettings) -> Any:
     """The target the engines are for (None: no engines asked for), refusing a precision it
     cannot run and engines asked for where no TensorRT is installed (also for --dry-run)."""
     from nvlm_export.export.engine_build import installed_tensorrt_version
-    from nvlm_export.export.targets import check_precision, resolve_target
+    from nvlm_export.export.targets import building_here, check_precision, resolve_target
 
     tensorrt = installed_tensorrt_version()
     if settings.backend == "tensorrt" and tensorrt is None:
@@ -304,8 +306,8 @@ def check_target(out: Path, settings: BuildSettings) -> Any:
     name = settings.target or ("auto" if settings.backend == "tensorrt" else None)
     if name is not None:
         target = resolve_target(name)
-        if settings.backend == "tensorrt":  # the engines are built with this TensorRT
-            target = replace(target, tensorrt=tensorrt)
+        if settings.backend == "tensorrt":  # the engines are built here
+            target = building_here(target, name, tensorrt)
         check_precision(target, settings.precision)
     return target
 

@@ -48,6 +48,7 @@ from nvlm_export.runtime.manifest import (
     SourceSpec,
     TensorSpec,
     TokenizerSpec,
+    layer_tensor,
 )
 
 TOKENIZER_DIR = "tokenizer"
@@ -192,10 +193,10 @@ def graph_spec(io: GraphIO, precision: str) -> GraphSpec:
 def _kv_cache_spec(decoder: GraphIO, max_context: int) -> KVCacheSpec:
     """Cache layout read off the decoder's past inputs: (batch, kv_heads, past, head_dim)."""
     inputs = {t.name: t for t in decoder.inputs}
-    first = inputs[PAST_KEY.format(layer=0)]
+    first = inputs[layer_tensor(PAST_KEY, 0)]
     _, kv_heads, _, head_dim = first.shape
     return KVCacheSpec(
-        num_layers=sum(PAST_KEY.format(layer=i) in inputs for i in range(len(inputs))),
+        num_layers=sum(layer_tensor(PAST_KEY, i) in inputs for i in range(len(inputs))),
         num_kv_heads=int(kv_heads),
         head_dim=int(head_dim),
         max_context=max_context,

@@ -45,13 +45,11 @@ from nvlm_export.runtime.manifest import (
     POSITION_IDS,
     PRESENT_KEY,
     PRESENT_VALUE,
+    layer_tensor,
 )
 
 if TYPE_CHECKING:
     from nvlm_export.export.weights import CheckpointWeights
-
-# TensorRT 10.x parses opsets 9-20; torch's dynamo exporter emits opset 18 natively (lower
-# opsets go through the ONNX version converter). 18 is the overlap with no conversion step.
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 NUMPY_DTYPE = {torch.float32: "float32", torch.float16: "float16"}
@@ -547,4 +545,4 @@ def trace_decoder(
 
 def _layer_names(key: str, value: str, num_layers: int) -> list[str]:
     """Per layer, the key's then the value's name (the graph's order, see KV)."""
-    return [name.format(layer=i) for i in range(num_layers) for name in (key, value)]
+    return [layer_tensor(name, i) for i in range(num_layers) for name in (key, value)]

@@ -43,6 +43,7 @@ from nvlm_export.runtime.manifest import (
     GraphSpec,
     GraphVariant,
     Manifest,
+    layer_tensor,
 )
 
 if TYPE_CHECKING:
@@ -477,7 +478,7 @@ def fuse_decoder_attention(source: Path, output: Path, manifest: Manifest) -> in
     for layer in range(cache.num_layers):
         names = (cache.past_key, cache.past_value, cache.present_key, cache.present_value)
         try:
-            blocks.append(match_self_attention(graph, *(n.format(layer=layer) for n in names)))
+            blocks.append(match_self_attention(graph, *(layer_tensor(n, layer) for n in names)))
         except LookupError:
             continue  # a layer of another kind (none in today's decoders): stays as it is
     try:

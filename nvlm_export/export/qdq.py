@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nvlm_export.defaults import MIN_OPSET_BY_PRECISION
 from nvlm_export.errors import ExportError
 from nvlm_export.export.activation_ranges import activation_amax
 from nvlm_export.export.onnx_utils import EXTERNAL_DATA_THRESHOLD_BYTES
-from nvlm_export.export.targets import MIN_OPSET_BY_PRECISION
 from nvlm_export.export.tensor_files import SourceGraph, TensorSink
 
 if TYPE_CHECKING:

@@ -4,11 +4,12 @@ An engine is specific to one GPU architecture (compute capability) and one Tenso
 every build names its target. A preset says what the build needs to know before any work starts:
 
     target = resolve_target("orin")          # or "auto": read the local GPU
-    check_precision(target, "fp8")           # InputError: Orin has no FP8, use int8 or int4
+    check_precision(target, "fp8")           # InputError: Orin has no FP8, use int8
 
 Precision support follows NVIDIA's hardware tables: FP8 (E4M3) tensor cores need compute
-capability 8.9+ (Ada, Hopper, Blackwell, Jetson Thor); Jetson Orin (8.7) has INT8 and runs INT4
-weight-only GEMMs. Jetson modules share one memory between CPU and GPU, so their default builder
+capability 8.9+ (Ada, Hopper, Blackwell, Jetson Thor); Jetson Orin (8.7) has INT8. A precision
+also needs its Q/DQ opset read by the target's TensorRT: INT4's (21) is beyond JetPack's. Jetson
+modules share one memory between CPU and GPU, so their default builder
 workspace is kept small: the workspace comes out of the same RAM that holds the weights.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from nvlm_export.defaults import MIN_OPSET_BY_PRECISION
 from nvlm_export.errors import BundleError, InputError, check_choice
 from nvlm_export.runtime.backends.tensorrt import LocalGpu, local_gpu, total_memory_gib
 from nvlm_export.runtime.manifest import PRECISIONS
@@ -35,9 +37,6 @@ MIN_COMPUTE_CAPABILITY: dict[str, tuple[int, int]] = {
 }
 BF16_MIN_COMPUTE_CAPABILITY = (8, 0)
 
-# The ONNX opset each quantized precision's Q/DQ needs: float8 types (19), INT4 tensors and blocked
-# DequantizeLinear (21). The exporter writes these (export/qdq.py).
-MIN_OPSET_BY_PRECISION: dict[str, int] = {"fp8": 19, "int4": 21}
 # Highest default-domain opset TensorRT's ONNX parser takes, by TensorRT version (TensorRT Support
 # Matrix and ONNX opset guide): 10.0-10.14 "opset 9 to opset 20" (JetPack 6's 10.3 and JetPack
 # 7's 10.13 included); 10.15 "9 to 24"; 11.x "9 to 25". Versions in between get the older bound.
@@ -211,6 +210,16 @@ def check_precision(target: Target, precision: str) -> None:
         why=why,
         fix=f"Use {suggestion} (quantize the bundle to it first)",
     )
+
+
+def building_here(target: Target, name: str, installed: str | None) -> Target:
+    """`target` as engines built on this machine see it: with the installed TensorRT where that is
+    the one that builds (`auto`, the local GPU, or a data-center GPU, where the user picks the
+    version). A named Jetson keeps its JetPack's TensorRT: planning for it elsewhere must not
+    judge it by this machine's."""
+    if installed is None or (name != "auto" and target.tensorrt is not None):
+        return target
+    return replace(target, tensorrt=installed)
 
 
 def check_workspace(target: Target, workspace_bytes: int) -> None:

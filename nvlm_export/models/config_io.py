@@ -19,7 +19,7 @@ from nvlm_export.models.config import (
     check_dimensions,
     projector_hidden_width,
 )
-from nvlm_export.models.registry import detect_layout, layout_spec
+from nvlm_export.models.registry import architecture_of, detect_layout, layout_spec
 
 if TYPE_CHECKING:
     from nvlm_export.runtime.manifest import Manifest
@@ -102,18 +102,17 @@ def render_config(config: ModelConfig, layout: str | None = None) -> dict[str, A
 
 def check_checkpoint_of(manifest: Manifest, checkpoint: Path) -> ModelConfig:
     """The config of `checkpoint`, refused unless it is of the kind `manifest`'s bundle was
-    exported from (its layout and decoder width): comparing a bundle with, or handing off, another
-    model's checkpoint fails later with errors that do not say so."""
+    exported from (its architecture family, in either of its layouts, and decoder width):
+    comparing a bundle with, or handing off, another model's checkpoint fails later with errors
+    that do not say so."""
     config = read_config(checkpoint)
-    if (
-        config.layout != manifest.source.layout
-        or config.llm_hidden_size != manifest.embedding.hidden_size
-    ):
+    family = architecture_of(config.layout).name
+    if family != manifest.architecture or config.llm_hidden_size != manifest.embedding.hidden_size:
         raise InputError(
             f"Checkpoint '{checkpoint}' does not belong to this bundle",
-            why=f"the bundle was exported from a {manifest.source.layout} checkpoint with hidden "
+            why=f"the bundle was exported from a {manifest.architecture} checkpoint with hidden "
             f"size {manifest.embedding.hidden_size} ({manifest.source.checkpoint}); this one is "
-            f"a {config.layout} checkpoint with hidden size {config.llm_hidden_size}",
+            f"a {family} checkpoint with hidden size {config.llm_hidden_size}",
             fix="Pass the checkpoint the bundle was exported from",
         )
     return config

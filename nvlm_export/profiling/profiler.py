@@ -43,6 +43,7 @@ from nvlm_export.profiling.memory import (
 from nvlm_export.profiling.stats import Distribution
 from nvlm_export.profiling.tegrastats import TegrastatsMonitor, summarize
 from nvlm_export.runtime.backends import DEFAULT_BACKEND
+from nvlm_export.runtime.backends.onnxruntime import OnnxRuntimeRunner
 from nvlm_export.runtime.images import load_image
 from nvlm_export.runtime.pipeline import Pipeline
 from nvlm_export.runtime.tiling import choose_grid, tile_count, tile_image
@@ -478,7 +479,7 @@ def _providers(pipe: Pipeline) -> list[str]:
 def _uses_gpu(pipe: Pipeline) -> bool:
     """True when any graph runs on something other than ONNX Runtime's CPU provider."""
     return any(
-        runner.backend_name != DEFAULT_BACKEND
+        runner.backend_name != OnnxRuntimeRunner.backend_name
         or any(p != "CPUExecutionProvider" for p in getattr(runner, "providers", []))
         for runner in pipe.runners.values()
     )
