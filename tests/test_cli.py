@@ -237,3 +237,16 @@ def test_progress_lines_stay_one_line_each_outside_a_terminal(capsys) -> None:
     with Stages("Quantizing bundle/ → out/") as stages:
         stages.note(long_note)
     assert long_note.strip() in capsys.readouterr().err
+
+
+def test_build_dry_run_checks_the_target_and_takes_precision_as_the_docs_write_it(
+    tiny_checkpoint, tmp_path
+) -> None:
+    """`-p INT4` (as the docs write precisions) is int4, and --dry-run refuses what the build
+    would: INT4 on an Orin, whose TensorRT cannot read INT4's opset."""
+    checkpoint = tiny_checkpoint("nvlm-d")
+    out = str(tmp_path / "out")
+    args = ["build", str(checkpoint), "-o", out, "--target", "orin", "--dry-run"]
+    refused = runner.invoke(app, [*args, "-p", "INT4"])
+    assert refused.exit_code == 2 and "orin cannot run INT4 engines" in refused.output
+    assert runner.invoke(app, [*args, "-p", "INT8"]).exit_code == 0

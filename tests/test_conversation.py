@@ -251,9 +251,12 @@ def test_chat_command_streams_answers_and_takes_commands(tiny_bundle, tmp_path: 
     result = CliRunner().invoke(
         app, ["chat", str(bundle), "-i", str(tmp_path / "a.png"), "-n", "3"], input=script
     )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # the script had a failed line: the missing image
     assert result.output.count("time to first token") == 3
-    assert "missing.png does not exist" in result.output
+    assert (
+        "missing.png does not exist" in result.output
+        and "1 line of the script failed" in result.output
+    )
     assert "(new conversation)" in result.output and "Unknown command '/what'" in result.output
     assert "/image needs a PATH" in result.output
 

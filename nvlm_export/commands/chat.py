@@ -46,7 +46,8 @@ def chat(
     first token and tokens/s. Follow-up questions reuse the earlier turns' work, so they answer
     quickly. Type /image PATH to add an image to your next question, /reset to start a new
     conversation and /quit (or end of input) to leave. Reads questions from stdin, one per line,
-    so it can be scripted.
+    so it can be scripted: a line that fails is reported and the chat goes on, and a script
+    (stdin not a terminal) with failed lines exits 1 at its end.
 
     Examples:
 
@@ -70,13 +71,14 @@ def chat(
     pending: list[Any] = [pipeline.load_image(path) for path in image or []]
     interactive = sys.stdin.isatty()
     _note(f"Chatting with {bundle}. {COMMANDS_HELP}")
+    failed = 0
     while True:
         if interactive:
             sys.stdout.write("> ")
             sys.stdout.flush()
         line = sys.stdin.readline()
         if not line or line.strip() == "/quit":
-            return
+            break
         text = line.strip()
         try:
             if text.startswith("/"):
@@ -86,6 +88,10 @@ def chat(
                 pending = []
         except NvlmError as error:
             _note(f"error: {error.one_line()}")
+            failed += 1
+    if failed and not interactive:  # a script's caller learns that some of it failed
+        _note(f"{failed} line{'s' if failed > 1 else ''} of the script failed")
+        raise typer.Exit(1)
 
 
 def _command(text: str, conversation: Any, pipeline: Any, pending: list[Any]) -> list[Any]:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from nvlm_export.commands.options import in_panel, settings_from
+from nvlm_export.commands.options import in_panel, lowercase, settings_from
 
 if TYPE_CHECKING:
     from nvlm_export.export.engine_plan import BuildPlan
@@ -41,6 +41,7 @@ def engine(
         Build(
             "--precision",
             "-p",
+            callback=lowercase,
             help="fp32, fp16, int8, fp8 or int4. Default: what each graph's ONNX holds.",
         ),
     ] = None,

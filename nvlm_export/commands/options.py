@@ -30,6 +30,11 @@ def settings_from(cls: type[Settings], arguments: Mapping[str, Any], **given: An
     return cls(**{name: arguments[name] for name in names if name in arguments}, **given)
 
 
+def lowercase(value: str | None) -> str | None:
+    """A choice written as the docs write it (INT8, FP16) means the same as its lowercase name."""
+    return value.lower() if isinstance(value, str) else value
+
+
 def in_panel(panel: str) -> Callable[..., Any]:
     """`typer.Option` for the options of one --help panel, so a group names its panel once."""
     return functools.partial(typer.Option, rich_help_panel=panel)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from nvlm_export.commands.export import DRY_RUN_HELP
-from nvlm_export.commands.options import BundleOutput, in_panel, settings_from
+from nvlm_export.commands.options import BundleOutput, in_panel, lowercase, settings_from
 from nvlm_export.defaults import (
     ACCURACY_REQUESTS,
     CALIBRATION_DECODE_STEPS,
@@ -145,7 +145,9 @@ def calibrate(
 
 def quantize(
     bundle: BundleArg,
-    precision: Annotated[str, typer.Option("--precision", "-p", help="int8, fp8 or int4.")],
+    precision: Annotated[
+        str, typer.Option("--precision", "-p", callback=lowercase, help="int8, fp8 or int4.")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Quantized bundle directory.")],
     calib: Annotated[
         Path | None,
@@ -233,6 +235,7 @@ def build(
         typer.Option(
             "--precision",
             "-p",
+            callback=lowercase,
             help="fp16, int8, fp8 or int4 (INT4 weight-only decoder, INT8 vision: calibrates the "
             "vision graph only).",
         ),

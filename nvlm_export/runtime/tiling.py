@@ -165,7 +165,8 @@ def tile_budget(config: TilingConfig, max_tiles: int | None) -> int:
         raise InputError(
             f"Tile budget max_tiles={max_tiles!r} is not usable",
             why=f"it must be a whole number >= min_tiles ({config.min_tiles})",
-            fix=f"Pass a value between {config.min_tiles} and {config.max_tiles}",
+            fix=f"Pass a value of at least {config.min_tiles} (larger ones stop at the bundle's "
+            f"{config.max_tiles})",
         )
     return min(max_tiles, config.max_tiles)
 
